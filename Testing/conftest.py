@@ -1,0 +1,43 @@
+"""Shared helpers for the test suite: small images written by SimpleITK with chosen geometry."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
+
+# LPS direction matrices (row-major 3×3) for the geometry cases every writer must keep.
+DIRECTIONS_LPS = {
+    "identity": np.eye(3),
+    "oblique": Rotation.from_euler("xyz", [12.0, -21.0, 33.0], degrees=True).as_matrix(),
+    "ras_flipped": np.diag([-1.0, -1.0, 1.0]),
+    "coronal_acquired": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]]),
+}
+
+
+def write_image(array, path, spacing_ijk=(0.71, 0.83, 3.3), origin_lps=(-12.5, 33.25, 101.1),
+                direction_lps=np.eye(3), compress=True):
+    """Write ``array`` (axes (k, j, i)) with SimpleITK and the given ITK (LPS) geometry."""
+    image = sitk.GetImageFromArray(np.asarray(array))
+    image.SetSpacing(tuple(float(s) for s in spacing_ijk))
+    image.SetOrigin(tuple(float(o) for o in origin_lps))
+    image.SetDirection(tuple(np.asarray(direction_lps, dtype=float).ravel()))
+    sitk.WriteImage(image, str(path), useCompression=compress)
+    return Path(path)
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def ct_like():
+    """A small int16 CT-like array (HU) with a bright blob, axes (k, j, i)."""
+    rng = np.random.default_rng(7)
+    array = rng.normal(40, 15, size=(6, 10, 12)).round().astype(np.int16)
+    array[2:4, 3:7, 4:9] = 300
+    array[0, 0, 0] = -1000
+    return array

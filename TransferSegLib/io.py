@@ -1,0 +1,484 @@
+"""Reading and writing volumes with their exact geometry; input validation.
+
+* :func:`load_volume` reads NIfTI, NRRD, MetaImage and DICOM series through SimpleITK, checks
+  everything a model would later trip over, and returns a :class:`~TransferSegLib.volume.Volume`.
+  Header-level problems (dimension, components, size, memory) are caught from the header
+  alone, before any voxel is allocated.
+* :func:`save_volume`, :func:`save_labelmap`, :func:`save_scalar` and :func:`save_segmentation`
+  write on the reference volume's geometry.  Every write goes to a temporary file in the
+  target folder and is renamed into place (:func:`atomic_output`): an existing file is only
+  ever replaced by a complete one, and a failed or cancelled write leaves nothing behind.
+
+ITK works in LPS; the library works in RAS.  The conversion negates the first two rows of
+the direction matrix and the first two origin coordinates, which is exact in floating point.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .volume import TransferSegError, Volume, _check_geometry, _describe_shape
+
+__all__ = [
+    "READ_SUFFIXES",
+    "WRITE_SUFFIXES",
+    "atomic_output",
+    "available_memory_bytes",
+    "load_volume",
+    "save_labelmap",
+    "save_scalar",
+    "save_segmentation",
+    "save_volume",
+]
+
+READ_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+_LPS = np.array([-1.0, -1.0, 1.0])
+
+# Bytes per voxel while loading: the file's own pixels plus the float32 array we keep.
+_FLOAT32_BYTES = 4
+
+
+def full_suffix(path) -> str:
+    """'.nii.gz' for 'ct.nii.gz', '.seg.nrrd' for 'a.seg.nrrd', else the last suffix (lower case)."""
+    name = Path(path).name.lower()
+    for double in (".nii.gz", ".seg.nrrd"):
+        if name.endswith(double):
+            return double
+    return Path(name).suffix
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
+
+    On any exception (including KeyboardInterrupt and cancellation) the temporary file is
+    removed and ``path`` is left exactly as it was.  The parent folder is created if missing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = full_suffix(path)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    tmp = path.with_name(f".{stem}.partial-{secrets.token_hex(4)}{suffix}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise TransferSegError(f"writing {path} produced no file")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS can give us now (MemAvailable), or a conservative guess off Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """ITK's MetaImage and GDCM readers print to the C stderr; our error message says it better."""
+    try:
+        fd = sys.stderr.fileno()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. inside Slicer's console)
+        yield
+        return
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _dicom_series_files(folder: Path) -> list[str]:
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise TransferSegError(
+            f"{folder}: the folder holds no DICOM image series; give a folder of .dcm slices or an image file "
+            f"({', '.join(READ_SUFFIXES)})"
+        )
+    # Several series in one folder (e.g. scout + axial): take the one with the most slices.
+    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids), key=len)
+    return list(files)
+
+
+def _check_header(name: str, dim: int, ncomp: int, size: tuple, pixel_bytes: int,
+                  spacing_ijk: tuple = (1.0, 1.0, 1.0), direction_lps: tuple = tuple(np.eye(3).ravel())) -> None:
+    """Everything that can be checked from the header alone, before any voxel is allocated."""
+    if ncomp > 1:
+        raise TransferSegError(
+            f"{name}: the image has {ncomp} components per voxel (a colour or vector image); "
+            "TransferSeg needs a single-component (grey-scale) 3D volume"
+        )
+    if dim == 4 and size[3] != 1:
+        raise TransferSegError(
+            f"{name}: the image is 4D ({_describe_shape(size)}, {size[3]} volumes, e.g. a time series); "
+            "TransferSeg needs one 3D volume: extract the volume you want to segment first"
+        )
+    if dim < 3:
+        raise TransferSegError(
+            f"{name}: input is 2D ({_describe_shape(size[::-1])}); TransferSeg needs a 3D volume"
+        )
+    if dim > 4:
+        raise TransferSegError(f"{name}: the image has {dim} dimensions; TransferSeg needs a 3D volume")
+    if 0 in size[:3]:
+        raise TransferSegError(f"{name}: the image has a zero-size axis ({_describe_shape(size[:3][::-1])}); it holds no voxels")
+    n = int(round(len(direction_lps) ** 0.5))
+    direction = np.array(direction_lps, dtype=np.float64).reshape(n, n)[:3, :3]
+    try:
+        _check_geometry(np.array(spacing_ijk[:3], dtype=np.float64)[::-1], _LPS[:, None] * direction,
+                        np.zeros(3))
+    except TransferSegError as e:
+        raise TransferSegError(f"{name}: {e}") from None
+    voxels = int(np.prod(size[:3], dtype=np.int64))
+    needed = voxels * (pixel_bytes + _FLOAT32_BYTES)
+    available = available_memory_bytes()
+    if needed > available:
+        raise TransferSegError(
+            f"{name}: the volume ({_describe_shape(size[:3][::-1])} voxels) needs about {needed / 2**30:.1f} GiB "
+            f"to load but only {available / 2**30:.1f} GiB of memory is free; crop or downsample it first, "
+            "or use a machine with more memory"
+        )
+
+
+def _pixel_bytes(pixel_id: int) -> int:
+    return {
+        sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2,
+        sitk.sitkUInt32: 4, sitk.sitkInt32: 4, sitk.sitkFloat32: 4,
+    }.get(pixel_id, 8)
+
+
+def _read_image(path: Path) -> sitk.Image:
+    name = str(path)
+    if path.is_dir():
+        files = _dicom_series_files(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise TransferSegError(f"{name}: the DICOM files cannot be read ({_itk_reason(e)})") from None
+        slice_size = reader.GetSize()
+        size = (slice_size[0], slice_size[1], len(files))
+        _check_header(name, 3, reader.GetNumberOfComponents(), size, _pixel_bytes(reader.GetPixelID()))
+        series = sitk.ImageSeriesReader()
+        series.SetFileNames(files)
+        return _execute(series, name)
+
+    suffix = full_suffix(path)
+    if path.name.lower().endswith(".dcm"):
+        raise TransferSegError(
+            f"{name}: this is a single DICOM file; give the folder that holds the whole series instead"
+        )
+    if suffix not in READ_SUFFIXES:
+        raise TransferSegError(
+            f"{name}: unsupported file type '{suffix or path.name}'; give a NIfTI, NRRD or MetaImage file "
+            f"({', '.join(READ_SUFFIXES)}) or a DICOM series folder"
+        )
+    if path.stat().st_size == 0:
+        raise TransferSegError(f"{name}: the file is empty (0 bytes)")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        if "size is zero" in str(e):
+            raise TransferSegError(f"{name}: the image has a zero-size axis; it holds no voxels") from None
+        raise TransferSegError(
+            f"{name}: not a readable {suffix} image (the header is damaged or it is another kind of file: "
+            f"{_itk_reason(e)})"
+        ) from None
+    _check_header(name, reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(),
+                  _pixel_bytes(reader.GetPixelID()), reader.GetSpacing(), reader.GetDirection())
+    if suffix == ".nii.gz":
+        _check_gzip_stream(path)
+    return _execute(reader, name)
+
+
+def _itk_reason(error: Exception) -> str:
+    """The useful part of an ITK/teem exception, without the C++ file, line and object noise."""
+    text = str(error).replace("sitk::ERROR: ", "")
+    match = re.search(r"ITK ERROR: [^:]*\): (.*)", text, re.S)
+    if match:
+        text = match.group(1)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("Reason:")]
+    teem = [ln for ln in lines if ln.startswith("[nrrd]")]
+    if teem:
+        return teem[-1]
+    return " ".join(ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK"))[:240] or "unknown reason"
+
+
+def _check_gzip_stream(path: Path) -> None:
+    """ITK's NIfTI reader silently zero-fills a truncated .gz file; read the stream to its end first."""
+    decompressor = zlib.decompressobj(wbits=31)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                decompressor.decompress(chunk, 0)
+                while decompressor.unconsumed_tail:
+                    decompressor.decompress(decompressor.unconsumed_tail, 0)
+                if decompressor.eof:
+                    break
+    except zlib.error as e:
+        raise TransferSegError(f"{path}: the compressed data is corrupt ({e}); copy or export the file again") from None
+    if not decompressor.eof:
+        raise TransferSegError(
+            f"{path}: the file is truncated (the compressed data ends early, e.g. an interrupted copy or "
+            "download); copy or export it again"
+        )
+
+
+def _execute(reader, name: str) -> sitk.Image:
+    try:
+        return reader.Execute()
+    except RuntimeError as e:
+        reason = _itk_reason(e)
+        if "spacing" in reason.lower() or "direction" in reason.lower() or "singular" in reason.lower():
+            raise TransferSegError(f"{name}: the image geometry is invalid ({reason}); fix the image header") from None
+        raise TransferSegError(
+            f"{name}: the voxel data cannot be read; the file is probably truncated or corrupt "
+            f"(e.g. an interrupted copy or download): {reason}"
+        ) from None
+
+
+def _volume_from_image(image: sitk.Image, name: str) -> Volume:
+    if image.GetDimension() == 4:  # a 4D image with a single volume (checked in the header)
+        size = list(image.GetSize())
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise TransferSegError(f"{name}: the image is not single-component")
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise TransferSegError(f"{name}: the image holds complex numbers; TransferSeg needs real voxel values")
+    spacing_ijk = np.array(image.GetSpacing(), dtype=np.float64)
+    direction_lps = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    origin_lps = np.array(image.GetOrigin(), dtype=np.float64)
+    array = np.asarray(sitk.GetArrayViewFromImage(image), dtype=np.float32)
+    try:
+        volume = Volume(array, spacing=tuple(spacing_ijk[::-1]), directions=_LPS[:, None] * direction_lps,
+                        origin=_LPS * origin_lps)
+    except TransferSegError as e:
+        raise TransferSegError(f"{name}: {e}") from None
+    try:
+        volume.check_finite()
+    except TransferSegError as e:
+        raise TransferSegError(f"{name}: {e}") from None
+    return volume
+
+
+def load_volume(path) -> Volume:
+    """Read a 3D scalar volume: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd),
+    or a folder holding a DICOM series (the largest series if there are several).
+
+    Returns a :class:`Volume` (float32, axes (k, j, i), spacing in the same order, RAS geometry).
+    CT intensities stay in HU (DICOM rescale slope/intercept applied by SimpleITK).
+
+    Raises :class:`TransferSegError` with an actionable message for a missing, unreadable,
+    truncated or non-image file; a 2D, 4D or multi-component image; a zero-size axis; NaN or
+    infinite voxels; zero, negative or non-finite spacing; a singular direction matrix; and
+    a volume too large for the memory available (estimated from the header, before reading
+    the voxels).  The input file is only read, never modified.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise TransferSegError(f"{path}: no such file or folder")
+    if not os.access(path, os.R_OK):
+        raise TransferSegError(f"{path}: permission denied; check that you may read this file")
+    with _native_stderr_silenced():
+        image = _read_image(path)
+    return _volume_from_image(image, str(path))
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+def _check_suffix(path: Path, allowed) -> str:
+    suffix = full_suffix(path)
+    if suffix not in allowed:
+        raise TransferSegError(f"{path}: cannot write '{suffix or path.name}' files; use one of {', '.join(allowed)}")
+    return suffix
+
+
+def _image_on(array: np.ndarray, reference: Volume) -> sitk.Image:
+    if array.shape != reference.shape:
+        raise TransferSegError(
+            f"the array to write is {_describe_shape(array.shape)} but the reference volume is "
+            f"{_describe_shape(reference.shape)}; they must match voxel for voxel"
+        )
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(tuple(reversed(reference.spacing)))
+    image.SetOrigin(tuple(_LPS * reference.origin))
+    image.SetDirection(tuple((_LPS[:, None] * reference.directions).reshape(-1)))
+    return image
+
+
+def _write_image(image: sitk.Image, path) -> Path:
+    path = Path(path)
+    _check_suffix(path, WRITE_SUFFIXES)
+    with atomic_output(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=full_suffix(path) != ".nii")
+        except RuntimeError as e:
+            raise TransferSegError(f"{path}: could not write the file ({_itk_reason(e)})") from None
+    return path
+
+
+def _as_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.dtype == bool:
+        return labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise TransferSegError("a label map must hold whole numbers (0 = background, 1, 2, … = segments)")
+    lo, hi = (labels.min(), labels.max()) if labels.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise TransferSegError(f"label values must lie in 0…65535; got {lo}…{hi}")
+    return labels.astype(np.uint8 if hi <= 255 else np.uint16, copy=False)
+
+
+def save_volume(volume: Volume, path) -> Path:
+    """Write ``volume`` (float32) to .nii/.nii.gz/.nrrd/.mha with its geometry; returns the path."""
+    return _write_image(_image_on(volume.array, volume), path)
+
+
+def save_labelmap(labels: np.ndarray, reference: Volume, path) -> Path:
+    """Write an integer label map (axes (k, j, i)) on ``reference``'s geometry (.nii.gz, .nrrd, …).
+
+    Stored as uint8 (uint16 if a label exceeds 255).
+    """
+    return _write_image(_image_on(_as_labels(labels), reference), path)
+
+
+def save_scalar(values: np.ndarray, reference: Volume, path) -> Path:
+    """Write a probability or heatmap volume (stored as float32) on ``reference``'s geometry."""
+    values = np.asarray(values)
+    if values.dtype != np.float32:
+        values = values.astype(np.float32)
+    return _write_image(_image_on(values, reference), path)
+
+
+def _terminology_entry(terminology) -> dict:
+    """slicerio's terminology dict from a Slicer TerminologyEntry string or a dict of
+    [coding scheme, code value, code meaning] triples (e.g. SNOMED CT: ["SCT", "10200004", "Liver"])."""
+    from slicerio.segmentation import terminology_entry_from_string
+
+    if isinstance(terminology, str):
+        if terminology.count("~") < 2:
+            raise TransferSegError(f"terminology string {terminology!r} is not a Slicer TerminologyEntry")
+        return terminology_entry_from_string(terminology)
+    entry = dict(terminology)
+    for key in ("category", "type", "typeModifier", "anatomicRegion", "anatomicRegionModifier"):
+        if key in entry and (len(entry[key]) != 3 or not all(isinstance(x, str) for x in entry[key])):
+            raise TransferSegError(f"terminology '{key}' must be [coding scheme, code value, code meaning] strings")
+    for key in ("category", "type"):
+        if key not in entry:
+            raise TransferSegError(f"terminology needs '{key}' as [coding scheme, code value, code meaning]")
+    entry.setdefault("contextName", "Segmentation category and type - 3D Slicer General Anatomy list")
+    if "anatomicRegion" in entry:
+        entry.setdefault("anatomicContextName", "Anatomic codes - DICOM master list")
+    return entry
+
+
+def _segment_extent(mask: np.ndarray) -> list:
+    """Slicer's Segment_Extent: [i0, i1, j0, j1, k0, k1] inclusive, or an empty extent."""
+    if not mask.any():
+        return [0, -1, 0, -1, 0, -1]
+    extent = []
+    for axis in (2, 1, 0):  # i, j, k
+        other = tuple(a for a in range(3) if a != axis)
+        nz = np.flatnonzero(mask.any(axis=other))
+        extent += [int(nz[0]), int(nz[-1])]
+    return extent
+
+
+def save_segmentation(labels: np.ndarray, reference: Volume, path, segments: list) -> Path:
+    """Write a Slicer segmentation (.seg.nrrd) with named, coloured segments and terminology.
+
+    Args:
+        labels: integer label map, axes (k, j, i), same shape as ``reference``.
+        segments: one dict per label value: ``{"name": str, "label": int, "color": (r, g, b) in 0–1,
+            "terminology": optional, a Slicer TerminologyEntry string or a dict
+            {"category": [scheme, code, meaning], "type": [...], optional "typeModifier",
+            "anatomicRegion", "anatomicRegionModifier"}}``.
+
+    Every non-zero value in ``labels`` must have a segment.  The file opens in 3D Slicer
+    (Segmentations) and reads back with ``slicerio.read_segmentation``.
+    """
+    import slicerio
+
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        raise TransferSegError(f"{path}: a segmentation file must end in .seg.nrrd")
+    labels = _as_labels(labels)
+    if labels.shape != reference.shape:
+        _image_on(labels, reference)  # raises the shape error
+    if labels.dtype != np.uint8:
+        raise TransferSegError("a .seg.nrrd segmentation here holds label values 1…255")
+    seen_labels, seen_names, out_segments = set(), set(), []
+    for n, seg in enumerate(segments):
+        try:
+            name, value, color = str(seg["name"]), int(seg["label"]), [float(c) for c in seg["color"]]
+        except (KeyError, TypeError, ValueError):
+            raise TransferSegError(f"segment {n} needs 'name', 'label' (1…255) and 'color' (r, g, b in 0–1)") from None
+        if not name or name in seen_names:
+            raise TransferSegError(f"segment names must be unique and non-empty; got {name!r} twice or empty")
+        if not 1 <= value <= 255 or value in seen_labels:
+            raise TransferSegError(f"segment {name!r}: label {value} must be unique and in 1…255")
+        if len(color) != 3 or not all(0.0 <= c <= 1.0 for c in color):
+            raise TransferSegError(f"segment {name!r}: color must be three numbers in 0–1; got {color}")
+        seen_labels.add(value)
+        seen_names.add(name)
+        entry = {
+            "id": f"Segment_{value}",
+            "name": name,
+            "labelValue": value,
+            "layer": 0,
+            "color": color,
+            "extent": _segment_extent(labels == value),
+        }
+        if seg.get("terminology"):
+            entry["terminology"] = _terminology_entry(seg["terminology"])
+        out_segments.append(entry)
+    present = set(np.unique(labels).tolist()) - {0}
+    missing = sorted(present - seen_labels)
+    if missing:
+        raise TransferSegError(f"label value(s) {missing} in the label map have no segment description")
+
+    ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ reference.ijk_to_ras
+    segmentation = {
+        "voxels": labels,
+        "ijkToLPS": ijk_to_lps,
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+        "segments": out_segments,
+    }
+    with atomic_output(path) as tmp:
+        slicerio.write_segmentation(str(tmp), segmentation, index_order="C")
+    return path

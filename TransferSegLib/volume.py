@@ -1,0 +1,205 @@
+"""`Volume`: a 3D image array with its exact geometry, and the checks every input passes.
+
+Conventions (DESIGN.md):
+
+* ``array`` is float32 in (k, j, i) = (slice, row, column) order, as SimpleITK's
+  ``GetArrayFromImage`` and Slicer's ``arrayFromVolume`` return it.
+* ``spacing`` is in millimetres, in the same (k, j, i) order as the array axes.
+* Geometry is stored the way Slicer's ``vtkMRMLVolumeNode`` stores it: ``origin`` (RAS, mm),
+  ``directions`` (3×3 RAS, column n is the unit vector of IJK axis n, i.e. column 0 is the
+  i axis = array axis 2) and ``spacing``.  ``ijk_to_ras`` (4×4) is built from them, so the
+  three parts are written back to a file bit for bit, never re-derived by division.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["TransferSegError", "Volume", "anatomical_axes", "orientation_name"]
+
+
+class TransferSegError(Exception):
+    """A problem with the user's input or setup, phrased so that a clinician can act on it.
+
+    The CLI prints the message as one line and exits with status 2.
+    """
+
+
+def _describe_shape(shape) -> str:
+    return "×".join(str(int(s)) for s in shape)
+
+
+def _check_geometry(spacing: np.ndarray, directions: np.ndarray, origin: np.ndarray) -> None:
+    if spacing.shape != (3,):
+        raise TransferSegError(f"spacing must have 3 values (k, j, i); got {spacing.tolist()}")
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise TransferSegError(
+            f"voxel spacing {tuple(float(s) for s in spacing)} mm (k, j, i) is zero, negative or not a "
+            "number; fix the spacing in the image header (e.g. in 3D Slicer's Volumes module) and save it again"
+        )
+    if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
+        raise TransferSegError("the direction (orientation) matrix is not a finite 3×3 matrix; fix the image header")
+    if abs(np.linalg.det(directions)) < 1e-6:
+        raise TransferSegError(
+            "the direction (orientation) matrix is singular: two image axes point the same way; "
+            "fix the orientation in the image header"
+        )
+    if origin.shape != (3,) or not np.all(np.isfinite(origin)):
+        raise TransferSegError("the image origin is not three finite numbers; fix the image header")
+
+
+@dataclass(eq=False)
+class Volume:
+    """A 3D scalar image with its geometry.
+
+    Args:
+        array: voxel values, axes (k, j, i); converted to float32 (CT stays in HU).
+        spacing: voxel size in mm, in array-axis order (k, j, i).
+        directions: 3×3 RAS direction cosines; column n is IJK axis n (n = 0 is i, the last array axis).
+        origin: RAS position (mm) of the centre of voxel (0, 0, 0).
+
+    Use :meth:`from_ijk_to_ras` to build one from a 4×4 matrix (e.g. a Slicer node's IJKToRAS).
+    """
+
+    array: np.ndarray
+    spacing: tuple = (1.0, 1.0, 1.0)
+    directions: np.ndarray = field(default_factory=lambda: np.eye(3))
+    origin: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+    def __post_init__(self):
+        array = np.asarray(self.array)
+        if array.ndim != 3:
+            raise TransferSegError(
+                f"input is {array.ndim}D ({_describe_shape(array.shape)}); TransferSeg needs a 3D volume"
+            )
+        if 0 in array.shape:
+            raise TransferSegError(f"the volume has a zero-size axis ({_describe_shape(array.shape)}); it holds no voxels")
+        if array.dtype != np.float32:
+            array = array.astype(np.float32)
+        self.array = array
+        spacing = np.asarray(self.spacing, dtype=np.float64).reshape(-1)
+        directions = np.asarray(self.directions, dtype=np.float64)
+        origin = np.asarray(self.origin, dtype=np.float64).reshape(-1)
+        _check_geometry(spacing, directions, origin)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.directions = directions.copy()
+        self.origin = origin.copy()
+
+    # --- geometry -----------------------------------------------------------------------
+    @classmethod
+    def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray) -> "Volume":
+        """Build a Volume from a 4×4 IJK→RAS matrix (IJK = (i, j, k) = reversed array axes)."""
+        m = np.asarray(ijk_to_ras, dtype=np.float64)
+        if m.shape != (4, 4):
+            raise TransferSegError(f"IJK→RAS must be a 4×4 matrix; got shape {m.shape}")
+        norms_ijk = np.linalg.norm(m[:3, :3], axis=0)
+        if np.any(norms_ijk == 0) or not np.all(np.isfinite(norms_ijk)):
+            raise TransferSegError("IJK→RAS has a zero or non-finite column: the voxel spacing is zero")
+        return cls(array, spacing=tuple(norms_ijk[::-1]), directions=m[:3, :3] / norms_ijk, origin=m[:3, 3])
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        """4×4 matrix mapping homogeneous (i, j, k, 1) voxel indices to RAS millimetres."""
+        m = np.eye(4)
+        m[:3, :3] = self.directions * np.asarray(self.spacing[::-1])
+        m[:3, 3] = self.origin
+        return m
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.array.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """A new Volume on exactly this geometry (the array must have the same shape)."""
+        array = np.asarray(array)
+        if array.shape != self.array.shape:
+            raise TransferSegError(
+                f"array shape {_describe_shape(array.shape)} does not match the volume's {_describe_shape(self.shape)}"
+            )
+        return Volume(array, self.spacing, self.directions, self.origin)
+
+    def ijk_to_ras_points(self, kji: np.ndarray) -> np.ndarray:
+        """RAS positions (N, 3) of voxel indices given in array order (N, 3) = (k, j, i)."""
+        kji = np.atleast_2d(np.asarray(kji, dtype=np.float64))
+        ijk1 = np.concatenate([kji[:, ::-1], np.ones((len(kji), 1))], axis=1)
+        return (ijk1 @ self.ijk_to_ras.T)[:, :3]
+
+    def ras_to_ijk_points(self, ras: np.ndarray) -> np.ndarray:
+        """Continuous voxel indices (N, 3) in array order (k, j, i) of RAS points (N, 3)."""
+        ras = np.atleast_2d(np.asarray(ras, dtype=np.float64))
+        ras1 = np.concatenate([ras, np.ones((len(ras), 1))], axis=1)
+        ijk = (ras1 @ np.linalg.inv(self.ijk_to_ras).T)[:, :3]
+        return ijk[:, ::-1]
+
+    def check_finite(self) -> None:
+        """Raise if any voxel is NaN or ±inf (checked slab by slab, no full-size temporary)."""
+        for k in range(0, self.array.shape[0], 16):
+            slab = self.array[k:k + 16]
+            if not np.isfinite(slab).all():
+                bad = int((~np.isfinite(self.array)).sum())
+                raise TransferSegError(
+                    f"the volume has {bad} voxel(s) that are NaN or infinite; "
+                    "repair or mask them (e.g. set them to the background value) and try again"
+                )
+
+    def summary(self) -> dict:
+        """Shape, spacing, orientation, intensity range and memory size, for `transferseg info`."""
+        a = self.array
+        return {
+            "shape_kji": list(self.shape),
+            "spacing_kji_mm": [round(s, 6) for s in self.spacing],
+            "orientation": orientation_name(self.directions),
+            "origin_ras_mm": [round(float(o), 4) for o in self.origin],
+            "extent_kji_mm": [round(n * s, 2) for n, s in zip(self.shape, self.spacing)],
+            "intensity_min": float(a.min()),
+            "intensity_max": float(a.max()),
+            "intensity_mean": float(a.mean(dtype=np.float64)),
+            "memory_mib": round(self.nbytes / 2**20, 2),
+        }
+
+
+_AXIS_LETTERS = (("R", "L"), ("A", "P"), ("S", "I"))
+
+
+def anatomical_axes(directions: np.ndarray) -> dict:
+    """Which array axis (0 = k, 1 = j, 2 = i) lies closest to each patient axis.
+
+    Returns ``{"R": axis, "A": axis, "S": axis}`` decided from the direction matrix, so that
+    the axial view (normal S), coronal (normal A) and sagittal (normal R) are anatomical
+    whatever the acquisition order.  Ties are broken by assigning the most aligned pair first.
+    """
+    d = np.abs(np.asarray(directions, dtype=np.float64))  # rows R, A, S; columns i, j, k
+    result, used_rows, used_cols = {}, set(), set()
+    for flat in np.argsort(-d, axis=None):
+        row, col = divmod(int(flat), 3)
+        if row in used_rows or col in used_cols:
+            continue
+        used_rows.add(row)
+        used_cols.add(col)
+        result["RAS"[row]] = 2 - col  # IJK column n is array axis 2 - n
+    return result
+
+
+def orientation_name(directions: np.ndarray) -> str:
+    """E.g. ``"LPS axial"`` or ``"RAS-ish coronal (oblique)"``.
+
+    The three letters are the directions the i, j and k axes point to (Slicer/ITK convention);
+    the plane is the one the slices (array axis 0) are cut in.
+    """
+    d = np.asarray(directions, dtype=np.float64)
+    axes = anatomical_axes(d)
+    letters = []
+    for col in range(3):  # i, j, k
+        array_axis = 2 - col
+        patient = next(p for p, a in axes.items() if a == array_axis)
+        row = "RAS".index(patient)
+        letters.append(_AXIS_LETTERS[row][0 if d[row, col] > 0 else 1])
+    oblique = not np.allclose(np.abs(d), np.round(np.abs(d)), atol=1e-6)
+    plane = {"S": "axial", "A": "coronal", "R": "sagittal"}[next(p for p, a in axes.items() if a == 0)]
+    code = "".join(letters)
+    return f"{code}-ish {plane} (oblique)" if oblique else f"{code} {plane}"
