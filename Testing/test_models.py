@@ -1,0 +1,138 @@
+"""Model cards and the registry: round trip, lookup, and every refusal (no file is ever unpickled)."""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from TransferSegLib import models
+from TransferSegLib.models import find_model, list_models, load_model, save_model
+from TransferSegLib.nets import ARCHITECTURES, register
+from TransferSegLib.volume import TransferSegError
+
+
+@register("test_tiny_seg")
+class TinySeg(nn.Module):
+    def __init__(self, in_channels=1, out_channels=3, width=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(in_channels, width, 3, padding=1), nn.BatchNorm3d(width), nn.ReLU(),
+                                  nn.Conv3d(width, out_channels, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _card(name="tiny", width=4):
+    return {
+        "name": name, "version": "0.0.1", "task": "segmentation",
+        "labels": [{"name": "liver", "label": 1, "color": [0.8, 0.4, 0.3]}],
+        "architecture": {"name": "test_tiny_seg", "config": {"width": width}},
+        "preprocessing": {"hu_window": [-200, 250]}, "patch_size": [8, 16, 16],
+    }
+
+
+@pytest.fixture
+def saved(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSFERSEG_MODELS", str(tmp_path / "user"))
+    torch.manual_seed(0)
+    net = TinySeg(width=4)
+    net.body[1].running_mean.fill_(0.25)  # buffers travel too
+    card_path = save_model(net, _card(), tmp_path / "user")
+    return net, card_path
+
+
+def test_round_trip_by_name_and_by_path(saved):
+    net, card_path = saved
+    for ref in ("tiny", card_path, card_path.with_suffix(".safetensors"), card_path.parent):
+        loaded = load_model(ref)
+        assert loaded.name == "tiny" and not loaded.network.training
+        for (k, a), (k2, b) in zip(net.state_dict().items(), loaded.network.state_dict().items()):
+            assert k == k2 and torch.equal(a, b)
+    card = json.loads(card_path.read_text())
+    assert card["weights"]["sha256"] == models.sha256_file(card_path.with_suffix(".safetensors"))
+    assert [c["name"] for c in list_models()][0] == "tiny"
+
+
+def test_checksum_mismatch_is_refused(saved):
+    _, card_path = saved
+    weights = card_path.with_suffix(".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(TransferSegError, match="checksum mismatch"):
+        load_model(card_path)
+
+
+def test_truncated_weights_are_refused(saved):
+    _, card_path = saved
+    weights = card_path.with_suffix(".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(TransferSegError, match="truncated"):
+        load_model(card_path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt"])
+def test_pickle_files_are_never_unpickled(tmp_path, monkeypatch, suffix):
+    calls = []
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a))
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(pickle.dumps({"weight": [1, 2, 3]}))
+    with pytest.raises(TransferSegError, match="pickle"):
+        load_model(path)
+    assert calls == []
+
+
+def test_pickle_disguised_as_safetensors_is_refused(saved, monkeypatch):
+    _, card_path = saved
+    weights = card_path.with_suffix(".safetensors")
+    with zipfile.ZipFile(weights, "w") as z:  # what torch.save writes: a zip holding a pickle
+        z.writestr("archive/data.pkl", pickle.dumps({"w": 1}))
+    card = json.loads(card_path.read_text())
+    card["weights"]["sha256"] = models.sha256_file(weights)
+    card_path.write_text(json.dumps(card))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must never be called"))
+    with pytest.raises(TransferSegError, match="pickle"):
+        load_model(card_path)
+
+
+def test_unknown_architecture_is_refused(saved):
+    _, card_path = saved
+    card = json.loads(card_path.read_text())
+    card["architecture"]["name"] = "resnet9000"
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(TransferSegError, match="unknown architecture 'resnet9000'"):
+        load_model(card_path)
+    assert "test_tiny_seg" in ARCHITECTURES
+
+
+def test_weights_that_do_not_fit_are_refused(saved):
+    _, card_path = saved
+    card = json.loads(card_path.read_text())
+    card["architecture"]["config"]["width"] = 6
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(TransferSegError, match="do not fit"):
+        load_model(card_path)
+
+
+def test_bad_cards_and_missing_models(saved, tmp_path):
+    _, card_path = saved
+    card_path.write_text("{not json")
+    with pytest.raises(TransferSegError, match="not valid JSON"):
+        load_model(card_path)
+    card_path.write_text(json.dumps({"name": "tiny"}))
+    with pytest.raises(TransferSegError, match="lacks"):
+        load_model(card_path)
+    with pytest.raises(TransferSegError, match="no model named 'nope'"):
+        find_model("nope")
+    with pytest.raises(TransferSegError, match="no such model file"):
+        find_model(tmp_path / "absent.safetensors")
+
+
+def test_save_is_atomic_and_leaves_no_partial_files(tmp_path):
+    save_model(TinySeg(), _card("a"), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.safetensors"]

@@ -1,0 +1,143 @@
+"""Image/label pairs for training and evaluation, from the layouts users already have.
+
+* Medical Segmentation Decathlon: ``ROOT/dataset.json`` + ``imagesTr/`` + ``labelsTr/``
+  (e.g. Task03_Liver: labels 0 background, 1 liver, 2 cancer, as ours).
+* LiTS: ``volume-N.nii`` + ``segmentation-N.nii`` anywhere under ROOT (the "Training Batch"
+  folders included).
+* TransferSeg phantoms, as written by ``transferseg phantom ct``: ``ct_NNN.nii.gz`` +
+  ``ct_NNN_label.nii.gz``; or generated in memory with :func:`phantom_cases`.
+
+A :class:`Case` loads lazily, so a 131-volume LiTS folder costs nothing until a case is used.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .volume import TransferSegError, Volume
+
+__all__ = ["Case", "find_cases", "phantom_cases", "split_cases"]
+
+
+@dataclass
+class Case:
+    """One image with its (optional) label map; ``load()`` returns ``(Volume, uint8 labels or None)``."""
+
+    name: str
+    image_path: Optional[Path] = None
+    label_path: Optional[Path] = None
+    _make: Optional[Callable] = field(default=None, repr=False)
+
+    def load(self):
+        if self._make is not None:
+            return self._make()
+        from .io import load_volume
+
+        volume = load_volume(self.image_path)
+        if self.label_path is None:
+            return volume, None
+        label_volume = load_volume(self.label_path)
+        if label_volume.shape != volume.shape:
+            raise TransferSegError(
+                f"case {self.name}: label map {self.label_path.name} has shape {label_volume.shape} "
+                f"but the image has {volume.shape}"
+            )
+        if not np.allclose(label_volume.ijk_to_ras, volume.ijk_to_ras, atol=1e-3):
+            raise TransferSegError(f"case {self.name}: the label map does not lie on the image's grid")
+        labels = label_volume.array
+        if np.any(labels != np.round(labels)) or labels.min() < 0 or labels.max() > 255:
+            raise TransferSegError(f"case {self.name}: {self.label_path.name} is not a label map (values 0…255)")
+        return volume, labels.astype(np.uint8)
+
+
+def _natural_key(text: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _msd_cases(root: Path) -> list[Case]:
+    meta = json.loads((root / "dataset.json").read_text())
+    cases = []
+    for entry in meta.get("training", []):
+        image = (root / entry["image"]).resolve()
+        label = (root / entry["label"]).resolve() if entry.get("label") else None
+        name = image.name.split(".")[0]
+        if not image.exists():
+            raise TransferSegError(f"{root}/dataset.json lists {entry['image']} but the file is missing")
+        cases.append(Case(name, image, label))
+    if not cases:  # dataset.json without a training list: pair the folders by name
+        for image in sorted((root / "imagesTr").glob("*.nii*"), key=lambda p: _natural_key(p.name)):
+            if image.name.startswith("._"):
+                continue
+            label = root / "labelsTr" / image.name
+            cases.append(Case(image.name.split(".")[0], image, label if label.exists() else None))
+    return cases
+
+
+def _lits_cases(root: Path) -> list[Case]:
+    cases = []
+    for image in sorted(root.rglob("volume-*.nii*"), key=lambda p: _natural_key(p.name)):
+        if image.name.startswith("._"):
+            continue
+        number = re.match(r"volume-(\d+)\.nii", image.name).group(1)
+        labels = [p for p in image.parent.parent.rglob(f"segmentation-{number}.nii*")]
+        cases.append(Case(f"lits-{number}", image, labels[0] if labels else None))
+    return cases
+
+
+def _phantom_folder_cases(root: Path) -> list[Case]:
+    cases = []
+    for label in sorted(root.glob("*_label.nii.gz"), key=lambda p: _natural_key(p.name)):
+        image = label.with_name(label.name.replace("_label.nii.gz", ".nii.gz"))
+        if image.exists():
+            cases.append(Case(image.name.replace(".nii.gz", ""), image, label))
+    return cases
+
+
+def find_cases(root) -> list[Case]:
+    """All image/label pairs under ``root`` (MSD, LiTS or TransferSeg phantom layout)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise TransferSegError(f"{root}: no such data folder")
+    if (root / "dataset.json").exists():
+        cases = _msd_cases(root)
+    elif any(root.rglob("volume-*.nii*")):
+        cases = _lits_cases(root)
+    else:
+        cases = _phantom_folder_cases(root)
+    if not cases:
+        raise TransferSegError(
+            f"{root}: found no image/label pairs; expected a Medical Segmentation Decathlon folder "
+            "(dataset.json, imagesTr/, labelsTr/), LiTS files (volume-N.nii, segmentation-N.nii) "
+            "or TransferSeg phantoms (ct_000.nii.gz, ct_000_label.nii.gz)"
+        )
+    return cases
+
+
+def phantom_cases(kind: str, count: int, seed: int, **options) -> list[Case]:
+    """``count`` in-memory phantom cases with seeds ``seed, seed + 1, …`` (CT: labels 0/1/2)."""
+    from . import phantoms
+
+    if kind != "ct":
+        raise TransferSegError(f"phantom cases for training are 'ct'; got {kind!r}")
+
+    def maker(case_seed):
+        return lambda: phantoms.ct_phantom(seed=case_seed, **options)
+
+    return [Case(f"ct-phantom-{seed + n}", _make=maker(seed + n)) for n in range(count)]
+
+
+def split_cases(cases: list, validation_fraction: float, seed: int):
+    """A seeded (train, validation) split; at least one case on each side when there are two or more."""
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = int(round(len(cases) * validation_fraction))
+    if len(cases) >= 2:
+        n_val = min(max(n_val, 1), len(cases) - 1)
+    val = [cases[i] for i in sorted(order[:n_val])]
+    train = [cases[i] for i in sorted(order[n_val:])]
+    return train, val
+
