@@ -274,3 +274,17 @@ def test_loading_never_modifies_the_input(tmp_path, ct_like):
         volume.array[:] = 0  # the caller's array is its own, not a view of anything on disk
     assert [sha256(p) for p in paths] == hashes
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_float32_volume_round_trip_keeps_every_voxel(tmp_path, suffix):
+    rng = np.random.default_rng(5)
+    volume = Volume(rng.normal(size=(7, 8, 9)).astype(np.float32) * 1000, spacing=(2.0, 0.5, 0.75),
+                    directions=np.diag([-1.0, -1.0, 1.0]), origin=(1.0, 2.0, 3.0))
+    loaded = load_volume(save_volume(volume, tmp_path / f"v{suffix}"))
+    import gc
+
+    gc.collect()  # the array must own its memory, not view a freed SimpleITK image
+    _ = [np.ones(10_000) for _ in range(50)]
+    np.testing.assert_array_equal(loaded.array, volume.array)
+    assert loaded.array.flags.owndata or loaded.array.base is not None and loaded.array.base.flags.owndata

@@ -279,7 +279,8 @@ def _volume_from_image(image: sitk.Image, name: str) -> Volume:
     spacing_ijk = np.array(image.GetSpacing(), dtype=np.float64)
     direction_lps = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     origin_lps = np.array(image.GetOrigin(), dtype=np.float64)
-    array = np.asarray(sitk.GetArrayViewFromImage(image), dtype=np.float32)
+    # A real copy: a view would point into memory that SimpleITK frees with `image`.
+    array = np.array(sitk.GetArrayViewFromImage(image), dtype=np.float32, copy=True)
     try:
         volume = Volume(array, spacing=tuple(spacing_ijk[::-1]), directions=_LPS[:, None] * direction_lps,
                         origin=_LPS * origin_lps)

@@ -1,0 +1,391 @@
+"""Tests for TransferSegLib.phantoms: determinism, realism of the CT and DBT phantoms, the ACS shapes.
+
+Each property is measured from the generated data itself (HU statistics, label geometry,
+power spectra, voxel counts against closed-form volumes), so a generator that drifts from
+the specification fails here.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from TransferSegLib import phantoms
+from TransferSegLib.io import load_volume
+from TransferSegLib.volume import TransferSegError, orientation_name
+
+CT_SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def ct_cases():
+    """Three default-size CT phantoms with four tumors each, and their tissue maps."""
+    return {seed: phantoms.ct_phantom(seed, tumors=4, with_tissues=True) for seed in CT_SEEDS}
+
+
+def _ras_centroid(volume, mask):
+    return volume.ijk_to_ras_points(np.argwhere(mask).mean(axis=0)[None])[0]
+
+
+def _best_interval_dice(values, target, lo=-300, hi=400, step=5):
+    """Best Dice of any single intensity interval [a, b) against ``target`` (exhaustive on a grid)."""
+    bins = np.arange(lo, hi + step, step)
+    hit, _ = np.histogram(values[target], bins)
+    total, _ = np.histogram(values, bins)
+    cum_hit = np.concatenate([[0], np.cumsum(hit)])
+    cum_all = np.concatenate([[0], np.cumsum(total)])
+    inside = cum_hit[None, :] - cum_hit[:, None]            # [a, b) for a < b
+    selected = cum_all[None, :] - cum_all[:, None]
+    dice = 2.0 * inside / (target.sum() + selected)
+    return float(np.where(np.triu(np.ones_like(dice), 1) > 0, dice, 0.0).max())
+
+
+# --------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("make", [
+    lambda seed: phantoms.ct_phantom(seed, (12, 64, 64)),
+    lambda seed: phantoms.dbt_phantom(seed, (12, 96, 64)),
+], ids=["ct", "dbt"])
+def test_volume_phantoms_repeat_for_a_seed_and_differ_between_seeds(make):
+    (a, extra_a), (b, extra_b), (c, _) = make(5), make(5), make(6)
+    np.testing.assert_array_equal(a.array, b.array)
+    assert a.spacing == b.spacing
+    np.testing.assert_array_equal(a.origin, b.origin)
+    np.testing.assert_array_equal(a.directions, b.directions)
+    if isinstance(extra_a, np.ndarray):
+        np.testing.assert_array_equal(extra_a, extra_b)
+    else:
+        assert extra_a == extra_b
+    assert not np.array_equal(a.array, c.array)
+    assert not np.array_equal(a.origin, c.origin)
+
+
+@pytest.mark.parametrize("make", [phantoms.shapes_2d, phantoms.shapes_3d], ids=["2d", "3d"])
+def test_shapes_repeat_for_a_seed_and_differ_between_seeds(make):
+    images, labels = make(3, 4, size=32)
+    again_images, again_labels = make(3, 4, size=32)
+    other_images, other_labels = make(4, 4, size=32)
+    np.testing.assert_array_equal(images, again_images)
+    np.testing.assert_array_equal(labels, again_labels)
+    assert not np.array_equal(images, other_images)
+    assert not np.array_equal(labels, other_labels)
+
+
+def test_generators_draw_no_global_random_state():
+    np.random.seed(0)
+    before = np.random.random()
+    np.random.seed(0)
+    phantoms.ct_phantom(1, (8, 48, 48))
+    phantoms.dbt_phantom(1, (8, 64, 64))
+    phantoms.shapes_3d(1, 1, size=24)
+    assert np.random.random() == before
+
+
+# --------------------------------------------------------------------------- CT
+def test_ct_geometry_is_an_lps_axial_ct_with_a_real_origin(ct_cases):
+    for volume, labels, _ in ct_cases.values():
+        assert volume.shape == phantoms.CT_DEFAULT_SHAPE
+        assert orientation_name(volume.directions) == "LPS axial"
+        assert np.all(np.abs(volume.origin) > 1.0)
+        assert labels.dtype == np.uint8 and labels.shape == volume.shape
+        a = volume.array
+        assert a.min() >= -1024 and a.max() <= 3071
+        assert np.all(a == np.round(a))                       # whole HU, as stored by a scanner
+        assert abs(np.median(a[:, :3, :]) + 1000) <= 25      # air in front of the patient
+
+
+def test_ct_spacing_is_clinical_at_clinical_matrix_sizes():
+    for seed in range(40):
+        for nk in (40, 64, 200):
+            scan = phantoms._ct_scan(np.random.default_rng([seed, 0]), nk, 512, 512)
+            s_k, s_j, s_i = scan.spacing
+            assert 0.6 <= s_i == s_j <= 1.0
+            assert 1.0 <= s_k <= 5.0
+    volume, labels = phantoms.ct_phantom(7, (6, 512, 512), tumors=0)
+    assert volume.spacing == phantoms._ct_scan(np.random.default_rng([7, 0]), 6, 512, 512).spacing
+    assert 0.6 <= volume.spacing[2] <= 1.0 and 1.0 <= volume.spacing[0] <= 5.0
+    assert volume.spacing[0] > 2 * volume.spacing[2]                  # anisotropic: thick slices
+    assert np.count_nonzero(labels == 1) > 10_000                     # a few slices through the liver
+
+
+def test_ct_anatomy_lies_where_it_does_in_a_patient(ct_cases):
+    for volume, labels, tissues in ct_cases.values():
+        body = ~np.isin(tissues, [phantoms.AIR, phantoms.TABLE_SHELL, phantoms.TABLE_FOAM])
+        r_body, a_body, _ = _ras_centroid(volume, body)
+        r_liver, _, _ = _ras_centroid(volume, labels > 0)
+        r_spleen, _, _ = _ras_centroid(volume, tissues == phantoms.SPLEEN)
+        _, a_canal, _ = _ras_centroid(volume, tissues == phantoms.CSF)
+        body_a = volume.ijk_to_ras_points(np.argwhere(body))[:, 1]
+        assert r_liver > r_body + 20          # liver in the patient's right upper abdomen
+        assert r_spleen < r_body - 40         # spleen on the left
+        assert a_canal < a_body - 25          # spine at the back: its canal in the posterior third
+        assert (a_canal - body_a.min()) / np.ptp(body_a) < 0.36
+        kidney_r = volume.ijk_to_ras_points(np.argwhere(tissues == phantoms.KIDNEY_CORTEX))[:, 0]
+        assert (kidney_r > r_body + 30).sum() > 20 and (kidney_r < r_body - 30).sum() > 20   # one each side
+        ribs = tissues == phantoms.BONE_CORTEX
+        rib_r = volume.ijk_to_ras_points(np.argwhere(ribs))[:, 0]
+        assert (np.abs(rib_r - r_body) > 100).sum() > 50      # ribs far lateral, not only the spine
+
+
+def test_ct_liver_hu_and_the_organs_that_overlap_it(ct_cases):
+    for volume, labels, tissues in ct_cases.values():
+        a = volume.array
+        liver = labels == 1
+        p10, median, p90 = np.percentile(a[liver], [10, 50, 90])
+        assert 50 <= median <= 70
+        for organ in (phantoms.SPLEEN, phantoms.KIDNEY_CORTEX, phantoms.MUSCLE):
+            core = ndimage.binary_erosion(tissues == organ)
+            assert core.sum() > 30
+            assert p10 <= np.median(a[core]) <= p90, phantoms.CT_TISSUE_NAMES[organ]
+
+
+def test_ct_noise_sigma_measured_in_the_liver_is_10_to_25_hu(ct_cases):
+    for volume, labels, _ in ct_cases.values():
+        core = ndimage.binary_erosion(labels == 1, iterations=1)
+        values = volume.array[core]
+        sigma = 1.4826 * np.median(np.abs(values - np.median(values)))   # robust to vessels
+        assert 10 <= sigma <= 25
+    volume, labels = phantoms.ct_phantom(0, tumors=4, noise_sigma=0.0)
+    core = ndimage.binary_erosion(labels == 1, iterations=1)
+    quiet = 1.4826 * np.median(np.abs(volume.array[core] - np.median(volume.array[core])))
+    assert quiet < 8                          # the spread above is noise, not built-in texture
+    # the noise is correlated in-plane (Gaussian-filtered), not white
+    noisy = ct_cases[0][0].array - volume.array
+    lag0 = np.mean(noisy[:, :, :-1] * noisy[:, :, :-1])
+    lag1 = np.mean(noisy[:, :, :-1] * noisy[:, :, 1:])
+    assert lag1 / lag0 > 0.2
+
+
+def test_ct_tumors_lie_inside_the_liver_and_have_low_contrast_and_realistic_size(ct_cases):
+    measured = 0
+    for seed, (volume, labels, _) in ct_cases.items():
+        assert set(np.unique(labels)) == {0, 1, 2}
+        # tumors and noise come from their own random streams: without tumors the liver is the same
+        _, without = phantoms.ct_phantom(seed, tumors=0)
+        assert not np.any(without == 2)
+        np.testing.assert_array_equal(labels > 0, without > 0)
+        assert np.all(without[labels == 2] == 1)
+        a = volume.array
+        liver_mean = a[labels == 1].mean()
+        components, n = ndimage.label(labels == 2)
+        assert n >= 2
+        voxel_mm3 = float(np.prod(volume.spacing))
+        for c in range(1, n + 1):
+            tumor = components == c
+            diameter = (6.0 * tumor.sum() * voxel_mm3 / math.pi) ** (1 / 3)   # equal-volume sphere
+            assert 4.0 <= diameter <= 40.0 + max(volume.spacing)
+            core = ndimage.binary_erosion(tumor, structure=np.ones((1, 3, 3)))
+            if core.sum() >= 30:                                            # enough voxels to beat the noise
+                contrast = a[core].mean() - liver_mean
+                assert 10.0 <= abs(contrast) <= 40.0
+                measured += 1
+    assert measured >= 3
+
+
+def test_ct_thick_slices_average_the_anatomy():
+    for seed in (0, 1):
+        volume, _, tissues = phantoms.ct_phantom(seed, tumors=0, noise_sigma=0.0, with_tissues=True)
+        # voxels centred in the diaphragm or liver right under the lung (in-plane well inside it):
+        # a thick slice also holds some of the lung above, so they read far below soft tissue
+        lung_inside = ndimage.binary_erosion(tissues == phantoms.LUNG, structure=np.ones((1, 5, 5)))
+        under_lung = np.zeros_like(lung_inside)
+        under_lung[:-1] = lung_inside[1:] & np.isin(tissues[:-1], [phantoms.MUSCLE, phantoms.LIVER])
+        assert under_lung.sum() > 50
+        assert np.median(volume.array[under_lung]) < -100
+
+
+def test_ct_a_single_hu_interval_does_not_segment_the_liver(ct_cases):
+    for volume, labels, _ in ct_cases.values():
+        assert _best_interval_dice(volume.array, labels == 1) < 0.85
+
+
+def test_ct_rejects_bad_arguments():
+    with pytest.raises(TransferSegError, match="shape"):
+        phantoms.ct_phantom(0, (10, 8, 8))
+    with pytest.raises(TransferSegError, match="tumors"):
+        phantoms.ct_phantom(0, tumors=-1)
+    with pytest.raises(TransferSegError, match="seed"):
+        phantoms.ct_phantom(-3)
+
+
+# --------------------------------------------------------------------------- DBT
+def test_dbt_geometry_intensities_and_box_records():
+    volume, boxes = phantoms.dbt_phantom(1)
+    assert volume.shape == phantoms.DBT_DEFAULT_SHAPE
+    s_k, s_j, s_i = volume.spacing
+    assert s_j == s_i < s_k / 2                      # much finer in-plane than between slices
+    assert orientation_name(volume.directions).endswith("axial")   # slices are the high-resolution plane
+    assert volume.array.min() >= 0.0 and volume.array.max() <= 1.0
+    assert volume.array[:, :, -3:].mean() < 0.05     # air beyond the nipple
+    assert boxes and {b["kind"] for b in boxes} <= {"mass", "calcification_cluster"}
+    for box in boxes:
+        k0, j0, i0, k1, j1, i1 = box["box_kji"]
+        assert 0 <= k0 < k1 <= volume.shape[0] and 0 <= j0 < j1 <= volume.shape[1] and 0 <= i0 < i1 <= volume.shape[2]
+        centre = np.array(box["center_kji"])
+        assert np.all(centre >= np.array([k0, j0, i0]) - 1) and np.all(centre <= np.array([k1, j1, i1]))
+        ras = volume.ijk_to_ras_points(centre[None])[0]
+        lo, hi = np.array(box["box_ras_mm"][:3]), np.array(box["box_ras_mm"][3:])
+        assert np.all(lo - 1e-6 <= ras) and np.all(ras <= hi + 1e-6)
+    json.dumps(boxes)                                  # plain JSON types only
+
+
+@pytest.mark.parametrize("kind, arguments", [
+    ("mass", {"masses": 1, "calcification_clusters": 0}),
+    ("calcification_cluster", {"masses": 0, "calcification_clusters": 1}),
+])
+def test_dbt_boxes_contain_their_lesion(kind, arguments):
+    for seed in (2, 3):
+        with_lesion, boxes = phantoms.dbt_phantom(seed, **arguments)
+        without, none = phantoms.dbt_phantom(seed, masses=0, calcification_clusters=0)
+        assert none == [] and [b["kind"] for b in boxes] == [kind]
+        k0, j0, i0, k1, j1, i1 = boxes[0]["box_kji"]
+        difference = np.abs(with_lesion.array - without.array)    # background and noise are identical
+        strong = difference >= 0.5 * difference.max()
+        inside = np.zeros_like(strong)
+        inside[k0:k1, j0:j1, i0:i1] = True
+        assert strong.any() and not np.any(strong & ~inside)
+        # the lesion fills its box rather than sitting in a corner of a huge one
+        assert difference[k0:k1, j0:j1, i0:i1].sum() > 0.5 * difference.sum()
+
+
+def test_dbt_out_of_plane_blur_smears_along_the_sweep():
+    point = np.zeros((21, 41, 41), dtype=np.float32)
+    point[10, 20, 20] = 1.0
+    blurred = phantoms._tomosynthesis_blur(point, slice_mm=1.0, pixel_mm=0.1, sweep_deg=7.5)
+    assert blurred.sum() == pytest.approx(1.0, rel=1e-5)                  # no signal made or lost
+    peaks = [blurred[10 + d].max() for d in range(0, 9)]
+    assert all(a > b for a, b in zip(peaks, peaks[1:]))                   # weaker further from focus
+    assert blurred[10, 20, 20] > 0.4                                      # the in-focus plane dominates
+    for d in (2, 4, 8):
+        ghost = blurred[10 + d]
+        rows, cols = np.nonzero(ghost > 0)
+        expected = 2 * d * 1.0 * math.tan(math.radians(7.5)) / 0.1        # the tube's sweep seen from d mm away
+        assert abs((np.ptp(rows) + 1) - expected) <= 1.5                  # a line along j ...
+        assert np.ptp(cols) == 0                                           # ... and none across it
+        np.testing.assert_allclose(ghost, blurred[10 - d])                # symmetric above and below
+    # in a phantom: a calcification leaks into neighbouring slices, weaker than in focus
+    with_calc, _ = phantoms.dbt_phantom(4, masses=0, calcification_clusters=1)
+    without, _ = phantoms.dbt_phantom(4, masses=0, calcification_clusters=0)
+    diff = np.abs(with_calc.array - without.array).reshape(with_calc.shape[0], -1).max(axis=1)
+    k = int(np.argmax(diff))
+    assert 0.005 < diff[min(k + 5, len(diff) - 1)] < 0.5 * diff[k]
+
+
+def _radial_power_slope(image, pixel_mm, band=(0.05, 0.5)):
+    image = image - image.mean()
+    window = np.outer(np.hanning(image.shape[0]), np.hanning(image.shape[1]))
+    power = np.abs(np.fft.fft2(image * window)) ** 2
+    f = np.hypot(np.fft.fftfreq(image.shape[0], pixel_mm)[:, None], np.fft.fftfreq(image.shape[1], pixel_mm)[None, :])
+    edges = np.geomspace(band[0], band[1], 16)
+    which = np.digitize(f.ravel(), edges)
+    freq, mean_power = [], []
+    for b in range(1, len(edges)):
+        sel = which == b
+        if sel.any():
+            freq.append(f.ravel()[sel].mean())
+            mean_power.append(power.ravel()[sel].mean())
+    return -np.polyfit(np.log(freq), np.log(mean_power), 1)[0]
+
+
+def test_dbt_texture_has_a_power_law_spectrum_with_beta_about_3():
+    for seed in (0, 1, 2):
+        volume, _ = phantoms.dbt_phantom(seed, masses=0, calcification_clusters=0)
+        a, pixel = volume.array, volume.spacing[1]
+        nk, nj, _ = a.shape
+        patch = (slice(nj // 2 - 48, nj // 2 + 48), slice(8, 104))     # inside the breast, near the chest wall
+        assert a[nk // 2][patch].min() > 0.1
+        slopes = [_radial_power_slope(a[k][patch], pixel) for k in range(nk // 2 - 4, nk // 2 + 4)]
+        assert 2.3 <= np.mean(slopes) <= 3.7
+    flat, _ = phantoms.dbt_phantom(0, masses=0, calcification_clusters=0, beta=1.5)
+    slope = np.mean([_radial_power_slope(flat.array[k][patch], pixel) for k in range(nk // 2 - 4, nk // 2 + 4)])
+    assert slope < 2.3                                # the measurement can tell a different exponent
+
+
+# --------------------------------------------------------------------------- ACS shapes
+def _closed_form_volume(p):
+    name = p["name"]
+    if name == "sphere":
+        return 4 / 3 * math.pi * p["radius"] ** 3
+    if name == "cube":
+        return p["side"] ** 3
+    if name == "cylinder":
+        return math.pi * p["radius"] ** 2 * p["height"]
+    if name == "cone":
+        return math.pi * p["radius"] ** 2 * p["height"] / 3
+    if name == "pyramid":
+        return p["base"] ** 2 * p["height"] / 3
+    if name == "circle":
+        return math.pi * p["radius"] ** 2
+    if name == "square":
+        return p["side"] ** 2
+    return p["base"] * p["height"] / 2                 # triangle
+
+
+@pytest.mark.parametrize("make, names", [(phantoms.shapes_2d, phantoms.SHAPES_2D),
+                                         (phantoms.shapes_3d, phantoms.SHAPES_3D)], ids=["2d", "3d"])
+def test_shapes_every_class_present_and_labels_match_the_shape(make, names):
+    n = 2 * len(names)
+    images, labels, params = make(11, n, with_params=True)
+    assert images.dtype == np.float32 and labels.dtype == np.uint8
+    assert images.shape == labels.shape == (n,) + (48,) * (labels.ndim - 1)
+    assert set(np.unique(labels)) == set(range(len(names) + 1))
+    checked = 0
+    for sample, shapes in enumerate(params):
+        components, _ = ndimage.label(labels[sample] > 0)
+        for p in shapes:
+            assert p["name"] == names[p["label"] - 1]
+            centre = tuple(int(round(c)) for c in p["center"])
+            component = components == components[centre]
+            assert components[centre] > 0 and np.all(labels[sample][component] == p["label"])
+            expected = _closed_form_volume(p)
+            assert abs(component.sum() - expected) <= 0.10 * expected, p
+            checked += 1
+    assert checked >= n
+
+
+def test_shapes_are_not_solved_by_a_threshold():
+    for make in (phantoms.shapes_2d, phantoms.shapes_3d):
+        images, labels = make(2, 8)
+        foreground = labels > 0
+        best = max(2 * np.count_nonzero((images > t) & foreground) / (np.count_nonzero(images > t) + foreground.sum())
+                   for t in np.quantile(images, np.linspace(0.02, 0.98, 49)))
+        assert best < 0.7
+        # yet the foreground is brighter on average: learnable, not noise
+        assert images[foreground].mean() > images[~foreground].mean() + 0.1
+
+
+# --------------------------------------------------------------------------- write_phantoms
+@pytest.mark.parametrize("kind", phantoms.PHANTOM_KINDS)
+def test_write_phantoms_writes_loadable_cases_and_a_gallery(kind, tmp_path):
+    calls = []
+    paths = phantoms.write_phantoms(kind, tmp_path / "out", seed=3, count=1, progress=lambda f, s: calls.append(f))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)   # no temporary files left
+    assert (out / "gallery.png").stat().st_size > 10_000
+    assert calls[-1] == 1.0 and calls == sorted(calls)
+    if kind == "ct":
+        volume, labels = phantoms.ct_phantom(3)
+        loaded = load_volume(out / "ct_000.nii.gz")
+        np.testing.assert_array_equal(loaded.array, volume.array)
+        np.testing.assert_allclose(loaded.ijk_to_ras, volume.ijk_to_ras, atol=1e-5)
+        np.testing.assert_array_equal(load_volume(out / "ct_000_label.nii.gz").array, labels)
+    elif kind == "dbt":
+        volume, boxes = phantoms.dbt_phantom(3)
+        loaded = load_volume(out / "dbt_000.nii.gz")
+        np.testing.assert_array_equal(loaded.array, volume.array)
+        record = json.loads((out / "dbt_000_boxes.json").read_text())
+        assert record["volume"] == "dbt_000.nii.gz" and record["seed"] == 3 and record["lesions"] == boxes
+    else:
+        images, labels = phantoms.shapes_3d(3, 1)
+        np.testing.assert_array_equal(load_volume(out / "shapes3d_000.nii.gz").array, images[0])
+        np.testing.assert_array_equal(load_volume(out / "shapes3d_000_label.nii.gz").array, labels[0])
+        stack = load_volume(out / "shapes2d_label.nii.gz").array
+        assert stack.shape == (16, 48, 48) and set(np.unique(stack)) == {0, 1, 2, 3}
+        names = json.loads((out / "shapes_classes.json").read_text())
+        assert names["shapes3d"]["5"] == "pyramid"
+
+
+def test_write_phantoms_rejects_an_unknown_kind(tmp_path):
+    with pytest.raises(TransferSegError, match="unknown phantom kind"):
+        phantoms.write_phantoms("mri", tmp_path, seed=0)
+    assert list(tmp_path.iterdir()) == []
