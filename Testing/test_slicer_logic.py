@@ -101,3 +101,58 @@ def test_bad_nodes_get_clear_errors(scene):
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(TransferSegError, match="select an input volume"):
         logic.volume_from_node(node)
+
+
+# --- the child-process job behind the Segment button -----------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+
+    from TransferSegLib.models import save_model
+    from TransferSegLib.nets import build_network
+
+    torch.manual_seed(0)
+    config = {"in_channels": 1, "out_channels": 3, "base_channels": 4, "levels": 2}
+    card = {"name": "tiny-unet3d", "version": "0.0.1", "task": "segmentation", "labels": SEGMENTS,
+            "architecture": {"name": "unet3d", "config": config}, "preprocessing": {"hu_window": [-200, 250]},
+            "patch_size": [8, 16, 16], "inference": {"overlap": 0.25}}
+    return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("models"))
+
+
+def test_segment_job_imports_a_named_segmentation_on_the_input_grid(scene, oblique_volume, tiny_model):
+    node = logic.add_volume_node(scene, oblique_volume, "CT")
+    job = logic.SegmentJob(scene, node, str(tiny_model), device="cpu", python=sys.executable)
+    job.start()
+    assert job.state == job.SEGMENTING
+    assert job.wait(timeout=300) == job.DONE, job.message
+    assert job.fraction == 1.0 and job.result["model"]["name"] == "tiny-unet3d"
+    segmentation = job.segmentation_node.GetSegmentation()
+    names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+    assert names == ["liver", "liver tumor"]
+    masks = [logic.segment_array(job.segmentation_node, name, oblique_volume) for name in names]
+    assert not (masks[0] & masks[1]).any()  # one label per voxel, on the CT's own grid
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationStorageNode") == 0  # no link to a deleted temp file
+
+
+def test_segment_job_cancel_and_failure_leave_nothing_behind(scene, oblique_volume, tiny_model):
+    node = logic.add_volume_node(scene, oblique_volume, "CT")
+    count = scene.GetNumberOfNodes()
+    job = logic.SegmentJob(scene, node, str(tiny_model), device="cpu", python=sys.executable)
+    job.start()
+    folder = job._folder
+    job.cancel()
+    assert job.state == job.CANCELLED and not folder.exists()
+    assert scene.GetNumberOfNodes() == count
+
+    job = logic.SegmentJob(scene, node, "no-such-model", device="cpu", python=sys.executable)
+    job.start()
+    assert job.wait(timeout=300) == job.FAILED
+    assert "no model named 'no-such-model'" in job.message
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_progress_lines_are_parsed():
+    assert logic.parse_progress_line("PROGRESS 0.4200 inference") == (0.42, "inference")
+    assert logic.parse_progress_line("PROGRESS 1.5 done") == (1.0, "done")
+    assert logic.parse_progress_line("liver: 12 mL") is None
+    assert logic.parse_progress_line("PROGRESS x y") is None

@@ -148,3 +148,163 @@ def segment_array(seg_node, segment_name: str, reference: Volume) -> np.ndarray:
     full[extent[4]:extent[5] + 1, extent[2]:extent[3] + 1, extent[0]:extent[1] + 1] = (
         values == segmentation.GetSegment(segment_id).GetLabelValue())
     return full
+
+
+# --------------------------------------------------------------------------------------
+# Segmenting in a child process (the GUI stays responsive; Cancel kills the process tree)
+# --------------------------------------------------------------------------------------
+def parse_progress_line(line: str):
+    """``"PROGRESS 0.4200 inference"`` → ``(0.42, "inference")``; any other line → None."""
+    parts = line.strip().split(" ", 2)
+    if len(parts) < 2 or parts[0] != "PROGRESS":
+        return None
+    try:
+        fraction = float(parts[1])
+    except ValueError:
+        return None
+    return min(max(fraction, 0.0), 1.0), (parts[2] if len(parts) > 2 else "")
+
+
+class SegmentJob:
+    """One segmentation run: Idle → Segmenting → Importing → Done | Cancelled | Failed.
+
+    The network runs in ``python -m TransferSegLib.cli segment … --progress-lines``, a child
+    process that never imports Slicer; :meth:`poll` (called from a GUI timer, or :meth:`wait`)
+    reads its progress and, when it has finished, imports ``segmentation.seg.nrrd`` as a
+    segmentation node under the input's geometry.  :meth:`cancel` stops the whole process group;
+    a cancelled or failed job leaves no node in the scene and no file behind.
+    """
+
+    IDLE, SEGMENTING, IMPORTING, DONE, CANCELLED, FAILED = (
+        "Idle", "Segmenting", "Importing", "Done", "Cancelled", "Failed")
+
+    def __init__(self, scene, input_node, model: str, device: str = "auto", python: str | None = None):
+        import sys
+
+        self.scene, self.input_node, self.model, self.device = scene, input_node, model, device
+        self.python = python or sys.executable
+        self.state, self.fraction, self.stage, self.message = self.IDLE, 0.0, "", ""
+        self.segmentation_node = None
+        self.result = None
+        self._process = None
+        self._lines = None
+        self._stderr = []
+        self._folder = None
+
+    def start(self) -> None:
+        import os
+        import queue
+        import subprocess
+        import tempfile
+        import threading
+        from pathlib import Path
+
+        from TransferSegLib.io import save_volume
+
+        volume = volume_from_node(self.input_node)  # validated before any process starts
+        self._folder = Path(tempfile.mkdtemp(prefix="transferseg-"))
+        input_path = save_volume(volume, self._folder / "input.nrrd")
+        library_root = str(Path(__import__("TransferSegLib").__file__).resolve().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [library_root, env.get("PYTHONPATH")]))
+        command = [self.python, "-m", "TransferSegLib.cli", "segment", str(input_path), "-o",
+                   str(self._folder / "out"), "--model", self.model, "--device", self.device, "--progress-lines"]
+        self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env=env, start_new_session=True)
+        self._lines = queue.Queue()
+
+        def pump(stream, sink):
+            for line in stream:
+                sink(line.rstrip("\n"))
+
+        threading.Thread(target=pump, args=(self._process.stdout, self._lines.put), daemon=True).start()
+        threading.Thread(target=pump, args=(self._process.stderr, self._stderr.append), daemon=True).start()
+        self.state, self.stage = self.SEGMENTING, "starting"
+
+    def poll(self) -> str:
+        """Advance the state machine; returns the state."""
+        import queue
+
+        if self.state != self.SEGMENTING:
+            return self.state
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            parsed = parse_progress_line(line)
+            if parsed:
+                self.fraction, self.stage = parsed
+        code = self._process.poll()
+        if code is None:
+            return self.state
+        self._process.wait()
+        if code == 0:
+            self._import()
+        elif code in (130, -2, -15, -9):
+            self._finish(self.CANCELLED, "cancelled")
+        else:
+            errors = [ln for ln in self._stderr if ln.strip()]
+            self._finish(self.FAILED, errors[-1] if errors else f"segmentation process exited with code {code}")
+        return self.state
+
+    def wait(self, timeout: float = 600.0, interval: float = 0.05) -> str:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.poll() == self.SEGMENTING:
+            if time.monotonic() > deadline:
+                self.cancel()
+                self._finish(self.FAILED, f"timed out after {timeout:.0f} s")
+                break
+            time.sleep(interval)
+        return self.state
+
+    def cancel(self) -> None:
+        import os
+        import signal
+
+        if self.state != self.SEGMENTING:
+            return
+        try:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            self._process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        except Exception:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        self._finish(self.CANCELLED, "cancelled")
+
+    def _import(self) -> None:
+        import json
+
+        self.state, self.stage = self.IMPORTING, "importing"
+        out = self._folder / "out"
+        node = storage = None
+        try:
+            self.result = json.loads((out / "result.json").read_text())
+            node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                f"{self.input_node.GetName()} {self.result['model']['name']}")
+            storage = self.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+            storage.SetFileName(str(out / "segmentation.seg.nrrd"))
+            if not storage.ReadData(node):
+                raise TransferSegError("Slicer could not read the segmentation the model wrote")
+            self.scene.RemoveNode(storage)
+            storage = None
+            node.CreateDefaultDisplayNodes()
+            node.SetReferenceImageGeometryParameterFromVolumeNode(self.input_node)
+            self.segmentation_node = node
+            self._finish(self.DONE, "done")
+            self.fraction = 1.0
+        except Exception as e:
+            _remove_nodes(self.scene, [node, storage])
+            self._finish(self.FAILED, f"importing the result failed: {e}")
+
+    def _finish(self, state: str, message: str) -> None:
+        import shutil
+
+        self.state, self.message = state, message
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .models import DEFAULT_SEGMENTATION_MODEL
+from .progress import CancelToken, Cancelled
 from .volume import TransferSegError
 
 EXIT_USER_ERROR = 2
@@ -37,6 +39,136 @@ def _cmd_info(args) -> int:
     print(f"intensity:    {summary['intensity_min']:g} … {summary['intensity_max']:g} "
           f"(mean {summary['intensity_mean']:.4g})")
     print(f"memory:       {summary['memory_mib']:.1f} MiB as float32")
+    return 0
+
+
+class _ProgressPrinter:
+    """Renders ``(fraction, stage)`` as a tqdm bar, or as ``PROGRESS <0..1> <stage>`` lines for the Slicer module."""
+
+    def __init__(self, lines: bool):
+        self.lines, self.bar, self.stage = lines, None, None
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        if self.lines:
+            print(f"PROGRESS {fraction:.4f} {stage}", flush=True)
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, unit="‰", file=sys.stderr, leave=False,
+                            bar_format="{desc:<16} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+        if stage != self.stage:
+            self.bar.set_description_str(stage)
+            self.stage = stage
+        self.bar.update(int(round(fraction * 1000)) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cancel_on_signals() -> CancelToken:
+    """SIGINT / SIGTERM cancel the run between windows instead of killing it mid-write."""
+    import signal
+
+    token = CancelToken()
+
+    def handler(signum, frame):
+        if token.cancelled:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        token.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return token
+
+
+def _parse_box(text: str, name: str) -> tuple:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 6:
+        raise TransferSegError(f"{name} needs six comma-separated numbers, e.g. 0,0,0,40,256,256; got {text!r}")
+    return tuple(values)
+
+
+def _cmd_segment(args) -> int:
+    from .io import load_volume
+    from .pipeline import run
+
+    volume = load_volume(args.input)
+    roi = None
+    if args.roi:
+        roi = tuple(int(v) for v in _parse_box(args.roi, "--roi"))
+    elif args.roi_ras:
+        from .inference import roi_from_ras
+
+        box = _parse_box(args.roi_ras, "--roi-ras")
+        roi = roi_from_ras(volume, box[:3], box[3:])
+    printer = _ProgressPrinter(args.progress_lines)
+    try:
+        result = run(volume, model=args.model, device=args.device, roi=roi, progress=printer,
+                     cancel=_cancel_on_signals(), return_probabilities=False)
+        paths = result.write(args.output, input_path=args.input)
+    finally:
+        printer.close()
+    for warning in result.warnings + result.fallbacks:
+        print(f"transferseg: warning: {warning}", file=sys.stderr)
+    for name, ml in result.volumes_ml().items():
+        print(f"{name}: {ml:.1f} mL")
+    print(f"device: {result.device}; " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .training import load_config, train
+
+    config = load_config(args.config)
+    printer = _ProgressPrinter(args.progress_lines)
+    try:
+        result = train(config, args.output, progress=printer, cancel=_cancel_on_signals(),
+                       max_steps=args.max_steps)
+    finally:
+        printer.close()
+    print(result.summary() if hasattr(result, "summary") else result)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluation import evaluate, format_table
+
+    printer = _ProgressPrinter(args.progress_lines)
+    try:
+        table = evaluate(args.model, args.data, device=args.device, csv_path=args.output,
+                         progress=printer, cancel=_cancel_on_signals(), limit=args.limit)
+    finally:
+        printer.close()
+    print(format_table(table))
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .models import list_models, model_dirs
+
+    cards = list_models()
+    if args.json:
+        print(json.dumps(cards, indent=2))
+        return 0
+    if not cards:
+        print("no models installed; looked in: " + ", ".join(str(d) for d in model_dirs()))
+        return 0
+    for card in cards:
+        labels = ", ".join(seg["name"] for seg in card["labels"])
+        print(f"{card['name']}  v{card['version']}  {card['task']}  [{labels}]  "
+              f"{card['architecture']['name']}  patch {card['patch_size']}")
+        for key, value in (card.get("metrics") or {}).items():
+            print(f"    {key}: {value}")
+        print(f"    {card['_path']}")
     return 0
 
 
@@ -87,6 +219,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_info)
 
+    p = sub.add_parser("segment", help="segment a volume; writes .seg.nrrd, label map, result.json, overview.png")
+    p.add_argument("input", help="NIfTI / NRRD / MetaImage file or DICOM series folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    p.add_argument("--model", default=DEFAULT_SEGMENTATION_MODEL, help=f"model name or path (default {DEFAULT_SEGMENTATION_MODEL})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--roi", help="voxel box k0,j0,i0,k1,j1,i1 (array order, half-open)")
+    p.add_argument("--roi-ras", help="RAS box x0,y0,z0,x1,y1,z1 in mm")
+    p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("train", help="train a model from a JSON config (resumes from the last checkpoint)")
+    p.add_argument("config", help="training config (JSON); see Resources/configs/")
+    p.add_argument("-o", "--output", default=None, help="run folder (default: runs/<name>)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for a quick try)")
+    p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a model on a labelled data folder (MSD, LiTS or phantoms)")
+    p.add_argument("--model", required=True, help="model name or path")
+    p.add_argument("--data", required=True, help="data folder: MSD (dataset.json), LiTS or phantom layout")
+    p.add_argument("-o", "--output", default=None, help="CSV file for the metrics table")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
+    p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("models", help="list installed models and their cards")
+    p.add_argument("--json", action="store_true", help="print the cards as JSON")
+    p.set_defaults(func=_cmd_models)
+
     p = sub.add_parser("phantom", help="write seed-deterministic synthetic volumes and a PNG gallery")
     p.add_argument("kind", choices=["ct", "dbt", "shapes"], help="CT abdomen, DBT breast, or ACS shapes")
     p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
@@ -109,6 +271,9 @@ def main(argv=None) -> int:
         return EXIT_USER_ERROR
     try:
         return int(args.func(args) or 0)
+    except Cancelled as e:
+        print(f"transferseg: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except TransferSegError as e:
         print(f"transferseg: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -1,0 +1,146 @@
+"""The pipeline and the CLI end to end: segment, evaluate, models, progress lines, ROI, cancel."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from TransferSegLib.io import load_volume, save_labelmap, save_volume
+from TransferSegLib.models import load_model, save_model
+from TransferSegLib.nets import build_network
+from TransferSegLib.phantoms import ct_phantom
+from TransferSegLib.pipeline import postprocess, run
+from TransferSegLib.progress import CancelToken, Cancelled
+
+LABELS = [{"name": "liver", "label": 1, "color": [0.86, 0.42, 0.32]},
+          {"name": "liver tumor", "label": 2, "color": [0.35, 0.75, 0.35]}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(1)
+    config = {"in_channels": 1, "out_channels": 3, "base_channels": 4, "levels": 2}
+    card = {"name": "tiny-unet3d", "version": "0.0.1", "task": "segmentation", "labels": LABELS,
+            "architecture": {"name": "unet3d", "config": config}, "preprocessing": {"hu_window": [-200, 250]},
+            "patch_size": [8, 32, 32], "inference": {"overlap": 0.25},
+            "evaluation": {"regions": {"liver": [1, 2], "liver tumor": [2]}}}
+    return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantoms")
+    for n in range(2):
+        volume, labels = ct_phantom(seed=40 + n, shape=(12, 40, 40))
+        save_volume(volume, folder / f"ct_{n:03d}.nii.gz")
+        save_labelmap(labels, volume, folder / f"ct_{n:03d}_label.nii.gz")
+    return folder
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "TransferSegLib.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_segment_cli_writes_every_output_on_the_input_grid(tmp_path, tiny_model, phantom_dir):
+    source = phantom_dir / "ct_000.nii.gz"
+    result = _cli("segment", source, "-o", tmp_path / "out", "--model", tiny_model, "--device", "cpu",
+                  "--progress-lines")
+    assert result.returncode == 0, result.stderr
+    progress = [ln.split() for ln in result.stdout.splitlines() if ln.startswith("PROGRESS ")]
+    fractions = [float(p[1]) for p in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 3
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["labelmap.nii.gz", "overview.png", "result.json",
+                                                     "segmentation.seg.nrrd"]
+    reference = sitk.ReadImage(str(source))
+    for name in ("labelmap.nii.gz", "segmentation.seg.nrrd"):
+        image = sitk.ReadImage(str(out / name))
+        np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
+    summary = json.loads((out / "result.json").read_text())
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelmap.nii.gz")))
+    voxel_ml = float(np.prod(reference.GetSpacing())) / 1000
+    assert summary["volumes_ml"]["liver"] == pytest.approx((labels == 1).sum() * voxel_ml, abs=1e-3)
+    assert summary["model"]["name"] == "tiny-unet3d" and summary["device"] == "cpu"
+    assert {"load_model", "preprocess", "inference", "postprocess", "write"} <= set(summary["timings_s"])
+
+
+def test_segment_refuses_to_overwrite_its_input(tmp_path, tiny_model):
+    volume, _ = ct_phantom(seed=3, shape=(8, 32, 32))
+    source = save_volume(volume, tmp_path / "labelmap.nii.gz")
+    before = source.read_bytes()
+    result = _cli("segment", source, "-o", tmp_path, "--model", tiny_model, "--device", "cpu")
+    assert result.returncode == 2 and "would overwrite the input" in result.stderr
+    assert source.read_bytes() == before
+
+
+def test_roi_outputs_stay_aligned_to_the_full_volume(tiny_model):
+    volume, _ = ct_phantom(seed=7, shape=(16, 48, 48))
+    model = load_model(tiny_model)
+    full = run(volume, model, device="cpu")
+    roi = (0, 8, 8, 16, 40, 40)
+    boxed = run(volume, model, device="cpu", roi=roi)
+    assert boxed.labels.shape == volume.shape
+    outside = np.ones(volume.shape, bool)
+    outside[0:16, 8:40, 8:40] = False
+    assert not boxed.labels[outside].any()
+    assert boxed.roi_kji == roi
+    # inside, away from the box edges where the windows differ, the answers agree
+    inner = (slice(0, 16), slice(16, 32), slice(16, 32))
+    assert (boxed.labels[inner] == full.labels[inner]).mean() > 0.95
+
+
+def test_cancel_raises_and_writes_nothing(tmp_path, tiny_model):
+    volume, _ = ct_phantom(seed=8, shape=(16, 48, 48))
+    token = CancelToken()
+
+    def cancel_after_start(fraction, stage):
+        if stage == "inference" and fraction > 0.06:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        run(volume, tiny_model, device="cpu", progress=cancel_after_start, cancel=token)
+    assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_cli_prints_and_writes_the_metrics_table(tmp_path, tiny_model, phantom_dir):
+    csv_path = tmp_path / "metrics.csv"
+    result = _cli("evaluate", "--model", tiny_model, "--data", phantom_dir, "-o", csv_path, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "global Dice" in result.stdout and "ct_001" in result.stdout
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("case,region,dice,voe,rvd,asd_mm,rmsd_mm")
+    assert sum(r.startswith("ct_00") for r in rows) == 4  # 2 cases × 2 regions (liver incl. tumor, tumor)
+
+
+def test_models_cli_lists_cards(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("TRANSFERSEG_MODELS", str(tiny_model.parent))
+    result = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "models"], capture_output=True, text=True,
+                            timeout=120, env={**__import__("os").environ})
+    assert result.returncode == 0 and "tiny-unet3d" in result.stdout and "unet3d" in result.stdout
+
+
+def test_postprocess_keeps_the_largest_organ_and_tumors_inside_it():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[1:6, 1:6, 1:6] = 1
+    labels[2:4, 2:4, 2:4] = 2
+    labels[8:10, 8:10, 8:10] = 1  # a stray island
+    labels[0, 9, 0] = 2  # a tumor outside the liver
+    cleaned = postprocess(labels, {"largest_component": [1, 2], "inside": {"2": [1, 2]}})
+    assert not cleaned[8:10, 8:10, 8:10].any() and cleaned[0, 9, 0] == 0
+    assert (cleaned[2:4, 2:4, 2:4] == 2).all() and labels[8, 8, 8] == 1  # input untouched
+
+
+def test_loaded_phantom_runs_through_the_python_api(tmp_path, tiny_model, phantom_dir):
+    volume = load_volume(phantom_dir / "ct_001.nii.gz")
+    result = run(volume, tiny_model, device="cpu")
+    paths = result.write(tmp_path / "api")
+    assert all(p.exists() for p in paths.values())
+    assert set(result.volumes_ml()) == {"liver", "liver tumor"}

@@ -1,0 +1,187 @@
+"""Volume → Result: the one entry point that the CLI, the Slicer module and the tests call.
+
+``run(volume, model)`` preprocesses as the model card says, runs the project's sliding-window
+inferer, post-processes, and returns a :class:`Result` on the input's exact geometry.
+``Result.write(folder)`` writes the files the CLI promises, each atomically.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from scipy import ndimage
+
+from .models import DEFAULT_SEGMENTATION_MODEL, LoadedModel, load_model
+from .preprocessing import preprocess
+from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
+from .volume import TransferSegError, Volume
+
+__all__ = ["Result", "run", "postprocess"]
+
+
+@dataclass
+class Result:
+    """What a run produced, all on ``volume``'s grid (axes (k, j, i))."""
+
+    volume: Volume
+    labels: np.ndarray
+    card: dict
+    device: str
+    timings: dict
+    probabilities: Optional[np.ndarray] = None  # uint8 (K, k, j, i), probability × 255
+    heatmap: Optional[np.ndarray] = None
+    roi_kji: Optional[tuple] = None
+    fallbacks: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+    @property
+    def segments(self) -> list:
+        return self.card["labels"]
+
+    def volumes_ml(self) -> dict:
+        """Volume of each segment in millilitres."""
+        voxel_ml = float(np.prod(self.volume.spacing)) / 1000.0
+        counts = np.bincount(self.labels.ravel(), minlength=256)
+        return {seg["name"]: round(float(counts[seg["label"]]) * voxel_ml, 3) for seg in self.segments}
+
+    def summary(self) -> dict:
+        card = self.card
+        return {
+            "model": {"name": card["name"], "version": card["version"], "sha256": card["weights"].get("sha256")},
+            "device": self.device,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "volumes_ml": self.volumes_ml(),
+            "input": self.volume.summary(),
+            "roi_kji": list(self.roi_kji) if self.roi_kji else None,
+            "fallbacks": self.fallbacks,
+            "warnings": self.warnings,
+        }
+
+    def write(self, folder, input_path=None) -> dict:
+        """Write segmentation.seg.nrrd, labelmap.nii.gz, result.json and overview.png into ``folder``.
+
+        Each file is written to a temporary name and renamed; refuses to overwrite ``input_path``.
+        """
+        from .io import atomic_output, save_labelmap, save_scalar, save_segmentation
+        from .render import save_overview_png
+
+        folder = Path(folder)
+        paths = {
+            "segmentation": folder / "segmentation.seg.nrrd",
+            "labelmap": folder / "labelmap.nii.gz",
+            "result": folder / "result.json",
+            "overview": folder / "overview.png",
+        }
+        if self.heatmap is not None:
+            paths["heatmap"] = folder / "heatmap.nii.gz"
+        if input_path is not None:
+            source = Path(input_path).resolve()
+            for path in paths.values():
+                if path.resolve() == source:
+                    raise TransferSegError(f"the output {path} would overwrite the input; choose another output folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        save_segmentation(self.labels, self.volume, paths["segmentation"], self.segments)
+        save_labelmap(self.labels, self.volume, paths["labelmap"])
+        if self.heatmap is not None:
+            save_scalar(self.heatmap, self.volume, paths["heatmap"])
+        save_overview_png(self.volume, paths["overview"], labels=self.labels, heatmap=self.heatmap,
+                          title=f"{self.card['name']} — " + ", ".join(
+                              f"{k} {v:.1f} mL" for k, v in self.volumes_ml().items()))
+        self.timings["write"] = time.perf_counter() - start
+        with atomic_output(paths["result"]) as tmp:
+            tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        return paths
+
+
+def postprocess(labels: np.ndarray, spec: Optional[dict]) -> np.ndarray:
+    """Card-driven clean-up of a label map (in place on a copy).
+
+    ``{"largest_component": [1, 2]}`` keeps only the largest 26-connected component of the union
+    of those labels (e.g. the liver with its tumors) and clears the rest of them;
+    ``{"inside": {"2": [1, 2]}}`` keeps label 2 only where it lies inside the filled region of
+    labels {1, 2}.
+    """
+    if not spec:
+        return labels
+    labels = labels.copy()
+    organ = spec.get("largest_component")
+    if organ:
+        mask = np.isin(labels, organ)
+        components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            labels[mask & (components != int(sizes.argmax()))] = 0
+    for inner, outer in (spec.get("inside") or {}).items():
+        region = ndimage.binary_fill_holes(np.isin(labels, outer))
+        labels[(labels == int(inner)) & ~region] = 0
+    return labels
+
+
+def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", roi=None,
+        progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+        return_probabilities: bool = False) -> Result:
+    """Segment ``volume`` with ``model`` (a name, a path, or a :class:`LoadedModel`).
+
+    Args:
+        roi: ``(k0, j0, i0, k1, j1, i1)`` voxel box (half-open, array order); outputs stay full size.
+        progress: ``callable(fraction, stage)``.
+        cancel: a :class:`CancelToken`; cancelling raises :class:`~TransferSegLib.progress.Cancelled`.
+    """
+    from .inference import resolve_device, sliding_window_inference
+
+    report = StageProgress(progress)
+    timings = {}
+    start = time.perf_counter()
+    report(0.0, "loading model")
+    target = resolve_device(device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
+    card = loaded.card
+    timings["load_model"] = time.perf_counter() - start
+    check_cancel(cancel)
+
+    warnings = []
+    expected = card.get("expected_spacing_mm")
+    if expected:
+        ratio = np.asarray(volume.spacing) / np.asarray(expected, dtype=float)
+        if np.any(ratio > 2.0) or np.any(ratio < 0.5):
+            warnings.append(
+                f"voxel spacing {tuple(round(s, 3) for s in volume.spacing)} mm (k, j, i) differs more than 2× from "
+                f"the model's training spacing {tuple(expected)}; results may be less accurate"
+            )
+
+    start = time.perf_counter()
+    report(0.02, "preprocessing")
+    array = preprocess(volume.array, card.get("preprocessing"))
+    timings["preprocess"] = time.perf_counter() - start
+    check_cancel(cancel)
+
+    start = time.perf_counter()
+    settings = dict(card.get("inference") or {})
+    task = card.get("task", "segmentation")
+    result = sliding_window_inference(
+        array, loaded.network, patch_size=tuple(card["patch_size"]),
+        num_classes=len(card["labels"]) + 1 if task == "segmentation" else 1,
+        overlap=settings.get("overlap", 0.5), blend=settings.get("blend", "gaussian"),
+        batch_size=settings.get("batch_size", 2), device=target,
+        activation=settings.get("activation", "softmax" if task == "segmentation" else "none"),
+        return_probabilities=return_probabilities, roi=roi,
+        progress=report.sub(0.05, 0.95), cancel=cancel,
+    )
+    timings["inference"] = time.perf_counter() - start
+    check_cancel(cancel)
+
+    start = time.perf_counter()
+    report(0.95, "post-processing")
+    labels = postprocess(result.labels, card.get("postprocessing"))
+    timings["postprocess"] = time.perf_counter() - start
+    report(1.0, "done")
+    return Result(volume=volume, labels=labels, card=card, device=str(result.device), timings=timings,
+                  probabilities=result.probabilities, heatmap=getattr(result, "heatmap", None),
+                  roi_kji=tuple(int(v) for v in roi) if roi is not None else None,
+                  fallbacks=list(result.fallbacks), warnings=warnings)
