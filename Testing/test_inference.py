@@ -66,8 +66,13 @@ class OOMAbove(nn.Module):
 
 # --- equivalence ----------------------------------------------------------------------------
 @pytest.mark.parametrize("blend", ["gaussian", "constant"])
-@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.8])
-@pytest.mark.parametrize("patch,batch", [((8, 16, 16), 3), ((7, 9, 11), 1), ((64, 64, 64), 2), ((20, 10, 41), 8), ((4, 37, 41), 3)])
+@pytest.mark.parametrize("patch,batch,overlap", [
+    *[((8, 16, 16), 3, overlap) for overlap in (0.0, 0.25, 0.5, 0.75)],
+    ((7, 9, 11), 1, 0.0), ((7, 9, 11), 1, 0.5),                    # odd patch sizes
+    ((64, 64, 64), 2, 0.5),                                         # patch larger than the volume
+    ((20, 10, 41), 8, 0.25), ((20, 10, 41), 8, 0.8),                # batches of several windows
+    ((4, 37, 41), 3, 0.5),                                          # batches that span several k-rows
+])
 def test_pointwise_network_equals_whole_volume(blend, overlap, patch, batch):
     array, network = _volume(), _pointwise()
     reference = _whole(network, array)
@@ -145,7 +150,7 @@ class NeedsMultiple(nn.Module):
         return self.conv(x)
 
 
-@pytest.mark.parametrize("patch", [(10, 20, 30), (64, 64, 64), (4, 8, 8)])
+@pytest.mark.parametrize("patch", [(10, 20, 30), (64, 64, 64), (8, 16, 16)])
 def test_padding_to_the_network_size_multiple(patch):
     array, network = _volume(), NeedsMultiple()
     result = sliding_window_inference(array, network, patch_size=patch, device="cpu", return_probabilities=True)
@@ -191,13 +196,13 @@ def test_pad_modes_edge_and_constant_minimum():
 # --- out of memory --------------------------------------------------------------------------
 def test_oom_halves_the_batch_and_keeps_the_result(caplog):
     array, network = _volume(), _pointwise()
-    plain = sliding_window_inference(array, network, patch_size=8, batch_size=4, device="cpu",
+    plain = sliding_window_inference(array, network, patch_size=(8, 16, 16), batch_size=4, device="cpu",
                                      return_probabilities=True)
-    limited = OOMAbove(network, max_voxels=2 * 8 ** 3)
+    limited = OOMAbove(network, max_voxels=2 * 8 * 16 * 16)
     with caplog.at_level(logging.WARNING, logger="TransferSegLib.inference"):
-        result = sliding_window_inference(array, limited, patch_size=8, batch_size=4, device="cpu",
+        result = sliding_window_inference(array, limited, patch_size=(8, 16, 16), batch_size=4, device="cpu",
                                           return_probabilities=True)
-    assert result.batch_size == 2 and result.patch_size == (8, 8, 8)
+    assert result.batch_size == 2 and result.patch_size == (8, 16, 16)
     assert len(result.fallbacks) == 1 and "out of memory" in result.fallbacks[0]
     assert "4 window(s)" in result.fallbacks[0] and "retrying with 2" in result.fallbacks[0]
     assert result.fallbacks[0] in caplog.text
@@ -262,7 +267,7 @@ def test_oom_shrinks_only_the_largest_axes_and_stops_at_min_patch():
 # --- progress, cancel, caller's objects -------------------------------------------------------
 def test_progress_is_monotonic_and_ends_at_one():
     calls = []
-    result = sliding_window_inference(_volume(), _pointwise(), patch_size=8, batch_size=2, device="cpu",
+    result = sliding_window_inference(_volume(), _pointwise(), patch_size=(8, 16, 16), batch_size=2, device="cpu",
                                       progress=lambda fraction, stage: calls.append((fraction, stage)))
     fractions = [f for f, _ in calls]
     assert len(calls) >= result.windows // 2
@@ -287,7 +292,7 @@ def test_cancel_from_the_progress_callback_stops_after_the_first_batch():
         token.cancel()
 
     with pytest.raises(Cancelled):
-        sliding_window_inference(_volume(), network, patch_size=8, device="cpu", progress=progress, cancel=token)
+        sliding_window_inference(_volume(), network, patch_size=(8, 16, 16), device="cpu", progress=progress, cancel=token)
     assert len(calls) == 1 and calls[0] < 1.0
     assert network.training  # restored even when cancelled
 
@@ -301,8 +306,8 @@ def test_network_mode_parameters_and_input_are_left_as_they_were():
     array = _volume()
     array.setflags(write=False)
     copy = array.copy()
-    first = sliding_window_inference(array, network, patch_size=8, device="cpu")
-    second = sliding_window_inference(array, network, patch_size=8, device="cpu")
+    first = sliding_window_inference(array, network, patch_size=(8, 16, 16), device="cpu")
+    second = sliding_window_inference(array, network, patch_size=(8, 16, 16), device="cpu")
     np.testing.assert_array_equal(first.labels, second.labels)  # dropout was off: eval mode during the run
     assert [m.training for m in network] == [True, False, True, True]
     for key, value in network.state_dict().items():
@@ -314,9 +319,9 @@ def test_network_mode_parameters_and_input_are_left_as_they_were():
 # --- ROI --------------------------------------------------------------------------------------
 def test_roi_outputs_are_aligned_to_the_full_volume():
     array, network = _volume(), _pointwise()
-    full = sliding_window_inference(array, network, patch_size=8, device="cpu", return_probabilities=True)
+    full = sliding_window_inference(array, network, patch_size=(8, 16, 16), device="cpu", return_probabilities=True)
     roi = (3, 5, 7, 15, 30, 33)
-    result = sliding_window_inference(array, network, patch_size=8, device="cpu", return_probabilities=True, roi=roi)
+    result = sliding_window_inference(array, network, patch_size=(8, 16, 16), device="cpu", return_probabilities=True, roi=roi)
     box = np.s_[3:15, 5:30, 7:33]
     inside = np.zeros(SHAPE, dtype=bool)
     inside[box] = True
@@ -325,7 +330,7 @@ def test_roi_outputs_are_aligned_to_the_full_volume():
     assert np.all(result.probabilities[0][~inside] == 255) and not result.probabilities[1:, ~inside].any()
     assert np.abs(result.probabilities[(slice(None),) + box].astype(int) - full.probabilities[(slice(None),) + box]).max() <= 1
     with pytest.raises(TransferSegError, match="roi"):
-        sliding_window_inference(array, network, patch_size=8, device="cpu", roi=(0, 0, 0, 25, 5, 5))
+        sliding_window_inference(array, network, patch_size=(8, 16, 16), device="cpu", roi=(0, 0, 0, 25, 5, 5))
 
 
 @pytest.mark.parametrize("name", ["identity", "oblique", "ras_flipped", "coronal_acquired"])
@@ -364,17 +369,17 @@ def test_roi_from_ras_outside_the_volume_is_a_clear_error():
 # --- single-output networks and argument checks -----------------------------------------------
 def test_single_channel_sigmoid_and_regression_give_a_heatmap():
     array, network = _volume(), _pointwise(classes=1, seed=5)
-    result = sliding_window_inference(array, network, patch_size=8, device="cpu", activation="sigmoid")
+    result = sliding_window_inference(array, network, patch_size=(8, 16, 16), device="cpu", activation="sigmoid")
     reference = _whole(network, array, "sigmoid")[0]
     assert result.heatmap.dtype == np.float32
     np.testing.assert_allclose(result.heatmap, reference, atol=1e-5)
     np.testing.assert_array_equal(result.labels, reference >= 0.5)
-    raw = sliding_window_inference(array, network, patch_size=8, device="cpu", activation="none",
+    raw = sliding_window_inference(array, network, patch_size=(8, 16, 16), device="cpu", activation="none",
                                    heatmap_dtype=np.float16)
     assert raw.labels is None and raw.heatmap.dtype == np.float16
     np.testing.assert_allclose(raw.heatmap, _whole(network, array, "none")[0], atol=2e-3)
     with pytest.raises(TransferSegError, match="one output channel"):
-        sliding_window_inference(array, network, patch_size=8, device="cpu")
+        sliding_window_inference(array, network, patch_size=(8, 16, 16), device="cpu")
 
 
 def test_multichannel_input_and_bad_arguments():

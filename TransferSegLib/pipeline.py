@@ -178,7 +178,8 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
 
     start = time.perf_counter()
     report(0.95, "post-processing")
-    labels = postprocess(result.labels, card.get("postprocessing"))
+    labels = result.labels if result.labels is not None else np.zeros(volume.shape, np.uint8)  # heatmap task
+    labels = postprocess(labels, card.get("postprocessing"))
     timings["postprocess"] = time.perf_counter() - start
     report(1.0, "done")
     return Result(volume=volume, labels=labels, card=card, device=str(result.device), timings=timings,
