@@ -41,3 +41,27 @@ def ct_like():
     array[2:4, 3:7, 4:9] = 300
     array[0, 0, 0] = -1000
     return array
+
+
+LIVER_TUMOR_SEGMENTS = [
+    {"name": "liver", "label": 1, "color": [0.85, 0.45, 0.35],
+     "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"]}},
+    {"name": "liver tumor", "label": 2, "color": [0.2, 0.9, 0.3]},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A real (untrained, seeded) small 3D U-Net saved as safetensors + card: the engine's test model."""
+    import torch
+
+    from TransferSegLib.models import save_model
+    from TransferSegLib.nets import build_network
+
+    torch.manual_seed(1)
+    config = {"in_channels": 1, "out_channels": 3, "base_channels": 4, "levels": 2}
+    card = {"name": "tiny-unet3d", "version": "0.0.1", "task": "segmentation", "labels": LIVER_TUMOR_SEGMENTS,
+            "architecture": {"name": "unet3d", "config": config}, "preprocessing": {"hu_window": [-200, 250]},
+            "patch_size": [8, 32, 32], "inference": {"overlap": 0.25},
+            "evaluation": {"regions": {"liver": [1, 2], "liver tumor": [2]}}}
+    return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("models"))

@@ -8,29 +8,12 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from TransferSegLib.io import load_volume, save_labelmap, save_volume
-from TransferSegLib.models import load_model, save_model
-from TransferSegLib.nets import build_network
+from TransferSegLib.models import load_model
 from TransferSegLib.phantoms import ct_phantom
 from TransferSegLib.pipeline import postprocess, run
 from TransferSegLib.progress import CancelToken, Cancelled
-
-LABELS = [{"name": "liver", "label": 1, "color": [0.86, 0.42, 0.32]},
-          {"name": "liver tumor", "label": 2, "color": [0.35, 0.75, 0.35]}]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(1)
-    config = {"in_channels": 1, "out_channels": 3, "base_channels": 4, "levels": 2}
-    card = {"name": "tiny-unet3d", "version": "0.0.1", "task": "segmentation", "labels": LABELS,
-            "architecture": {"name": "unet3d", "config": config}, "preprocessing": {"hu_window": [-200, 250]},
-            "patch_size": [8, 32, 32], "inference": {"overlap": 0.25},
-            "evaluation": {"regions": {"liver": [1, 2], "liver tumor": [2]}}}
-    return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("models"))
-
 
 @pytest.fixture(scope="module")
 def phantom_dir(tmp_path_factory):

@@ -13,11 +13,7 @@ import TransferSegLogic as logic  # noqa: E402
 
 from TransferSegLib.volume import TransferSegError, Volume  # noqa: E402
 
-SEGMENTS = [
-    {"name": "liver", "label": 1, "color": (0.85, 0.45, 0.35),
-     "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"]}},
-    {"name": "liver tumor", "label": 2, "color": (0.2, 0.9, 0.3)},
-]
+from conftest import LIVER_TUMOR_SEGMENTS as SEGMENTS  # noqa: E402
 
 
 @pytest.fixture
@@ -104,21 +100,6 @@ def test_bad_nodes_get_clear_errors(scene):
 
 
 # --- the child-process job behind the Segment button -----------------------------------
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    import torch
-
-    from TransferSegLib.models import save_model
-    from TransferSegLib.nets import build_network
-
-    torch.manual_seed(0)
-    config = {"in_channels": 1, "out_channels": 3, "base_channels": 4, "levels": 2}
-    card = {"name": "tiny-unet3d", "version": "0.0.1", "task": "segmentation", "labels": SEGMENTS,
-            "architecture": {"name": "unet3d", "config": config}, "preprocessing": {"hu_window": [-200, 250]},
-            "patch_size": [8, 16, 16], "inference": {"overlap": 0.25}}
-    return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("models"))
-
-
 def test_segment_job_imports_a_named_segmentation_on_the_input_grid(scene, oblique_volume, tiny_model):
     node = logic.add_volume_node(scene, oblique_volume, "CT")
     job = logic.SegmentJob(scene, node, str(tiny_model), device="cpu", python=sys.executable)
