@@ -58,7 +58,9 @@ __all__ = [
     "asd",
     "dice",
     "dice_global",
+    "froc",
     "dice_per_case",
+    "FROC_RATES",
     "rmsd",
     "rvd",
     "tumor_burden",
@@ -292,3 +294,65 @@ def tumor_burden_rmse(
             burdens.append((tumor_burden(p, lp), tumor_burden(r, lr)))
     differences = np.array([bp - br for bp, br in burdens], dtype=float)
     return float(np.sqrt(np.mean(np.square(differences))))
+
+
+FROC_RATES = (0.01, 0.05, 0.10, 0.15, 0.20, 0.25)
+
+
+def froc(detections_per_volume, boxes_per_volume, rates=FROC_RATES) -> dict:
+    """Free-response ROC as in the AH-Net paper (Sec. 4.1).
+
+    Args:
+        detections_per_volume: per volume, a list of detections — dicts or objects with
+            ``position_kji`` and ``confidence`` (what :func:`TransferSegLib.heatmaps.find_peaks` returns).
+        boxes_per_volume: per volume, the annotated lesions' ``box_kji`` (half-open voxel boxes, or
+            dicts holding ``"box_kji"``).
+
+    At a confidence threshold t: a peak (confidence ≥ t) inside an annotated box is a true
+    positive and the box counts as detected; further peaks in an already-hit box are not
+    counted again (neither TP nor FP); peaks in no box are false positives.  TPR = detected
+    boxes / all boxes; FP rate = false positives / number of volumes.  Sweeping t over every
+    confidence gives the curve.  ``tpr_at[r]`` is the best TPR with at most r FP per volume.
+
+    Returns ``{"fp_per_volume": [...], "tpr": [...], "thresholds": [...], "tpr_at": {r: tpr},
+    "lesions": n, "volumes": n}``.  With no annotated lesion at all, TPR is defined as 0.
+    """
+    from .heatmaps import box_contains
+
+    if len(detections_per_volume) != len(boxes_per_volume):
+        raise TransferSegError(
+            f"froc needs one detection list per volume: {len(detections_per_volume)} detection lists "
+            f"but {len(boxes_per_volume)} box lists"
+        )
+    n_volumes = len(boxes_per_volume)
+    if n_volumes == 0:
+        raise TransferSegError("froc needs at least one volume")
+    # Every peak as (confidence, volume, indices of the boxes it falls in).
+    peaks = []
+    lesion_ids = []
+    for v, (detections, boxes) in enumerate(zip(detections_per_volume, boxes_per_volume)):
+        lesion_ids += [(v, b) for b in range(len(boxes))]
+        for det in detections:
+            position = det["position_kji"] if isinstance(det, dict) else det.position_kji
+            confidence = det["confidence"] if isinstance(det, dict) else det.confidence
+            hits = [b for b, box in enumerate(boxes) if box_contains(box, position)]
+            peaks.append((float(confidence), v, hits))
+    peaks.sort(key=lambda p: -p[0])
+    n_lesions = len(lesion_ids)
+    detected, false_positives = set(), 0
+    fps, tprs, thresholds = [0.0], [0.0], [float("inf")]
+    for n, (confidence, v, hits) in enumerate(peaks):
+        if not hits:
+            false_positives += 1
+        detected.update((v, b) for b in hits)  # overlapping boxes are all detected by one peak
+        # one operating point per distinct confidence (ties are decided together)
+        if n + 1 == len(peaks) or peaks[n + 1][0] != confidence:
+            fps.append(false_positives / n_volumes)
+            tprs.append(len(detected) / n_lesions if n_lesions else 0.0)
+            thresholds.append(confidence)
+    tpr_at = {}
+    for rate in rates:
+        allowed = [t for f, t in zip(fps, tprs) if f <= rate + 1e-12]
+        tpr_at[float(rate)] = max(allowed) if allowed else 0.0
+    return {"fp_per_volume": fps, "tpr": tprs, "thresholds": thresholds, "tpr_at": tpr_at,
+            "lesions": n_lesions, "volumes": n_volumes}
