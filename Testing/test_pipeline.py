@@ -127,3 +127,42 @@ def test_loaded_phantom_runs_through_the_python_api(tmp_path, tiny_model, phanto
     paths = result.write(tmp_path / "api")
     assert all(p.exists() for p in paths.values())
     assert set(result.volumes_ml()) == {"liver", "liver tumor"}
+
+
+@pytest.fixture(scope="module")
+def tiny_heatmap_model(tmp_path_factory):
+    import torch
+
+    from TransferSegLib.models import save_model
+    from TransferSegLib.nets import build_network
+
+    torch.manual_seed(2)
+    config = {"in_channels": 1, "out_channels": 1, "base_channels": 4, "levels": 2}
+    card = {"name": "tiny-heatmap", "version": "0.0.1", "task": "heatmap",
+            "labels": [{"name": "lesion", "label": 1, "color": [1.0, 0.8, 0.1]}],
+            "architecture": {"name": "unet3d", "config": config}, "preprocessing": {"normalise": "minmax"},
+            "patch_size": [8, 32, 32], "inference": {"overlap": 0.25, "activation": "sigmoid"},
+            "peaks": {"threshold": 0.0, "min_distance": [2, 6, 6], "max_peaks": 5}}
+    return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("heatmap_models"))
+
+
+def test_detect_cli_writes_heatmap_and_detections(tmp_path, tiny_heatmap_model):
+    from TransferSegLib.phantoms import dbt_phantom
+
+    volume, _ = dbt_phantom(seed=1, shape=(8, 48, 40))
+    source = save_volume(volume, tmp_path / "dbt.nii.gz")
+    result = _cli("detect", source, "-o", tmp_path / "out", "--model", tiny_heatmap_model, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["detections.csv", "detections.json", "heatmap.nii.gz",
+                                                     "overview.png", "result.json"]
+    detections = json.loads((out / "detections.json").read_text())["detections"]
+    assert 1 <= len(detections) <= 5
+    heatmap = load_volume(out / "heatmap.nii.gz")
+    assert heatmap.shape == volume.shape and 0.0 <= heatmap.array.min() and heatmap.array.max() <= 1.0
+    top = detections[0]
+    # the reported confidence is the heatmap's value at the reported peak, and positions agree in RAS
+    assert heatmap.array[tuple(top["position_kji"])] == pytest.approx(top["confidence"], abs=1e-5)
+    np.testing.assert_allclose(volume.ijk_to_ras_points([top["position_kji"]])[0], top["position_ras"], atol=1e-3)
+    csv_rows = (out / "detections.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("rank,confidence,k,j,i") and len(csv_rows) == len(detections) + 1

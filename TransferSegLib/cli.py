@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .models import DEFAULT_SEGMENTATION_MODEL
+from .models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL
 from .progress import CancelToken, Cancelled
 from .volume import TransferSegError
 
@@ -115,8 +115,14 @@ def _cmd_segment(args) -> int:
         printer.close()
     for warning in result.warnings + result.fallbacks:
         print(f"transferseg: warning: {warning}", file=sys.stderr)
-    for name, ml in result.volumes_ml().items():
-        print(f"{name}: {ml:.1f} mL")
+    if result.task == "heatmap":
+        print(f"{len(result.detections)} detection(s)")
+        for n, d in enumerate(result.detections[:10], 1):
+            ras = ", ".join(f"{v:.1f}" for v in d.position_ras)
+            print(f"  {n:2d}. confidence {d.confidence:.3f} at IJK (k, j, i) {tuple(d.position_kji)}, RAS ({ras}) mm")
+    else:
+        for name, ml in result.volumes_ml().items():
+            print(f"{name}: {ml:.1f} mL")
     print(f"device: {result.device}; " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     for path in paths.values():
         print(path)
@@ -245,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="NIfTI / NRRD / MetaImage file or DICOM series folder")
     p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
     p.add_argument("--model", default=DEFAULT_SEGMENTATION_MODEL, help=f"model name or path (default {DEFAULT_SEGMENTATION_MODEL})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--roi", help="voxel box k0,j0,i0,k1,j1,i1 (array order, half-open)")
+    p.add_argument("--roi-ras", help="RAS box x0,y0,z0,x1,y1,z1 in mm")
+    p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("detect", help="lesion heatmap and detections (DBT); writes heatmap, detections.json/.csv, overview.png")
+    p.add_argument("input", help="NIfTI / NRRD / MetaImage file or DICOM series folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    p.add_argument("--model", default=DEFAULT_DETECTION_MODEL, help=f"model name or path (default {DEFAULT_DETECTION_MODEL})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--roi", help="voxel box k0,j0,i0,k1,j1,i1 (array order, half-open)")
     p.add_argument("--roi-ras", help="RAS box x0,y0,z0,x1,y1,z1 in mm")

@@ -31,10 +31,11 @@ from pathlib import Path
 
 from .volume import TransferSegError
 
-__all__ = ["LoadedModel", "DEFAULT_SEGMENTATION_MODEL", "find_model", "list_models", "load_model",
+__all__ = ["LoadedModel", "DEFAULT_DETECTION_MODEL", "DEFAULT_SEGMENTATION_MODEL", "find_model", "list_models", "load_model",
            "model_dirs", "save_model", "sha256_file"]
 
 DEFAULT_SEGMENTATION_MODEL = "ct-liver-tumor-unet3d"
+DEFAULT_DETECTION_MODEL = "dbt-lesion-ahnet"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 _REQUIRED_CARD_KEYS = ("name", "version", "task", "labels", "architecture", "preprocessing", "patch_size", "weights")
 

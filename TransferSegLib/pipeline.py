@@ -35,12 +35,17 @@ class Result:
     probabilities: Optional[np.ndarray] = None  # uint8 (K, k, j, i), probability × 255
     heatmap: Optional[np.ndarray] = None
     roi_kji: Optional[tuple] = None
+    detections: list = field(default_factory=list)  # heatmap task: TransferSegLib.heatmaps.Detection
     fallbacks: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
 
     @property
     def segments(self) -> list:
         return self.card["labels"]
+
+    @property
+    def task(self) -> str:
+        return self.card.get("task", "segmentation")
 
     def volumes_ml(self) -> dict:
         """Volume of each segment in millilitres."""
@@ -54,30 +59,30 @@ class Result:
             "model": {"name": card["name"], "version": card["version"], "sha256": card["weights"].get("sha256")},
             "device": self.device,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
-            "volumes_ml": self.volumes_ml(),
+            "volumes_ml": self.volumes_ml() if self.task == "segmentation" else None,
             "input": self.volume.summary(),
             "roi_kji": list(self.roi_kji) if self.roi_kji else None,
+            "detections": len(self.detections) if self.task == "heatmap" else None,
             "fallbacks": self.fallbacks,
             "warnings": self.warnings,
         }
 
     def write(self, folder, input_path=None) -> dict:
-        """Write segmentation.seg.nrrd, labelmap.nii.gz, result.json and overview.png into ``folder``.
+        """Write the run's files into ``folder``, each atomically; refuses to overwrite ``input_path``.
 
-        Each file is written to a temporary name and renamed; refuses to overwrite ``input_path``.
+        Segmentation: segmentation.seg.nrrd, labelmap.nii.gz, result.json, overview.png.
+        Heatmap (detection): heatmap.nii.gz, detections.json, detections.csv, result.json, overview.png.
         """
         from .io import atomic_output, save_labelmap, save_scalar, save_segmentation
         from .render import save_overview_png
 
         folder = Path(folder)
-        paths = {
-            "segmentation": folder / "segmentation.seg.nrrd",
-            "labelmap": folder / "labelmap.nii.gz",
-            "result": folder / "result.json",
-            "overview": folder / "overview.png",
-        }
-        if self.heatmap is not None:
-            paths["heatmap"] = folder / "heatmap.nii.gz"
+        if self.task == "heatmap":
+            names = {"heatmap": "heatmap.nii.gz", "detections": "detections.json", "detections_csv": "detections.csv"}
+        else:
+            names = {"segmentation": "segmentation.seg.nrrd", "labelmap": "labelmap.nii.gz"}
+        names.update(result="result.json", overview="overview.png")
+        paths = {key: folder / name for key, name in names.items()}
         if input_path is not None:
             source = Path(input_path).resolve()
             for path in paths.values():
@@ -85,13 +90,26 @@ class Result:
                     raise TransferSegError(f"the output {path} would overwrite the input; choose another output folder")
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        save_segmentation(self.labels, self.volume, paths["segmentation"], self.segments)
-        save_labelmap(self.labels, self.volume, paths["labelmap"])
-        if self.heatmap is not None:
+        if self.task == "heatmap":
             save_scalar(self.heatmap, self.volume, paths["heatmap"])
-        save_overview_png(self.volume, paths["overview"], labels=self.labels, heatmap=self.heatmap,
-                          title=f"{self.card['name']} — " + ", ".join(
-                              f"{k} {v:.1f} mL" for k, v in self.volumes_ml().items()))
+            rows = [d.to_dict() for d in self.detections]
+            with atomic_output(paths["detections"]) as tmp:
+                tmp.write_text(json.dumps({"model": self.card["name"], "detections": rows}, indent=2) + "\n")
+            with atomic_output(paths["detections_csv"]) as tmp:
+                lines = ["rank,confidence,k,j,i,r_mm,a_mm,s_mm,k0,j0,i0,k1,j1,i1"]
+                for n, d in enumerate(self.detections, 1):
+                    lines.append(",".join(str(v) for v in [n, f"{d.confidence:.6g}", *d.position_kji,
+                                                          *(d.position_ras or ["", "", ""]), *d.box_kji]))
+                tmp.write_text("\n".join(lines) + "\n")
+            save_overview_png(self.volume, paths["overview"], heatmap=self.heatmap,
+                              boxes=[{"box_kji": d.box_kji, "kind": "detection"} for d in self.detections[:10]],
+                              title=f"{self.card['name']} — {len(self.detections)} detection(s)")
+        else:
+            save_segmentation(self.labels, self.volume, paths["segmentation"], self.segments)
+            save_labelmap(self.labels, self.volume, paths["labelmap"])
+            save_overview_png(self.volume, paths["overview"], labels=self.labels,
+                              title=f"{self.card['name']} — " + ", ".join(
+                                  f"{k} {v:.1f} mL" for k, v in self.volumes_ml().items()))
         self.timings["write"] = time.perf_counter() - start
         with atomic_output(paths["result"]) as tmp:
             tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
@@ -180,9 +198,15 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     report(0.95, "post-processing")
     labels = result.labels if result.labels is not None else np.zeros(volume.shape, np.uint8)  # heatmap task
     labels = postprocess(labels, card.get("postprocessing"))
+    detections = []
+    if task == "heatmap":
+        from .heatmaps import find_peaks
+
+        peaks = dict(card.get("peaks") or {})  # e.g. {"threshold": 0.2, "min_distance": [2, 8, 8]}
+        detections = find_peaks(result.heatmap, volume, **peaks)
     timings["postprocess"] = time.perf_counter() - start
     report(1.0, "done")
     return Result(volume=volume, labels=labels, card=card, device=str(result.device), timings=timings,
                   probabilities=result.probabilities, heatmap=getattr(result, "heatmap", None),
                   roi_kji=tuple(int(v) for v in roi) if roi is not None else None,
-                  fallbacks=list(result.fallbacks), warnings=warnings)
+                  detections=detections, fallbacks=list(result.fallbacks), warnings=warnings)

@@ -36,6 +36,10 @@ def build_network(name: str, config: dict | None = None):
 
 def _import_all() -> None:
     from . import unet  # noqa: F401  (registers its architectures)
+    from . import mcgcn  # noqa: F401
+    from . import ahnet  # noqa: F401
 
 
 from .unet import *  # noqa: F401,F403,E402
+from .mcgcn import *  # noqa
+from .ahnet import *  # noqa
