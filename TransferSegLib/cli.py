@@ -55,7 +55,7 @@ class _ProgressPrinter:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=1000, unit="‰", file=sys.stderr, leave=False,
+            self.bar = tqdm(total=1000, unit="‰", file=sys.stderr, leave=False, disable=not sys.stderr.isatty(),
                             bar_format="{desc:<16} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         if stage != self.stage:
             self.bar.set_description_str(stage)

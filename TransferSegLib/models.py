@@ -203,6 +203,7 @@ def save_model(network, card: dict, folder) -> Path:
     weights = folder / f"{name}.safetensors"
     with atomic_output(weights) as tmp:
         save_file(state, str(tmp), metadata={"name": name, "format": "pt"})
+        tmp.chmod(0o644)  # safetensors writes 0600; a model is meant to be shared
         digest = sha256_file(tmp)
     card["weights"] = {"file": weights.name, "sha256": digest, "bytes": weights.stat().st_size}
     missing = [k for k in _REQUIRED_CARD_KEYS if k not in card]

@@ -178,9 +178,9 @@ class _PyramidVolumetricPooling(nn.Module):
     """Sec. 3.3: paper MaxPool s×s×1 (torch (1, s, s), stride (1, s, s)) for each s in ``sizes``
     (paper 64, 32, 16, 8), a 1×1×1 conv to one channel, trilinear interpolation back to the
     input's size; returns the responses concatenated (one channel per size).
-    Windows overhanging the border are clipped (``ceil_mode``): the authors' code drops the
-    remainder (96 of a 96-wide map meet a 64 window once), and a map smaller than a window
-    would have no output at all; clipped, every voxel reaches every pyramid level.
+    Windows overhanging the border are clipped (``ceil_mode``; unspecified in the paper): the
+    authors' code drops the remainder (a 96-wide map meets one 64 window, its last 32 columns
+    none) and a map smaller than a window gives no output at all; clipped, every voxel counts.
     """
 
     def __init__(self, cin: int, sizes):
@@ -298,7 +298,8 @@ def transfer_mcgcn_to_ahnet(mcgcn: MCGCN, **ahnet_kwargs) -> AHNet:
     fixed = {"backbone": mcgcn.backbone, "stem_slices": mcgcn.in_channels}
     for key, value in fixed.items():
         if key in ahnet_kwargs and ahnet_kwargs[key] != value:
-            raise TransferSegError(f"the AH-Net's {key} must be the MC-GCN's ({value!r}), got {ahnet_kwargs[key]!r}")
+            raise TransferSegError(
+                f"the AH-Net's {key} must be the MC-GCN's ({value!r}), got {ahnet_kwargs[key]!r}")
     if ahnet_kwargs.get("in_channels", 1) != 1:
         raise TransferSegError("eq. (1) turns the MC-GCN's stacked slices into kernel depth; the AH-Net needs in_channels=1")
     ahnet = AHNet(**{**ahnet_kwargs, **fixed})
@@ -313,7 +314,8 @@ def transfer_mcgcn_to_ahnet(mcgcn: MCGCN, **ahnet_kwargs) -> AHNet:
                 # Eq. (1) for the input layer (channels -> depth), eqs. (2)-(3) for the rest (depth 1).
                 weight = m2.weight.unsqueeze(1) if name == "conv1" else m2.weight.unsqueeze(2)
                 if m3.weight.shape != weight.shape:
-                    raise TransferSegError(f"{name}: 2D weight {tuple(m2.weight.shape)} does not fit AH-Net's {tuple(m3.weight.shape)}")
+                    raise TransferSegError(
+                        f"{name}: 2D weight {tuple(m2.weight.shape)} does not fit AH-Net's {tuple(m3.weight.shape)}")
                 m3.weight.copy_(weight)
                 copied.add(name)
             elif isinstance(m2, nn.BatchNorm2d):

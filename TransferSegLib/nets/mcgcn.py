@@ -178,8 +178,9 @@ class MCGCN(nn.Module):
     inside ``forward`` and the output is cropped back, so feature grids line up with AH-Net's.
 
     Parameters: the ResNet50 configuration with one output map (the DBT heatmap network) has
-    23,572,292 (paper Table 2: 23,576,758; that number is the authors' code, which uses K = 7
-    for five GCNs, no 1×1 convs in the Up modules and an unused 256→64 conv).
+    23,572,292 and 105 conv layers (paper Table 2: 23,576,758 and 94, which is exactly the
+    authors' code: five K = 7 GCNs (no GCN on layer1), ten refinement blocks with BatchNorm,
+    Up without the 1×1 conv of fig. 2's caption, and an unused 256→64 conv).
 
     Args:
         in_channels: stacked slices, odd (paper 3 = RGB).
@@ -202,10 +203,12 @@ class MCGCN(nn.Module):
         check_backbone("MCGCN", backbone)
         check_positive("MCGCN", in_channels=in_channels, out_channels=out_channels)
         if in_channels % 2 == 0:
-            raise TransferSegError(f"MCGCN: in_channels (stacked slices) must be odd, centred on the predicted slice; got {in_channels}")
+            raise TransferSegError(
+                f"MCGCN: in_channels (stacked slices) must be odd, centred on the predicted slice; got {in_channels}")
         kernel_sizes = list(kernel_sizes)
         if len(kernel_sizes) != 6 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernel_sizes):
-            raise TransferSegError(f"MCGCN: kernel_sizes must be six odd positive integers (paper 63, 31, 15, 9, 7, 5); got {kernel_sizes}")
+            raise TransferSegError(
+                f"MCGCN: kernel_sizes must be six odd positive integers (paper 63, 31, 15, 9, 7, 5); got {kernel_sizes}")
         if gcn_channels is not None:
             check_positive("MCGCN", gcn_channels=gcn_channels)
         width = out_channels if gcn_channels is None else gcn_channels
@@ -245,6 +248,7 @@ class MCGCN(nn.Module):
         size = x.shape[2:]
         x = pad_to_multiple(x, self.size_multiple)
         features = self.encoder(x)
+        # The deepest level has no lower level to sum with, hence no second BR (as Peng et al. fig. 2).
         y = self.refine[-1](self.gcn[-1](features[-1]))
         for i in reversed(range(len(features) - 1)):
             lateral = self.refine[i](self.gcn[i](features[i]))
