@@ -27,7 +27,7 @@ def test_medical_segmentation_decathlon_layout(tmp_path):
     (root / "dataset.json").write_text(json.dumps({
         "name": "Liver", "labels": {"0": "background", "1": "liver", "2": "cancer"},
         "training": [{"image": f"./imagesTr/liver_{n}.nii.gz", "label": f"./labelsTr/liver_{n}.nii.gz"}
-                     for n in (0, 1, 10)]}))
+                     for n in (0, 1, 10)]}), encoding="utf-8")
     cases = find_cases(root)
     assert [c.name for c in cases] == ["liver_0", "liver_1", "liver_10"]
     volume, labels = cases[2].load()

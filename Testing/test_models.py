@@ -52,7 +52,7 @@ def test_round_trip_by_name_and_by_path(saved):
         assert loaded.name == "tiny" and not loaded.network.training
         for (k, a), (k2, b) in zip(net.state_dict().items(), loaded.network.state_dict().items()):
             assert k == k2 and torch.equal(a, b)
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     assert card["weights"]["sha256"] == models.sha256_file(card_path.with_suffix(".safetensors"))
     assert [c["name"] for c in list_models()][0] == "tiny"
 
@@ -92,9 +92,9 @@ def test_pickle_disguised_as_safetensors_is_refused(saved, monkeypatch):
     weights = card_path.with_suffix(".safetensors")
     with zipfile.ZipFile(weights, "w") as z:  # what torch.save writes: a zip holding a pickle
         z.writestr("archive/data.pkl", pickle.dumps({"w": 1}))
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     card["weights"]["sha256"] = models.sha256_file(weights)
-    card_path.write_text(json.dumps(card))
+    card_path.write_text(json.dumps(card), encoding="utf-8")
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must never be called"))
     with pytest.raises(TransferSegError, match="pickle"):
         load_model(card_path)
@@ -102,9 +102,9 @@ def test_pickle_disguised_as_safetensors_is_refused(saved, monkeypatch):
 
 def test_unknown_architecture_is_refused(saved):
     _, card_path = saved
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     card["architecture"]["name"] = "resnet9000"
-    card_path.write_text(json.dumps(card))
+    card_path.write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(TransferSegError, match="unknown architecture 'resnet9000'"):
         load_model(card_path)
     assert "test_tiny_seg" in ARCHITECTURES
@@ -112,19 +112,19 @@ def test_unknown_architecture_is_refused(saved):
 
 def test_weights_that_do_not_fit_are_refused(saved):
     _, card_path = saved
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     card["architecture"]["config"]["width"] = 6
-    card_path.write_text(json.dumps(card))
+    card_path.write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(TransferSegError, match="do not fit"):
         load_model(card_path)
 
 
 def test_bad_cards_and_missing_models(saved, tmp_path):
     _, card_path = saved
-    card_path.write_text("{not json")
+    card_path.write_text("{not json", encoding="utf-8")
     with pytest.raises(TransferSegError, match="not valid JSON"):
         load_model(card_path)
-    card_path.write_text(json.dumps({"name": "tiny"}))
+    card_path.write_text(json.dumps({"name": "tiny"}), encoding="utf-8")
     with pytest.raises(TransferSegError, match="lacks"):
         load_model(card_path)
     with pytest.raises(TransferSegError, match="no model named 'nope'"):

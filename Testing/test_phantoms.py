@@ -373,7 +373,7 @@ def test_write_phantoms_writes_loadable_cases_and_a_gallery(kind, tmp_path):
         volume, boxes = phantoms.dbt_phantom(3)
         loaded = load_volume(out / "dbt_000.nii.gz")
         np.testing.assert_array_equal(loaded.array, volume.array)
-        record = json.loads((out / "dbt_000_boxes.json").read_text())
+        record = json.loads((out / "dbt_000_boxes.json").read_text(encoding="utf-8"))
         assert record["volume"] == "dbt_000.nii.gz" and record["seed"] == 3 and record["lesions"] == boxes
     else:
         images, labels = phantoms.shapes_3d(3, 1)
@@ -381,7 +381,7 @@ def test_write_phantoms_writes_loadable_cases_and_a_gallery(kind, tmp_path):
         np.testing.assert_array_equal(load_volume(out / "shapes3d_000_label.nii.gz").array, labels[0])
         stack = load_volume(out / "shapes2d_label.nii.gz").array
         assert stack.shape == (16, 48, 48) and set(np.unique(stack)) == {0, 1, 2, 3}
-        names = json.loads((out / "shapes_classes.json").read_text())
+        names = json.loads((out / "shapes_classes.json").read_text(encoding="utf-8"))
         assert names["shapes3d"]["5"] == "pyramid"
 
 

@@ -47,7 +47,7 @@ def test_segment_cli_writes_every_output_on_the_input_grid(tmp_path, tiny_model,
         np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-4)
         np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
         np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
-    summary = json.loads((out / "result.json").read_text())
+    summary = json.loads((out / "result.json").read_text(encoding="utf-8"))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelmap.nii.gz")))
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000
     assert summary["volumes_ml"]["liver"] == pytest.approx((labels == 1).sum() * voxel_ml, abs=1e-3)
@@ -98,7 +98,7 @@ def test_evaluate_cli_prints_and_writes_the_metrics_table(tmp_path, tiny_model, 
     result = _cli("evaluate", "--model", tiny_model, "--data", phantom_dir, "-o", csv_path, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "global Dice" in result.stdout and "ct_001" in result.stdout
-    rows = csv_path.read_text().splitlines()
+    rows = csv_path.read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("case,region,dice,voe,rvd,asd_mm,rmsd_mm")
     assert sum(r.startswith("ct_00") for r in rows) == 4  # 2 cases × 2 regions (liver incl. tumor, tumor)
 
@@ -156,7 +156,7 @@ def test_detect_cli_writes_heatmap_and_detections(tmp_path, tiny_heatmap_model):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["detections.csv", "detections.json", "heatmap.nii.gz",
                                                      "overview.png", "result.json"]
-    detections = json.loads((out / "detections.json").read_text())["detections"]
+    detections = json.loads((out / "detections.json").read_text(encoding="utf-8"))["detections"]
     assert 1 <= len(detections) <= 5
     heatmap = load_volume(out / "heatmap.nii.gz")
     assert heatmap.shape == volume.shape and 0.0 <= heatmap.array.min() and heatmap.array.max() <= 1.0
@@ -164,5 +164,5 @@ def test_detect_cli_writes_heatmap_and_detections(tmp_path, tiny_heatmap_model):
     # the reported confidence is the heatmap's value at the reported peak, and positions agree in RAS
     assert heatmap.array[tuple(top["position_kji"])] == pytest.approx(top["confidence"], abs=1e-5)
     np.testing.assert_allclose(volume.ijk_to_ras_points([top["position_kji"]])[0], top["position_ras"], atol=1e-3)
-    csv_rows = (out / "detections.csv").read_text().splitlines()
+    csv_rows = (out / "detections.csv").read_text(encoding="utf-8").splitlines()
     assert csv_rows[0].startswith("rank,confidence,k,j,i") and len(csv_rows) == len(detections) + 1

@@ -88,7 +88,7 @@ def config(**overrides) -> dict:
 
 
 def read_log(out: Path) -> list:
-    with open(out / "log.csv", newline="") as f:
+    with open(out / "log.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -137,7 +137,7 @@ def test_loss_decreases_and_the_run_writes_a_loadable_model(tmp_path):
     assert [r["step"] for r in rows if r["val_dice_blob"]] == ["25", "50"]
     assert result.metrics["validation_dice"]["blob"] > 0.6
     assert result.metrics["validation_cases"] == 1
-    card = json.loads(result.card_path.read_text())
+    card = json.loads(result.card_path.read_text(encoding="utf-8"))
     assert card["architecture"]["name"] == "tiny_test_net" and card["patch_size"] == [8, 16, 16]
     assert card["labels"][0]["name"] == "blob" and card["training"]["steps"] == 50
     assert card["training"]["data"] == {"cases": ["blobs-0", "blobs-1", "blobs-2"]}
@@ -355,20 +355,20 @@ def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses(tmp_path, capsys)
     whole = train(cfg, tmp_path / "whole")
     assert whole.finished
     config_path = tmp_path / "train.json"
-    config_path.write_text(json.dumps(cfg))
+    config_path.write_text(json.dumps(cfg), encoding="utf-8")
     out = tmp_path / "killed"
     command = [PYTHON, "-m", "TransferSegLib.training", str(config_path), "--output", str(out)]
     process = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(**{DELAY_ENV: "0.1"}),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     pointer, deadline = out / "checkpoint.json", time.time() + 60
     while time.time() < deadline and process.poll() is None:
-        if pointer.exists() and json.loads(pointer.read_text())["step"] >= 15:
+        if pointer.exists() and json.loads(pointer.read_text(encoding="utf-8"))["step"] >= 15:
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
-    killed_at = json.loads(pointer.read_text())["step"]
+    killed_at = json.loads(pointer.read_text(encoding="utf-8"))["step"]
     assert 15 <= killed_at < 24 and not (out / "result.json").exists()
 
     rerun = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -384,7 +384,7 @@ def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses(tmp_path, capsys)
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert not [n for n in files_under(out) if ".partial" in n]
     # a rerun with another config in the same folder is refused, naming what changed
-    config_path.write_text(json.dumps(dict(cfg, seed=99)))
+    config_path.write_text(json.dumps(dict(cfg, seed=99)), encoding="utf-8")
     assert main([str(config_path), "--output", str(out)]) == 2
     assert "differs in seed" in capsys.readouterr().err
 
@@ -401,7 +401,7 @@ def test_cancel_leaves_a_resumable_checkpoint(tmp_path):
 
     with pytest.raises(Cancelled):
         train(cfg, tmp_path / "cancelled", progress=progress, cancel=token, cases=blob_cases())
-    assert json.loads((tmp_path / "cancelled" / "checkpoint.json").read_text())["step"] == 4
+    assert json.loads((tmp_path / "cancelled" / "checkpoint.json").read_text(encoding="utf-8"))["step"] == 4
     result = train(cfg, tmp_path / "cancelled", cases=blob_cases())
     assert result.resumed_from == 4 and result.finished
     assert [r["loss"] for r in read_log(tmp_path / "cancelled")] == [r["loss"] for r in read_log(tmp_path / "whole")]
@@ -414,9 +414,9 @@ def test_rows_and_checkpoints_past_the_latest_checkpoint_are_dropped_on_resume(t
     train(cfg, tmp_path / "whole", cases=blob_cases())
     out = tmp_path / "run"
     train(cfg, out, cases=blob_cases(), max_steps=6)
-    (out / "checkpoint.json").write_text(json.dumps({"latest": "checkpoint-00000003", "step": 3}))
+    (out / "checkpoint.json").write_text(json.dumps({"latest": "checkpoint-00000003", "step": 3}), encoding="utf-8")
     (out / "checkpoint-00000006" / "state.json").unlink()  # the newer checkpoint was incomplete
-    (out / ".log.partial-0badf00d.csv").write_text("a temporary file of the killed write")
+    (out / ".log.partial-0badf00d.csv").write_text("a temporary file of the killed write", encoding="utf-8")
     assert len(read_log(out)) == 6
     result = train(cfg, out, cases=blob_cases())
     assert result.resumed_from == 3
@@ -459,7 +459,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
                           "loss": {"name": "ce", "switch": {"to": "focal", "at_step": 2}}}])
     single = train(cfg, tmp_path / "one")
     config_path = tmp_path / "train.json"
-    config_path.write_text(json.dumps(cfg))
+    config_path.write_text(json.dumps(cfg), encoding="utf-8")
     torchrun = Path(PYTHON).parent / "torchrun"
     command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "TransferSegLib.training",
                str(config_path), "--output", str(tmp_path / "two")]
@@ -476,7 +476,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     weight_diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert weight_diff < 1e-5
     print(f"DDP vs one process: max |weight difference| {weight_diff:.3g}")
-    card = json.loads((tmp_path / "two" / "model" / "tiny.json").read_text())
+    card = json.loads((tmp_path / "two" / "model" / "tiny.json").read_text(encoding="utf-8"))
     assert card["training"]["processes"] == 2
     # only rank 0 wrote: the same files as the one-process run, no leftovers
     assert files_under(tmp_path / "two") == files_under(tmp_path / "one")
@@ -497,7 +497,7 @@ def test_heatmap_task_trains_with_l2_then_focal_l2(tmp_path):
     result = train(cfg, tmp_path / "run", cases=cases)
     rows = read_log(tmp_path / "run")
     assert [r["loss_name"] for r in rows] == ["l2"] * 3 + ["focal_l2"] * 3
-    assert result.finished and json.loads(result.card_path.read_text())["inference"]["activation"] == "none"
+    assert result.finished and json.loads(result.card_path.read_text(encoding="utf-8"))["inference"]["activation"] == "none"
 
 
 # --- config errors --------------------------------------------------------------------------------------
@@ -545,11 +545,11 @@ def test_errors_found_when_the_network_is_built(tmp_path):
 
 
 def test_load_config_resolves_paths_and_reports_bad_json(tmp_path):
-    (tmp_path / "bad.json").write_text('{"name": "x",\n "seed": }')
+    (tmp_path / "bad.json").write_text('{"name": "x",\n "seed": }', encoding="utf-8")
     with pytest.raises(TransferSegError, match="line 2"):
         load_config(tmp_path / "bad.json")
     (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "c.json").write_text(json.dumps(config(data={"root": "../data"})))
+    (tmp_path / "conf" / "c.json").write_text(json.dumps(config(data={"root": "../data"})), encoding="utf-8")
     assert load_config(tmp_path / "conf" / "c.json")["data"]["root"] == str((tmp_path / "data").resolve())
 
 
@@ -562,6 +562,6 @@ def test_shipped_example_configs_are_valid():
 
 def test_no_pickle_in_the_trainer():
     for name in ("training.py", "losses.py"):
-        source = (ROOT / "TransferSegLib" / name).read_text()
+        source = (ROOT / "TransferSegLib" / name).read_text(encoding="utf-8")
         for forbidden in ("torch.load", "torch.save", "import pickle", "pickle."):
             assert forbidden not in source, (name, forbidden)

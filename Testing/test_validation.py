@@ -54,7 +54,7 @@ CASES = {
     "text file named .nii.gz": (
         lambda t: Path(gzip.open(t / "notes.nii.gz", "wb").write(b"patient notes\n" * 40) and t / "notes.nii.gz"),
         "not a readable"),
-    "text file named .nrrd": (lambda t: (t / "x.nrrd").write_text("hello\n" * 30) and t / "x.nrrd", "not a readable"),
+    "text file named .nrrd": (lambda t: (t / "x.nrrd").write_text("hello\n" * 30, encoding="utf-8") and t / "x.nrrd", "not a readable"),
     "unsupported type": (lambda t: (t / "photo.png").write_bytes(b"\x89PNG....") and t / "photo.png",
                          "unsupported file type"),
     "single DICOM file": (lambda t: (t / "IM0001.dcm").write_bytes(b"\0" * 200) and t / "IM0001.dcm",
@@ -89,7 +89,7 @@ def _detached_header(tmp_path, sizes_line):
     header = header.replace("sizes: 10 9 8", sizes_line).replace("encoding: raw", "encoding: raw\ndata file: data.raw")
     (tmp_path / "data.raw").write_bytes(b"")
     path = tmp_path / "header.nhdr"
-    path.write_text(header + "\n")
+    path.write_text(header + "\n", encoding="utf-8")
     return path
 
 

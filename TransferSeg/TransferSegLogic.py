@@ -209,8 +209,9 @@ class SegmentJob:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [library_root, env.get("PYTHONPATH")]))
         command = [self.python, "-m", "TransferSegLib.cli", "segment", str(input_path), "-o",
                    str(self._folder / "out"), "--model", self.model, "--device", self.device, "--progress-lines"]
+        env["PYTHONIOENCODING"] = "utf-8"
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                         env=env, start_new_session=True)
+                                         encoding="utf-8", errors="replace", env=env, start_new_session=True)
         self._lines = queue.Queue()
 
         def pump(stream, sink):
@@ -283,7 +284,7 @@ class SegmentJob:
         out = self._folder / "out"
         node = storage = None
         try:
-            self.result = json.loads((out / "result.json").read_text())
+            self.result = json.loads((out / "result.json").read_text(encoding="utf-8"))
             node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                 f"{self.input_node.GetName()} {self.result['model']['name']}")
             storage = self.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")

@@ -178,6 +178,20 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    """A 2D model → 3D (ACS, Mean-/Soft-ACS, 2.5D or I3D), weights kept; safetensors + JSON sidecar."""
+    from .nets.convert import convert_from_source, save_converted
+
+    config = json.loads(args.config) if args.config else None
+    model, info = convert_from_source(args.source, to=args.to, num_classes=args.num_classes,
+                                      weights_path=args.weights, architecture=args.architecture, config=config)
+    sidecar = save_converted(model, args.output, info)
+    print(f"converted {args.source} to {args.to}: {info['parameters_2d']:,} parameters in 2D, "
+          f"{info['parameters_3d']:,} in 3D")
+    print(f"wrote {args.output} and {sidecar}")
+    return 0
+
+
 def _cmd_phantom(args) -> int:
     from .phantoms import write_phantoms
 
@@ -283,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("convert", help="convert a 2D model to 3D (ACS, mean_acs, soft_acs, 2.5d, 3d), weights kept")
+    p.add_argument("--from", dest="source", required=True,
+                   help="torchvision:NAME, transferseg:NAME, or a 2D .safetensors checkpoint")
+    p.add_argument("--to", default="acs", choices=["acs", "mean_acs", "soft_acs", "2.5d", "3d"],
+                   help="conversion (default acs)")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors (a .json sidecar is written beside it)")
+    p.add_argument("--weights", default=None, help="local 2D weights (.safetensors) for a torchvision: source")
+    p.add_argument("--architecture", default=None, help="architecture of a .safetensors source without a card")
+    p.add_argument("--config", default=None, help="JSON config of a transferseg: architecture")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier / output size")
+    p.set_defaults(func=_cmd_convert)
+
     p = sub.add_parser("models", help="list installed models and their cards")
     p.add_argument("--json", action="store_true", help="print the cards as JSON")
     p.set_defaults(func=_cmd_models)
@@ -304,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # "×", "…" must not crash a C/POSIX-locale terminal
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

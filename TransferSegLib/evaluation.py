@@ -97,7 +97,7 @@ def _write_csv(table: dict, path: Path) -> None:
                          "asd_mm": f"{row['mean_asd_mm']:.6g}", "rmsd_mm": f"{row['mean_rmsd_mm']:.6g}"})
         writer.writerow({"case": "ALL (global Dice)", "region": row["region"], "dice": f"{row['dice_global']:.6g}"})
     with atomic_output(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
 
 def format_table(table: dict) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from .volume import TransferSegError
 
 __all__ = ["LoadedModel", "DEFAULT_DETECTION_MODEL", "DEFAULT_SEGMENTATION_MODEL", "find_model", "list_models", "load_model",
-           "model_dirs", "save_model", "sha256_file"]
+           "model_dirs", "read_state_dict", "save_model", "sha256_file"]
 
 DEFAULT_SEGMENTATION_MODEL = "ct-liver-tumor-unet3d"
 DEFAULT_DETECTION_MODEL = "dbt-lesion-ahnet"
@@ -109,7 +109,7 @@ def find_model(name_or_path) -> Path:
 
 def _read_card(card_path: Path) -> dict:
     try:
-        card = json.loads(card_path.read_text())
+        card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TransferSegError(f"{card_path}: the model card is not valid JSON ({e})") from None
     if not isinstance(card, dict):
@@ -147,10 +147,27 @@ def _check_safetensors_file(path: Path) -> None:
         )
 
 
+def read_state_dict(path) -> dict:
+    """A state dict from a safetensors file: pickles are refused by name and by content, never
+    unpickled; a truncated file is refused before safetensors reads it."""
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise TransferSegError(
+            f"{path}: refusing to load a PyTorch pickle ({path.suffix}): unpickling can run arbitrary code. "
+            "Convert it once, in a trusted environment, with "
+            "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')"
+        )
+    if not path.is_file():
+        raise TransferSegError(f"{path}: no such weights file")
+    _check_safetensors_file(path)
+    return load_file(str(path), device="cpu")
+
+
 def load_model(name_or_path, device="cpu") -> LoadedModel:
     """Load a model by name or path: card checked, sha256 verified, weights loaded strictly, eval mode."""
     import torch
-    from safetensors.torch import load_file
 
     from .nets import build_network
 
@@ -171,7 +188,7 @@ def load_model(name_or_path, device="cpu") -> LoadedModel:
         )
     arch = card["architecture"]
     network = build_network(arch.get("name"), arch.get("config", {}))
-    state = load_file(str(weights_path), device="cpu")
+    state = read_state_dict(weights_path)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -211,7 +228,7 @@ def save_model(network, card: dict, folder) -> Path:
         raise TransferSegError(f"model card for {name} lacks {', '.join(missing)}")
     card_path = folder / f"{name}.json"
     with atomic_output(card_path) as tmp:
-        tmp.write_text(json.dumps(card, indent=2) + "\n")
+        tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return card_path
 
 

@@ -94,13 +94,13 @@ class Result:
             save_scalar(self.heatmap, self.volume, paths["heatmap"])
             rows = [d.to_dict() for d in self.detections]
             with atomic_output(paths["detections"]) as tmp:
-                tmp.write_text(json.dumps({"model": self.card["name"], "detections": rows}, indent=2) + "\n")
+                tmp.write_text(json.dumps({"model": self.card["name"], "detections": rows}, indent=2) + "\n", encoding="utf-8")
             with atomic_output(paths["detections_csv"]) as tmp:
                 lines = ["rank,confidence,k,j,i,r_mm,a_mm,s_mm,k0,j0,i0,k1,j1,i1"]
                 for n, d in enumerate(self.detections, 1):
                     lines.append(",".join(str(v) for v in [n, f"{d.confidence:.6g}", *d.position_kji,
                                                           *(d.position_ras or ["", "", ""]), *d.box_kji]))
-                tmp.write_text("\n".join(lines) + "\n")
+                tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
             save_overview_png(self.volume, paths["overview"], heatmap=self.heatmap,
                               boxes=[{"box_kji": d.box_kji, "kind": "detection"} for d in self.detections[:10]],
                               title=f"{self.card['name']} — {len(self.detections)} detection(s)")
@@ -112,7 +112,7 @@ class Result:
                                   f"{k} {v:.1f} mL" for k, v in self.volumes_ml().items()))
         self.timings["write"] = time.perf_counter() - start
         with atomic_output(paths["result"]) as tmp:
-            tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
+            tmp.write_text(json.dumps(self.summary(), indent=2) + "\n", encoding="utf-8")
         return paths
 
 
