@@ -71,6 +71,8 @@ def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
             "region": name, "cases": len(region_rows),
             "dice_per_case": metrics.dice_per_case(preds, refs), "dice_global": metrics.dice_global(preds, refs),
             **{f"mean_{k}": _finite_mean([r[k] for r in region_rows]) for k in ("voe", "rvd", "asd_mm", "rmsd_mm")},
+            # surface distances are infinite where one mask is empty: say over how many cases the mean is
+            "distance_cases": sum(math.isfinite(r["asd_mm"]) for r in region_rows),
         })
     table = {"model": loaded.card["name"], "rows": rows, "summary": summary}
     if csv_path:
@@ -109,5 +111,6 @@ def format_table(table: dict) -> str:
     for s in table["summary"]:
         lines.append(f"{'mean of ' + str(s['cases']) + ' cases':<22}{s['region']:<14}{s['dice_per_case']:7.3f}"
                      f"{s['mean_voe']:7.3f}{s['mean_rvd']:8.3f}{s['mean_asd_mm']:9.2f}{s['mean_rmsd_mm']:9.2f}"
+                     f"   (distances over {s['distance_cases']} cases)"
                      f"   global Dice {s['dice_global']:.3f}")
     return "\n".join(lines)
