@@ -41,6 +41,7 @@ def _import_all() -> None:
 
 
 from .unet import *  # noqa: F401,F403,E402
+from .acs import *  # noqa
 from .mcgcn import *  # noqa
 from .ahnet import *  # noqa
 from .convert import *  # noqa

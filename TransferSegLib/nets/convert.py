@@ -1,8 +1,8 @@
 """Convert any 2D torchvision-style network into a 3D one that keeps its (pretrained) weights.
 
-Yang et al. 2021, "Reinforcing Transfer Learning in 3D Medical Images through Pretraining via
-ACS Convolutions" (ACS paper), sec. III and Table II; the 2.5D (AH-Net-like) and 3D (I3D,
-Carreira & Zisserman 2017) counterparts of its sec. III-B.
+Yang et al., "Reinventing 2D Convolutions for 3D Images", IEEE JBHI 2021 (ACS paper), sec. III
+and Table II; the 2.5D (AH-Net-like) and 3D (I3D, Carreira & Zisserman 2017) counterparts of
+its sec. III-B.
 
 :func:`convert` returns a **deep copy**: the 2D model is left untouched and shares no tensor
 with the result.  ``to`` picks the 3D operator that every ``Conv2d`` becomes:
@@ -10,7 +10,7 @@ with the result.  ``to`` picks the 3D operator that every ``Conv2d`` becomes:
 =============  ==================================================================================
 ``"acs"``      :class:`~TransferSegLib.nets.acs.ACSConv` (kernel split by output channel); 1×1 → Conv3d 1×1×1 (Table II)
 ``"mean_acs"`` :class:`~TransferSegLib.nets.acs.MeanACSConv`; 1×1 → Conv3d 1×1×1
-``"soft_acs"`` :class:`~TransferSegLib.nets.acs.SoftACSConv` (adds its view weights); 1×1 → Conv3d 1×1×1
+``"soft_acs"`` :class:`~TransferSegLib.nets.acs.SoftACSConv` (adds ``view_weights``, 3 per output channel); 1×1 → Conv3d 1×1×1
 ``"2.5d"``     Conv3d (1, kH, kW), stride (1, sH, sW), padding (0, pH, pW), dilation (1, dH, dW)
 ``"3d"``       Conv3d (K, K, K), I3D inflation: the 2D kernel repeated K times along depth, ÷ K
 =============  ==================================================================================
@@ -42,10 +42,14 @@ The other operators (Table II where it speaks; torch kernel notation (kD, kH, kW
   ConvNeXt's CNBlock (layer scale), and our :class:`~TransferSegLib.nets.unet.UNet2D`.
   Nothing in ``torch.nn.functional`` is patched.
 
+1×1 convs become plain Conv3d 1×1×1 in every ACS variant (Table II): the three views of a 1×1
+kernel coincide, so Soft-ACS view weights on them would only rescale the output.
+
 Guarantees: a real ``nn.Module`` (state_dict, ``.to()``, DDP); each module keeps its train/eval
-flag and each parameter its ``requires_grad``; the weights are loaded **strictly** — the 2D
-state dict is transformed key by key and loaded with ``load_state_dict(strict=True)``, so a
-missing, unexpected or misshapen tensor is an error.  What cannot be converted is refused
+flag and each parameter its ``requires_grad``; the weights are checked **strictly** — the 2D
+state dict is transformed key by key, its keys and shapes must equal the 3D model's exactly
+(a missing, unexpected or misshapen tensor is an error; only Soft-ACS's ``view_weights`` are
+new), and the replaced layers are filled with ``load_state_dict``.  What cannot be converted is refused
 with :class:`~TransferSegLib.volume.TransferSegError` naming the module (non-square or
 anisotropic kernels for ACS/3D, Conv1d, 2D-only layers such as PixelShuffle, unknown modules
 that hold parameters or buffers directly, and — a best-effort source scan — custom modules
@@ -71,6 +75,7 @@ from torchvision.models import convnext, densenet, mnasnet, mobilenetv2, shuffle
 from torchvision.models.segmentation import deeplabv3, fcn, lraspp
 from torchvision.ops import misc as tv_misc
 
+from ..models import read_state_dict, sha256_file
 from ..volume import TransferSegError
 from .unet import SliceStack2D, UNet2D
 
@@ -307,11 +312,12 @@ def _inflate_weight(k: int, scale: float):
     return transform
 
 
-def _isotropic(module: nn.Module, mode: str, *attributes: str) -> dict:
-    """The (h == w) value of each attribute; refuse anisotropic ones (ACS/3D need a cube)."""
+def _isotropic(module: nn.Module, mode: str, *attributes: str, given: dict | None = None) -> dict:
+    """The (h == w) value of each attribute (read from ``module`` unless ``given``); refuse
+    anisotropic ones (ACS/3D need a cube)."""
     values = {}
     for attribute in attributes:
-        value = getattr(module, attribute)
+        value = given[attribute] if given else getattr(module, attribute)
         if isinstance(value, str):  # padding "same" / "valid"
             values[attribute] = value
             continue
@@ -401,10 +407,13 @@ def _convert_channel_layer_norm(norm: nn.LayerNorm, mode: str):
 
 def _pool_geometry(pool: nn.Module, mode: str, attributes: tuple[str, ...]) -> dict:
     """Pool kernel/stride/padding/dilation in 3D: (1, h, w)-style for 2.5D, K×K×K for ACS and 3D."""
+    given = {a: getattr(pool, a) for a in attributes}
+    if given.get("stride", 0) is None:  # LPPool2d keeps stride=None (= kernel_size)
+        given["stride"] = given["kernel_size"]
     if mode == "2.5d":
         empty = {"kernel_size": 1, "stride": 1, "padding": 0, "dilation": 1}
-        return {a: (empty[a], *_pair(getattr(pool, a))) for a in attributes}
-    return {a: (v,) * 3 for a, v in _isotropic(pool, mode, *attributes).items()}
+        return {a: (empty[a], *_pair(v)) for a, v in given.items()}
+    return {a: (v,) * 3 for a, v in _isotropic(pool, mode, *attributes, given=given).items()}
 
 
 def _convert_max_pool(pool: nn.MaxPool2d, mode: str):
@@ -632,7 +641,9 @@ class _Conversion:
         except _CannotConvert as e:
             self.refusals.append((name or "the model", e))
             return module
-        for child_name, child in list(module.named_children()):
+        for child_name, child in list(module._modules.items()):  # not named_children: it skips repeats
+            if child is None:
+                continue
             new_child = self.convert(child, f"{name}.{child_name}" if name else child_name)
             if new_child is not child:
                 setattr(module, child_name, new_child)
@@ -742,28 +753,9 @@ def convert(model: nn.Module, to: str = "acs") -> nn.Module:
 # --------------------------------------------------------------------------------------
 # Sources, saving and loading
 # --------------------------------------------------------------------------------------
-_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
-
-
-def _read_state_dict(path: Path) -> dict:
-    """A state dict from a safetensors file; pickles are refused, never unpickled."""
-    from safetensors.torch import load_file
-
-    from ..models import _check_safetensors_file
-
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise TransferSegError(f"{path}: refusing to load a PyTorch pickle ({path.suffix}): unpickling can run "
-                               "arbitrary code. Convert it once, in a trusted environment, with "
-                               "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')")
-    if not path.is_file():
-        raise TransferSegError(f"{path}: no such weights file")
-    _check_safetensors_file(path)
-    return load_file(str(path), device="cpu")
-
-
 def _build_2d(architecture: str, num_classes: int | None, config: dict | None) -> nn.Module:
     """A randomly initialised 2D network: ``torchvision:NAME`` or a TransferSeg architecture name."""
-    from . import ARCHITECTURES, build_network
+    from . import build_network
 
     config = dict(config or {})
     if architecture.startswith("torchvision:"):
@@ -784,8 +776,6 @@ def _build_2d(architecture: str, num_classes: int | None, config: dict | None) -
         except (TypeError, ValueError) as e:
             raise TransferSegError(f"torchvision {name} cannot be built with {config}: {e}") from None
     name = architecture.split(":", 1)[1] if architecture.startswith("transferseg:") else architecture
-    if name not in ARCHITECTURES:
-        build_network(name)  # raises the registry's "unknown architecture" error
     if num_classes is not None:
         config["out_channels"] = num_classes
     return build_network(name, config)
@@ -795,7 +785,7 @@ def _load_2d_weights(model: nn.Module, path: Path, architecture: str, num_classe
     """Load ``path`` into the 2D ``model`` strictly; with ``num_classes`` a classifier head whose
     output count differs (first dimension = num_classes in the model) is left re-initialised.
     Returns the re-initialised keys."""
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     head = [k for k in own if k in state and own[k].shape != state[k].shape]
@@ -831,9 +821,15 @@ def convert_from_source(source: str, to: str = "acs", num_classes: int | None = 
     weights' path and sha256, parameter counts and re-initialised keys; :func:`save_converted`
     writes it as the sidecar and :func:`load_converted` rebuilds the network from it.
     """
-    from ..models import sha256_file
+
+    from ..models import _PICKLE_SUFFIXES
 
     mode = _check_mode(to)
+    for given in (source, weights_path):
+        if given is not None and Path(str(given)).suffix.lower() in _PICKLE_SUFFIXES:
+            raise TransferSegError(f"{given}: refusing to load a PyTorch pickle: unpickling can run arbitrary code. "
+                                   "Convert it once, in a trusted environment, with "
+                                   "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')")
     pretrained = Path(weights_path).expanduser() if weights_path is not None else None
     card_network = None
     if source.startswith(("torchvision:", "transferseg:")):
@@ -891,7 +887,6 @@ def save_converted(model3d: nn.Module, path, info: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     from ..io import atomic_output
-    from ..models import sha256_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -908,28 +903,32 @@ def save_converted(model3d: nn.Module, path, info: dict | None = None) -> Path:
         seen.add(pointer)
     with atomic_output(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "transferseg_conversion": record["mode"]})
+        tmp.chmod(0o644)  # safetensors writes 0600; a converted model is meant to be shared
         digest = sha256_file(tmp)
     record["weights"] = {"file": path.name, "sha256": digest, "bytes": path.stat().st_size}
     sidecar = path.with_suffix(".json")
     with atomic_output(sidecar) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return sidecar
 
 
 def load_converted(path) -> tuple[nn.Module, dict]:
     """Rebuild a model written by :func:`save_converted` and load its weights strictly (sha256 checked)."""
-    from ..models import sha256_file
 
     path = Path(path)
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         raise TransferSegError(f"{path}: the conversion record {sidecar.name} is missing beside the weights")
     try:
-        info = json.loads(sidecar.read_text())
-        architecture, mode = info["architecture"], info["mode"]
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+        mode = info["mode"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TransferSegError(f"{sidecar}: not a TransferSeg conversion record ({e})") from None
-    state = _read_state_dict(path)
+    architecture = info.get("architecture")
+    if architecture is None:
+        raise TransferSegError(f"{sidecar}: this model was converted from an in-memory {info.get('from_class', 'model')}; "
+                               f"convert that model again and load {path.name} into it with load_state_dict")
+    state = read_state_dict(path)
     expected = info.get("weights", {}).get("sha256")
     if expected != sha256_file(path):
         raise TransferSegError(f"{path}: checksum mismatch with {sidecar.name}; the file is damaged or not this model's")
