@@ -261,25 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("segment", help="segment a volume; writes .seg.nrrd, label map, result.json, overview.png")
-    p.add_argument("input", help="NIfTI / NRRD / MetaImage file or DICOM series folder")
-    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
-    p.add_argument("--model", default=DEFAULT_SEGMENTATION_MODEL, help=f"model name or path (default {DEFAULT_SEGMENTATION_MODEL})")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--roi", help="voxel box k0,j0,i0,k1,j1,i1 (array order, half-open)")
-    p.add_argument("--roi-ras", help="RAS box x0,y0,z0,x1,y1,z1 in mm")
-    p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
-    p.set_defaults(func=_cmd_segment)
+    def add_run_arguments(p, default_model):
+        p.add_argument("input", help="NIfTI / NRRD / MetaImage file or DICOM series folder")
+        p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+        p.add_argument("--model", default=default_model, help=f"model name or path (default {default_model})")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+        p.add_argument("--roi", help="voxel box k0,j0,i0,k1,j1,i1 (array order, half-open)")
+        p.add_argument("--roi-ras", help="RAS box x0,y0,z0,x1,y1,z1 in mm")
+        p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
+        p.set_defaults(func=_cmd_segment)
 
-    p = sub.add_parser("detect", help="lesion heatmap and detections (DBT); writes heatmap, detections.json/.csv, overview.png")
-    p.add_argument("input", help="NIfTI / NRRD / MetaImage file or DICOM series folder")
-    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
-    p.add_argument("--model", default=DEFAULT_DETECTION_MODEL, help=f"model name or path (default {DEFAULT_DETECTION_MODEL})")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--roi", help="voxel box k0,j0,i0,k1,j1,i1 (array order, half-open)")
-    p.add_argument("--roi-ras", help="RAS box x0,y0,z0,x1,y1,z1 in mm")
-    p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
-    p.set_defaults(func=_cmd_segment)
+    add_run_arguments(sub.add_parser(
+        "segment", help="segment a volume; writes .seg.nrrd, label map, result.json, overview.png"),
+        DEFAULT_SEGMENTATION_MODEL)
+    add_run_arguments(sub.add_parser(
+        "detect", help="lesion heatmap and detections (DBT); writes heatmap, detections.json/.csv, overview.png"),
+        DEFAULT_DETECTION_MODEL)
 
     p = sub.add_parser("train", help="train a model from a JSON config (resumes from the last checkpoint)")
     p.add_argument("config", help="training config (JSON); see Resources/configs/")
