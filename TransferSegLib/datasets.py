@@ -5,7 +5,8 @@
 * LiTS: ``volume-N.nii`` + ``segmentation-N.nii`` anywhere under ROOT (the "Training Batch"
   folders included).
 * TransferSeg phantoms, as written by ``transferseg phantom ct``: ``ct_NNN.nii.gz`` +
-  ``ct_NNN_label.nii.gz``; or generated in memory with :func:`phantom_cases`.
+  ``ct_NNN_label.nii.gz``; or generated in memory with :func:`phantom_cases` (CT label maps,
+  or DBT volumes with their AH-Net eq. (5) lesion heatmaps and boxes).
 
 A :class:`Case` loads lazily, so a 131-volume LiTS folder costs nothing until a case is used.
 """
@@ -21,7 +22,7 @@ import numpy as np
 
 from .volume import TransferSegError, Volume
 
-__all__ = ["Case", "find_cases", "phantom_cases", "split_cases"]
+__all__ = ["Case", "DBTPhantomCase", "find_cases", "phantom_cases", "split_cases"]
 
 
 @dataclass
@@ -60,7 +61,7 @@ def _natural_key(text: str):
 
 
 def _msd_cases(root: Path) -> list[Case]:
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     cases = []
     for entry in meta.get("training", []):
         image = (root / entry["image"]).resolve()
@@ -118,12 +119,54 @@ def find_cases(root) -> list[Case]:
     return cases
 
 
+@dataclass
+class DBTPhantomCase(Case):
+    """A DBT phantom (:func:`TransferSegLib.phantoms.dbt_phantom`) for heatmap training and FROC.
+
+    ``load()`` returns ``(Volume, float32 heatmap)``, the heatmap being AH-Net eq. (5) on the
+    phantom's lesion boxes (:func:`TransferSegLib.heatmaps.gaussian_heatmap`, each lesion
+    peaking at 1); ``boxes`` are those lesions (dicts with ``box_kji``), what
+    :func:`TransferSegLib.metrics.froc` scores detections against.
+    """
+
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+    _boxes: Optional[list] = field(default=None, repr=False)
+
+    def _phantom(self):
+        from .phantoms import dbt_phantom
+
+        volume, boxes = dbt_phantom(self.seed, **self.options)
+        self._boxes = boxes
+        return volume, boxes
+
+    def load(self):
+        from .heatmaps import gaussian_heatmap
+
+        volume, boxes = self._phantom()
+        return volume, gaussian_heatmap(volume.shape, boxes)
+
+    @property
+    def boxes(self) -> list:
+        if self._boxes is None:
+            self._phantom()
+        return self._boxes
+
+
 def phantom_cases(kind: str, count: int, seed: int, **options) -> list[Case]:
-    """``count`` in-memory phantom cases with seeds ``seed, seed + 1, …`` (CT: labels 0/1/2)."""
+    """``count`` in-memory phantom cases with seeds ``seed, seed + 1, …``.
+
+    ``"ct"``: :func:`~TransferSegLib.phantoms.ct_phantom` with labels 0/1/2;
+    ``"dbt"``: :class:`DBTPhantomCase` (heatmap targets, ``case.boxes``).
+    ``options`` are the phantom function's keyword arguments (e.g. ``shape``, ``pixel_mm``).
+    """
     from . import phantoms
 
+    if kind == "dbt":
+        return [DBTPhantomCase(f"dbt-phantom-{seed + n}", seed=seed + n, options=dict(options))
+                for n in range(count)]
     if kind != "ct":
-        raise TransferSegError(f"phantom cases for training are 'ct'; got {kind!r}")
+        raise TransferSegError(f"phantom cases for training are 'ct' (label maps) or 'dbt' (lesion heatmaps); got {kind!r}")
 
     def maker(case_seed):
         return lambda: phantoms.ct_phantom(seed=case_seed, **options)

@@ -29,12 +29,18 @@ comments)::
                      nets.build_network(name, config); "module" (optional) is imported first so a
                      network defined outside TransferSeg can register itself
     init_weights     null | path to a .safetensors file or a model (card path or name) to start from;
-                     {"path": ..., "strict": true} to allow a partial match with strict false
+                     {"path": ..., "strict": true} to allow a partial match with strict false;
+                     {"transfer_from": MC-GCN model (card path or name)} for an "ahnet" architecture:
+                     its encoder is the MC-GCN's made 3D (AH-Net sec. 3.2, nets.transfer_mcgcn_to_ahnet;
+                     an "mcgcn_multislice" model is unwrapped), its decoder fresh from ``seed``;
+                     architecture.config must name the MC-GCN's backbone and stem_slices = its slices
     labels           [{"name": "liver", "label": 1, "color": [r, g, b], "terminology": {...}}, ...];
                      segmentation: values 1…n, and the network has n + 1 output channels
     data*            {"root": "path"} (MSD, LiTS or phantom folder; relative to the config file;
                      "limit": N takes the first N cases) or {"phantom": "ct", "count": 8, "seed": 1000,
-                     "options": {...ct_phantom keyword arguments}}
+                     "options": {...ct_phantom keyword arguments}} or, for task "heatmap",
+                     {"phantom": "dbt", ..., "options": {...dbt_phantom keyword arguments}} (targets:
+                     eq. (5) heatmaps of the lesion boxes, datasets.DBTPhantomCase)
     validation       {"fraction": 0.2, "every": 0}: held-out share of the cases (seeded split);
                      Dice per label with the sliding-window inferer at the end, and every N steps if N > 0
     preprocessing    preprocessing.preprocess spec, e.g. {"hu_window": [-200, 250]}
@@ -74,6 +80,8 @@ comments)::
     inference        card inference settings, default {"overlap": 0.5, "activation": "softmax"}
                      ("none" for heatmaps); used for validation too
     postprocessing, evaluation   copied into the model card
+    peaks            task "heatmap" only: {"threshold": 0.1, "min_distance": [2, 8, 8], "max_peaks": 100},
+                     heatmaps.find_peaks settings for the detections, copied into the model card
     threads          null | torch CPU threads per process;  workers: 0 | threads sampling patches
     device           "auto" | "cpu" | "cuda" | "cuda:N" (torchrun: cuda:LOCAL_RANK when CUDA exists)
     deterministic    true: torch.use_deterministic_algorithms (restored afterwards)
@@ -282,7 +290,7 @@ TOP_LEVEL = ("name", "version", "task", "description", "seed", "architecture", "
              "validation", "preprocessing", "expected_spacing_mm", "patch_size", "batch_size", "positive_fraction",
              "positive_labels", "positive_threshold", "positive_jitter", "augmentation", "stages", "steps_per_epoch",
              "checkpoint_every", "keep_checkpoints", "log_every", "inference", "postprocessing", "evaluation",
-             "threads", "workers", "device", "deterministic", "progress_bar")
+             "peaks", "threads", "workers", "device", "deterministic", "progress_bar")
 
 
 def validate_config(config: dict) -> dict:
@@ -313,10 +321,18 @@ def validate_config(config: dict) -> dict:
     init = c.setdefault("init_weights", None)
     if init is not None:
         init = {"path": init} if isinstance(init, str) else init
-        _section(init, "init_weights", ("path", "strict"), required=("path",))
-        init.setdefault("strict", True)
-        if not isinstance(init["path"], str) or not isinstance(init["strict"], bool):
-            _fail("init_weights", f"must be a path, or {{\"path\": ..., \"strict\": true|false}}; got {init!r}")
+        if isinstance(init, dict) and "transfer_from" in init:
+            _section(init, "init_weights", ("transfer_from",))
+            if not isinstance(init["transfer_from"], str) or not init["transfer_from"]:
+                _fail("init_weights.transfer_from", f"must be an MC-GCN model (card path or name); got {init!r}")
+            if arch["name"] != "ahnet":
+                _fail("init_weights.transfer_from", f"transfers an MC-GCN into an 'ahnet' architecture, "
+                      f"not {arch['name']!r}")
+        else:
+            _section(init, "init_weights", ("path", "strict"), required=("path",))
+            init.setdefault("strict", True)
+            if not isinstance(init["path"], str) or not isinstance(init["strict"], bool):
+                _fail("init_weights", f"must be a path, or {{\"path\": ..., \"strict\": true|false}}; got {init!r}")
         c["init_weights"] = init
 
     labels = c.setdefault("labels", [])
@@ -346,14 +362,16 @@ def validate_config(config: dict) -> dict:
             _int(data["limit"], "data.limit", 1)
     elif isinstance(data, dict) and "phantom" in data:
         _section(data, "data", ("phantom", "count", "seed", "options"), required=("count",))
-        if data["phantom"] != "ct":
-            _fail("data.phantom", f"must be 'ct'; got {data['phantom']!r}")
+        if data["phantom"] not in ("ct", "dbt"):
+            _fail("data.phantom", f"must be 'ct' or 'dbt'; got {data['phantom']!r}")
+        if data["phantom"] == "dbt" and c["task"] != "heatmap":
+            _fail("data.phantom", "'dbt' phantoms give lesion heatmaps; they need task \"heatmap\"")
         _int(data["count"], "data.count", 1)
         data["seed"] = _int(data.get("seed", 0), "data.seed", 0)
         if not isinstance(data.setdefault("options", {}), dict):
-            _fail("data.options", f"must be a JSON object of ct_phantom arguments; got {data['options']!r}")
+            _fail("data.options", f"must be a JSON object of {data['phantom']}_phantom arguments; got {data['options']!r}")
     else:
-        _fail("data", f"must be {{\"root\": folder}} or {{\"phantom\": \"ct\", \"count\": N, \"seed\": S}}; got {data!r}")
+        _fail("data", f"must be {{\"root\": folder}} or {{\"phantom\": \"ct\" | \"dbt\", \"count\": N, \"seed\": S}}; got {data!r}")
 
     val = c.setdefault("validation", {})
     _section(val, "validation", ("fraction", "every"))
@@ -430,6 +448,19 @@ def validate_config(config: dict) -> dict:
         _fail("inference", f"must be a JSON object of inference settings; got {inference!r}")
     inference.setdefault("overlap", 0.5)
     inference.setdefault("activation", "softmax" if c["task"] == "segmentation" else "none")
+    peaks = c.setdefault("peaks", None)
+    if peaks is not None:
+        _section(peaks, "peaks", ("threshold", "min_distance", "max_peaks"))
+        if c["task"] != "heatmap":
+            _fail("peaks", "peak finding (detections) is for task \"heatmap\"")
+        if "threshold" in peaks:
+            _number(peaks["threshold"], "peaks.threshold")
+        distance = peaks.get("min_distance", 0)
+        if not (_is_int(distance) and distance >= 0 or isinstance(distance, list) and len(distance) == 3
+                and all(_is_int(d) and d >= 0 for d in distance)):
+            _fail("peaks.min_distance", f"must be voxels ≥ 0, one number or [k, j, i]; got {distance!r}")
+        if "max_peaks" in peaks:
+            _int(peaks["max_peaks"], "peaks.max_peaks", 1)
     threads = c.setdefault("threads", None)
     if threads is not None:
         _int(threads, "threads", 1)
@@ -448,7 +479,7 @@ def load_config(path) -> dict:
     written, with those paths made absolute."""
     path = Path(path).expanduser()
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TransferSegError(f"{path}: no such training config") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -462,11 +493,12 @@ def load_config(path) -> dict:
     if isinstance(data, dict) and isinstance(data.get("root"), str):
         data["root"] = str((base / Path(data["root"]).expanduser()).resolve())
     init = config.get("init_weights")
-    init_path = init.get("path") if isinstance(init, dict) else init
+    key = "transfer_from" if isinstance(init, dict) and "transfer_from" in init else "path"
+    init_path = init.get(key) if isinstance(init, dict) else init
     if isinstance(init_path, str) and (os.sep in init_path or init_path.endswith((".json", ".safetensors"))):
         resolved = str((base / Path(init_path).expanduser()).resolve())
         if isinstance(init, dict):
-            init["path"] = resolved
+            init[key] = resolved
         else:
             config["init_weights"] = resolved
     validate_config(config)
@@ -830,7 +862,7 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
 
 def _write_json(path: Path, payload) -> None:
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n", encoding="utf-8")
 
 
 def _save_checkpoint(out: Path, step: int, network: nn.Module, optimizer, state: dict, keep: int) -> Path:
@@ -846,7 +878,7 @@ def _save_checkpoint(out: Path, step: int, network: nn.Module, optimizer, state:
             save_file(tensors, str(tmp))
             files[name] = _sha256(tmp)
     with atomic_output(folder / "optimizer.json") as tmp:
-        tmp.write_text(json.dumps(opt_meta, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(opt_meta, default=_json_default) + "\n", encoding="utf-8")
         files["optimizer.json"] = _sha256(tmp)
     _write_json(folder / "state.json", dict(state, format=CHECKPOINT_FORMAT, step=step, files=files))
     _write_json(out / "checkpoint.json", {"latest": folder.name, "step": step})
@@ -864,8 +896,8 @@ def _load_checkpoint(out: Path) -> Optional[dict]:
     if not pointer.exists():
         return None
     try:
-        folder = out / json.loads(pointer.read_text())["latest"]
-        state = json.loads((folder / "state.json").read_text())
+        folder = out / json.loads(pointer.read_text(encoding="utf-8"))["latest"]
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, KeyError, ValueError) as e:
         raise TransferSegError(f"{pointer}: the checkpoint cannot be read ({e}); delete {out} to start afresh") from None
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -916,7 +948,7 @@ class RunLog:
         """Keep the rows of an interrupted run up to its checkpoint."""
         if not self.path.exists():
             return
-        with open(self.path, newline="") as f:
+        with open(self.path, newline="", encoding="utf-8") as f:
             self.rows = [row for row in csv.DictReader(f) if int(row["step"]) <= up_to_step]
 
     def add(self, row: dict) -> None:
@@ -928,7 +960,7 @@ class RunLog:
         writer.writeheader()
         writer.writerows(self.rows)
         with atomic_output(self.path) as tmp:
-            tmp.write_text(buffer.getvalue())
+            tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
     def plot(self, path: Path, title: str) -> None:
         """Loss (per stage and loss), learning rates and validation Dice against the step."""
@@ -1071,9 +1103,29 @@ def _build_network(config: dict, device) -> nn.Module:
         _fail("patch_size", f"{config['patch_size']} must be a multiple of {list(multiple)} per axis for "
               f"{arch['name']} (its size_multiple)")
     init = config["init_weights"]
-    if init:
+    if init and "transfer_from" in init:
+        network.load_state_dict(_transferred_weights(init["transfer_from"], network, config["seed"]), strict=True)
+    elif init:
         network.load_state_dict(_initial_weights(init["path"]), strict=init["strict"])
     return network.to(device)
+
+
+def _transferred_weights(mcgcn_model: str, ahnet: nn.Module, seed: int) -> dict:
+    """The state of an AH-Net like ``ahnet`` whose encoder is the MC-GCN model's (AH-Net sec. 3.2),
+    built after reseeding so that its fresh decoder equals ``ahnet``'s own initialisation."""
+    from .models import load_model
+    from .nets import MCGCN, SliceStack2D, transfer_mcgcn_to_ahnet
+
+    mcgcn = load_model(mcgcn_model, device="cpu").network
+    if isinstance(mcgcn, SliceStack2D):
+        mcgcn = mcgcn.net
+    if not isinstance(mcgcn, MCGCN):
+        _fail("init_weights.transfer_from", f"{mcgcn_model} holds a {type(mcgcn).__name__}, not an MC-GCN")
+    for key, value in (("backbone", mcgcn.backbone), ("stem_slices", mcgcn.in_channels)):
+        if ahnet.config[key] != value:
+            _fail("architecture.config", f"{key} is {ahnet.config[key]!r} but the MC-GCN in {mcgcn_model} has {value!r}")
+    torch.manual_seed(seed)
+    return transfer_mcgcn_to_ahnet(mcgcn, **ahnet.config).state_dict()
 
 
 def _initial_weights(path: str) -> dict:
@@ -1139,7 +1191,7 @@ def _model_card(config: dict, data_spec, total: int, world: int, metrics: dict) 
         "training": {"data": data_spec, "seed": config["seed"], "steps": total, "processes": world, "config": config},
         "metrics": metrics,
     }
-    for key in ("description", "postprocessing", "evaluation"):
+    for key in ("description", "postprocessing", "evaluation", "peaks"):
         if config.get(key) is not None:
             card[key] = config[key]
     return card
@@ -1198,7 +1250,7 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
     # a finished run: nothing to do
     result_file = out / "result.json"
     if result_file.exists():
-        finished = json.loads(result_file.read_text())
+        finished = json.loads(result_file.read_text(encoding="utf-8"))
         _check_same_run(finished["config"], config, out)
         card = out / finished["card"]
         if card.exists():
@@ -1284,7 +1336,7 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
                 from safetensors.torch import load_file
 
                 tensors = load_file(str(state["folder"] / "optimizer.safetensors"), device=str(device))
-                meta = json.loads((state["folder"] / "optimizer.json").read_text())
+                meta = json.loads((state["folder"] / "optimizer.json").read_text(encoding="utf-8"))
                 optimizer.load_state_dict(_optimizer_from_files(tensors, meta))
                 losses.load_state(state["loss"])
             state = None

@@ -10,6 +10,8 @@ Segmentation by Global Convolutional Network", sec. 3.1-3.2 and fig. 2.
   refinement blocks and 1×1-conv + bilinear upsampling modules.
 * :class:`GlobalConvolution` -- a K×K kernel simulated by 1×K + K×1 and K×1 + 1×K branches.
 * :class:`BoundaryRefinement` -- two 3×3 convs with a ReLU between and a residual.
+* :class:`MultiSliceMCGCN` -- an MC-GCN run slice by slice on (N, 1, D, H, W) volumes
+  (:class:`~TransferSegLib.nets.unet.SliceStack2D`), so the shared trainer and inferer use it.
 
 Kernel notation here is torch's (kH, kW): "K×1" is kernel (K, 1), i.e. K rows tall.
 The encoder is the submodule ``encoder`` with torchvision's own names (``encoder.conv1``,
@@ -19,7 +21,6 @@ finds every 3D counterpart by the same name.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,9 @@ from torch import nn
 
 from ..volume import TransferSegError
 from . import register
+from .unet import SliceStack2D
 
-__all__ = ["MCGCN", "GlobalConvolution", "BoundaryRefinement", "RESNET_BACKBONES"]
+__all__ = ["MCGCN", "MultiSliceMCGCN", "GlobalConvolution", "BoundaryRefinement", "RESNET_BACKBONES"]
 
 #: backbone name -> (residual blocks per stage, bottleneck?) -- He et al. 2016, table 1.
 RESNET_BACKBONES = {
@@ -83,19 +85,6 @@ def check_positive(name: str, **values) -> None:
     for arg, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise TransferSegError(f"{name}: {arg} must be a positive integer, got {value!r}")
-
-
-def read_safetensors(path) -> dict:
-    """A state dict from a safetensors file; pickles (.pth/.pt checkpoints) are refused."""
-    from safetensors.torch import load_file
-
-    from ..models import _check_safetensors_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise TransferSegError(f"pretrained backbone weights {path} do not exist")
-    _check_safetensors_file(path)
-    return load_file(str(path), device="cpu")
 
 
 class GlobalConvolution(nn.Module):
@@ -224,7 +213,9 @@ class MCGCN(nn.Module):
         self.up = nn.ModuleList(_Up(width, width) for _ in channels[:-1])
         self.head = _Up(width, out_channels)
         if pretrained_backbone is not None:
-            self.load_resnet_weights(read_safetensors(pretrained_backbone))
+            from ..models import read_state_dict
+
+            self.load_resnet_weights(read_state_dict(pretrained_backbone))
 
     def load_resnet_weights(self, state_dict: dict) -> None:
         """Load a torchvision ResNet state dict (its ``fc.*`` classifier is ignored) into the encoder, strictly."""
@@ -255,3 +246,20 @@ class MCGCN(nn.Module):
             y = self.fuse_refine[i](lateral + self.up[i](y, features[i].shape[2:]))
         y = self.head(y, x.shape[2:])
         return y[..., : size[0], : size[1]]
+
+
+@register("mcgcn_multislice")
+class MultiSliceMCGCN(SliceStack2D):
+    """:class:`MCGCN` over stacks of ``in_channels`` neighbouring slices, callable on
+    (N, 1, D, H, W) volumes (see :class:`~TransferSegLib.nets.unet.SliceStack2D`): slice d's
+    output comes from slices d - 1, d, d + 1 as R, G, B (AH-Net sec. 3.1), clamped at the ends.
+    Same arguments as :class:`MCGCN` plus ``slice_batch``; ``size_multiple`` is (1, 32, 32).
+    The MC-GCN is the submodule ``net``, which :func:`~TransferSegLib.nets.ahnet.transfer_mcgcn_to_ahnet` takes.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 2, backbone: str = "resnet50",
+                 kernel_sizes=PAPER_KERNEL_SIZES, gcn_channels: int | None = None,
+                 pretrained_backbone: str | None = None, slice_batch: int = 16):
+        super().__init__(MCGCN(in_channels, out_channels, backbone, kernel_sizes, gcn_channels, pretrained_backbone),
+                         slice_batch=slice_batch)
+        self.config = dict(self.net.config, slice_batch=slice_batch)

@@ -1,0 +1,235 @@
+"""Reproduction of the AH-Net paper's DBT lesion detection (sec. 4.1, Table 4, Fig. 6) on phantoms.
+
+What runs, all with the one trainer (``TransferSegLib.training.train``) and the configs in
+``Resources/configs/``:
+
+1. the MC-GCN (``dbt-lesion-mcgcn.json``: ResNet18, 3-slice stacks, heatmap regression);
+2. the AH-Net whose encoder is that MC-GCN's (``dbt-lesion-ahnet.json``, ``init_weights.transfer_from``
+   pointed at step 1's model): decoder only with the encoder locked, then jointly;
+3. the 2D U-Net on 3-slice stacks (``dbt-lesion-unet2d.json``) and 4. the 3D U-Net (``dbt-lesion-unet3d.json``).
+
+Data: synthetic DBT phantoms (``phantoms.dbt_phantom``, 32 slices × 128 × 96 pixels at 1.0 ×
+0.8 × 0.8 mm, the default field of view at half the in-plane resolution), training seeds
+1000-1023 (24 volumes, the configs' ``data``), held-out test seeds 5000-5019 (20 volumes,
+about 40 lesions: masses and calcification clusters). Targets: AH-Net eq. (5) heatmaps.
+Sizes and steps are the configs' (batches of 2 patches: MC-GCN and 2D U-Net 800 steps on
+8×64×64, AH-Net 200 decoder-only + 500 joint and 3D U-Net 300 on 32×64×64), about 15-20
+minutes on two otherwise idle CPU cores; ``--quick`` trains 4 steps per stage on 4 volumes
+and tests on 3 (a smoke test of the whole chain, 2-5 minutes).
+
+Evaluation: every network runs through ``pipeline.run`` (the product path: the card's
+preprocessing and the sliding-window inferer) with one window covering the whole 32×128×96
+phantom (the paper forwards whole volumes; the slice-wise networks then see true neighbours
+everywhere but at the volume's ends); peaks by ``heatmaps.find_peaks`` (NMS with the card's
+``min_distance``, every local maximum above 0, at most 50 per volume); FROC by
+``metrics.froc`` as in the paper (a peak inside a lesion's 3D box is a true positive, once per
+box; others are false positives).
+
+Outputs in ``--out`` (default runs/ahnet_dbt): one training run folder per network (a rerun
+resumes or reuses them), ``froc.json``, ``froc.png`` (the curves, matplotlib Agg) and the
+Table-4-style table on stdout. ``--ship DIR`` writes the trained AH-Net as
+``DIR/dbt-lesion-ahnet.safetensors`` + ``.json`` with its held-out FROC in the card's ``metrics``
+and the evaluation's window (32×128×96) as the card's ``patch_size``, so that
+``pipeline.run`` with the shipped card is the evaluated path.
+
+    .venv/bin/python bench/ahnet_dbt.py --quick
+    .venv/bin/python bench/ahnet_dbt.py --ship /tmp/ship
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from TransferSegLib.datasets import phantom_cases  # noqa: E402
+from TransferSegLib.heatmaps import find_peaks  # noqa: E402
+from TransferSegLib.metrics import FROC_RATES, froc  # noqa: E402
+from TransferSegLib.models import LoadedModel, load_model, save_model  # noqa: E402
+from TransferSegLib.pipeline import run  # noqa: E402
+from TransferSegLib.training import load_config, train  # noqa: E402
+
+CONFIGS = ROOT / "Resources" / "configs"
+NETWORKS = [  # (table name, config file), in training order: the AH-Net needs the MC-GCN's model
+    ("MC-GCN", "dbt-lesion-mcgcn.json"),
+    ("AH-Net", "dbt-lesion-ahnet.json"),
+    ("2D U-Net", "dbt-lesion-unet2d.json"),
+    ("3D U-Net", "dbt-lesion-unet3d.json"),
+]
+TEST_SEED = 5000
+PAPER_TABLE_4 = {  # AH-Net paper, Table 4 (TPR at 0.01 … 0.25 FP per volume), real DBT
+    "2D U-Net": [0.4238, 0.4767, 0.5181, 0.5723, 0.6166, 0.6506],
+    "3D U-Net": [0.2448, 0.3877, 0.4381, 0.5592, 0.5738, 0.5733],
+    "MC-GCN": [0.3385, 0.6727, 0.6727, 0.6909, 0.7018, 0.7272],
+    "AH-Net": [0.4931, 0.6000, 0.7272, 0.7454, 0.7818, 0.7818],
+}
+
+
+def quick(config: dict) -> dict:
+    """A few steps on 4 volumes: the whole chain, not a result."""
+    config = copy.deepcopy(config)
+    config["data"]["count"] = 4
+    for stage in config["stages"]:
+        stage["steps"] = 4
+        switch = stage["loss"].get("switch")
+        if switch and "on_plateau" in switch:
+            switch["on_plateau"] = {"patience": 2, "min_delta": 0.0, "window": 1}
+    config["checkpoint_every"] = 1000
+    return config
+
+
+def train_all(args) -> dict:
+    """Train the four networks in order; returns {name: (card path, seconds, steps)}."""
+    trained = {}
+    for name, file in NETWORKS:
+        config = load_config(CONFIGS / file)
+        if args.quick:
+            config = quick(config)
+        if config.get("init_weights") and "transfer_from" in config["init_weights"]:
+            config["init_weights"] = {"transfer_from": str(trained["MC-GCN"][0])}
+        config["threads"] = args.threads
+        config["progress_bar"] = False
+        start = time.perf_counter()
+        result = train(config, args.out / config["name"])
+        seconds = time.perf_counter() - start
+        steps = [s["steps"] for s in config["stages"]]
+        print(f"  trained {name:<9} {'+'.join(map(str, steps)):>8} steps in {seconds:6.0f} s "
+              f"(final loss {result.final_loss:.4g}) -> {result.card_path}", flush=True)
+        trained[name] = (result.card_path, seconds, steps)
+    return trained
+
+
+def evaluate(card_path: Path, boxes, volumes, window) -> dict:
+    """FROC of one model on the held-out phantoms (see the module docstring)."""
+    loaded = load_model(card_path)
+    card = dict(loaded.card, patch_size=list(window))  # one whole-volume window for every network
+    model = LoadedModel(loaded.network, card, loaded.path)
+    distance = (card.get("peaks") or {}).get("min_distance", [2, 8, 8])
+    detections, seconds = [], 0.0
+    for volume in volumes:
+        start = time.perf_counter()
+        result = run(volume, model, device="cpu")
+        seconds += time.perf_counter() - start
+        detections.append(find_peaks(result.heatmap, volume, threshold=0.0, min_distance=distance, max_peaks=50))
+    curve = froc(detections, boxes)
+    curve["seconds_per_volume"] = seconds / len(volumes)
+    curve["peaks"] = {"threshold": 0.0, "min_distance": distance, "max_peaks": 50}
+    return curve
+
+
+def draw_froc(curves: dict, path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, curve in curves.items():
+        ax.step(curve["fp_per_volume"], curve["tpr"], where="post", label=name, lw=1.5)
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("false positives per volume")
+    ax.set_ylabel("true positive rate (lesions detected)")
+    ax.set_title(title, fontsize=9)
+    for rate in FROC_RATES:
+        ax.axvline(rate, color="0.85", lw=0.6, zorder=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def ship(card_path: Path, curve: dict, test_spec: dict, window, folder: Path) -> Path:
+    """Write the AH-Net as a model with its held-out FROC in ``metrics`` and the evaluated
+    inference window as ``patch_size``; local paths made relative."""
+    loaded = load_model(card_path)
+    card = copy.deepcopy(loaded.card)
+    card.pop("weights", None)
+    card["patch_size"] = list(window)
+    init = card["training"]["config"].get("init_weights") or {}
+    if "transfer_from" in init:
+        path = Path(init["transfer_from"])
+        init["transfer_from"] = path.name if not path.is_relative_to(ROOT) else str(path.relative_to(ROOT))
+    card["metrics"] = {
+        "froc_heldout": {
+            "tpr_at_fp_per_volume": {f"{rate:g}": curve["tpr_at"][rate] for rate in FROC_RATES},
+            "lesions": curve["lesions"], "volumes": curve["volumes"], "data": test_spec,
+            "peaks": curve["peaks"],
+            "protocol": "AH-Net sec. 4.1: a peak inside a lesion's 3D box is a true positive (once per box)",
+        }
+    }
+    return save_model(loaded.network, card, folder)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="AH-Net paper sec. 4.1 / Table 4 on DBT phantoms")
+    parser.add_argument("--quick", action="store_true", help="a few steps on 4 volumes, 3 test volumes")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ahnet_dbt", help="run folder")
+    parser.add_argument("--ship", type=Path, help="write the trained AH-Net model (safetensors + card) here")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--test-count", type=int, default=None, help="held-out phantoms (default 20; --quick 3)")
+    args = parser.parse_args(argv)
+    if args.quick and args.out == parser.get_default("out"):
+        args.out = ROOT / "runs" / "ahnet_dbt_quick"
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    started = time.perf_counter()
+
+    print(f"training on {args.threads} thread(s) into {args.out}", flush=True)
+    trained = train_all(args)
+
+    options = load_config(CONFIGS / NETWORKS[0][1])["data"]["options"]
+    count = args.test_count or (3 if args.quick else 20)
+    test_spec = {"phantom": "dbt", "count": count, "seed": TEST_SEED, "options": options}
+    cases = phantom_cases("dbt", count, TEST_SEED, **options)
+    volumes = [case.load()[0] for case in cases]
+    boxes = [case.boxes for case in cases]
+    print(f"testing on {count} held-out phantoms (seeds {TEST_SEED}-{TEST_SEED + count - 1}), "
+          f"{sum(map(len, boxes))} lesions", flush=True)
+    window = [int(max(v.shape[axis] for v in volumes)) for axis in range(3)]
+    curves = {}
+    for name, (card_path, _, _) in trained.items():
+        curves[name] = evaluate(card_path, boxes, volumes, window)
+        print(f"  {name:<9} {curves[name]['seconds_per_volume']:.2f} s per volume", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = {name: [curves[name]["tpr_at"][rate] for rate in FROC_RATES] for name in curves}
+    payload = {"test": test_spec, "networks": {
+        name: {"tpr_at": dict(zip(map(str, FROC_RATES), rows[name])), "lesions": curves[name]["lesions"],
+               "volumes": curves[name]["volumes"], "fp_per_volume": curves[name]["fp_per_volume"],
+               "tpr": curves[name]["tpr"], "train_seconds": trained[name][1], "steps": trained[name][2],
+               "seconds_per_volume": curves[name]["seconds_per_volume"]} for name in curves},
+        "quick": args.quick, "total_seconds": time.perf_counter() - started}
+    (args.out / "froc.json").write_text(json.dumps(payload, indent=1) + "\n")
+    title = (f"FROC on {count} held-out DBT phantoms ({curves['AH-Net']['lesions']} lesions)"
+             + (" — quick smoke run" if args.quick else ""))
+    draw_froc(curves, args.out / "froc.png", title)
+
+    header = "".join(f"{f'FP={rate:g}':>9}" for rate in FROC_RATES)
+    print(f"\nTPR at false positives per volume ({count} held-out phantoms, "
+          f"{curves['AH-Net']['lesions']} lesions){' — QUICK: a smoke test, not a result' if args.quick else ''}")
+    print(f"{'network':<10}{header}   train s")
+    for name in curves:
+        print(f"{name:<10}" + "".join(f"{v:>9.4f}" for v in rows[name]) + f"   {trained[name][1]:>7.0f}")
+    print("paper Table 4 (real DBT, 131 test volumes, 72 lesions):")
+    for name, values in PAPER_TABLE_4.items():
+        print(f"{name:<10}" + "".join(f"{v:>9.4f}" for v in values))
+    print(f"curves: {args.out / 'froc.png'}; numbers: {args.out / 'froc.json'}; "
+          f"total {time.perf_counter() - started:.0f} s")
+    if args.ship:
+        card = ship(trained["AH-Net"][0], curves["AH-Net"], test_spec, window, args.ship)
+        print(f"shipped the AH-Net: {card} and {card.with_suffix('.safetensors')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
