@@ -10,8 +10,8 @@ What runs, all with the one trainer (``TransferSegLib.training.train``) and the 
 
 Data: synthetic DBT phantoms (``phantoms.dbt_phantom``, 32 slices × 128 × 96 pixels at 1.0 ×
 0.8 × 0.8 mm, the default field of view at half the in-plane resolution), training seeds
-1000-1023 (24 volumes, the configs' ``data``), held-out test seeds 5000-5019 (20 volumes,
-about 40 lesions: masses and calcification clusters). Targets: AH-Net eq. (5) heatmaps.
+1000-1119 (120 volumes, the configs' ``data``), held-out test seeds 5000-5019 (20 volumes,
+33 lesions: masses and calcification clusters). Targets: AH-Net eq. (5) heatmaps.
 Sizes and steps are the configs' (batches of 2 patches: MC-GCN and 2D U-Net 800 steps on
 8×64×64, AH-Net 200 decoder-only + 500 joint and 3D U-Net 300 on 32×64×64), about 15-20
 minutes on two otherwise idle CPU cores; ``--quick`` trains 4 steps per stage on 4 volumes
@@ -56,9 +56,10 @@ from TransferSegLib.heatmaps import find_peaks  # noqa: E402
 from TransferSegLib.metrics import FROC_RATES, froc  # noqa: E402
 from TransferSegLib.models import LoadedModel, load_model, save_model  # noqa: E402
 from TransferSegLib.pipeline import run  # noqa: E402
-from TransferSegLib.training import load_config, train  # noqa: E402
+from TransferSegLib.training import load_config  # noqa: E402
 
-CONFIGS = ROOT / "Resources" / "configs"
+from chain import CONFIGS, train_chain  # noqa: E402
+
 NETWORKS = [  # (table name, config file), in training order: the AH-Net needs the MC-GCN's model
     ("MC-GCN", "dbt-lesion-mcgcn.json"),
     ("AH-Net", "dbt-lesion-ahnet.json"),
@@ -72,40 +73,6 @@ PAPER_TABLE_4 = {  # AH-Net paper, Table 4 (TPR at 0.01 … 0.25 FP per volume),
     "MC-GCN": [0.3385, 0.6727, 0.6727, 0.6909, 0.7018, 0.7272],
     "AH-Net": [0.4931, 0.6000, 0.7272, 0.7454, 0.7818, 0.7818],
 }
-
-
-def quick(config: dict) -> dict:
-    """A few steps on 4 volumes: the whole chain, not a result."""
-    config = copy.deepcopy(config)
-    config["data"]["count"] = 4
-    for stage in config["stages"]:
-        stage["steps"] = 4
-        switch = stage["loss"].get("switch")
-        if switch and "on_plateau" in switch:
-            switch["on_plateau"] = {"patience": 2, "min_delta": 0.0, "window": 1}
-    config["checkpoint_every"] = 1000
-    return config
-
-
-def train_all(args) -> dict:
-    """Train the four networks in order; returns {name: (card path, seconds, steps)}."""
-    trained = {}
-    for name, file in NETWORKS:
-        config = load_config(CONFIGS / file)
-        if args.quick:
-            config = quick(config)
-        if config.get("init_weights") and "transfer_from" in config["init_weights"]:
-            config["init_weights"] = {"transfer_from": str(trained["MC-GCN"][0])}
-        config["threads"] = args.threads
-        config["progress_bar"] = False
-        start = time.perf_counter()
-        result = train(config, args.out / config["name"])
-        seconds = time.perf_counter() - start
-        steps = [s["steps"] for s in config["stages"]]
-        print(f"  trained {name:<9} {'+'.join(map(str, steps)):>8} steps in {seconds:6.0f} s "
-              f"(final loss {result.final_loss:.4g}) -> {result.card_path}", flush=True)
-        trained[name] = (result.card_path, seconds, steps)
-    return trained
 
 
 def evaluate(card_path: Path, boxes, volumes, window) -> dict:
@@ -185,7 +152,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     print(f"training on {args.threads} thread(s) into {args.out}", flush=True)
-    trained = train_all(args)
+    trained = train_chain(NETWORKS, args.out, args.threads, args.quick)
 
     options = load_config(CONFIGS / NETWORKS[0][1])["data"]["options"]
     count = args.test_count or (3 if args.quick else 20)
