@@ -1,0 +1,94 @@
+"""The models shipped in Resources/models work out of the box: they load (checksum verified),
+their cards carry the held-out numbers the README quotes, and the commands' defaults find them
+and give sensible results on phantoms none of them was trained on."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from TransferSegLib import metrics
+from TransferSegLib.datasets import phantom_cases
+from TransferSegLib.models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL, find_model, load_model
+from TransferSegLib.phantoms import ct_phantom
+from TransferSegLib.pipeline import run
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "Resources" / "models"
+
+
+@pytest.fixture(autouse=True)
+def no_user_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSFERSEG_MODELS", str(tmp_path / "empty"))  # only shipped models are found
+
+
+def test_every_shipped_model_loads_and_is_a_default():
+    cards = sorted(SHIPPED.glob("*.json"))
+    names = {path.stem for path in cards}
+    assert {DEFAULT_SEGMENTATION_MODEL, DEFAULT_DETECTION_MODEL} <= names
+    for path in cards:
+        loaded = load_model(path)  # verifies the sha256 and loads strictly
+        assert loaded.name == path.stem and not loaded.network.training
+        assert find_model(path.stem) == path
+        assert not (SHIPPED / (path.stem + ".pt")).exists()
+
+
+def test_default_segmentation_model_segments_a_new_ct_phantom():
+    volume, reference = ct_phantom(seed=777)
+    result = run(volume, load_model(DEFAULT_SEGMENTATION_MODEL), device="cpu")
+    liver = metrics.dice(np.isin(result.labels, (1, 2)), np.isin(reference, (1, 2)))
+    assert liver > 0.85, liver
+
+
+def test_default_detection_model_card_carries_its_heldout_froc():
+    card = json.loads((SHIPPED / f"{DEFAULT_DETECTION_MODEL}.json").read_text(encoding="utf-8"))
+    assert card["task"] == "heatmap" and card["architecture"]["name"] == "ahnet"
+    froc = card["metrics"]["froc_heldout"]
+    assert set(froc["tpr_at_fp_per_volume"]) == {"0.01", "0.05", "0.1", "0.15", "0.2", "0.25"}
+    assert froc["data"]["seed"] >= 5000 > card["training"]["config"]["data"]["seed"] + card["training"]["config"]["data"]["count"]
+    assert "transfer_from" in card["training"]["config"]["init_weights"]  # the encoder came from the MC-GCN
+
+
+def test_default_detection_model_reproduces_its_heldout_froc():
+    """The shipped AH-Net on the card's own held-out phantoms, through the product path
+    (``pipeline.run`` with the card, ``find_peaks`` with the card's evaluation peaks): the FROC
+    is the card's, to one lesion (thread counts may reorder near-tied peaks)."""
+    from TransferSegLib.heatmaps import find_peaks
+
+    loaded = load_model(DEFAULT_DETECTION_MODEL)
+    test = loaded.card["metrics"]["froc_heldout"]
+    cases = phantom_cases("dbt", test["data"]["count"], test["data"]["seed"], **test["data"]["options"])
+    detections, boxes = [], []
+    for case in cases:
+        volume, _ = case.load()
+        result = run(volume, loaded, device="cpu")
+        assert result.heatmap.shape == volume.shape and np.isfinite(result.heatmap).all()
+        peaks = test["peaks"]
+        detections.append(find_peaks(result.heatmap, volume, threshold=peaks["threshold"],
+                                     min_distance=peaks["min_distance"], max_peaks=peaks["max_peaks"]))
+        boxes.append(case.boxes)
+    curve = metrics.froc(detections, boxes)
+    assert curve["lesions"] == test["lesions"] and curve["volumes"] == test["volumes"]
+    for rate, tpr in test["tpr_at_fp_per_volume"].items():
+        assert abs(curve["tpr_at"][float(rate)] - tpr) <= 1.0 / test["lesions"] + 1e-9, (rate, curve["tpr_at"])
+    assert curve["tpr_at"][0.25] > 0  # it does find lesions
+
+
+def test_detect_command_uses_the_shipped_default(tmp_path):
+    from TransferSegLib.io import save_volume
+    from TransferSegLib.phantoms import dbt_phantom
+
+    volume, _ = dbt_phantom(seed=5001, shape=(32, 128, 96), pixel_mm=0.8)
+    save_volume(volume, tmp_path / "dbt.nii.gz")
+    done = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "detect", str(tmp_path / "dbt.nii.gz"),
+                           "-o", str(tmp_path / "out"), "--device", "cpu"],
+                          capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert done.returncode == 0, done.stderr
+    for name in ("heatmap.nii.gz", "detections.json", "detections.csv", "overview.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    detections = json.loads((tmp_path / "out" / "detections.json").read_text(encoding="utf-8"))
+    assert detections["model"] == DEFAULT_DETECTION_MODEL
