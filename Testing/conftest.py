@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from scipy.spatial.transform import Rotation
+from torch import nn
 
 # LPS direction matrices (row-major 3×3) for the geometry cases every writer must keep.
 DIRECTIONS_LPS = {
@@ -65,3 +67,17 @@ def tiny_model(tmp_path_factory):
             "patch_size": [8, 32, 32], "inference": {"overlap": 0.25},
             "evaluation": {"regions": {"liver": [1, 2], "liver tumor": [2]}}}
     return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("models"))
+
+
+def randomize_bn(model, seed=0):
+    """Non-trivial BatchNorm statistics and affine parameters, so eval mode is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.num_features, generator=g))  # signed: BN must not commute with max
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model

@@ -19,6 +19,7 @@ from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import randomize_bn
 from TransferSegLib import training
 from TransferSegLib.nets import AHNet, MCGCN, build_network, transfer_mcgcn_to_ahnet
 from TransferSegLib.volume import TransferSegError
@@ -35,20 +36,6 @@ PAPER_AHNET_CONV_LAYERS = 123
 
 def count(model):
     return sum(p.numel() for p in model.parameters())
-
-
-def randomize_bn(model, seed=0):
-    """Non-trivial BatchNorm statistics and affine parameters, so eval mode is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(m.num_features, generator=g))  # signed: BN must not commute with max
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def slicewise(module2d, x):

@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from conftest import randomize_bn
 from TransferSegLib.datasets import DBTPhantomCase, phantom_cases
 from TransferSegLib.heatmaps import box_contains, find_peaks, gaussian_heatmap
 from TransferSegLib.models import load_model, save_model
@@ -28,16 +28,6 @@ TINY_GCN = {"in_channels": 3, "out_channels": 1, "backbone": "resnet18", "kernel
 TINY_AH = {"in_channels": 1, "out_channels": 1, "backbone": "resnet18", "stem_slices": 3, "growth_rate": 2,
            "dense_layers": 1, "bottleneck_factor": 2, "psp_sizes": [4, 2]}
 LESION = [{"name": "lesion", "label": 1, "color": [1.0, 0.85, 0.1]}]
-
-
-def randomize_bn(model, seed=0):
-    """Non-trivial BatchNorm statistics, so a transfer that forgot them would show."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
 
 
 def heatmap_config(**overrides) -> dict:

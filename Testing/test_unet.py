@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from conftest import randomize_bn
 from TransferSegLib.nets import ARCHITECTURES, build_network
 from TransferSegLib.nets.unet import MultiSliceUNet2D, SliceStack2D, UNet2D, UNet3D
 from TransferSegLib.volume import TransferSegError
@@ -33,18 +34,6 @@ def conv(kernel_volume, cin, cout):
 
 def bn(channels):
     return 2 * channels
-
-
-def randomize_bn(model, seed=0):
-    """Non-trivial running statistics and affine parameters, so eval mode is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 # --------------------------------------------------------------------------- parameter counts

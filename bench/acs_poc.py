@@ -46,22 +46,30 @@ def unet2d(out_channels: int, base: int) -> UNet2D:
     return UNet2D(in_channels=1, out_channels=out_channels, base_channels=base, levels=3)
 
 
-def pretrain_2d(images, labels, base, steps, batch, seed, log):
-    torch.manual_seed(seed)
-    net = unet2d(1 + 3, base)
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+def fit(model, inputs, labels, steps, batch, seed, lr=2e-3, log=None):
+    """Adam on cross-entropy over random batches (drawn from ``seed``: the same for every model);
+    returns the losses; ``log`` gets five progress lines."""
     rng = np.random.default_rng(seed)
-    x_all = torch.from_numpy(images[:, None])
-    y_all = torch.from_numpy(labels.astype(np.int64))
-    net.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    x_all, y_all = torch.from_numpy(inputs[:, None]), torch.from_numpy(labels.astype(np.int64))
+    model.train()
+    losses = []
     for step in range(steps):
-        index = rng.choice(len(images), size=batch, replace=False)
-        loss = F.cross_entropy(net(x_all[index]), y_all[index])
+        index = rng.choice(len(inputs), size=batch, replace=False)
+        loss = F.cross_entropy(model(x_all[index]), y_all[index])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if (step + 1) % max(1, steps // 5) == 0:
+        losses.append(loss.item())
+        if log and (step + 1) % max(1, steps // 5) == 0:
             log(f"  2D pretraining step {step + 1}/{steps}: loss {loss.item():.3f}")
+    return losses
+
+
+def pretrain_2d(images, labels, base, steps, batch, seed, log):
+    torch.manual_seed(seed)
+    net = unet2d(1 + 3, base)
+    fit(net, images, labels, steps, batch, seed, log=log)
     return net
 
 
@@ -117,19 +125,7 @@ def feature_mauc(model, volumes, labels, rng, samples=4000) -> float:
 
 def train_3d(model, volumes, labels, steps, batch, seed, lr=2e-3):
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)  # the same batches for every model
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    x_all, y_all = torch.from_numpy(volumes[:, None]), torch.from_numpy(labels.astype(np.int64))
-    model.train()
-    losses = []
-    for _ in range(steps):
-        index = rng.choice(len(volumes), size=batch, replace=False)
-        loss = F.cross_entropy(model(x_all[index]), y_all[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return fit(model, volumes, labels, steps, batch, seed, lr=lr)
 
 
 def dice_miou(model, volumes, labels):
