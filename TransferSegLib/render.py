@@ -145,7 +145,8 @@ def _draw_case(axes_row, volume: Volume, labels=None, heatmap=None, boxes=None, 
             ax.imshow(np.ma.masked_equal(lab, 0), cmap=label_cmap, vmin=0, vmax=top, aspect=aspect,
                       interpolation="nearest")
             for v in values:
-                if np.any(lab == v) and np.any(lab != v):
+                # contour needs a 2×2 grid: a one-slice (or one-row) volume shows the fill alone
+                if min(lab.shape) >= 2 and np.any(lab == v) and np.any(lab != v):
                     ax.contour(lab == v, levels=[0.5], colors=[_label_color(v)], linewidths=0.8)
         if heat_max > 0:
             heat = _plane(heatmap, *plane_args).astype(np.float32) / heat_max
@@ -166,8 +167,12 @@ def _draw_case(axes_row, volume: Volume, labels=None, heatmap=None, boxes=None, 
             ax.add_patch(Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, linewidth=1.0,
                                    edgecolor=_BOX_COLORS.get(box.get("kind"), "#00ff00")))
         left, right, top_letter, bottom = letters
-        for text, xy, ha, va in ((left, (0.01, 0.5), "left", "center"), (right, (0.99, 0.5), "right", "center"),
-                                 (top_letter, (0.5, 0.99), "center", "top"), (bottom, (0.5, 0.01), "center", "bottom")):
+        edges = [(left, (0.01, 0.5), "left", "center"), (right, (0.99, 0.5), "right", "center")]
+        if volume.shape[row_ax] > 1:  # a one-voxel-thin strip has no room for a top and a bottom letter
+            edges += [(top_letter, (0.5, 0.99), "center", "top"), (bottom, (0.5, 0.01), "center", "bottom")]
+        if volume.shape[col_ax] == 1:
+            edges = edges[2:]
+        for text, xy, ha, va in edges:
             ax.text(*xy, text, transform=ax.transAxes, ha=ha, va=va, color="#ffd24d", fontsize=7)
         ax.set_title(f"{name} {index}", fontsize=8)
         ax.set_xticks([])
