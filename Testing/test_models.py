@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from TransferSegLib import models
 from TransferSegLib.models import find_model, list_models, load_model, save_model
 from TransferSegLib.nets import ARCHITECTURES, register
 from TransferSegLib.volume import TransferSegError
+from TransferSegLib.weights import sha256_file
 
 
 @register("test_tiny_seg")
@@ -53,7 +53,7 @@ def test_round_trip_by_name_and_by_path(saved):
         for (k, a), (k2, b) in zip(net.state_dict().items(), loaded.network.state_dict().items()):
             assert k == k2 and torch.equal(a, b)
     card = json.loads(card_path.read_text(encoding="utf-8"))
-    assert card["weights"]["sha256"] == models.sha256_file(card_path.with_suffix(".safetensors"))
+    assert card["weights"]["sha256"] == sha256_file(card_path.with_suffix(".safetensors"))
     assert [c["name"] for c in list_models()][0] == "tiny"
 
 
@@ -93,7 +93,7 @@ def test_pickle_disguised_as_safetensors_is_refused(saved, monkeypatch):
     with zipfile.ZipFile(weights, "w") as z:  # what torch.save writes: a zip holding a pickle
         z.writestr("archive/data.pkl", pickle.dumps({"w": 1}))
     card = json.loads(card_path.read_text(encoding="utf-8"))
-    card["weights"]["sha256"] = models.sha256_file(weights)
+    card["weights"]["sha256"] = sha256_file(weights)
     card_path.write_text(json.dumps(card), encoding="utf-8")
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must never be called"))
     with pytest.raises(TransferSegError, match="pickle"):
@@ -136,3 +136,24 @@ def test_bad_cards_and_missing_models(saved, tmp_path):
 def test_save_is_atomic_and_leaves_no_partial_files(tmp_path):
     save_model(TinySeg(), _card("a"), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.safetensors"]
+
+
+@pytest.mark.parametrize("magic", [b"\x80", b"PK"])
+def test_a_safetensors_header_length_that_looks_like_a_pickle_is_not_refused(tmp_path, magic):
+    """The 8-byte header length may start with 0x80 (a pickle's first byte) or "PK" (a zip's)."""
+    from safetensors.torch import save
+
+    from TransferSegLib.weights import read_header, read_state_dict
+
+    def header_length(pad):
+        return int.from_bytes(save({"w": torch.arange(3.0)}, metadata={"pad": "x" * pad})[:8], "little")
+
+    target = int.from_bytes(magic, "little") + (256 if magic == b"\x80" else 0)
+    start = target - header_length(0)
+    pad = next(n for n in range(max(0, start - 16), start + 16)
+               if header_length(n) % 256 ** len(magic) == target % 256 ** len(magic))
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(save({"w": torch.arange(3.0)}, metadata={"pad": "x" * pad}))
+    assert path.read_bytes()[:len(magic)] == magic
+    assert read_header(path) == {"w": ("F32", (3,))}
+    assert torch.equal(read_state_dict(path)["w"], torch.arange(3.0))

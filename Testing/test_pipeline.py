@@ -39,8 +39,10 @@ def test_segment_cli_writes_every_output_on_the_input_grid(tmp_path, tiny_model,
     fractions = [float(p[1]) for p in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 3
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["labelmap.nii.gz", "overview.png", "result.json",
-                                                     "segmentation.seg.nrrd"]
+    files = ["segmentation.seg.nrrd", "labelmap.nii.gz", "overview.png", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert json.loads((out / "result.json").read_text(encoding="utf-8"))["files"] == files
+    assert result.stdout.splitlines()[-4:] == [str(out / name) for name in files]
     reference = sitk.ReadImage(str(source))
     for name in ("labelmap.nii.gz", "segmentation.seg.nrrd"):
         image = sitk.ReadImage(str(out / name))
@@ -125,7 +127,7 @@ def test_loaded_phantom_runs_through_the_python_api(tmp_path, tiny_model, phanto
     volume = load_volume(phantom_dir / "ct_001.nii.gz")
     result = run(volume, tiny_model, device="cpu")
     paths = result.write(tmp_path / "api")
-    assert all(p.exists() for p in paths.values())
+    assert list(paths) == result.outputs() and all(p.exists() for p in paths.values())
     assert set(result.volumes_ml()) == {"liver", "liver tumor"}
 
 
@@ -154,8 +156,9 @@ def test_detect_cli_writes_heatmap_and_detections(tmp_path, tiny_heatmap_model):
     result = _cli("detect", source, "-o", tmp_path / "out", "--model", tiny_heatmap_model, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["detections.csv", "detections.json", "heatmap.nii.gz",
-                                                     "overview.png", "result.json"]
+    files = ["heatmap.nii.gz", "detections.json", "detections.csv", "overview.png", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert json.loads((out / "result.json").read_text(encoding="utf-8"))["files"] == files
     detections = json.loads((out / "detections.json").read_text(encoding="utf-8"))["detections"]
     assert 1 <= len(detections) <= 5
     heatmap = load_volume(out / "heatmap.nii.gz")

@@ -94,9 +94,10 @@ def _parse_box(text: str, name: str) -> tuple:
 
 
 def _cmd_segment(args) -> int:
-    from .io import load_volume
+    from .io import check_output_folder, load_volume
     from .pipeline import run
 
+    output = check_output_folder(args.output)  # before the model runs: a wrong -o must not cost minutes
     volume = load_volume(args.input)
     roi = None
     if args.roi:
@@ -110,7 +111,7 @@ def _cmd_segment(args) -> int:
     try:
         result = run(volume, model=args.model, device=args.device, roi=roi, progress=printer,
                      cancel=_cancel_on_signals(), return_probabilities=False)
-        paths = result.write(args.output, input_path=args.input)
+        result.write(output, input_path=args.input)
     finally:
         printer.close()
     for warning in result.warnings + result.fallbacks:
@@ -124,8 +125,8 @@ def _cmd_segment(args) -> int:
         for name, ml in result.volumes_ml().items():
             print(f"{name}: {ml:.1f} mL")
     print(f"device: {result.device}; " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
-    for path in paths.values():
-        print(path)
+    for name in result.outputs():
+        print(output / name)
     return 0
 
 
@@ -346,6 +347,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("transferseg: interrupted; no partial output was kept", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:  # disk full, permission denied, …: the system's reason and the file, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"transferseg: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

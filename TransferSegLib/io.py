@@ -8,6 +8,7 @@
   write on the reference volume's geometry.  Every write goes to a temporary file in the
   target folder and is renamed into place (:func:`atomic_output`): an existing file is only
   ever replaced by a complete one, and a failed or cancelled write leaves nothing behind.
+  :func:`atomic_output_folder` does the same for a set of files: all of them or none.
 
 ITK works in LPS; the library works in RAS.  The conversion negates the first two rows of
 the direction matrix and the first two origin coordinates, which is exact in floating point.
@@ -18,9 +19,10 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import sys
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,7 +33,9 @@ __all__ = [
     "READ_SUFFIXES",
     "WRITE_SUFFIXES",
     "atomic_output",
+    "atomic_output_folder",
     "available_memory_bytes",
+    "check_output_folder",
     "load_volume",
     "save_labelmap",
     "save_scalar",
@@ -77,6 +81,91 @@ def atomic_output(path):
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def check_output_folder(folder) -> Path:
+    """Return ``folder`` as a Path if it is a folder or can be created as one; else raise
+    :class:`TransferSegError` (cheap: call it before a long run, not only when writing)."""
+    folder = Path(folder).expanduser()
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise TransferSegError(
+            f"the output folder {folder} is an existing file; give the name of a folder (it is created if "
+            "missing), or move the file away"
+        )
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TransferSegError(f"cannot create the output folder {folder}: {parent} is a file, not a folder")
+            break
+    return folder
+
+
+def _relative_names(names) -> list:
+    names = [PurePosixPath(n) for n in names]
+    for name in names:
+        if name.is_absolute() or ".." in name.parts or not name.parts:
+            raise ValueError(f"output names must be relative paths inside the folder; got {str(name)!r}")
+    if len(set(names)) != len(names):
+        raise ValueError("output names must be unique")
+    return names
+
+
+@contextlib.contextmanager
+def atomic_output_folder(folder, names):
+    """Yield an empty staging folder; move the files ``names`` (relative paths, e.g.
+    ``views/axial.nii.gz``) from it into ``folder`` only when the block has written every one.
+
+    A new ``folder`` is staged beside it and renamed into place in one step.  An existing one
+    is staged in a hidden subfolder (the same filesystem even if ``folder`` is a mount point,
+    and no need to write in its parent) and the files are moved in one by one with
+    ``os.replace``; its other files are never touched.  On any exception (including
+    KeyboardInterrupt and cancellation), or if the block wrote other files than ``names``,
+    the staging folder is removed and ``folder`` is left exactly as it was.
+    """
+    folder = check_output_folder(folder)
+    names = _relative_names(names)
+    existed = folder.is_dir()
+    for name in names:  # before any writing: nothing a rename at the end would trip over
+        target = folder / name
+        blocked = [folder / p for p in name.parents[:-1] if (folder / p).exists() and not (folder / p).is_dir()]
+        blocked += [target] if target.is_dir() else []
+        if blocked:
+            raise TransferSegError(f"cannot write {target}: {blocked[0]} is in the way; move it away")
+    created = [p for p in folder.parents if not p.exists()]  # deepest first
+    token = secrets.token_hex(4)
+    if existed:
+        staging = folder / f".transferseg.tmp-{token}"
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = folder.parent / f".{folder.name}.tmp-{token}"
+    staging.mkdir()
+    try:
+        yield staging
+        written = sorted(PurePosixPath(p.relative_to(staging).as_posix()) for p in staging.rglob("*")
+                         if not p.is_dir())
+        if written != sorted(names):
+            raise RuntimeError(f"expected to write {sorted(map(str, names))} but wrote {list(map(str, written))}")
+        moved = False
+        if not existed:
+            try:
+                os.rename(staging, folder)
+                moved = True
+            except OSError:  # the folder appeared meanwhile: move file by file as below
+                if not folder.is_dir():
+                    raise
+        if not moved:
+            # Safe: every file is complete before the first rename, and os.replace swaps a whole file on one filesystem.
+            for name in names:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                os.replace(staging / name, folder / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # folders made only to hold the staging folder
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)  # what is left of it: empty subfolders
 
 
 def available_memory_bytes() -> int:
@@ -326,13 +415,17 @@ def _check_suffix(path: Path, allowed) -> str:
     return suffix
 
 
-def _image_on(array: np.ndarray, reference: Volume) -> sitk.Image:
-    if array.shape != reference.shape:
+def _image_on(array: np.ndarray, reference: Volume, channels: bool = False) -> sitk.Image:
+    """A (k, j, i) array, or with ``channels`` a (C, k, j, i) one as C components, on ``reference``'s geometry."""
+    if array.shape[int(channels):] != reference.shape:
         raise TransferSegError(
             f"the array to write is {_describe_shape(array.shape)} but the reference volume is "
             f"{_describe_shape(reference.shape)}; they must match voxel for voxel"
         )
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    if channels:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(array, 0, -1)), isVector=True)
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     image.SetSpacing(tuple(reversed(reference.spacing)))
     image.SetOrigin(tuple(_LPS * reference.origin))
     image.SetDirection(tuple((_LPS[:, None] * reference.directions).reshape(-1)))
@@ -377,11 +470,15 @@ def save_labelmap(labels: np.ndarray, reference: Volume, path) -> Path:
 
 
 def save_scalar(values: np.ndarray, reference: Volume, path) -> Path:
-    """Write a probability or heatmap volume (stored as float32) on ``reference``'s geometry."""
+    """Write a probability or heatmap volume on ``reference``'s geometry.
+
+    Stored as float32, or as uint8 when given uint8 (probability × 255).  A (C, k, j, i) array
+    (e.g. one probability per class) is written as one image with C components.
+    """
     values = np.asarray(values)
-    if values.dtype != np.float32:
+    if values.dtype not in (np.float32, np.uint8):
         values = values.astype(np.float32)
-    return _write_image(_image_on(values, reference), path)
+    return _write_image(_image_on(values, reference, channels=values.ndim == 4), path)
 
 
 def _terminology_entry(terminology) -> dict:

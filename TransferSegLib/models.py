@@ -23,24 +23,20 @@ default ``~/.transferseg/models``) and then in the models shipped with TransferS
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .volume import TransferSegError
+from .weights import read_header, read_state_dict, refuse_pickle_suffix, save_state_dict, sha256_file
 
 __all__ = ["LoadedModel", "DEFAULT_DETECTION_MODEL", "DEFAULT_SEGMENTATION_MODEL", "find_model", "list_models", "load_model",
-           "model_dirs", "read_state_dict", "save_model", "sha256_file"]
+           "model_dirs", "save_model"]
 
 DEFAULT_SEGMENTATION_MODEL = "ct-liver-tumor-unet3d"
 DEFAULT_DETECTION_MODEL = "dbt-lesion-ahnet"
-_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 _REQUIRED_CARD_KEYS = ("name", "version", "task", "labels", "architecture", "preprocessing", "patch_size", "weights")
-
-# safetensors: an 8-byte little-endian header length, then that much JSON, then the data.
-_SAFETENSORS_MAX_HEADER = 100 * 2**20
 
 
 @dataclass
@@ -54,14 +50,6 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.card["name"]
-
-
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_dirs() -> list[Path]:
@@ -90,11 +78,7 @@ def find_model(name_or_path) -> Path:
     """The card path of a model given by name, card path, weights path or folder."""
     text = str(name_or_path)
     path = Path(text).expanduser()
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise TransferSegError(
-            f"{path}: refusing to load a PyTorch pickle ({path.suffix}) file: unpickling can run arbitrary code. "
-            "Convert the weights to safetensors with a model card (see README, 'Model cards')"
-        )
+    refuse_pickle_suffix(path)
     if path.exists() or os.sep in text or text.endswith((".json", ".safetensors")):
         if not path.exists():
             raise TransferSegError(f"{path}: no such model file")
@@ -120,51 +104,6 @@ def _read_card(card_path: Path) -> dict:
     return card
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Refuse pickles and truncated files before handing the bytes to safetensors."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] in (b"PK", b"\x80\x02", b"\x80\x04", b"\x80\x05") or head[:1] == b"\x80":
-            raise TransferSegError(
-                f"{path}: this is a PyTorch pickle/zip checkpoint, not safetensors; refusing to unpickle it. "
-                "Convert it once in a trusted environment with safetensors.torch.save_file"
-            )
-        if len(head) < 8:
-            raise TransferSegError(f"{path}: the weights file is truncated ({size} bytes)")
-        header_len = int.from_bytes(head, "little")
-        if header_len <= 0 or header_len > min(_SAFETENSORS_MAX_HEADER, size - 8):
-            raise TransferSegError(f"{path}: not a safetensors file, or truncated (bad header length)")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise TransferSegError(f"{path}: not a safetensors file (unreadable header)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise TransferSegError(
-            f"{path}: the weights file is truncated ({size} bytes, needs {8 + header_len + end}); "
-            "copy or download it again"
-        )
-
-
-def read_state_dict(path) -> dict:
-    """A state dict from a safetensors file: pickles are refused by name and by content, never
-    unpickled; a truncated file is refused before safetensors reads it."""
-    from safetensors.torch import load_file
-
-    path = Path(path).expanduser()
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise TransferSegError(
-            f"{path}: refusing to load a PyTorch pickle ({path.suffix}): unpickling can run arbitrary code. "
-            "Convert it once, in a trusted environment, with "
-            "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')"
-        )
-    if not path.is_file():
-        raise TransferSegError(f"{path}: no such weights file")
-    _check_safetensors_file(path)
-    return load_file(str(path), device="cpu")
-
-
 def load_model(name_or_path, device="cpu") -> LoadedModel:
     """Load a model by name or path: card checked, sha256 verified, weights loaded strictly, eval mode."""
     import torch
@@ -176,9 +115,7 @@ def load_model(name_or_path, device="cpu") -> LoadedModel:
     weights_path = card_path.parent / card["weights"].get("file", card_path.with_suffix(".safetensors").name)
     if not weights_path.exists():
         raise TransferSegError(f"{card_path}: the weights file {weights_path.name} is missing beside the card")
-    if weights_path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise TransferSegError(f"{weights_path}: refusing to load a pickle file; weights must be .safetensors")
-    _check_safetensors_file(weights_path)
+    read_header(weights_path)  # refuses pickles and truncated files before hashing
     expected = card["weights"].get("sha256")
     actual = sha256_file(weights_path)
     if expected != actual:
@@ -207,8 +144,6 @@ def save_model(network, card: dict, folder) -> Path:
 
     Returns the card path.  ``card`` needs every key of a model card except ``weights``.
     """
-    from safetensors.torch import save_file
-
     from .io import atomic_output
 
     folder = Path(folder)
@@ -216,12 +151,8 @@ def save_model(network, card: dict, folder) -> Path:
     name = card.get("name")
     if not name or "/" in name:
         raise TransferSegError(f"a model needs a plain name; got {name!r}")
-    state = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
     weights = folder / f"{name}.safetensors"
-    with atomic_output(weights) as tmp:
-        save_file(state, str(tmp), metadata={"name": name, "format": "pt"})
-        tmp.chmod(0o644)  # safetensors writes 0600; a model is meant to be shared
-        digest = sha256_file(tmp)
+    digest = save_state_dict(network.state_dict(), weights, metadata={"name": name, "format": "pt"})
     card["weights"] = {"file": weights.name, "sha256": digest, "bytes": weights.stat().st_size}
     missing = [k for k in _REQUIRED_CARD_KEYS if k not in card]
     if missing:

@@ -2,7 +2,7 @@
 
 ``run(volume, model)`` preprocesses as the model card says, runs the project's sliding-window
 inferer, post-processes, and returns a :class:`Result` on the input's exact geometry.
-``Result.write(folder)`` writes the files the CLI promises, each atomically.
+``Result.write(folder)`` writes the files that ``Result.outputs()`` lists, all of them or none.
 """
 from __future__ import annotations
 
@@ -20,12 +20,21 @@ from .preprocessing import preprocess
 from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from .volume import TransferSegError, Volume
 
-__all__ = ["Result", "run", "postprocess"]
+__all__ = ["VIEW_NAMES", "Result", "run", "postprocess"]
+
+
+VIEW_NAMES = ("axial", "coronal", "sagittal")
 
 
 @dataclass
 class Result:
-    """What a run produced, all on ``volume``'s grid (axes (k, j, i))."""
+    """What a run produced, all on ``volume``'s grid (axes (k, j, i)).
+
+    ``views`` holds a multi-view method's per-view probabilities, keyed by ``axial``,
+    ``coronal`` and ``sagittal``: uint8 (k, j, i), or (K, k, j, i) with channel c for label c,
+    probability × 255.  ``disagreement`` is the views' disagreement (k, j, i).  Both stay empty
+    for single-network methods; :meth:`outputs` and :meth:`write` follow what is set.
+    """
 
     volume: Volume
     labels: np.ndarray
@@ -38,6 +47,8 @@ class Result:
     detections: list = field(default_factory=list)  # heatmap task: TransferSegLib.heatmaps.Detection
     fallbacks: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    views: dict = field(default_factory=dict)
+    disagreement: Optional[np.ndarray] = None
 
     @property
     def segments(self) -> list:
@@ -53,6 +64,29 @@ class Result:
         counts = np.bincount(self.labels.ravel(), minlength=256)
         return {seg["name"]: round(float(counts[seg["label"]]) * voxel_ml, 3) for seg in self.segments}
 
+    def outputs(self) -> list:
+        """Every file :meth:`write` writes, relative to its folder, in a fixed order (result.json last).
+
+        Segmentation: segmentation.seg.nrrd, labelmap.nii.gz; heatmap task: heatmap.nii.gz,
+        detections.json, detections.csv; then views/axial|coronal|sagittal.nii.gz and
+        disagreement.nii.gz when set, overview.png, views.png when there are views, result.json.
+        """
+        unknown = set(self.views) - set(VIEW_NAMES)
+        if unknown:
+            raise ValueError(f"views must be named {', '.join(VIEW_NAMES)}; got {sorted(unknown)}")
+        if self.task == "heatmap":
+            names = ["heatmap.nii.gz", "detections.json", "detections.csv"]
+        else:
+            names = ["segmentation.seg.nrrd", "labelmap.nii.gz"]
+        names += [f"views/{view}.nii.gz" for view in VIEW_NAMES if view in self.views]
+        if self.disagreement is not None:
+            names.append("disagreement.nii.gz")
+        names.append("overview.png")
+        if self.views:
+            names.append("views.png")
+        names.append("result.json")
+        return names
+
     def summary(self) -> dict:
         card = self.card
         return {
@@ -65,55 +99,82 @@ class Result:
             "detections": len(self.detections) if self.task == "heatmap" else None,
             "fallbacks": self.fallbacks,
             "warnings": self.warnings,
+            "files": self.outputs(),
         }
 
     def write(self, folder, input_path=None) -> dict:
-        """Write the run's files into ``folder``, each atomically; refuses to overwrite ``input_path``.
+        """Write every file of :meth:`outputs` into ``folder``, all of them or none; return {name: path}.
 
-        Segmentation: segmentation.seg.nrrd, labelmap.nii.gz, result.json, overview.png.
-        Heatmap (detection): heatmap.nii.gz, detections.json, detections.csv, result.json, overview.png.
+        The files are written into a staging folder and moved in only when every one is complete
+        (:func:`~TransferSegLib.io.atomic_output_folder`): a failure or cancellation leaves
+        ``folder`` as it was, other files in it are never touched, and files of an earlier run
+        with the same names are replaced.  Refuses to overwrite ``input_path``.
         """
-        from .io import atomic_output, save_labelmap, save_scalar, save_segmentation
-        from .render import save_overview_png
+        from .io import atomic_output_folder, check_output_folder
 
-        folder = Path(folder)
-        if self.task == "heatmap":
-            names = {"heatmap": "heatmap.nii.gz", "detections": "detections.json", "detections_csv": "detections.csv"}
-        else:
-            names = {"segmentation": "segmentation.seg.nrrd", "labelmap": "labelmap.nii.gz"}
-        names.update(result="result.json", overview="overview.png")
-        paths = {key: folder / name for key, name in names.items()}
+        folder = check_output_folder(folder)
+        names = self.outputs()
         if input_path is not None:
             source = Path(input_path).resolve()
-            for path in paths.values():
-                if path.resolve() == source:
-                    raise TransferSegError(f"the output {path} would overwrite the input; choose another output folder")
-        folder.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                if (folder / name).resolve() == source:
+                    raise TransferSegError(
+                        f"the output {folder / name} would overwrite the input; choose another output folder")
+        with atomic_output_folder(folder, names) as staging:
+            self._write_files(staging)
+        return {name: folder / name for name in names}
+
+    def _write_files(self, folder: Path) -> None:
+        from .io import atomic_output, save_labelmap, save_scalar, save_segmentation
+        from .render import save_gallery_png, save_overview_png
+
         start = time.perf_counter()
+        label_names = {seg["label"]: seg["name"] for seg in self.segments}
         if self.task == "heatmap":
-            save_scalar(self.heatmap, self.volume, paths["heatmap"])
+            save_scalar(self.heatmap, self.volume, folder / "heatmap.nii.gz")
             rows = [d.to_dict() for d in self.detections]
-            with atomic_output(paths["detections"]) as tmp:
-                tmp.write_text(json.dumps({"model": self.card["name"], "detections": rows}, indent=2) + "\n", encoding="utf-8")
-            with atomic_output(paths["detections_csv"]) as tmp:
+            with atomic_output(folder / "detections.json") as tmp:
+                tmp.write_text(json.dumps({"model": self.card["name"], "detections": rows}, indent=2) + "\n",
+                               encoding="utf-8")
+            with atomic_output(folder / "detections.csv") as tmp:
                 lines = ["rank,confidence,k,j,i,r_mm,a_mm,s_mm,k0,j0,i0,k1,j1,i1"]
                 for n, d in enumerate(self.detections, 1):
                     lines.append(",".join(str(v) for v in [n, f"{d.confidence:.6g}", *d.position_kji,
                                                           *(d.position_ras or ["", "", ""]), *d.box_kji]))
                 tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            save_overview_png(self.volume, paths["overview"], heatmap=self.heatmap,
+        else:
+            save_segmentation(self.labels, self.volume, folder / "segmentation.seg.nrrd", self.segments)
+            save_labelmap(self.labels, self.volume, folder / "labelmap.nii.gz")
+        for view in VIEW_NAMES:
+            if view in self.views:
+                save_scalar(self.views[view], self.volume, folder / "views" / f"{view}.nii.gz")
+        if self.disagreement is not None:
+            save_scalar(self.disagreement, self.volume, folder / "disagreement.nii.gz")
+        if self.task == "heatmap":
+            save_overview_png(self.volume, folder / "overview.png", heatmap=self.heatmap,
                               boxes=[{"box_kji": d.box_kji, "kind": "detection"} for d in self.detections[:10]],
                               title=f"{self.card['name']} — {len(self.detections)} detection(s)")
         else:
-            save_segmentation(self.labels, self.volume, paths["segmentation"], self.segments)
-            save_labelmap(self.labels, self.volume, paths["labelmap"])
-            save_overview_png(self.volume, paths["overview"], labels=self.labels,
+            save_overview_png(self.volume, folder / "overview.png", labels=self.labels, label_names=label_names,
                               title=f"{self.card['name']} — " + ", ".join(
                                   f"{k} {v:.1f} mL" for k, v in self.volumes_ml().items()))
+        if self.views:
+            rows = []
+            for view in VIEW_NAMES:
+                if view not in self.views:
+                    continue
+                probabilities = np.asarray(self.views[view])
+                if probabilities.ndim == 4:  # class probabilities: show the view's own label map
+                    rows.append(dict(volume=self.volume, labels=probabilities.argmax(axis=0).astype(np.uint8),
+                                     label_names=label_names, title=f"{view} network"))
+                else:
+                    rows.append(dict(volume=self.volume, heatmap=probabilities, title=f"{view} network"))
+            if self.disagreement is not None:
+                rows.append(dict(volume=self.volume, heatmap=self.disagreement, title="view disagreement"))
+            save_gallery_png(rows, folder / "views.png")
         self.timings["write"] = time.perf_counter() - start
-        with atomic_output(paths["result"]) as tmp:
+        with atomic_output(folder / "result.json") as tmp:
             tmp.write_text(json.dumps(self.summary(), indent=2) + "\n", encoding="utf-8")
-        return paths
 
 
 def postprocess(labels: np.ndarray, spec: Optional[dict]) -> np.ndarray:

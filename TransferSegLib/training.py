@@ -825,7 +825,7 @@ def _freeze(network: nn.Module, groups: dict, stage: dict) -> list:
 
 # --- checkpoints --------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
-    from .models import sha256_file
+    from .weights import sha256_file
 
     return sha256_file(path)
 
@@ -1129,16 +1129,14 @@ def _transferred_weights(mcgcn_model: str, ahnet: nn.Module, seed: int) -> dict:
 
 
 def _initial_weights(path: str) -> dict:
-    from safetensors.torch import load_file
-
-    from .models import _check_safetensors_file, load_model
+    from .models import load_model
+    from .weights import read_state_dict
 
     if path.endswith(".safetensors"):
         file = Path(path).expanduser()
         if not file.exists():
             _fail("init_weights", f"{file}: no such file")
-        _check_safetensors_file(file)
-        return load_file(str(file), device="cpu")
+        return read_state_dict(file)
     return load_model(path, device="cpu").network.state_dict()
 
 

@@ -75,8 +75,8 @@ from torchvision.models import convnext, densenet, mnasnet, mobilenetv2, shuffle
 from torchvision.models.segmentation import deeplabv3, fcn, lraspp
 from torchvision.ops import misc as tv_misc
 
-from ..models import read_state_dict, sha256_file
 from ..volume import TransferSegError
+from ..weights import read_state_dict, refuse_pickle_suffix, save_state_dict, sha256_file
 from .unet import SliceStack2D, UNet2D
 
 __all__ = ["CONVERSION_MODES", "FORWARDS_3D", "InflatedConvTranspose3d", "LayerNorm3d", "convert",
@@ -822,14 +822,10 @@ def convert_from_source(source: str, to: str = "acs", num_classes: int | None = 
     writes it as the sidecar and :func:`load_converted` rebuilds the network from it.
     """
 
-    from ..models import _PICKLE_SUFFIXES
-
     mode = _check_mode(to)
     for given in (source, weights_path):
-        if given is not None and Path(str(given)).suffix.lower() in _PICKLE_SUFFIXES:
-            raise TransferSegError(f"{given}: refusing to load a PyTorch pickle: unpickling can run arbitrary code. "
-                                   "Convert it once, in a trusted environment, with "
-                                   "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')")
+        if given is not None:
+            refuse_pickle_suffix(str(given))
     pretrained = Path(weights_path).expanduser() if weights_path is not None else None
     card_network = None
     if source.startswith(("torchvision:", "transferseg:")):
@@ -884,8 +880,6 @@ def save_converted(model3d: nn.Module, path, info: dict | None = None) -> Path:
     set by :func:`convert` / :func:`convert_from_source`: source, architecture, mode, …) plus
     ``weights``: file name, sha256 and size.  Returns the sidecar's path.
     """
-    from safetensors.torch import save_file
-
     from ..io import atomic_output
 
     path = Path(path)
@@ -894,17 +888,8 @@ def save_converted(model3d: nn.Module, path, info: dict | None = None) -> Path:
     record = dict(info if info is not None else getattr(model3d, "transferseg_conversion", {}))
     if "mode" not in record:
         raise TransferSegError("save_converted: this model does not say how it was converted; pass info=")
-    state, seen = {}, set()
-    for key, tensor in model3d.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        # safetensors refuses shared storage (a module used twice): give each key its own copy.
-        pointer = tensor.untyped_storage().data_ptr()
-        state[key] = tensor.clone() if pointer in seen else tensor
-        seen.add(pointer)
-    with atomic_output(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "transferseg_conversion": record["mode"]})
-        tmp.chmod(0o644)  # safetensors writes 0600; a converted model is meant to be shared
-        digest = sha256_file(tmp)
+    digest = save_state_dict(model3d.state_dict(), path,
+                             metadata={"format": "pt", "transferseg_conversion": record["mode"]})
     record["weights"] = {"file": path.name, "sha256": digest, "bytes": path.stat().st_size}
     sidecar = path.with_suffix(".json")
     with atomic_output(sidecar) as tmp:

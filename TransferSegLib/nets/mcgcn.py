@@ -28,6 +28,7 @@ import torchvision
 from torch import nn
 
 from ..volume import TransferSegError
+from ..weights import read_state_dict
 from . import register
 from .unet import SliceStack2D
 
@@ -213,8 +214,6 @@ class MCGCN(nn.Module):
         self.up = nn.ModuleList(_Up(width, width) for _ in channels[:-1])
         self.head = _Up(width, out_channels)
         if pretrained_backbone is not None:
-            from ..models import read_state_dict
-
             self.load_resnet_weights(read_state_dict(pretrained_backbone))
 
     def load_resnet_weights(self, state_dict: dict) -> None:
