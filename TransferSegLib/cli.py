@@ -193,6 +193,36 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_compose(args) -> int:
+    """Separately trained models → one composed model (one safetensors file, one sha256)."""
+    from .models import compose_models
+
+    components = {}
+    for item in args.component:
+        component, sep, model = item.partition("=")
+        if not sep or not component or not model:
+            raise TransferSegError(f"--component takes NAME=MODEL (e.g. axial=runs/a/model/a.json), not {item!r}")
+        if component in components:
+            raise TransferSegError(f"--component {component} is given twice")
+        components[component] = model
+    try:
+        method_config = json.loads(args.method_config) if args.method_config else None
+    except json.JSONDecodeError as e:
+        raise TransferSegError(f"--method-config is not valid JSON ({e.msg}): {args.method_config}") from None
+    card_path = compose_models(components, args.output, name=args.name, method=args.method,
+                               method_config=method_config, labels_from=args.labels_from, version=args.model_version)
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    print(f"composed {card['name']} v{card['version']} ({card['method']['name']}, {card['task']}) from "
+          f"{len(components)} model(s):")
+    for component, source in card["training"]["composed_from"].items():
+        spec = card["components"][component]
+        print(f"  {component}: {spec['architecture']['name']} from {source['model']} "
+              f"(sha256 {source['sha256'][:12]}…)")
+    print(f"weights sha256 {card['weights']['sha256']}")
+    print(f"wrote {card_path.with_name(card['weights']['file'])} and {card_path}")
+    return 0
+
+
 def _cmd_phantom(args) -> int:
     from .phantoms import write_phantoms
 
@@ -306,6 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="JSON config of a transferseg: architecture")
     p.add_argument("--num-classes", type=int, default=None, help="classifier / output size")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("compose", help="assemble separately trained models into one composed model "
+                                       "(method + components, one weights file)")
+    p.add_argument("-o", "--output", required=True, help="output folder: NAME.safetensors + NAME.json")
+    p.add_argument("--name", required=True, help="the composed model's name")
+    p.add_argument("--method", required=True, help="how the components run together: single | multiview | cascade")
+    p.add_argument("--component", action="append", required=True, metavar="NAME=MODEL",
+                   help="a component and its model (name, card or weights path); repeat for each, "
+                        "e.g. --component axial=runs/a/model/a.json")
+    p.add_argument("--method-config", default=None,
+                   help='the method\'s config as JSON, e.g. \'{"fusion": "majority"}\'')
+    p.add_argument("--labels-from", default=None, help="component whose task and labels the model takes "
+                                                       "(default: the first)")
+    p.add_argument("--model-version", default="1.0.0", help="version written in the card (default 1.0.0)")
+    p.set_defaults(func=_cmd_compose)
 
     p = sub.add_parser("models", help="list installed models and their cards")
     p.add_argument("--json", action="store_true", help="print the cards as JSON")

@@ -1,7 +1,7 @@
 """Model cards and the safetensors model registry.
 
 A model is two files side by side: ``NAME.safetensors`` (weights only, never pickle) and
-``NAME.json``, its card::
+``NAME.json``, its card.  A card of one network::
 
     {
       "name": "ct-liver-tumor-unet3d", "version": "1.0.0", "task": "segmentation" | "heatmap",
@@ -15,41 +15,93 @@ A model is two files side by side: ``NAME.safetensors`` (weights only, never pic
       "weights": {"file": "NAME.safetensors", "sha256": "..."}
     }
 
+A composed card (several networks that one method runs together) says how, and keeps each
+network's part of the card under its component name::
+
+    {
+      "name": ..., "version": ..., "task": ..., "labels": [...],
+      "method": {"name": "multiview", "config": {"fusion": "majority"}},
+      "components": {"axial": {"architecture": {...}, "preprocessing": {...}, "patch_size": [...],
+                               "inference": {...}, "view": "axial"}, "coronal": {...}, ...},
+      "training": {"composed_from": {...}}, "weights": {"file": ..., "sha256": ...}
+    }
+
+All components' weights sit in the one safetensors file under prefixed keys (``axial.…``):
+one sha256, one strict load per component.  A card without ``method`` is read as method
+``single`` with one component, ``network``, built from the card's top-level keys, whose keys
+have no prefix, so cards written before compositions load unchanged.  The method's name is
+only stored here; the methods themselves are looked up by name in a registry, and a card
+never names code to import.
+
 :func:`load_model` verifies the sha256 before it reads a tensor and refuses, with an error a
 user can act on: a checksum mismatch, a pickle / ``.pt`` / ``.pth`` file (never unpickled),
-a card naming an unknown architecture, weights that do not fit the architecture, and a
-truncated file.  Models are looked up by name in the user folder (``$TRANSFERSEG_MODELS``,
-default ``~/.transferseg/models``) and then in the models shipped with TransferSeg.
+a card naming an unknown architecture, weights that do not fit the architecture (checked
+against the file's header before any network is allocated, so an absurd config is refused
+at once), tensors that belong to no component, and a truncated file.  Models are looked up
+by name in the user folder (``$TRANSFERSEG_MODELS``, default ``~/.transferseg/models``) and
+then in the models shipped with TransferSeg.  :func:`compose_models` assembles separately
+trained models into one composed model (``transferseg compose``).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .volume import TransferSegError
 from .weights import read_header, read_state_dict, refuse_pickle_suffix, save_state_dict, sha256_file
 
-__all__ = ["LoadedModel", "DEFAULT_DETECTION_MODEL", "DEFAULT_SEGMENTATION_MODEL", "find_model", "list_models", "load_model",
-           "model_dirs", "save_model"]
+__all__ = ["Component", "LoadedModel", "DEFAULT_DETECTION_MODEL", "DEFAULT_SEGMENTATION_MODEL", "component_specs",
+           "compose_models", "find_model", "list_models", "load_model", "method_of", "model_dirs", "save_model"]
 
 DEFAULT_SEGMENTATION_MODEL = "ct-liver-tumor-unet3d"
 DEFAULT_DETECTION_MODEL = "dbt-lesion-ahnet"
-_REQUIRED_CARD_KEYS = ("name", "version", "task", "labels", "architecture", "preprocessing", "patch_size", "weights")
+_SINGLE_CARD_KEYS = ("name", "version", "task", "labels", "architecture", "preprocessing", "patch_size", "weights")
+_COMPOSED_CARD_KEYS = ("name", "version", "task", "labels", "method", "components", "weights")
+#: the keys of a card that describe one network (a component's spec); also every ``patch_…`` key
+_SPEC_KEYS = ("architecture", "preprocessing", "patch_size", "expected_spacing_mm", "working_spacing_mm",
+              "inference", "view")
+_VIEWS = ("axial", "coronal", "sagittal")
+_SINGLE_COMPONENT = "network"
+# no "." in a component name: a weight key's first dotted part names its component
+_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass
+class Component:
+    """One network of a model: its name in the card, the network (eval mode) and its spec
+    (the component's part of the card: architecture, preprocessing, patch_size, inference, …)."""
+
+    name: str
+    network: object
+    spec: dict
 
 
 @dataclass
 class LoadedModel:
-    """A network in eval mode with its card and where it came from."""
+    """A model's networks in eval mode, with its card, method and where it came from."""
 
-    network: object
     card: dict
     path: Path
+    components: dict  # name -> Component
+    method: dict  # {"name": ..., "config": {...}}
 
     @property
     def name(self) -> str:
         return self.card["name"]
+
+    @property
+    def network(self):
+        """The network of a single-network model (a composed model has one per component)."""
+        if len(self.components) != 1:
+            raise TransferSegError(
+                f"{self.name} is a composed model ({self.method['name']}: components "
+                f"{', '.join(self.components)}); take a network from .components[NAME].network"
+            )
+        return next(iter(self.components.values())).network
 
 
 def model_dirs() -> list[Path]:
@@ -91,21 +143,132 @@ def find_model(name_or_path) -> Path:
     raise TransferSegError(f"no model named {text!r}; installed models: {known} (see `transferseg models`)")
 
 
+# --- cards: one network, or method + components -----------------------------------------------
+def _is_composed(card: dict) -> bool:
+    return "method" in card or "components" in card
+
+
+def _check_card(card, where: str) -> None:
+    """Every key the card's form needs, and a well-formed method and components."""
+    if not isinstance(card, dict):
+        raise TransferSegError(f"{where}: the model card must be a JSON object")
+    composed = _is_composed(card)
+    missing = [k for k in (_COMPOSED_CARD_KEYS if composed else _SINGLE_CARD_KEYS) if k not in card]
+    if missing:
+        form = "a composed model card (with method and components)" if composed else "the model card"
+        raise TransferSegError(f"{where}: {form} lacks {', '.join(missing)}")
+    if not composed:
+        return
+    method = card["method"]
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str) or not method["name"] \
+            or not isinstance(method.get("config", {}), dict):
+        raise TransferSegError(f"{where}: method must be {{\"name\": \"single\" | \"multiview\" | …, "
+                               f"\"config\": {{…}}}}, not {json.dumps(method, default=str)}")
+    components = card["components"]
+    if not isinstance(components, dict) or not components:
+        raise TransferSegError(f"{where}: components must name at least one network, e.g. {{\"axial\": {{…}}}}")
+    for name, spec in components.items():
+        if not _COMPONENT_NAME.fullmatch(name):
+            raise TransferSegError(f"{where}: component name {name!r} may hold only letters, digits, '_' and '-' "
+                                   "(its weights are the keys that start with NAME.)")
+        if not isinstance(spec, dict) or not isinstance(spec.get("architecture"), dict) \
+                or not isinstance(spec["architecture"].get("name"), str):
+            raise TransferSegError(f"{where}: component {name!r} needs \"architecture\": "
+                                   "{\"name\": ..., \"config\": {...}}")
+
+
+def method_of(card: dict) -> dict:
+    """``{"name", "config"}`` of a card; a card without ``method`` is ``single``."""
+    method = card.get("method") or {"name": "single"}
+    return {"name": method["name"], "config": copy.deepcopy(method.get("config") or {})}
+
+
+def _spec_of(card: dict) -> dict:
+    """The part of a (single-network) card that describes its network."""
+    return {k: copy.deepcopy(v) for k, v in card.items() if k in _SPEC_KEYS or k.startswith("patch_")}
+
+
+def component_specs(card: dict) -> dict:
+    """Component name -> spec.  A card without ``method`` has one component, ``network``,
+    whose spec is the card's top-level architecture, preprocessing, patch_size, inference, …"""
+    if _is_composed(card):
+        return copy.deepcopy(card["components"])
+    return {_SINGLE_COMPONENT: _spec_of(card)}
+
+
 def _read_card(card_path: Path) -> dict:
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TransferSegError(f"{card_path}: the model card is not valid JSON ({e})") from None
-    if not isinstance(card, dict):
-        raise TransferSegError(f"{card_path}: the model card must be a JSON object")
-    missing = [k for k in _REQUIRED_CARD_KEYS if k not in card]
-    if missing:
-        raise TransferSegError(f"{card_path}: the model card lacks {', '.join(missing)}")
+    _check_card(card, str(card_path))
     return card
 
 
+# --- loading ----------------------------------------------------------------------------------
+def _key_prefix(card: dict, component: str) -> str:
+    return f"{component}." if _is_composed(card) else ""
+
+
+def _split_keys(card: dict, header: dict, weights_path: Path) -> dict:
+    """Component name -> {key in the network: key in the file}; every file key in exactly one."""
+    if not _is_composed(card):
+        return {_SINGLE_COMPONENT: {key: key for key in header}}
+    groups = {name: {} for name in card["components"]}
+    leftover = []
+    for key in header:
+        component, _, rest = key.partition(".")
+        if component in groups and rest:
+            groups[component][rest] = key
+        else:
+            leftover.append(key)
+    if leftover:
+        raise TransferSegError(
+            f"{weights_path}: {len(leftover)} tensor(s) belong to no component of the card "
+            f"({_some(leftover)}); a composed model's keys start with one of: "
+            f"{', '.join(name + '.' for name in groups)}"
+        )
+    return groups
+
+
+def _some(keys, n=4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(n) for n in shape) + ")"
+
+
+def _check_fits(component: str, spec: dict, keys: dict, header: dict, weights_path: Path, prefix: str) -> None:
+    """Compare the file's keys and shapes with the architecture's, built on the meta device (no
+    memory), so an absurd config is refused at once instead of dying in the allocator."""
+    import torch
+
+    from .nets import build_network
+
+    arch = spec["architecture"]
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_network(arch.get("name"), arch.get("config", {}))
+                    .state_dict().items()}
+    missing = [prefix + k for k in expected if k not in keys]
+    unexpected = [keys[k] for k in keys if k not in expected]
+    misshapen = [f"{keys[k]} is {_shape(header[keys[k]][1])} in the file but the config needs {_shape(shape)}"
+                 for k, shape in expected.items() if k in keys and header[keys[k]][1] != shape]
+    parts = ([f"missing {_some(missing)}"] if missing else []) + \
+            ([f"unexpected {_some(unexpected)}"] if unexpected else []) + misshapen[:3] + \
+            ([f"and {len(misshapen) - 3} more misshapen"] if len(misshapen) > 3 else [])
+    if parts:
+        whose = f"component {component!r}: " if prefix else ""
+        raise TransferSegError(
+            f"{weights_path}: the weights do not fit {whose}architecture {arch.get('name')!r} with config "
+            f"{arch.get('config')}: {'; '.join(parts)}"
+        )
+
+
 def load_model(name_or_path, device="cpu") -> LoadedModel:
-    """Load a model by name or path: card checked, sha256 verified, weights loaded strictly, eval mode."""
+    """Load a model by name or path: card checked, sha256 verified, the file's shapes checked
+    against every component's architecture, weights loaded strictly, eval mode."""
     import torch
 
     from .nets import build_network
@@ -115,7 +278,7 @@ def load_model(name_or_path, device="cpu") -> LoadedModel:
     weights_path = card_path.parent / card["weights"].get("file", card_path.with_suffix(".safetensors").name)
     if not weights_path.exists():
         raise TransferSegError(f"{card_path}: the weights file {weights_path.name} is missing beside the card")
-    read_header(weights_path)  # refuses pickles and truncated files before hashing
+    header = read_header(weights_path)  # refuses pickles and truncated files before hashing
     expected = card["weights"].get("sha256")
     actual = sha256_file(weights_path)
     if expected != actual:
@@ -123,44 +286,125 @@ def load_model(name_or_path, device="cpu") -> LoadedModel:
             f"{weights_path}: checksum mismatch (card says {str(expected)[:12]}…, file is {actual[:12]}…); "
             "the file is damaged or not the one this card describes — reinstall the model"
         )
-    arch = card["architecture"]
-    network = build_network(arch.get("name"), arch.get("config", {}))
+    specs = component_specs(card)
+    groups = _split_keys(card, header, weights_path)
+    for name, spec in specs.items():
+        _check_fits(name, spec, groups[name], header, weights_path, _key_prefix(card, name))
     state = read_state_dict(weights_path)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else "shapes differ"
-        raise TransferSegError(
-            f"{weights_path}: the weights do not fit architecture {arch.get('name')!r} with config "
-            f"{arch.get('config')}: {first}"
-        ) from None
-    network.eval()
-    network.to(torch.device(device) if isinstance(device, str) else device)
-    return LoadedModel(network, card, card_path)
+    target = torch.device(device) if isinstance(device, str) else device
+    components = {}
+    for name, spec in specs.items():
+        arch = spec["architecture"]
+        network = build_network(arch.get("name"), arch.get("config", {}))
+        try:
+            network.load_state_dict({k: state.pop(key) for k, key in groups[name].items()}, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0] if str(e) else "shapes differ"
+            raise TransferSegError(
+                f"{weights_path}: the weights do not fit architecture {arch.get('name')!r} with config "
+                f"{arch.get('config')}: {first}"
+            ) from None
+        network.eval()
+        network.to(target)
+        components[name] = Component(name, network, spec)
+    return LoadedModel(card, card_path, components, method_of(card))
 
 
-def save_model(network, card: dict, folder) -> Path:
+# --- writing ----------------------------------------------------------------------------------
+def save_model(network_or_components, card: dict, folder) -> Path:
     """Write ``NAME.safetensors`` and ``NAME.json`` (with the weights' sha256) into ``folder``, atomically.
 
-    Returns the card path.  ``card`` needs every key of a model card except ``weights``.
+    ``network_or_components`` is one network with a card of one network, or a dict component
+    name -> network with a composed card (``method`` + ``components`` with the same names),
+    whose weights are written under the keys ``NAME.…``.  ``card`` needs every key of its
+    form except ``weights``.  Returns the card path.
     """
-    from .io import atomic_output
-
     folder = Path(folder)
     card = dict(card)
     name = card.get("name")
     if not name or "/" in name:
         raise TransferSegError(f"a model needs a plain name; got {name!r}")
+    _check_card({**card, "weights": {}}, f"model card for {name}")
+    if isinstance(network_or_components, dict):
+        if not _is_composed(card) or set(network_or_components) != set(card["components"]):
+            given = ", ".join(network_or_components)
+            raise TransferSegError(f"model {name}: networks {given} need a composed card whose components are "
+                                   f"exactly {given}; the card has {', '.join(card.get('components') or []) or 'none'}")
+        state = {f"{component}.{key}": tensor for component, network in network_or_components.items()
+                 for key, tensor in network.state_dict().items()}
+    else:
+        if _is_composed(card):
+            raise TransferSegError(f"model {name}: a composed card takes a dict of networks, one per component "
+                                   f"({', '.join(card['components'])})")
+        state = network_or_components.state_dict()
     weights = folder / f"{name}.safetensors"
-    digest = save_state_dict(network.state_dict(), weights, metadata={"name": name, "format": "pt"})
+    digest = save_state_dict(state, weights, metadata={"name": name, "format": "pt"})
     card["weights"] = {"file": weights.name, "sha256": digest, "bytes": weights.stat().st_size}
-    missing = [k for k in _REQUIRED_CARD_KEYS if k not in card]
-    if missing:
-        raise TransferSegError(f"model card for {name} lacks {', '.join(missing)}")
+    from .io import atomic_output
+
     card_path = folder / f"{name}.json"
     with atomic_output(card_path) as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return card_path
+
+
+def compose_models(components: dict, folder, *, name: str, method: str, method_config: dict | None = None,
+                   labels_from: str | None = None, version: str = "1.0.0", description: str | None = None) -> Path:
+    """Assemble separately trained models into one composed model; returns its card path.
+
+    ``components`` maps a component name to a model (name, card path, weights path or
+    folder); each must hold one network.  Each component's spec is its source's architecture,
+    preprocessing, patch size, spacing and inference settings, with ``view`` = the component
+    name for axial / coronal / sagittal.  Task, labels (and the evaluation regions, peaks and
+    post-processing that go with them) come from ``labels_from`` (default: the first
+    component); all sources must share the task.  ``training`` records every source model and
+    its sha256.  The weights are written once, under prefixed keys, with one sha256.
+    """
+    if not components:
+        raise TransferSegError("compose needs at least one component, e.g. axial=MODEL")
+    for component in components:
+        if not _COMPONENT_NAME.fullmatch(str(component)):
+            raise TransferSegError(f"component name {component!r} may hold only letters, digits, '_' and '-'")
+    if not isinstance(method, str) or not method:
+        raise TransferSegError("compose needs a method name, e.g. multiview")
+    if method_config is not None and not isinstance(method_config, dict):
+        raise TransferSegError(f"the method config must be a JSON object, not "
+                               f"{json.dumps(method_config, default=str)}")
+    labels_from = labels_from or next(iter(components))
+    if labels_from not in components:
+        raise TransferSegError(f"labels from {labels_from!r}: no such component (components: "
+                               f"{', '.join(components)})")
+    sources, specs = {}, {}
+    for component, source in components.items():
+        loaded = load_model(source)  # sha256 verified, loaded strictly
+        if len(loaded.components) != 1:
+            raise TransferSegError(f"{loaded.path}: {loaded.name} is itself composed ({', '.join(loaded.components)}); "
+                                   "compose takes models of one network")
+        spec = copy.deepcopy(next(iter(loaded.components.values())).spec)
+        if component in _VIEWS:
+            if spec.get("view", component) != component:
+                raise TransferSegError(f"{loaded.path}: {loaded.name} was made for the {spec['view']} view, "
+                                       f"not {component}")
+            spec["view"] = component
+        sources[component], specs[component] = loaded, spec
+    tasks = {component: loaded.card["task"] for component, loaded in sources.items()}
+    if len(set(tasks.values())) > 1:
+        raise TransferSegError("the components disagree on the task (" + ", ".join(
+            f"{component}: {task}" for component, task in tasks.items()) + "); a composed model has one task")
+    first = sources[labels_from].card
+    card = {"name": name, "version": version, "task": first["task"], "labels": copy.deepcopy(first["labels"])}
+    if description:
+        card["description"] = description
+    card["method"] = {"name": method, "config": copy.deepcopy(method_config or {})}
+    card["components"] = specs
+    for key in ("evaluation", "postprocessing", "peaks"):
+        if key in first:
+            card[key] = copy.deepcopy(first[key])
+    card["training"] = {"composed_from": {
+        component: {"model": loaded.name, "version": loaded.card.get("version"), "card": str(loaded.path),
+                    "sha256": loaded.card["weights"]["sha256"]}
+        for component, loaded in sources.items()}}
+    return save_model({component: loaded.network for component, loaded in sources.items()}, card, folder)
 
 
 def list_models() -> list[dict]:

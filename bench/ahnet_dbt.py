@@ -54,7 +54,7 @@ import torch  # noqa: E402
 from TransferSegLib.datasets import phantom_cases  # noqa: E402
 from TransferSegLib.heatmaps import find_peaks  # noqa: E402
 from TransferSegLib.metrics import FROC_RATES, froc  # noqa: E402
-from TransferSegLib.models import LoadedModel, load_model, save_model  # noqa: E402
+from TransferSegLib.models import Component, LoadedModel, component_specs, load_model, save_model  # noqa: E402
 from TransferSegLib.pipeline import run  # noqa: E402
 from TransferSegLib.training import load_config  # noqa: E402
 
@@ -79,7 +79,8 @@ def evaluate(card_path: Path, boxes, volumes, window) -> dict:
     """FROC of one model on the held-out phantoms (see the module docstring)."""
     loaded = load_model(card_path)
     card = dict(loaded.card, patch_size=list(window))  # one whole-volume window for every network
-    model = LoadedModel(loaded.network, card, loaded.path)
+    spec = component_specs(card)["network"]
+    model = LoadedModel(card, loaded.path, {"network": Component("network", loaded.network, spec)}, loaded.method)
     distance = (card.get("peaks") or {}).get("min_distance", [2, 8, 8])
     detections, seconds = [], 0.0
     for volume in volumes:
