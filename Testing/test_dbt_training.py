@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from conftest import randomize_bn
-from TransferSegLib.datasets import DBTPhantomCase, phantom_cases
+from TransferSegLib.datasets import Case, DBTPhantomCase, phantom_cases
 from TransferSegLib.heatmaps import box_contains, find_peaks, gaussian_heatmap
 from TransferSegLib.models import load_model, save_model
 from TransferSegLib.nets import AHNet, MCGCN, MultiSliceMCGCN, build_network, transfer_mcgcn_to_ahnet
-from TransferSegLib.phantoms import dbt_phantom
+from TransferSegLib.phantoms import ct_phantom, dbt_phantom
 from TransferSegLib.training import _build_network, train, validate_config
 from TransferSegLib.volume import TransferSegError
 
@@ -86,7 +86,8 @@ def test_dbt_case_boxes_without_loading_and_ct_cases_unchanged():
     case = phantom_cases("dbt", 1, 3, **TINY_PHANTOM)[0]
     assert case.boxes == dbt_phantom(3, **TINY_PHANTOM)[1]  # generated on demand
     ct = phantom_cases("ct", 1, 0)[0]
-    assert type(ct).__name__ == "Case" and ct.name == "ct-phantom-0" and not hasattr(ct, "boxes")
+    assert isinstance(ct, Case) and ct.name == "ct-phantom-0" and not hasattr(ct, "boxes")
+    np.testing.assert_array_equal(ct.load()[1], ct_phantom(0)[1])
     with pytest.raises(TransferSegError, match="'ct'.*'dbt'"):
         phantom_cases("mri", 1, 0)
 

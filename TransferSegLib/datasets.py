@@ -22,7 +22,7 @@ import numpy as np
 
 from .volume import TransferSegError, Volume
 
-__all__ = ["Case", "DBTPhantomCase", "find_cases", "phantom_cases", "split_cases"]
+__all__ = ["CTPhantomCase", "Case", "DBTPhantomCase", "find_cases", "phantom_cases", "split_cases"]
 
 
 @dataclass
@@ -120,6 +120,22 @@ def find_cases(root) -> list[Case]:
 
 
 @dataclass
+class CTPhantomCase(Case):
+    """A CT phantom (:func:`TransferSegLib.phantoms.ct_phantom`): ``load()`` returns ``(Volume, labels)``.
+
+    A plain dataclass (no closure), so a process pool can generate cases in parallel.
+    """
+
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+    def load(self):
+        from .phantoms import ct_phantom
+
+        return ct_phantom(self.seed, **self.options)
+
+
+@dataclass
 class DBTPhantomCase(Case):
     """A DBT phantom (:func:`TransferSegLib.phantoms.dbt_phantom`) for heatmap training and FROC.
 
@@ -153,25 +169,76 @@ class DBTPhantomCase(Case):
         return self._boxes
 
 
-def phantom_cases(kind: str, count: int, seed: int, **options) -> list[Case]:
+VARY_KEYS = {"ct": ("slices", "rows"), "dbt": ("slices", "pixel_mm", "extent_mm")}
+
+
+def _check_vary(kind: str, vary: dict) -> dict:
+    unknown = sorted(set(vary) - set(VARY_KEYS[kind]))
+    if unknown:
+        raise TransferSegError(f"phantom 'vary' keys for {kind} are {', '.join(VARY_KEYS[kind])}; got {unknown}")
+    for key, value in vary.items():
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value) and value[0] <= value[1]):
+            raise TransferSegError(f"phantom vary.{key} must be [low, high] with 0 < low ≤ high; got {value!r}")
+    if "extent_mm" in vary and "pixel_mm" not in vary:
+        raise TransferSegError("phantom vary.extent_mm sets the rows and columns from vary.pixel_mm; give both")
+    return vary
+
+
+def _varied_options(kind: str, seed: int, options: dict, vary: dict) -> dict:
+    """The phantom options of case ``seed``: each ``vary`` range drawn from its own seeded stream.
+
+    CT: ``slices`` and ``rows`` ([low, high] whole numbers, uniform) set ``shape`` (square
+    slices); the phantom's field of view is fixed by the patient, so ``rows`` sets the pixel
+    size (e.g. rows 200–340 give about 0.9–2.5 mm pixels, slices 36–180 give 1–5 mm).
+    DBT: ``pixel_mm`` (log-uniform) and ``extent_mm`` [rows_mm, columns_mm] (the detector
+    area, uniform within ±10 %) set the in-plane grid; ``slices`` the slice count.
+    """
+    if not vary:
+        return dict(options)
+    rng = np.random.default_rng([int(seed), 7919])
+    out = dict(options)
+    shape = list(out.get("shape") or ())
+    if kind == "ct":
+        from .phantoms import CT_DEFAULT_SHAPE
+
+        shape = shape or list(CT_DEFAULT_SHAPE)
+        if "slices" in vary:
+            shape[0] = int(rng.integers(int(vary["slices"][0]), int(vary["slices"][1]) + 1))
+        if "rows" in vary:
+            shape[1] = shape[2] = int(rng.integers(int(vary["rows"][0]), int(vary["rows"][1]) + 1))
+    else:
+        from .phantoms import DBT_DEFAULT_SHAPE
+
+        shape = shape or list(DBT_DEFAULT_SHAPE)
+        if "slices" in vary:
+            shape[0] = int(rng.integers(int(vary["slices"][0]), int(vary["slices"][1]) + 1))
+        if "pixel_mm" in vary:
+            lo, hi = np.log(vary["pixel_mm"][0]), np.log(vary["pixel_mm"][1])
+            pixel = float(np.exp(rng.uniform(lo, hi)))
+            out["pixel_mm"] = round(pixel, 5)
+            if "extent_mm" in vary:
+                shape[1] = max(32, int(round(vary["extent_mm"][0] * rng.uniform(0.9, 1.1) / pixel)))
+                shape[2] = max(32, int(round(vary["extent_mm"][1] * rng.uniform(0.9, 1.1) / pixel)))
+    out["shape"] = shape
+    return out
+
+
+def phantom_cases(kind: str, count: int, seed: int, vary: Optional[dict] = None, **options) -> list[Case]:
     """``count`` in-memory phantom cases with seeds ``seed, seed + 1, …``.
 
-    ``"ct"``: :func:`~TransferSegLib.phantoms.ct_phantom` with labels 0/1/2;
+    ``"ct"``: :class:`CTPhantomCase` (label maps 0/1/2);
     ``"dbt"``: :class:`DBTPhantomCase` (heatmap targets, ``case.boxes``).
-    ``options`` are the phantom function's keyword arguments (e.g. ``shape``, ``pixel_mm``).
+    ``options`` are the phantom function's keyword arguments (e.g. ``shape``, ``pixel_mm``);
+    ``vary`` draws each case's grid from ranges, so a model trains on the spacings users have
+    (see :func:`_varied_options`).
     """
-    from . import phantoms
-
-    if kind == "dbt":
-        return [DBTPhantomCase(f"dbt-phantom-{seed + n}", seed=seed + n, options=dict(options))
-                for n in range(count)]
-    if kind != "ct":
+    if kind not in ("ct", "dbt"):
         raise TransferSegError(f"phantom cases for training are 'ct' (label maps) or 'dbt' (lesion heatmaps); got {kind!r}")
-
-    def maker(case_seed):
-        return lambda: phantoms.ct_phantom(seed=case_seed, **options)
-
-    return [Case(f"ct-phantom-{seed + n}", _make=maker(seed + n)) for n in range(count)]
+    vary = _check_vary(kind, dict(vary or {}))
+    make = CTPhantomCase if kind == "ct" else DBTPhantomCase
+    return [make(f"{kind}-phantom-{seed + n}", seed=seed + n, options=_varied_options(kind, seed + n, options, vary))
+            for n in range(count)]
 
 
 def split_cases(cases: list, validation_fraction: float, seed: int):

@@ -40,11 +40,21 @@ comments)::
                      "limit": N takes the first N cases) or {"phantom": "ct", "count": 8, "seed": 1000,
                      "options": {...ct_phantom keyword arguments}} or, for task "heatmap",
                      {"phantom": "dbt", ..., "options": {...dbt_phantom keyword arguments}} (targets:
-                     eq. (5) heatmaps of the lesion boxes, datasets.DBTPhantomCase)
+                     eq. (5) heatmaps of the lesion boxes, datasets.DBTPhantomCase); phantoms take
+                     "vary": {"slices": [36, 180], "rows": [200, 340]} (CT) or {"pixel_mm": [0.085, 0.4],
+                     "extent_mm": [100, 75], "slices": [30, 50]} (DBT) to draw each case's grid, and
+                     "workers": N processes to generate them; "cache": folder | false (default OUT/cases):
+                     cases on the working grid are kept there as .npz, so a resumed or repeated run
+                     does not generate them again
     validation       {"fraction": 0.2, "every": 0}: held-out share of the cases (seeded split);
                      Dice per label with the sliding-window inferer at the end, and every N steps if N > 0
     preprocessing    preprocessing.preprocess spec, e.g. {"hu_window": [-200, 250]}
-    expected_spacing_mm  null | [k, j, i]: copied into the model card
+    working_spacing_mm  null | [k, j, i] mm: every case is resampled to it (resample.to_spacing, the
+                     pipeline's own function) before training, and the card carries it, so the
+                     pipeline runs the model on the same grid whatever the input's spacing
+    working_orientation  null | e.g. "LPS": cases are first turned (exactly) so that i, j, k point there
+    expected_spacing_mm  null | [k, j, i]: the input spacing the model is meant for (the pipeline warns
+                     when an input is more than 2× off it); default: the working spacing
     patch_size*      [k, j, i], each a multiple of the network's size_multiple
     batch_size       2: the global batch (split evenly across torchrun processes)
     positive_fraction  0.5 (AH-Net: 0.7): share of patches centred on a positive voxel
@@ -287,7 +297,8 @@ def _check_stage(stage, n: int) -> dict:
 
 
 TOP_LEVEL = ("name", "version", "task", "description", "seed", "architecture", "init_weights", "labels", "data",
-             "validation", "preprocessing", "expected_spacing_mm", "patch_size", "batch_size", "positive_fraction",
+             "validation", "preprocessing", "expected_spacing_mm", "working_spacing_mm", "working_orientation",
+             "patch_size", "batch_size", "positive_fraction",
              "positive_labels", "positive_threshold", "positive_jitter", "augmentation", "stages", "steps_per_epoch",
              "checkpoint_every", "keep_checkpoints", "log_every", "inference", "postprocessing", "evaluation",
              "peaks", "threads", "workers", "device", "deterministic", "progress_bar")
@@ -361,7 +372,7 @@ def validate_config(config: dict) -> dict:
         if "limit" in data:
             _int(data["limit"], "data.limit", 1)
     elif isinstance(data, dict) and "phantom" in data:
-        _section(data, "data", ("phantom", "count", "seed", "options"), required=("count",))
+        _section(data, "data", ("phantom", "count", "seed", "options", "vary", "workers", "cache"), required=("count",))
         if data["phantom"] not in ("ct", "dbt"):
             _fail("data.phantom", f"must be 'ct' or 'dbt'; got {data['phantom']!r}")
         if data["phantom"] == "dbt" and c["task"] != "heatmap":
@@ -370,6 +381,16 @@ def validate_config(config: dict) -> dict:
         data["seed"] = _int(data.get("seed", 0), "data.seed", 0)
         if not isinstance(data.setdefault("options", {}), dict):
             _fail("data.options", f"must be a JSON object of {data['phantom']}_phantom arguments; got {data['options']!r}")
+        from .datasets import _check_vary
+
+        try:
+            _check_vary(data["phantom"], data.setdefault("vary", {}))
+        except TransferSegError as e:
+            _fail("data.vary", str(e))
+        data["workers"] = _int(data.get("workers", 0), "data.workers", 0)
+        cache = data.setdefault("cache", None)
+        if cache is not None and cache is not False and not isinstance(cache, str):
+            _fail("data.cache", f"must be a folder, false (no cache) or null (OUT/cases); got {cache!r}")
     else:
         _fail("data", f"must be {{\"root\": folder}} or {{\"phantom\": \"ct\" | \"dbt\", \"count\": N, \"seed\": S}}; got {data!r}")
 
@@ -386,10 +407,22 @@ def validate_config(config: dict) -> dict:
         preprocess(np.zeros((1, 1, 1), np.float32), c["preprocessing"])
     except TransferSegError as e:
         _fail("preprocessing", str(e))
-    spacing = c.setdefault("expected_spacing_mm", None)
-    if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3
-                                    and all(_is_number(v) and v > 0 for v in spacing)):
-        _fail("expected_spacing_mm", f"must be null or [k, j, i] in mm; got {spacing!r}")
+    for key in ("working_spacing_mm", "expected_spacing_mm"):
+        spacing = c.setdefault(key, None)
+        if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3
+                                        and all(_is_number(v) and v > 0 for v in spacing)):
+            _fail(key, f"must be null or [k, j, i] in mm; got {spacing!r}")
+    if c["expected_spacing_mm"] is None:
+        c["expected_spacing_mm"] = c["working_spacing_mm"]
+    orientation = c.setdefault("working_orientation", None)
+    if orientation is not None:
+        from .resample import to_orientation
+        from .volume import Volume
+
+        try:
+            to_orientation(Volume(np.zeros((1, 1, 1), np.float32)), orientation)
+        except TransferSegError as e:
+            _fail("working_orientation", str(e))
 
     patch = c["patch_size"]
     if not (isinstance(patch, list) and len(patch) == 3 and all(_is_int(p) and p >= 1 for p in patch)):
@@ -523,18 +556,94 @@ def _cases_from_spec(data: dict) -> list:
     if "root" in data:
         cases = find_cases(data["root"])
         return cases[: data["limit"]] if data.get("limit") else cases
-    return phantom_cases(data["phantom"], data["count"], data["seed"], **data.get("options", {}))
+    return phantom_cases(data["phantom"], data["count"], data["seed"], vary=data.get("vary"),
+                         **data.get("options", {}))
 
 
-def _load_case(case, config: dict) -> TrainingCase:
-    from .preprocessing import preprocess
+def _working_case(case, spacing, orientation, heatmap: bool):
+    """``case`` loaded and put on the working grid with the pipeline's own resampling:
+    ``(image array, target array, source spacing)``."""
+    from .resample import labels_to_spacing, to_orientation, to_spacing
 
     volume, target = case.load()
     if target is None:
         raise TransferSegError(f"case {case.name} has no label map; training needs labelled data")
-    image = preprocess(volume.array, config["preprocessing"])
-    if np.shape(target) != image.shape:
-        raise TransferSegError(f"case {case.name}: the target has shape {np.shape(target)} but the image {image.shape}")
+    if np.shape(target) != volume.shape:
+        raise TransferSegError(f"case {case.name}: the target has shape {np.shape(target)} but the image {volume.shape}")
+    source_spacing = volume.spacing
+    volume, turn = to_orientation(volume, orientation)
+    target = turn.apply(np.asarray(target))
+    if spacing is not None:
+        working = to_spacing(volume, spacing)
+        if heatmap:
+            target = to_spacing(volume.with_array(target), spacing).array
+        else:
+            target = labels_to_spacing(target, volume, working)
+        volume = working
+    return volume.array, target, source_spacing
+
+
+def _cache_key(case, config: dict) -> str:
+    import hashlib
+
+    what = {"case": case.name, "image": str(getattr(case, "image_path", None)), "seed": getattr(case, "seed", None),
+            "options": getattr(case, "options", None), "spacing": config["working_spacing_mm"],
+            "orientation": config["working_orientation"], "task": config["task"], "version": 1}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', case.name)}-{digest}.npz"
+
+
+def _cached_working_case(case, config: dict, cache: Optional[Path]):
+    """_working_case through an .npz cache (arrays only; read with allow_pickle=False)."""
+    path = cache / _cache_key(case, config) if cache is not None else None
+    if path is not None and path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                return stored["image"], stored["target"], tuple(stored["spacing"].tolist())
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)  # a damaged cache entry is made again
+    image, target, spacing = _working_case(case, config["working_spacing_mm"], config["working_orientation"],
+                                           config["task"] == "heatmap")
+    if path is not None:
+        from .io import atomic_output
+
+        cache.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, image=image, target=target, spacing=np.asarray(spacing))
+    return image, target, spacing
+
+
+def _load_cases(cases: list, config: dict, cache: Optional[Path], workers: int, report=None) -> list:
+    """Every case as a :class:`TrainingCase`; ``workers`` processes generate / resample them."""
+    if workers > 1 and len(cases) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_cached_working_case, case, config, cache) for case in cases]
+            loaded = []
+            for n, future in enumerate(futures):
+                loaded.append(future.result())
+                if report:
+                    report(n + 1, len(cases))
+    else:
+        loaded = []
+        for n, case in enumerate(cases):
+            loaded.append(_cached_working_case(case, config, cache))
+            if report:
+                report(n + 1, len(cases))
+    return [_load_case(case, config, data) for case, data in zip(cases, loaded)]
+
+
+def _load_case(case, config: dict, loaded=None) -> TrainingCase:
+    from .preprocessing import preprocess
+
+    if loaded is None:
+        loaded = _working_case(case, config["working_spacing_mm"], config["working_orientation"],
+                               config["task"] == "heatmap")
+    array, target, _ = loaded
+    image = preprocess(array, config["preprocessing"])
     if config["task"] == "segmentation":
         target = np.asarray(target)
         if target.dtype.kind == "f" and not np.array_equal(target, np.round(target)):
@@ -1185,7 +1294,8 @@ def _model_card(config: dict, data_spec, total: int, world: int, metrics: dict) 
         "labels": config["labels"],
         "architecture": {k: config["architecture"][k] for k in ("name", "config", "module") if k in config["architecture"]},
         "preprocessing": config["preprocessing"], "patch_size": config["patch_size"],
-        "expected_spacing_mm": config["expected_spacing_mm"], "inference": config["inference"],
+        "expected_spacing_mm": config["expected_spacing_mm"], "working_spacing_mm": config["working_spacing_mm"],
+        "working_orientation": config["working_orientation"], "inference": config["inference"],
         "training": {"data": data_spec, "seed": config["seed"], "steps": total, "processes": world, "config": config},
         "metrics": metrics,
     }
@@ -1269,8 +1379,18 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
     train_cases, val_cases = split_cases(all_cases, config["validation"]["fraction"], config["seed"])
     if config["validation"]["fraction"] == 0:
         train_cases, val_cases = all_cases, []
-    train_data = [_load_case(c, config) for c in train_cases]
-    val_data = [_load_case(c, config) for c in val_cases] if procs.main else []
+    data = config["data"]
+    cache = None
+    if data.get("cache") is not False and "phantom" in data:
+        cache = Path(data["cache"]).expanduser() if data.get("cache") else out / "cases"
+
+    def loading(done, count):
+        if progress is not None and procs.main:
+            progress(0.0, f"preparing cases {done}/{count}")
+
+    loaded = _load_cases(train_cases + (val_cases if procs.main else []), config, cache, data.get("workers", 0),
+                         loading)
+    train_data, val_data = loaded[:len(train_cases)], loaded[len(train_cases):]
     steps_per_epoch = config["steps_per_epoch"] or max(1, math.ceil(len(train_data) / config["batch_size"]))
 
     device = procs.device
