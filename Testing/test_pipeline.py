@@ -54,7 +54,7 @@ def test_segment_cli_writes_every_output_on_the_input_grid(tmp_path, tiny_model,
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000
     assert summary["volumes_ml"]["liver"] == pytest.approx((labels == 1).sum() * voxel_ml, abs=1e-3)
     assert summary["model"]["name"] == "tiny-unet3d" and summary["device"] == "cpu"
-    assert {"load_model", "preprocess", "inference", "postprocess", "write"} <= set(summary["timings_s"])
+    assert {"load_model", "resample", "inference", "resample_back", "postprocess", "write"} <= set(summary["timings_s"])
 
 
 def test_segment_refuses_to_overwrite_its_input(tmp_path, tiny_model):

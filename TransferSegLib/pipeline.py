@@ -1,7 +1,8 @@
 """Volume → Result: the one entry point that the CLI, the Slicer module and the tests call.
 
-``run(volume, model)`` preprocesses as the model card says, runs the project's sliding-window
-inferer, post-processes, and returns a :class:`Result` on the input's exact geometry.
+``run(volume, model)`` turns the volume to the model's working orientation and spacing
+(:mod:`TransferSegLib.resample`), runs the card's method (:mod:`TransferSegLib.methods`),
+brings the outputs back onto the input's exact grid, derives the labels and post-processes.
 ``Result.write(folder)`` writes the files that ``Result.outputs()`` lists, all of them or none.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ import numpy as np
 from scipy import ndimage
 
 from .models import DEFAULT_SEGMENTATION_MODEL, LoadedModel, load_model
-from .preprocessing import preprocess
 from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from .volume import TransferSegError, Volume
 
@@ -207,12 +207,20 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
         return_probabilities: bool = False) -> Result:
     """Segment ``volume`` with ``model`` (a name, a path, or a :class:`LoadedModel`).
 
+    The volume (or its ROI) is turned to the card's ``working_orientation`` and resampled to its
+    ``working_spacing_mm`` (both optional), the card's method runs there, and its outputs come
+    back onto the input's exact grid (probabilities linearly, slab by slab) before the labels
+    are taken.  A card with neither field runs on the input grid as it is.
+
     Args:
         roi: ``(k0, j0, i0, k1, j1, i1)`` voxel box (half-open, array order); outputs stay full size.
         progress: ``callable(fraction, stage)``.
         cancel: a :class:`CancelToken`; cancelling raises :class:`~TransferSegLib.progress.Cancelled`.
+        return_probabilities: also give the uint8 class probabilities on the input grid.
     """
-    from .inference import resolve_device, sliding_window_inference
+    from .inference import resolve_device
+    from .methods import MethodContext, get_method
+    from .resample import to_orientation, to_spacing
 
     report = StageProgress(progress)
     timings = {}
@@ -221,53 +229,170 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     target = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
     card = loaded.card
+    method = get_method(loaded.method["name"])
     timings["load_model"] = time.perf_counter() - start
     check_cancel(cancel)
 
-    warnings = []
-    expected = card.get("expected_spacing_mm")
-    if expected:
-        ratio = np.asarray(volume.spacing) / np.asarray(expected, dtype=float)
-        if np.any(ratio > 2.0) or np.any(ratio < 0.5):
-            warnings.append(
-                f"voxel spacing {tuple(round(s, 3) for s in volume.spacing)} mm (k, j, i) differs more than 2× from "
-                f"the model's training spacing {tuple(expected)}; results may be less accurate"
-            )
+    box = _check_box(roi, volume.shape) if roi is not None else None
+    region = _crop(volume, box) if box is not None else volume
+    warnings = spacing_warnings(region, card)
 
     start = time.perf_counter()
-    report(0.02, "preprocessing")
-    array = preprocess(volume.array, card.get("preprocessing"))
-    timings["preprocess"] = time.perf_counter() - start
+    report(0.02, "resampling")
+    oriented, turn = to_orientation(region, card.get("working_orientation"))
+    spacing = card.get("working_spacing_mm")
+    working = to_spacing(oriented, spacing) if spacing else oriented
+    timings["resample"] = time.perf_counter() - start
     check_cancel(cancel)
 
     start = time.perf_counter()
-    settings = dict(card.get("inference") or {})
-    task = card.get("task", "segmentation")
-    result = sliding_window_inference(
-        array, loaded.network, patch_size=tuple(card["patch_size"]),
-        num_classes=len(card["labels"]) + 1 if task == "segmentation" else 1,
-        overlap=settings.get("overlap", 0.5), blend=settings.get("blend", "gaussian"),
-        batch_size=settings.get("batch_size", 2), device=target,
-        activation=settings.get("activation", "softmax" if task == "segmentation" else "none"),
-        return_probabilities=return_probabilities, roi=roi,
-        progress=report.sub(0.05, 0.95), cancel=cancel,
-    )
+    output = method(MethodContext(working, loaded, target, report.sub(0.04, 0.9), cancel))
     timings["inference"] = time.perf_counter() - start
     check_cancel(cancel)
 
     start = time.perf_counter()
+    report(0.9, "resampling back")
+    back = _OnInputGrid(working, oriented, turn, box, volume.shape)
+    task = card.get("task", "segmentation")
+    labels, probabilities, heatmap = None, None, None
+    if task == "segmentation":
+        labels, probabilities = back.labels(output, return_probabilities)
+    else:
+        heatmap = back.values(output.heatmap, fill=0.0)
+        labels = np.zeros(volume.shape, np.uint8)
+    views = {name: back.values(values, fill=0) for name, values in output.views.items()}
+    disagreement = back.values(output.disagreement, fill=0) if output.disagreement is not None else None
+    timings["resample_back"] = time.perf_counter() - start
+    check_cancel(cancel)
+
+    start = time.perf_counter()
     report(0.95, "post-processing")
-    labels = result.labels if result.labels is not None else np.zeros(volume.shape, np.uint8)  # heatmap task
     labels = postprocess(labels, card.get("postprocessing"))
     detections = []
     if task == "heatmap":
         from .heatmaps import find_peaks
 
-        peaks = dict(card.get("peaks") or {})  # e.g. {"threshold": 0.2, "min_distance": [2, 8, 8]}
-        detections = find_peaks(result.heatmap, volume, **peaks)
+        peaks = dict(card.get("peaks") or {})  # e.g. {"threshold": 0.2, "min_distance": [2, 8, 8]}: working voxels
+        detections = [back.detection(d, volume) for d in find_peaks(output.heatmap, working, **peaks)]
     timings["postprocess"] = time.perf_counter() - start
     report(1.0, "done")
-    return Result(volume=volume, labels=labels, card=card, device=str(result.device), timings=timings,
-                  probabilities=result.probabilities, heatmap=getattr(result, "heatmap", None),
-                  roi_kji=tuple(int(v) for v in roi) if roi is not None else None,
-                  detections=detections, fallbacks=list(result.fallbacks), warnings=warnings)
+    return Result(volume=volume, labels=labels, card=card, device=output.device, timings=timings,
+                  probabilities=probabilities, heatmap=heatmap,
+                  roi_kji=tuple(int(v) for v in box) if box is not None else None,
+                  detections=detections, fallbacks=list(output.fallbacks), warnings=warnings,
+                  views=views, disagreement=disagreement)
+
+
+def spacing_warnings(volume: Volume, card: dict) -> list:
+    """A warning when the input's voxel spacing lies far outside what the model was trained on.
+
+    The card's ``trained_spacing_mm`` ({"min": [k, j, i], "max": [k, j, i]}, the range of the
+    training cases' own spacings, in the working orientation) is the range; far outside is
+    finer than half its minimum or coarser than twice its maximum.  Without it, within 2× of
+    ``expected_spacing_mm``.  Spacings are compared in the working orientation's axis order.
+    """
+    from .resample import to_orientation
+
+    trained = card.get("trained_spacing_mm")
+    expected = card.get("expected_spacing_mm")
+    if not trained and not expected:
+        return []
+    if trained:
+        low, high = np.asarray(trained["min"], float) / 2.0, np.asarray(trained["max"], float) * 2.0
+        what = f"the {' × '.join(f'{a:g}–{b:g}' for a, b in zip(trained['min'], trained['max']))} mm it was trained on"
+    else:
+        low, high = np.asarray(expected, float) / 2.0, np.asarray(expected, float) * 2.0
+        what = f"its expected spacing {' × '.join(f'{v:g}' for v in expected)} mm"
+    header = Volume(np.zeros((1, 1, 1), np.float32), volume.spacing, volume.directions)
+    spacing = np.asarray(to_orientation(header, card.get("working_orientation"))[0].spacing)
+    if np.any(spacing < low) or np.any(spacing > high):
+        shown = " × ".join(f"{v:.3g}" for v in spacing)
+        return [f"voxel spacing {shown} mm (k, j, i) is far outside {what} (more than 2× off); "
+                "the results may be unreliable"]
+    return []
+
+
+def _check_box(roi, shape) -> tuple:
+    from .inference import _check_roi
+
+    return _check_roi(roi, shape)
+
+
+def _crop(volume: Volume, box) -> Volume:
+    """The ROI as a Volume of its own, on exactly the full volume's grid."""
+    k0, j0, i0, k1, j1, i1 = box
+    origin = volume.ijk_to_ras_points(np.array([[k0, j0, i0]], float))[0]
+    return Volume(volume.array[k0:k1, j0:j1, i0:i1], volume.spacing, volume.directions, origin)
+
+
+class _OnInputGrid:
+    """Brings a method's outputs from the working grid back to the input's grid: resample (when
+    the working grid differs), undo the working orientation, paste the ROI into the full shape."""
+
+    def __init__(self, working: Volume, oriented: Volume, turn, box, shape):
+        self.working, self.oriented, self.turn, self.box, self.shape = working, oriented, turn, box, tuple(shape)
+        self.resampled = working.shape != oriented.shape
+
+    def _place(self, values: np.ndarray, fill) -> np.ndarray:
+        values = self.turn.undo(values)
+        if self.box is None:
+            return values
+        k0, j0, i0, k1, j1, i1 = self.box
+        full = np.full(values.shape[:-3] + self.shape, fill, dtype=values.dtype)
+        full[..., k0:k1, j0:j1, i0:i1] = values
+        return full
+
+    def values(self, values: Optional[np.ndarray], fill) -> Optional[np.ndarray]:
+        """Linear back (images, heatmaps, uint8 probabilities), in the values' own dtype."""
+        if values is None:
+            return None
+        from .resample import back_to
+
+        if self.resampled:
+            values = back_to(values, self.working, self.oriented)
+        return self._place(values, fill)
+
+    def labels(self, output, with_probabilities: bool):
+        """``(labels, probabilities or None)``: the argmax of the probabilities brought back
+        linearly, slab by slab (the method's own argmax when nothing was resampled)."""
+        from .resample import back_to
+
+        probabilities = None
+        if not self.resampled:
+            labels = output.labels
+            if with_probabilities:
+                probabilities = output.probabilities
+        else:
+            if with_probabilities:
+                probabilities = np.empty((output.probabilities.shape[0],) + self.oriented.shape, np.uint8)
+            labels = back_to(output.probabilities, self.working, self.oriented, kind="argmax",
+                             probabilities_out=probabilities)
+        labels = self._place(labels, 0)
+        if probabilities is not None:
+            fill = np.zeros(probabilities.shape[0], np.uint8)
+            fill[0] = 255  # outside the ROI everything is background
+            probabilities = self.turn.undo(probabilities)
+            if self.box is not None:
+                full = np.broadcast_to(fill[:, None, None, None], fill.shape + self.shape).copy()
+                k0, j0, i0, k1, j1, i1 = self.box
+                full[:, k0:k1, j0:j1, i0:i1] = probabilities
+                probabilities = full
+        return labels, probabilities
+
+    def detection(self, detection, volume: Volume):
+        """A detection found on the working grid, placed on the input grid (through RAS)."""
+        from .heatmaps import Detection
+
+        ras = self.working.ijk_to_ras_points(np.asarray(detection.position_kji, float)[None])
+        position = np.round(volume.ras_to_ijk_points(ras)[0]).astype(int)
+        position = np.clip(position, 0, np.asarray(volume.shape) - 1)
+        k0, j0, i0, k1, j1, i1 = detection.box_kji
+        corners = np.array([[k, j, i] for k in (k0 - 0.5, k1 - 0.5) for j in (j0 - 0.5, j1 - 0.5)
+                            for i in (i0 - 0.5, i1 - 0.5)], float)
+        kji = volume.ras_to_ijk_points(self.working.ijk_to_ras_points(corners))
+        lo = np.clip(np.floor(kji.min(axis=0) + 0.5 + 1e-6), 0, volume.shape).astype(int)
+        hi = np.clip(np.ceil(kji.max(axis=0) + 0.5 - 1e-6), 0, volume.shape).astype(int)
+        hi = np.maximum(hi, lo + 1)
+        position_ras = volume.ijk_to_ras_points(position[None].astype(float))[0].round(3).tolist()
+        return Detection([int(v) for v in position], position_ras, detection.confidence,
+                         [int(v) for v in lo] + [int(v) for v in hi])
