@@ -576,7 +576,7 @@ def _working_case(case, spacing, orientation, heatmap: bool):
     if spacing is not None:
         working = to_spacing(volume, spacing)
         if heatmap:
-            target = to_spacing(volume.with_array(target), spacing).array
+            target = to_spacing(volume.with_array(target), spacing, antialias=False).array  # keep the peaks
         else:
             target = labels_to_spacing(target, volume, working)
         volume = working
@@ -588,7 +588,7 @@ def _cache_key(case, config: dict) -> str:
 
     what = {"case": case.name, "image": str(getattr(case, "image_path", None)), "seed": getattr(case, "seed", None),
             "options": getattr(case, "options", None), "spacing": config["working_spacing_mm"],
-            "orientation": config["working_orientation"], "task": config["task"], "version": 1}
+            "orientation": config["working_orientation"], "task": config["task"], "version": 2}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', case.name)}-{digest}.npz"
 
