@@ -177,9 +177,11 @@ def _check_vary(kind: str, vary: dict) -> dict:
     if unknown:
         raise TransferSegError(f"phantom 'vary' keys for {kind} are {', '.join(VARY_KEYS[kind])}; got {unknown}")
     for key, value in vary.items():
+        what = "[rows_mm, columns_mm], both > 0" if key == "extent_mm" else "[low, high] with 0 < low ≤ high"
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value) and value[0] <= value[1]):
-            raise TransferSegError(f"phantom vary.{key} must be [low, high] with 0 < low ≤ high; got {value!r}")
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
+                and (key == "extent_mm" or value[0] <= value[1])):
+            raise TransferSegError(f"phantom vary.{key} must be {what}; got {value!r}")
     if "extent_mm" in vary and "pixel_mm" not in vary:
         raise TransferSegError("phantom vary.extent_mm sets the rows and columns from vary.pixel_mm; give both")
     return vary

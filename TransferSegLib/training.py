@@ -548,6 +548,7 @@ class TrainingCase:
     target: np.ndarray  # uint8 labels, or float32 heatmap, same shape
     pad_value: float
     positives: np.ndarray  # flat indices of the positive voxels
+    source_spacing: tuple = ()  # the case's own spacing (working orientation), before resampling
 
 
 def _cases_from_spec(data: dict) -> list:
@@ -570,8 +571,8 @@ def _working_case(case, spacing, orientation, heatmap: bool):
         raise TransferSegError(f"case {case.name} has no label map; training needs labelled data")
     if np.shape(target) != volume.shape:
         raise TransferSegError(f"case {case.name}: the target has shape {np.shape(target)} but the image {volume.shape}")
-    source_spacing = volume.spacing
     volume, turn = to_orientation(volume, orientation)
+    source_spacing = volume.spacing
     target = turn.apply(np.asarray(target))
     if spacing is not None:
         working = to_spacing(volume, spacing)
@@ -667,7 +668,7 @@ def _load_case(case, config: dict, loaded=None) -> TrainingCase:
         target = np.pad(target, padding)
         is_positive = np.pad(is_positive, padding)
     return TrainingCase(case.name, np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(target),
-                        pad_value, np.flatnonzero(is_positive))
+                        pad_value, np.flatnonzero(is_positive), tuple(float(v) for v in loaded[2]))
 
 
 def rotations90(planes) -> list:
@@ -1288,14 +1289,24 @@ def _validate(network: nn.Module, cases: list, config: dict, device) -> Optional
             "validation_cases": len(cases)}
 
 
-def _model_card(config: dict, data_spec, total: int, world: int, metrics: dict) -> dict:
+def trained_spacing(cases: list) -> Optional[dict]:
+    """``{"min": [k, j, i], "max": [k, j, i]}`` of the training cases' own spacings: the range the
+    pipeline warns outside of."""
+    spacings = np.array([c.source_spacing for c in cases if len(c.source_spacing) == 3])
+    if not len(spacings):
+        return None
+    return {"min": spacings.min(axis=0).round(4).tolist(), "max": spacings.max(axis=0).round(4).tolist()}
+
+
+def _model_card(config: dict, data_spec, total: int, world: int, metrics: dict, spacing_range=None) -> dict:
     card = {
         "name": config["name"], "version": config["version"], "task": config["task"],
         "labels": config["labels"],
         "architecture": {k: config["architecture"][k] for k in ("name", "config", "module") if k in config["architecture"]},
         "preprocessing": config["preprocessing"], "patch_size": config["patch_size"],
         "expected_spacing_mm": config["expected_spacing_mm"], "working_spacing_mm": config["working_spacing_mm"],
-        "working_orientation": config["working_orientation"], "inference": config["inference"],
+        "working_orientation": config["working_orientation"], "trained_spacing_mm": spacing_range,
+        "inference": config["inference"],
         "training": {"data": data_spec, "seed": config["seed"], "steps": total, "processes": world, "config": config},
         "metrics": metrics,
     }
@@ -1522,7 +1533,8 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
         if procs.main:
             report(0.95, "validating")
             metrics = _validate(network, val_data, config, device) or {}
-            card_path = _save_final_model(network, config, out, data_spec, total, world, metrics, final_loss)
+            card_path = _save_final_model(network, config, out, data_spec, total, world, metrics, final_loss,
+                                          trained_spacing(train_data))
         procs.barrier()
         report(1.0, "done")
         return TrainResult(out, step, total, final_loss, metrics, card_path, resumed_from,
@@ -1533,10 +1545,10 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
             bar.close()
 
 
-def _save_final_model(network, config, out, data_spec, total, world, metrics, final_loss) -> Path:
+def _save_final_model(network, config, out, data_spec, total, world, metrics, final_loss, spacing_range=None) -> Path:
     from .models import save_model
 
-    card = _model_card(config, data_spec, total, world, metrics)
+    card = _model_card(config, data_spec, total, world, metrics, spacing_range)
     card_path = save_model(network, card, out / "model")
     _write_json(out / "result.json", {"steps": total, "final_loss": final_loss, "metrics": metrics,
                                       "card": str(card_path.relative_to(out)), "config": config})
