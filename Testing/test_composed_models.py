@@ -87,6 +87,11 @@ def test_compose_through_the_cli_writes_one_file_with_prefixed_keys(sources, tmp
         assert all(header[f"{component}.{k}"] == v for k, v in own.items())
     assert len(header) == sum(len(read_header(Path(s).with_suffix(".safetensors"))) for s in sources.values())
 
+    listed = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "models"], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "TRANSFERSEG_MODELS": str(out)}, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert "tiny-multiview" in listed.stdout and "multiview (axial: unet3d patch [8, 32, 32]" in listed.stdout
+
     # the function and the command write the same model (not byte for byte: safetensors writes
     # its metadata in a per-process hash order)
     python = _compose(sources, tmp_path / "python")

@@ -169,10 +169,16 @@ def _cmd_models(args) -> int:
     if not cards:
         print("no models installed; looked in: " + ", ".join(str(d) for d in model_dirs()))
         return 0
+    from .models import component_specs, method_of
+
     for card in cards:
         labels = ", ".join(seg["name"] for seg in card["labels"])
-        print(f"{card['name']}  v{card['version']}  {card['task']}  [{labels}]  "
-              f"{card['architecture']['name']}  patch {card['patch_size']}")
+        parts = ", ".join(f"{name}: {spec['architecture']['name']} patch {spec['patch_size']}"
+                          for name, spec in component_specs(card).items())
+        spacing = card.get("working_spacing_mm")
+        grid = f"working spacing {' × '.join(f'{v:g}' for v in spacing)} mm" if spacing else "runs on the input grid"
+        print(f"{card['name']}  v{card['version']}  {card['task']}  [{labels}]  {method_of(card)['name']} ({parts})  "
+              f"{grid}")
         for key, value in (card.get("metrics") or {}).items():
             print(f"    {key}: {value}")
         print(f"    {card['_path']}")

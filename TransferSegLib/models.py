@@ -355,9 +355,9 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
     ``components`` maps a component name to a model (name, card path, weights path or
     folder); each must hold one network.  Each component's spec is its source's architecture,
     preprocessing, patch size, spacing and inference settings, with ``view`` = the component
-    name for axial / coronal / sagittal.  Task, labels (and the evaluation regions, peaks and
-    post-processing that go with them) come from ``labels_from`` (default: the first
-    component); all sources must share the task.  ``training`` records every source model and
+    name for axial / coronal / sagittal.  Task, labels (and the evaluation regions, peaks,
+    post-processing and working grid that go with them) come from ``labels_from`` (default:
+    the first component); all sources must share the task.  ``training`` records every source model and
     its sha256.  The weights are written once, under prefixed keys, with one sha256.
     """
     if not components:
@@ -397,8 +397,11 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
         card["description"] = description
     card["method"] = {"name": method, "config": copy.deepcopy(method_config or {})}
     card["components"] = specs
-    for key in ("evaluation", "postprocessing", "peaks"):
-        if key in first:
+    # the pipeline resamples once, to the model's grid: that of the labels' source (a method may
+    # resample further for a component whose spec names its own working spacing)
+    for key in ("evaluation", "postprocessing", "peaks", "working_spacing_mm", "working_orientation",
+                "trained_spacing_mm", "expected_spacing_mm"):
+        if first.get(key) is not None:
             card[key] = copy.deepcopy(first[key])
     card["training"] = {"composed_from": {
         component: {"model": loaded.name, "version": loaded.card.get("version"), "card": str(loaded.path),
