@@ -8,10 +8,13 @@ What runs, all with the one trainer (``TransferSegLib.training.train``) and the 
    pointed at step 1's model): decoder only with the encoder locked, then jointly;
 3. the 2D U-Net on 3-slice stacks (``dbt-lesion-unet2d.json``) and 4. the 3D U-Net (``dbt-lesion-unet3d.json``).
 
-Data: synthetic DBT phantoms (``phantoms.dbt_phantom``, 32 slices × 128 × 96 pixels at 1.0 ×
-0.8 × 0.8 mm, the default field of view at half the in-plane resolution), training seeds
-1000-1119 (120 volumes, the configs' ``data``), held-out test seeds 5000-5019 (20 volumes,
-33 lesions: masses and calcification clusters). Targets: AH-Net eq. (5) heatmaps.
+Data: synthetic DBT phantoms (``phantoms.dbt_phantom``), training seeds 1000-1119 (120 volumes,
+the configs' ``data``): the U-Nets train at 32 slices × 128 × 96 pixels of 1.0 × 0.8 × 0.8 mm
+(the default field of view at half the in-plane resolution); the MC-GCN and the AH-Net on
+grids drawn at 0.085-0.6 mm pixels, resampled to their 1 × 0.5 × 0.5 mm working spacing.
+Held-out test seeds 5000-5019 (20 volumes, 33 lesions: masses and calcification clusters) at
+the U-Nets' 0.8 mm grid (:data:`TEST_OPTIONS`), which the working-spacing networks resample.
+Targets: AH-Net eq. (5) heatmaps.
 Sizes and steps are the configs' (batches of 2 patches: MC-GCN and 2D U-Net 800 steps on
 8×64×64, AH-Net 200 decoder-only + 500 joint and 3D U-Net 300 on 32×64×64), about 15-20
 minutes on two otherwise idle CPU cores; ``--quick`` trains 4 steps per stage on 4 volumes
@@ -20,8 +23,10 @@ and tests on 3 (a smoke test of the whole chain, 2-5 minutes).
 Evaluation: every network runs through ``pipeline.run`` (the product path: the card's
 preprocessing and the sliding-window inferer) with one window covering the whole 32×128×96
 phantom (the paper forwards whole volumes; the slice-wise networks then see true neighbours
-everywhere but at the volume's ends); peaks by ``heatmaps.find_peaks`` (NMS with the card's
-``min_distance``, every local maximum above 0, at most 50 per volume); FROC by
+everywhere but at the volume's ends; a card's own ``inference.patch_size`` on its working grid
+wins); peaks are ``pipeline.run``'s detections (NMS on the network's grid with the card's
+``min_distance``, every local maximum above 0, at most 50 per volume, mapped back to the
+input grid: ``real_size.evaluation_model``); FROC by
 ``metrics.froc`` as in the paper (a peak inside a lesion's 3D box is a true positive, once per
 box; others are false positives).
 
@@ -52,13 +57,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from TransferSegLib.datasets import phantom_cases  # noqa: E402
-from TransferSegLib.heatmaps import find_peaks  # noqa: E402
 from TransferSegLib.metrics import FROC_RATES, froc  # noqa: E402
 from TransferSegLib.models import Component, LoadedModel, component_specs, load_model, save_model  # noqa: E402
 from TransferSegLib.pipeline import run  # noqa: E402
-from TransferSegLib.training import load_config  # noqa: E402
 
-from chain import CONFIGS, train_chain  # noqa: E402
+from chain import train_chain  # noqa: E402
+from real_size import evaluation_model  # noqa: E402
 
 NETWORKS = [  # (table name, config file), in training order: the AH-Net needs the MC-GCN's model
     ("MC-GCN", "dbt-lesion-mcgcn.json"),
@@ -67,6 +71,7 @@ NETWORKS = [  # (table name, config file), in training order: the AH-Net needs t
     ("3D U-Net", "dbt-lesion-unet3d.json"),
 ]
 TEST_SEED = 5000
+TEST_OPTIONS = {"shape": [32, 128, 96], "pixel_mm": 0.8}  # the grid the U-Nets train on
 PAPER_TABLE_4 = {  # AH-Net paper, Table 4 (TPR at 0.01 … 0.25 FP per volume), real DBT
     "2D U-Net": [0.4238, 0.4767, 0.5181, 0.5723, 0.6166, 0.6506],
     "3D U-Net": [0.2448, 0.3877, 0.4381, 0.5592, 0.5738, 0.5733],
@@ -77,20 +82,19 @@ PAPER_TABLE_4 = {  # AH-Net paper, Table 4 (TPR at 0.01 … 0.25 FP per volume),
 
 def evaluate(card_path: Path, boxes, volumes, window) -> dict:
     """FROC of one model on the held-out phantoms (see the module docstring)."""
-    loaded = load_model(card_path)
+    loaded = evaluation_model(card_path)
     card = dict(loaded.card, patch_size=list(window))  # one whole-volume window for every network
     spec = component_specs(card)["network"]
     model = LoadedModel(card, loaded.path, {"network": Component("network", loaded.network, spec)}, loaded.method)
-    distance = (card.get("peaks") or {}).get("min_distance", [2, 8, 8])
     detections, seconds = [], 0.0
     for volume in volumes:
         start = time.perf_counter()
         result = run(volume, model, device="cpu")
         seconds += time.perf_counter() - start
-        detections.append(find_peaks(result.heatmap, volume, threshold=0.0, min_distance=distance, max_peaks=50))
+        detections.append(result.detections)
     curve = froc(detections, boxes)
     curve["seconds_per_volume"] = seconds / len(volumes)
-    curve["peaks"] = {"threshold": 0.0, "min_distance": distance, "max_peaks": 50}
+    curve["peaks"] = card["peaks"]
     return curve
 
 
@@ -155,10 +159,9 @@ def main(argv=None) -> int:
     print(f"training on {args.threads} thread(s) into {args.out}", flush=True)
     trained = train_chain(NETWORKS, args.out, args.threads, args.quick)
 
-    options = load_config(CONFIGS / NETWORKS[0][1])["data"]["options"]
     count = args.test_count or (3 if args.quick else 20)
-    test_spec = {"phantom": "dbt", "count": count, "seed": TEST_SEED, "options": options}
-    cases = phantom_cases("dbt", count, TEST_SEED, **options)
+    test_spec = {"phantom": "dbt", "count": count, "seed": TEST_SEED, "options": TEST_OPTIONS}
+    cases = phantom_cases("dbt", count, TEST_SEED, **TEST_OPTIONS)
     volumes = [case.load()[0] for case in cases]
     boxes = [case.boxes for case in cases]
     print(f"testing on {count} held-out phantoms (seeds {TEST_SEED}-{TEST_SEED + count - 1}), "

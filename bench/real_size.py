@@ -1,0 +1,512 @@
+"""The shipped default models on real-size phantoms, end to end (a benchmark run by hand, not a test).
+
+Every measurement is one fresh subprocess that reads the input file, runs ``pipeline.run`` with
+the model given by name or card path (so the model load is inside the time) and writes the
+result with ``Result.write``; it reports its seconds and its peak resident set size
+(``resource.getrusage``, so one measurement's peak never mixes with another's).  The inputs are
+made and written beforehand by this process: CT as int16 NIfTI (what a DICOM series holds),
+DBT as float32 NIfTI.
+
+Parts (``--parts``, default all):
+
+* ``ct``: held-out clinical-grid CT phantoms ``ct_phantom(seed, shape=(nk, 512, 512))``, seeds
+  5000+, nk 40…180 (slices about 1–5 mm), stored as the phantom gives them (LPS axial), RAS-
+  flipped, oblique (the same voxels under a rotated direction matrix) and as sagittal slices
+  (``resample.to_orientation``; labels transformed alike).  Per case: liver Dice (labels 1∪2),
+  tumor voxels for the global tumor Dice (label 2, pooled over cases), and whether the written
+  label map lies on the input's exact grid (size, origin, spacing and direction read back with
+  SimpleITK from ``labelmap.nii.gz`` and ``segmentation.seg.nrrd`` equal the input file's).
+  Then the same on the small native grid (``ct_phantom(seed)``), today's ground.
+* ``speed``: a 512×512×100 CT at about 0.7 mm (seconds, goal < 60 s; peak RSS, goal < 3 GiB),
+  a 512×512×300 CT (peak RSS, goal < 4 GiB), a 40×1024×768 DBT at 0.1 mm (seconds, goal
+  < 60 s); and the CT model without its working spacing (a card copy with
+  ``working_spacing_mm`` removed) on the 512×512×100 CT, as the ratio the working spacing buys
+  (if it runs past ``--no-ws-limit`` seconds, both are measured on a central crop instead, and
+  the table says so).
+* ``dbt``: held-out DBT FROC (:func:`dbt_froc`) at the default grid (``dbt_phantom(seed)``,
+  32×256×192 at 0.4 mm) and at the clinical grid (40×1024×768 at 0.1 mm), for the shipped
+  detector and any ``--dbt-model`` given beside it.
+
+``--ship DIR`` (with ``--parts dbt`` and one ``--dbt-model``) writes that detector into DIR with its
+held-out FROC at both grids in the card's ``metrics`` (:func:`ship_detector`); the shipped
+``dbt-lesion-ahnet`` was made so.
+
+``--quick`` runs every part on one or two tiny cases (a smoke test of about a minute, not a
+result).  ``--json PATH`` also writes every number.  ``--threads`` sets torch's CPU threads in
+every run (default 2, the machine's cores).
+
+    .venv/bin/python bench/real_size.py --quick --json /tmp/real_size_quick.json
+    .venv/bin/python bench/real_size.py --parts dbt,speed --json runs/real_size.json \\
+        --dbt-model runs/dbt-lesion-ahnet-v1/dbt-lesion-ahnet.json
+    .venv/bin/python bench/real_size.py --parts dbt --dbt-model runs/dbt-lesion-ahnet/model/dbt-lesion-ahnet.json \
+        --ship Resources/models --training-time '{"machine": "2-core CPU", "cpu_minutes": 22}'
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from TransferSegLib.metrics import FROC_RATES, dice, froc  # noqa: E402
+from TransferSegLib.models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL, find_model, load_model  # noqa: E402
+
+PARTS = ("ct", "speed", "dbt")
+GIB = float(1 << 30)
+# DBT grids: the phantom's default (the field of view at 0.4 mm) and a clinical detector at 0.1 mm
+DBT_GRIDS = {"default": {}, "clinical": {"shape": [40, 1024, 768], "pixel_mm": 0.1}}
+FROC_PROTOCOL = ("AH-Net sec. 4.1: a peak inside a lesion's 3D box is a true positive (once per box); peaks are "
+                 "pipeline.run's detections (found on the working grid with the card's min_distance, threshold 0, "
+                 "at most 50 per volume) mapped back to the input grid")
+CT_STORAGE = ("as generated (LPS axial)", "RAS-flipped", "oblique", "sagittal")
+
+
+# --- one measurement in a fresh process ------------------------------------------------------
+def _child(spec: dict) -> dict:
+    """Runs in the subprocess: load → pipeline.run → Result.write, timed, with the peak RSS."""
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    from TransferSegLib.io import load_volume
+    from TransferSegLib.pipeline import run
+
+    start = time.perf_counter()
+    volume = load_volume(spec["input"])
+    loaded = time.perf_counter() - start
+    result = run(volume, spec["model"], device="cpu")
+    result.write(spec["output"], input_path=spec["input"])
+    seconds = time.perf_counter() - start
+    out = {"seconds": seconds, "load_input_s": loaded, "timings_s": result.timings,
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+           "warnings": result.warnings, "shape": list(volume.shape)}
+    if result.task == "heatmap":
+        out["detections"] = [d.to_dict() for d in result.detections]
+    return out
+
+
+def measure(input_path: Path, model, output: Path, threads: int, timeout: float = None) -> dict:
+    """One end-to-end run in a fresh subprocess; ``None`` when it ran past ``timeout`` seconds."""
+    spec = {"input": str(input_path), "model": str(model), "output": str(output), "threads": threads}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    try:
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        raise RuntimeError(f"measurement of {input_path.name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- inputs ----------------------------------------------------------------------------------
+def write_ct(volume, path: Path) -> Path:
+    """A CT volume as int16 NIfTI (its HU are whole numbers), the geometry exact."""
+    import SimpleITK as sitk
+
+    from TransferSegLib.io import _image_on
+
+    sitk.WriteImage(_image_on(np.round(volume.array).astype(np.int16), volume), str(path), useCompression=True)
+    return path
+
+
+def write_float(volume, path: Path) -> Path:
+    from TransferSegLib.io import save_volume
+
+    return save_volume(volume, path)
+
+
+def stored_as(volume, labels, storage: str):
+    """The same phantom stored another way: flipped to RAS, oblique or as sagittal slices (exact)."""
+    from TransferSegLib.resample import to_orientation
+    from TransferSegLib.volume import Volume
+
+    if storage == CT_STORAGE[0]:
+        return volume, labels
+    if storage == "oblique":  # the same voxels under a direction matrix rotated 12° about S and 8° about R
+        a, b = np.radians(12.0), np.radians(8.0)
+        about_s = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        about_r = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+        return Volume(volume.array, volume.spacing, about_r @ about_s @ volume.directions, volume.origin), labels
+    code = {"RAS-flipped": "RAS", "sagittal": "PIL"}[storage]  # sagittal: i → P, j → I, k → L
+    turned, turn = to_orientation(volume, code)
+    return turned, turn.apply(labels)
+
+
+def grid_matches(input_path: Path, output_paths) -> dict:
+    """Size, origin, spacing and direction of each written file against the input file's (SimpleITK)."""
+    import SimpleITK as sitk
+
+    def header(path):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return reader
+
+    ref = header(input_path)
+    worst, same = 0.0, True
+    for path in output_paths:
+        out = header(path)
+        same &= out.GetDimension() == ref.GetDimension() == 3 and out.GetSize() == ref.GetSize()
+        for a, b in ((out.GetOrigin(), ref.GetOrigin()), (out.GetSpacing(), ref.GetSpacing()),
+                     (out.GetDirection(), ref.GetDirection())):
+            worst = max(worst, float(np.max(np.abs(np.subtract(a, b)))) if len(a) == len(b) else np.inf)
+    return {"same_grid": bool(same and worst < 1e-4), "max_geometry_difference": worst}
+
+
+def read_labels(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def without_working_spacing(model, folder: Path) -> Path:
+    """A copy of ``model``'s card (and weights) with ``working_spacing_mm`` removed."""
+    card_path = find_model(model)
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card.pop("working_spacing_mm", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = card_path.parent / card["weights"]["file"]
+    target = folder / weights.name
+    if not target.exists():
+        os.symlink(weights.resolve(), target)
+    copy = folder / card_path.name
+    copy.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return copy
+
+
+# --- CT --------------------------------------------------------------------------------------
+def ct_cases(quick: bool) -> list:
+    """(seed, shape, storage): clinical 512² grids with 1–5 mm slices, each storage three times."""
+    if quick:
+        return [(5000, (24, 128, 128), CT_STORAGE[0]), (5001, (20, 128, 128), "oblique")]
+    slices = (40, 180, 64, 140, 96, 56, 160, 80, 120, 48, 110, 72)
+    return [(5000 + n, (nk, 512, 512), CT_STORAGE[n % 4]) for n, nk in enumerate(slices)]
+
+
+def ct_part(model, work: Path, threads: int, quick: bool) -> dict:
+    from TransferSegLib.phantoms import ct_phantom
+
+    rows = []
+    grids = {"clinical": ct_cases(quick), "native": [(5100 + n, None, CT_STORAGE[0]) for n in range(1 if quick else 5)]}
+    for grid, cases in grids.items():
+        for seed, shape, storage in cases:
+            volume, labels = ct_phantom(seed, shape=shape)
+            volume, labels = stored_as(volume, labels, storage)
+            path = write_ct(volume, work / f"ct-{seed}.nii.gz")
+            del volume
+            out = work / f"ct-{seed}-out"
+            run = measure(path, model, out, threads)
+            predicted = read_labels(out / "labelmap.nii.gz")
+            truth_tumor, tumor = labels == 2, predicted == 2
+            row = {"grid": grid, "seed": seed, "shape": run["shape"], "storage": storage,
+                   "spacing_mm": _spacing(path),
+                   "liver_dice": float(dice(predicted > 0, labels > 0)),
+                   "tumor_overlap2": 2 * int((tumor & truth_tumor).sum()),
+                   "tumor_voxels": int(tumor.sum() + truth_tumor.sum()),
+                   "seconds": run["seconds"], "peak_rss_gib": run["peak_rss_gib"],
+                   **grid_matches(path, [out / "labelmap.nii.gz", out / "segmentation.seg.nrrd"])}
+            rows.append(row)
+            print(f"  {grid:<8} seed {seed} {'×'.join(map(str, row['shape'])):>12} "
+                  f"{'×'.join(f'{s:.2f}' for s in row['spacing_mm'])} mm  {storage:<24} liver Dice "
+                  f"{row['liver_dice']:.3f}  tumor voxels {row['tumor_voxels']:>7}  same grid {row['same_grid']}  "
+                  f"{row['seconds']:5.1f} s  {row['peak_rss_gib']:.2f} GiB", flush=True)
+            path.unlink()
+            shutil.rmtree(out)
+    summary = {}
+    for grid in grids:
+        part = [r for r in rows if r["grid"] == grid]
+        worst = min(part, key=lambda r: r["liver_dice"])
+        summary[grid] = {"cases": len(part), "liver_dice_mean": float(np.mean([r["liver_dice"] for r in part])),
+                         "liver_dice_worst": {"seed": worst["seed"], "storage": worst["storage"],
+                                              "dice": worst["liver_dice"]},
+                         "tumor_dice_global": sum(r["tumor_overlap2"] for r in part)
+                         / max(sum(r["tumor_voxels"] for r in part), 1),
+                         "all_on_input_grid": all(r["same_grid"] for r in part),
+                         "seconds_mean": float(np.mean([r["seconds"] for r in part]))}
+        s = summary[grid]
+        print(f"  {grid}: {s['cases']} cases, liver Dice mean {s['liver_dice_mean']:.3f} (worst "
+              f"{s['liver_dice_worst']['dice']:.3f}: seed {s['liver_dice_worst']['seed']}, "
+              f"{s['liver_dice_worst']['storage']}), tumor Dice (global) {s['tumor_dice_global']:.3f}, "
+              f"all outputs on the input grid: {s['all_on_input_grid']}, {s['seconds_mean']:.1f} s per case",
+              flush=True)
+    return {"model": str(model), "cases": rows, "summary": summary}
+
+
+def _spacing(path: Path) -> list:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return list(reversed(reader.GetSpacing()))  # (k, j, i)
+
+
+# --- speed and memory ------------------------------------------------------------------------
+def speed_part(ct_model, dbt_model, work: Path, threads: int, quick: bool, no_ws_limit: float) -> dict:
+    from TransferSegLib.phantoms import ct_phantom, dbt_phantom
+
+    sizes = {"ct100": (20, 128, 128), "ct300": (30, 128, 128), "dbt": (8, 256, 192)} if quick else \
+        {"ct100": (100, 512, 512), "ct300": (300, 512, 512), "dbt": (40, 1024, 768)}
+    rows = {}
+
+    def report(name, what, run, goal=None):
+        rows[name] = {"what": what, **{k: run[k] for k in ("seconds", "peak_rss_gib", "timings_s", "shape")}, "goal": goal}
+        print(f"  {what:<58} {run['seconds']:6.1f} s  peak RSS {run['peak_rss_gib']:.2f} GiB"
+              f"{'  (goal ' + goal + ')' if goal else ''}", flush=True)
+        print(f"      stages: {', '.join(f'{k} {v:.1f}' for k, v in run['timings_s'].items())} s; "
+              f"reading the input {run['load_input_s']:.1f} s", flush=True)
+
+    volume, _ = ct_phantom(5200, shape=sizes["ct100"])
+    ct100 = write_ct(volume, work / "ct100.nii.gz")
+    spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
+    report("ct100", f"CT {'×'.join(map(str, sizes['ct100']))} ({spacing} mm)",
+           measure(ct100, ct_model, work / "out-ct100", threads), "< 60 s, < 3 GiB")
+    card = load_model(ct_model).card
+    if card.get("working_spacing_mm"):
+        plain = without_working_spacing(ct_model, work / "no-working-spacing")
+        run = measure(ct100, plain, work / "out-ct100-plain", threads, timeout=no_ws_limit)
+        crop = None
+        if run is None:  # too slow at full size: compare both on a central crop
+            from TransferSegLib.volume import Volume
+
+            k, j, i = volume.shape
+            box = (slice(0, k), slice(j // 4, j // 4 + j // 2), slice(i // 4, i // 4 + i // 2))
+            origin = volume.ijk_to_ras_points(np.array([[0, j // 4, i // 4]], float))[0]
+            cropped = Volume(volume.array[box], volume.spacing, volume.directions, origin)
+            path = write_ct(cropped, work / "ct100-crop.nii.gz")
+            crop = list(cropped.shape)
+            with_ws = measure(path, ct_model, work / "out-crop", threads)
+            run = measure(path, plain, work / "out-crop-plain", threads)
+        else:
+            with_ws = rows["ct100"]
+        rows["ct100_without_working_spacing"] = {
+            "what": "the same CT model without working_spacing_mm", "seconds": run["seconds"],
+            "peak_rss_gib": run["peak_rss_gib"], "timings_s": run["timings_s"], "crop": crop,
+            "ratio_seconds": run["seconds"] / with_ws["seconds"],
+            "ratio_peak_rss": run["peak_rss_gib"] / with_ws["peak_rss_gib"]}
+        r = rows["ct100_without_working_spacing"]
+        where = f"on a central {'×'.join(map(str, crop))} crop (full size ran past {no_ws_limit:.0f} s)" if crop else "same CT"
+        print(f"  {'without its working spacing, ' + where:<58} {r['seconds']:6.1f} s  peak RSS "
+              f"{r['peak_rss_gib']:.2f} GiB  → the working spacing is {r['ratio_seconds']:.1f}× faster, "
+              f"{r['ratio_peak_rss']:.1f}× less memory", flush=True)
+    else:
+        rows["ct100_without_working_spacing"] = {"what": f"n/a: {card['name']} has no working spacing"}
+        print(f"  ratio: n/a, the shipped {card['name']} has no working spacing", flush=True)
+    del volume
+    ct100.unlink()
+
+    volume, _ = ct_phantom(5201, shape=sizes["ct300"])
+    ct300 = write_ct(volume, work / "ct300.nii.gz")
+    spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
+    del volume
+    report("ct300", f"CT {'×'.join(map(str, sizes['ct300']))} ({spacing} mm)",
+           measure(ct300, ct_model, work / "out-ct300", threads), "< 4 GiB")
+    ct300.unlink()
+
+    options = {"shape": sizes["dbt"], "pixel_mm": 0.4 if quick else 0.1}
+    volume, boxes = dbt_phantom(5300, **options)
+    dbt = write_float(volume, work / "dbt.nii.gz")
+    del volume
+    run = measure(dbt, dbt_model, work / "out-dbt", threads)
+    report("dbt", f"DBT {'×'.join(map(str, sizes['dbt']))} at {options['pixel_mm']} mm", run, "< 60 s")
+    hits = sum(any(_inside(d["position_kji"], b["box_kji"]) for d in run["detections"]) for b in boxes)
+    rows["dbt"].update({"lesions": len(boxes), "lesions_hit_by_a_detection": hits, "detections": len(run["detections"]),
+                        "overview": str(work / "out-dbt" / "overview.png")})
+    print(f"      {len(run['detections'])} detection(s) above the card's threshold; {hits} of {len(boxes)} "
+          f"lesion(s) hold one; overview: {work / 'out-dbt' / 'overview.png'}", flush=True)
+    dbt.unlink()
+    return rows
+
+
+def _inside(position, box) -> bool:
+    return all(lo <= p < hi for p, lo, hi in zip(position, box[:3], box[3:]))
+
+
+# --- DBT FROC --------------------------------------------------------------------------------
+def evaluation_model(model):
+    """``model`` loaded, its card's peaks made the FROC's: every local maximum (threshold 0), at
+    most 50 per volume, the card's ``min_distance`` (working voxels)."""
+    loaded = load_model(model)
+    distance = (loaded.card.get("peaks") or {}).get("min_distance", [2, 8, 8])
+    peaks = {"threshold": 0.0, "min_distance": list(distance), "max_peaks": 50}
+    return dataclasses.replace(loaded, card=dict(loaded.card, peaks=peaks))
+
+
+def dbt_froc(models: dict, grid: str, count: int, seed: int, quick: bool = False) -> dict:
+    """Held-out FROC of each model ({label: name or card path}) on ``count`` DBT phantoms (seeds
+    ``seed``…) at ``grid`` (:data:`DBT_GRIDS`), through ``pipeline.run``: the card's resampling,
+    network and peaks, with the detections mapped back to the input grid.  Each phantom is made
+    once and every model runs on it."""
+    from TransferSegLib.phantoms import dbt_phantom
+    from TransferSegLib.pipeline import run
+
+    options = dict(DBT_GRIDS[grid])
+    if quick and grid == "clinical":
+        options = {"shape": [8, 256, 192], "pixel_mm": 0.4}
+    loaded = {label: evaluation_model(model) for label, model in models.items()}
+    detections = {label: [] for label in models}
+    seconds = {label: 0.0 for label in models}
+    boxes = []
+    for n in range(count):
+        volume, lesions = dbt_phantom(seed + n, **options)
+        boxes.append(lesions)
+        for label, model in loaded.items():
+            start = time.perf_counter()
+            result = run(volume, model, device="cpu")
+            seconds[label] += time.perf_counter() - start
+            detections[label].append(result.detections)
+        del volume
+    out = {}
+    for label in models:
+        out[label] = _froc_entry(detections[label], boxes, seed, options, loaded[label].card["peaks"])
+        out[label].update({"model": str(models[label]), "seconds_per_volume": seconds[label] / count,
+                           "_detections": detections[label], "_boxes": boxes})
+    return out
+
+
+def _froc_entry(detections, boxes, seed, options, peaks) -> dict:
+    curve = froc(detections, boxes)
+    return {"tpr_at_fp_per_volume": {f"{rate:g}": curve["tpr_at"][rate] for rate in FROC_RATES},
+            "lesions": curve["lesions"], "volumes": curve["volumes"],
+            "data": {"phantom": "dbt", "count": len(boxes), "seed": seed, "options": options},
+            "peaks": peaks, "protocol": FROC_PROTOCOL, "fp_per_volume": curve["fp_per_volume"], "tpr": curve["tpr"]}
+
+
+def dbt_part(models: dict, counts: dict, quick: bool, keep: bool = False) -> dict:
+    out = {}
+    for grid in DBT_GRIDS:
+        out[grid] = dbt_froc(models, grid, counts[grid], 5000, quick)
+        first = next(iter(out[grid].values()))
+        shape = "×".join(map(str, first["data"]["options"].get("shape", [32, 256, 192])))
+        print(f"  {grid} grid ({shape} at {first['data']['options'].get('pixel_mm', 0.4)} mm), {first['volumes']} "
+              f"held-out phantoms (seeds 5000-{5000 + first['volumes'] - 1}), {first['lesions']} lesions; "
+              "TPR at FP/volume:", flush=True)
+        print(f"    {'model':<44}" + "".join(f"{rate:>7g}" for rate in FROC_RATES) + "   s/volume")
+        for label, curve in out[grid].items():
+            print(f"    {label:<44}" + "".join(f"{v:>7.3f}" for v in curve["tpr_at_fp_per_volume"].values())
+                  + f"   {curve['seconds_per_volume']:7.1f}", flush=True)
+    for curves in out.values():  # the per-volume detections stay out of the JSON (kept for --ship)
+        for curve in curves.values():
+            if not keep:
+                curve.pop("_detections"), curve.pop("_boxes")
+    return out
+
+
+def ship_detector(card_path, froc_results: dict, label: str, training_time: dict, folder: Path,
+                  check_count: int = 10) -> Path:
+    """Write the detector at ``card_path`` into ``folder`` (weights + card, sha256 recomputed) with
+    its held-out FROC in ``metrics``: ``froc_heldout`` (default grid), ``froc_heldout_clinical``
+    (0.1 mm) and ``froc_heldout_check`` (the first ``check_count`` default-grid volumes, which the
+    shipped-model test recomputes quickly), and ``training_time`` as given."""
+    import copy
+
+    from TransferSegLib.models import save_model
+
+    loaded = load_model(card_path)
+    card = copy.deepcopy(loaded.card)
+    card.pop("weights", None)
+    init = card["training"]["config"].get("init_weights") or {}
+    if "transfer_from" in init:  # no local absolute paths in a shipped card
+        path = Path(init["transfer_from"])
+        init["transfer_from"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+    compact = ("tpr_at_fp_per_volume", "lesions", "volumes", "data", "peaks", "protocol")
+    default, clinical = froc_results["default"][label], froc_results["clinical"][label]
+    check = _froc_entry(default["_detections"][:check_count], default["_boxes"][:check_count],
+                        default["data"]["seed"], default["data"]["options"], default["peaks"])
+    card["metrics"] = {"froc_heldout": {k: default[k] for k in compact},
+                       "froc_heldout_clinical": {k: clinical[k] for k in compact},
+                       "froc_heldout_check": {k: check[k] for k in compact},
+                       "training_time": training_time}
+    return save_model(loaded.network, card, folder)
+
+
+# --- main ------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one or two tiny cases per part (a smoke test)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run (default 2)")
+    parser.add_argument("--ct-model", default=DEFAULT_SEGMENTATION_MODEL)
+    parser.add_argument("--dbt-model", action="append", default=[],
+                        help="another detector (card path) to score beside the shipped one; repeatable")
+    parser.add_argument("--dbt-volumes", type=int, default=40, help="held-out phantoms at the default grid")
+    parser.add_argument("--dbt-clinical-volumes", type=int, default=10, help="held-out phantoms at 0.1 mm")
+    parser.add_argument("--no-ws-limit", type=float, default=600.0,
+                        help="seconds the CT model without working spacing may take before a crop is used")
+    parser.add_argument("--ship", type=Path, help="with --parts dbt and one --dbt-model: write that detector "
+                        "into this folder with its held-out FROC in the card")
+    parser.add_argument("--training-time", default="{}",
+                        help='with --ship: the card\'s metrics.training_time, JSON ({"machine": ..., "cpu_minutes": ...})')
+    parser.add_argument("--work", type=Path, help="folder for inputs and outputs (default: a temporary one)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return 0
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if args.ship and ("dbt" not in parts or len(args.dbt_model) != 1):
+        parser.error("--ship needs --parts with dbt and exactly one --dbt-model (the detector to ship)")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    work = args.work or Path(tempfile.mkdtemp(prefix="real_size-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ct_model, dbt_model = str(find_model(args.ct_model)), str(find_model(DEFAULT_DETECTION_MODEL))
+    results = {"quick": args.quick, "threads": args.threads, "cpus": os.cpu_count(),
+               "load_average_at_start": os.getloadavg(), "ct_model": ct_model, "dbt_model": dbt_model}
+    print(f"real-size bench{' — QUICK: a smoke test, not a result' if args.quick else ''}: {args.threads} "
+          f"thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; work folder {work}", flush=True)
+
+    def save():
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+
+    if "dbt" in parts:
+        print("DBT FROC (held out)", flush=True)
+        models = {f"shipped {DEFAULT_DETECTION_MODEL}": dbt_model}
+        models.update({str(path): str(path) for path in args.dbt_model})
+        counts = {"default": 2 if args.quick else args.dbt_volumes,
+                  "clinical": 1 if args.quick else args.dbt_clinical_volumes}
+        results["dbt_froc"] = dbt_part(models, counts, args.quick, keep=bool(args.ship))
+        if args.ship:
+            card = ship_detector(args.dbt_model[0], results["dbt_froc"], str(args.dbt_model[0]),
+                                 json.loads(args.training_time), args.ship)
+            print(f"  shipped {card} and {card.with_suffix('.safetensors')}", flush=True)
+            for curves in results["dbt_froc"].values():
+                for curve in curves.values():
+                    curve.pop("_detections"), curve.pop("_boxes")
+        save()
+    if "speed" in parts:
+        print("speed and memory, end to end (load → run → write), each in a fresh process", flush=True)
+        results["speed"] = speed_part(ct_model, dbt_model, work, args.threads, args.quick, args.no_ws_limit)
+        save()
+    if "ct" in parts:
+        print(f"CT accuracy ({Path(ct_model).stem}), end to end", flush=True)
+        results["ct"] = ct_part(ct_model, work, args.threads, args.quick)
+        save()
+    results["total_seconds"] = time.perf_counter() - started
+    save()
+    print(f"done in {results['total_seconds']:.0f} s" + (f"; numbers in {args.json}" if args.json else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
