@@ -45,32 +45,44 @@ def test_default_segmentation_model_segments_a_new_ct_phantom():
 
 
 def test_default_detection_model_card_carries_its_heldout_froc():
+    """The card says where the detector was scored: held-out phantoms (seeds no training case had)
+    at the phantom's default grid and at a clinical 0.1 mm grid, through its working spacing."""
     card = json.loads((SHIPPED / f"{DEFAULT_DETECTION_MODEL}.json").read_text(encoding="utf-8"))
     assert card["task"] == "heatmap" and card["architecture"]["name"] == "ahnet"
-    froc = card["metrics"]["froc_heldout"]
-    assert set(froc["tpr_at_fp_per_volume"]) == {"0.01", "0.05", "0.1", "0.15", "0.2", "0.25"}
-    assert froc["data"]["seed"] >= 5000 > card["training"]["config"]["data"]["seed"] + card["training"]["config"]["data"]["count"]
+    assert card["working_spacing_mm"] and card["trained_spacing_mm"]["min"][1] <= 0.1
+    training = card["training"]["config"]["data"]
+    metrics = card["metrics"]
+    for key in ("froc_heldout", "froc_heldout_clinical", "froc_heldout_check"):
+        froc = metrics[key]
+        assert set(froc["tpr_at_fp_per_volume"]) == {"0.01", "0.05", "0.1", "0.15", "0.2", "0.25"}
+        assert froc["data"]["seed"] >= 5000 > training["seed"] + training["count"]
+        assert froc["lesions"] > 0 and froc["volumes"] == froc["data"]["count"] and froc["protocol"]
+    assert metrics["froc_heldout"]["data"]["options"] == {}  # dbt_phantom's default grid
+    assert metrics["froc_heldout_clinical"]["data"]["options"] == {"shape": [40, 1024, 768], "pixel_mm": 0.1}
+    assert metrics["training_time"]["cpu_minutes"] > 0 and metrics["training_time"]["machine"]
     assert "transfer_from" in card["training"]["config"]["init_weights"]  # the encoder came from the MC-GCN
 
 
 def test_default_detection_model_reproduces_its_heldout_froc():
-    """The shipped AH-Net on the card's own held-out phantoms, through the product path
-    (``pipeline.run`` with the card, ``find_peaks`` with the card's evaluation peaks): the FROC
-    is the card's, to one lesion (thread counts may reorder near-tied peaks)."""
-    from TransferSegLib.heatmaps import find_peaks
+    """The shipped AH-Net on the first held-out phantoms of its card (``froc_heldout_check``, the
+    default grid), through the product path: ``pipeline.run`` resamples to the working grid,
+    finds the peaks there (the card's evaluation peaks) and maps them back to the input grid.
+    The FROC is the card's, to one lesion (thread counts may reorder near-tied peaks)."""
+    import dataclasses
+
+    from TransferSegLib.phantoms import dbt_phantom
 
     loaded = load_model(DEFAULT_DETECTION_MODEL)
-    test = loaded.card["metrics"]["froc_heldout"]
-    cases = phantom_cases("dbt", test["data"]["count"], test["data"]["seed"], **test["data"]["options"])
+    test = loaded.card["metrics"]["froc_heldout_check"]
+    model = dataclasses.replace(loaded, card=dict(loaded.card, peaks=test["peaks"]))
     detections, boxes = [], []
-    for case in cases:
-        volume, _ = case.load()
-        result = run(volume, loaded, device="cpu")
+    for seed in range(test["data"]["seed"], test["data"]["seed"] + test["data"]["count"]):
+        volume, lesions = dbt_phantom(seed, **test["data"]["options"])
+        result = run(volume, model, device="cpu")
         assert result.heatmap.shape == volume.shape and np.isfinite(result.heatmap).all()
-        peaks = test["peaks"]
-        detections.append(find_peaks(result.heatmap, volume, threshold=peaks["threshold"],
-                                     min_distance=peaks["min_distance"], max_peaks=peaks["max_peaks"]))
-        boxes.append(case.boxes)
+        assert all(0 <= p < n for d in result.detections for p, n in zip(d.position_kji, volume.shape))
+        detections.append(result.detections)
+        boxes.append(lesions)
     curve = metrics.froc(detections, boxes)
     assert curve["lesions"] == test["lesions"] and curve["volumes"] == test["volumes"]
     for rate, tpr in test["tpr_at_fp_per_volume"].items():
