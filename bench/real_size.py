@@ -195,10 +195,12 @@ def ct_cases(quick: bool) -> list:
     return [(5000 + n, (nk, 512, 512), CT_STORAGE[n % 4]) for n, nk in enumerate(slices)]
 
 
-def ct_part(model, work: Path, threads: int, quick: bool) -> dict:
+def ct_part(model, work: Path, threads: int, quick: bool, out: dict, save=lambda: None) -> dict:
+    """The CT accuracy runs into ``out`` (``save()`` after each case)."""
     from TransferSegLib.phantoms import ct_phantom
 
-    rows = []
+    rows = out.setdefault("cases", [])
+    out["model"] = str(model)
     grids = {"clinical": ct_cases(quick), "native": [(5100 + n, None, CT_STORAGE[0]) for n in range(1 if quick else 5)]}
     for grid, cases in grids.items():
         for seed, shape, storage in cases:
@@ -206,9 +208,9 @@ def ct_part(model, work: Path, threads: int, quick: bool) -> dict:
             volume, labels = stored_as(volume, labels, storage)
             path = write_ct(volume, work / f"ct-{seed}.nii.gz")
             del volume
-            out = work / f"ct-{seed}-out"
-            run = measure(path, model, out, threads)
-            predicted = read_labels(out / "labelmap.nii.gz")
+            folder = work / f"ct-{seed}-out"
+            run = measure(path, model, folder, threads)
+            predicted = read_labels(folder / "labelmap.nii.gz")
             truth_tumor, tumor = labels == 2, predicted == 2
             row = {"grid": grid, "seed": seed, "shape": run["shape"], "storage": storage,
                    "spacing_mm": _spacing(path),
@@ -216,14 +218,15 @@ def ct_part(model, work: Path, threads: int, quick: bool) -> dict:
                    "tumor_overlap2": 2 * int((tumor & truth_tumor).sum()),
                    "tumor_voxels": int(tumor.sum() + truth_tumor.sum()),
                    "seconds": run["seconds"], "peak_rss_gib": run["peak_rss_gib"],
-                   **grid_matches(path, [out / "labelmap.nii.gz", out / "segmentation.seg.nrrd"])}
+                   **grid_matches(path, [folder / "labelmap.nii.gz", folder / "segmentation.seg.nrrd"])}
             rows.append(row)
+            save()
             print(f"  {grid:<8} seed {seed} {'×'.join(map(str, row['shape'])):>12} "
                   f"{'×'.join(f'{s:.2f}' for s in row['spacing_mm'])} mm  {storage:<24} liver Dice "
                   f"{row['liver_dice']:.3f}  tumor voxels {row['tumor_voxels']:>7}  same grid {row['same_grid']}  "
                   f"{row['seconds']:5.1f} s  {row['peak_rss_gib']:.2f} GiB", flush=True)
             path.unlink()
-            shutil.rmtree(out)
+            shutil.rmtree(folder)
     summary = {}
     for grid in grids:
         part = [r for r in rows if r["grid"] == grid]
@@ -241,7 +244,9 @@ def ct_part(model, work: Path, threads: int, quick: bool) -> dict:
               f"{s['liver_dice_worst']['storage']}), tumor Dice (global) {s['tumor_dice_global']:.3f}, "
               f"all outputs on the input grid: {s['all_on_input_grid']}, {s['seconds_mean']:.1f} s per case",
               flush=True)
-    return {"model": str(model), "cases": rows, "summary": summary}
+    out["summary"] = summary
+    save()
+    return out
 
 
 def _spacing(path: Path) -> list:
@@ -254,12 +259,16 @@ def _spacing(path: Path) -> list:
 
 
 # --- speed and memory ------------------------------------------------------------------------
-def speed_part(ct_model, dbt_model, work: Path, threads: int, quick: bool, no_ws_limit: float) -> dict:
+SPEED_CASES = ("dbt", "ct100", "ct300")
+
+
+def speed_part(ct_model, dbt_model, work: Path, threads: int, quick: bool, no_ws_limit: float,
+               rows: dict, save=lambda: None, cases=SPEED_CASES) -> dict:
+    """The speed and memory measurements named in ``cases``, into ``rows`` (``save()`` after each)."""
     from TransferSegLib.phantoms import ct_phantom, dbt_phantom
 
     sizes = {"ct100": (20, 128, 128), "ct300": (30, 128, 128), "dbt": (8, 256, 192)} if quick else \
         {"ct100": (100, 512, 512), "ct300": (300, 512, 512), "dbt": (40, 1024, 768)}
-    rows = {}
 
     def report(name, what, run, goal=None):
         rows[name] = {"what": what, **{k: run[k] for k in ("seconds", "peak_rss_gib", "timings_s", "shape")}, "goal": goal}
@@ -267,66 +276,73 @@ def speed_part(ct_model, dbt_model, work: Path, threads: int, quick: bool, no_ws
               f"{'  (goal ' + goal + ')' if goal else ''}", flush=True)
         print(f"      stages: {', '.join(f'{k} {v:.1f}' for k, v in run['timings_s'].items())} s; "
               f"reading the input {run['load_input_s']:.1f} s", flush=True)
+        save()
 
-    volume, _ = ct_phantom(5200, shape=sizes["ct100"])
-    ct100 = write_ct(volume, work / "ct100.nii.gz")
-    spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
-    report("ct100", f"CT {'×'.join(map(str, sizes['ct100']))} ({spacing} mm)",
-           measure(ct100, ct_model, work / "out-ct100", threads), "< 60 s, < 3 GiB")
-    card = load_model(ct_model).card
-    if card.get("working_spacing_mm"):
-        plain = without_working_spacing(ct_model, work / "no-working-spacing")
-        run = measure(ct100, plain, work / "out-ct100-plain", threads, timeout=no_ws_limit)
-        crop = None
-        if run is None:  # too slow at full size: compare both on a central crop
-            from TransferSegLib.volume import Volume
+    if "dbt" in cases:
+        options = {"shape": sizes["dbt"], "pixel_mm": 0.4 if quick else 0.1}
+        volume, boxes = dbt_phantom(5300, **options)
+        dbt = write_float(volume, work / "dbt.nii.gz")
+        del volume
+        run = measure(dbt, dbt_model, work / "out-dbt", threads)
+        hits = sum(any(_inside(d["position_kji"], b["box_kji"]) for d in run["detections"]) for b in boxes)
+        report("dbt", f"DBT {'×'.join(map(str, sizes['dbt']))} at {options['pixel_mm']} mm", run, "< 60 s")
+        rows["dbt"].update({"lesions": len(boxes), "lesions_hit_by_a_detection": hits,
+                            "detections": len(run["detections"]), "overview": str(work / "out-dbt" / "overview.png")})
+        print(f"      {len(run['detections'])} detection(s) above the card's threshold; {hits} of {len(boxes)} "
+              f"lesion(s) hold one; overview: {work / 'out-dbt' / 'overview.png'}", flush=True)
+        save()
+        dbt.unlink()
 
-            k, j, i = volume.shape
-            box = (slice(0, k), slice(j // 4, j // 4 + j // 2), slice(i // 4, i // 4 + i // 2))
-            origin = volume.ijk_to_ras_points(np.array([[0, j // 4, i // 4]], float))[0]
-            cropped = Volume(volume.array[box], volume.spacing, volume.directions, origin)
-            path = write_ct(cropped, work / "ct100-crop.nii.gz")
-            crop = list(cropped.shape)
-            with_ws = measure(path, ct_model, work / "out-crop", threads)
-            run = measure(path, plain, work / "out-crop-plain", threads)
+    if "ct100" in cases:
+        volume, _ = ct_phantom(5200, shape=sizes["ct100"])
+        ct100 = write_ct(volume, work / "ct100.nii.gz")
+        spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
+        report("ct100", f"CT {'×'.join(map(str, sizes['ct100']))} ({spacing} mm)",
+               measure(ct100, ct_model, work / "out-ct100", threads), "< 60 s, < 3 GiB")
+        card = load_model(ct_model).card
+        if card.get("working_spacing_mm"):
+            plain = without_working_spacing(ct_model, work / "no-working-spacing")
+            run = measure(ct100, plain, work / "out-ct100-plain", threads, timeout=no_ws_limit)
+            crop = None
+            if run is None:  # too slow at full size: compare both on a central crop
+                from TransferSegLib.volume import Volume
+
+                k, j, i = volume.shape
+                box = (slice(0, k), slice(j // 4, j // 4 + j // 2), slice(i // 4, i // 4 + i // 2))
+                origin = volume.ijk_to_ras_points(np.array([[0, j // 4, i // 4]], float))[0]
+                cropped = Volume(volume.array[box], volume.spacing, volume.directions, origin)
+                path = write_ct(cropped, work / "ct100-crop.nii.gz")
+                crop = list(cropped.shape)
+                with_ws = measure(path, ct_model, work / "out-crop", threads)
+                run = measure(path, plain, work / "out-crop-plain", threads)
+            else:
+                with_ws = rows["ct100"]
+            rows["ct100_without_working_spacing"] = {
+                "what": "the same CT model without working_spacing_mm", "seconds": run["seconds"],
+                "peak_rss_gib": run["peak_rss_gib"], "timings_s": run["timings_s"], "crop": crop,
+                "ratio_seconds": run["seconds"] / with_ws["seconds"],
+                "ratio_peak_rss": run["peak_rss_gib"] / with_ws["peak_rss_gib"]}
+            r = rows["ct100_without_working_spacing"]
+            where = (f"on a central {'×'.join(map(str, crop))} crop (full size ran past {no_ws_limit:.0f} s)"
+                     if crop else "same CT")
+            print(f"  {'without its working spacing, ' + where:<58} {r['seconds']:6.1f} s  peak RSS "
+                  f"{r['peak_rss_gib']:.2f} GiB  → the working spacing is {r['ratio_seconds']:.1f}× faster, "
+                  f"{r['ratio_peak_rss']:.1f}× less memory", flush=True)
         else:
-            with_ws = rows["ct100"]
-        rows["ct100_without_working_spacing"] = {
-            "what": "the same CT model without working_spacing_mm", "seconds": run["seconds"],
-            "peak_rss_gib": run["peak_rss_gib"], "timings_s": run["timings_s"], "crop": crop,
-            "ratio_seconds": run["seconds"] / with_ws["seconds"],
-            "ratio_peak_rss": run["peak_rss_gib"] / with_ws["peak_rss_gib"]}
-        r = rows["ct100_without_working_spacing"]
-        where = f"on a central {'×'.join(map(str, crop))} crop (full size ran past {no_ws_limit:.0f} s)" if crop else "same CT"
-        print(f"  {'without its working spacing, ' + where:<58} {r['seconds']:6.1f} s  peak RSS "
-              f"{r['peak_rss_gib']:.2f} GiB  → the working spacing is {r['ratio_seconds']:.1f}× faster, "
-              f"{r['ratio_peak_rss']:.1f}× less memory", flush=True)
-    else:
-        rows["ct100_without_working_spacing"] = {"what": f"n/a: {card['name']} has no working spacing"}
-        print(f"  ratio: n/a, the shipped {card['name']} has no working spacing", flush=True)
-    del volume
-    ct100.unlink()
+            rows["ct100_without_working_spacing"] = {"what": f"n/a: {card['name']} has no working spacing"}
+            print(f"  ratio: n/a, the shipped {card['name']} has no working spacing", flush=True)
+        save()
+        del volume
+        ct100.unlink()
 
-    volume, _ = ct_phantom(5201, shape=sizes["ct300"])
-    ct300 = write_ct(volume, work / "ct300.nii.gz")
-    spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
-    del volume
-    report("ct300", f"CT {'×'.join(map(str, sizes['ct300']))} ({spacing} mm)",
-           measure(ct300, ct_model, work / "out-ct300", threads), "< 4 GiB")
-    ct300.unlink()
-
-    options = {"shape": sizes["dbt"], "pixel_mm": 0.4 if quick else 0.1}
-    volume, boxes = dbt_phantom(5300, **options)
-    dbt = write_float(volume, work / "dbt.nii.gz")
-    del volume
-    run = measure(dbt, dbt_model, work / "out-dbt", threads)
-    report("dbt", f"DBT {'×'.join(map(str, sizes['dbt']))} at {options['pixel_mm']} mm", run, "< 60 s")
-    hits = sum(any(_inside(d["position_kji"], b["box_kji"]) for d in run["detections"]) for b in boxes)
-    rows["dbt"].update({"lesions": len(boxes), "lesions_hit_by_a_detection": hits, "detections": len(run["detections"]),
-                        "overview": str(work / "out-dbt" / "overview.png")})
-    print(f"      {len(run['detections'])} detection(s) above the card's threshold; {hits} of {len(boxes)} "
-          f"lesion(s) hold one; overview: {work / 'out-dbt' / 'overview.png'}", flush=True)
-    dbt.unlink()
+    if "ct300" in cases:
+        volume, _ = ct_phantom(5201, shape=sizes["ct300"])
+        ct300 = write_ct(volume, work / "ct300.nii.gz")
+        spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
+        del volume
+        report("ct300", f"CT {'×'.join(map(str, sizes['ct300']))} ({spacing} mm)",
+               measure(ct300, ct_model, work / "out-ct300", threads), "< 4 GiB")
+        ct300.unlink()
     return rows
 
 
@@ -444,6 +460,8 @@ def main(argv=None) -> int:
                         help="another detector (card path) to score beside the shipped one; repeatable")
     parser.add_argument("--dbt-volumes", type=int, default=40, help="held-out phantoms at the default grid")
     parser.add_argument("--dbt-clinical-volumes", type=int, default=10, help="held-out phantoms at 0.1 mm")
+    parser.add_argument("--speed-cases", default=",".join(SPEED_CASES),
+                        help=f"which speed measurements, comma-separated, of {', '.join(SPEED_CASES)}")
     parser.add_argument("--no-ws-limit", type=float, default=600.0,
                         help="seconds the CT model without working spacing may take before a crop is used")
     parser.add_argument("--ship", type=Path, help="with --parts dbt and one --dbt-model: write that detector "
@@ -496,11 +514,14 @@ def main(argv=None) -> int:
         save()
     if "speed" in parts:
         print("speed and memory, end to end (load → run → write), each in a fresh process", flush=True)
-        results["speed"] = speed_part(ct_model, dbt_model, work, args.threads, args.quick, args.no_ws_limit)
+        results["speed"] = {}
+        speed_part(ct_model, dbt_model, work, args.threads, args.quick, args.no_ws_limit, results["speed"], save,
+                   [c.strip() for c in args.speed_cases.split(",")])
         save()
     if "ct" in parts:
         print(f"CT accuracy ({Path(ct_model).stem}), end to end", flush=True)
-        results["ct"] = ct_part(ct_model, work, args.threads, args.quick)
+        results["ct"] = {}
+        ct_part(ct_model, work, args.threads, args.quick, results["ct"], save)
         save()
     results["total_seconds"] = time.perf_counter() - started
     save()
