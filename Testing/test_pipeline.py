@@ -169,3 +169,24 @@ def test_detect_cli_writes_heatmap_and_detections(tmp_path, tiny_heatmap_model):
     np.testing.assert_allclose(volume.ijk_to_ras_points([top["position_kji"]])[0], top["position_ras"], atol=1e-3)
     csv_rows = (out / "detections.csv").read_text(encoding="utf-8").splitlines()
     assert csv_rows[0].startswith("rank,confidence,k,j,i") and len(csv_rows) == len(detections) + 1
+
+
+def test_postprocess_in_the_bounding_box_equals_the_whole_volume():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    labels = (ndimage.gaussian_filter(rng.random((30, 40, 50)), 2) > 0.52).astype(np.uint8)
+    labels[(labels == 1) & (rng.random(labels.shape) < 0.05)] = 2
+    labels[12:18, 15:25, 20:30] = 2  # tumor with a hole-free shell or not, wherever it falls
+    labels[0, :, :3] = 2  # tumors touching the border
+    spec = {"largest_component": [1, 2], "inside": {"2": [1, 2]}}
+    expected = labels.copy()
+    mask = np.isin(expected, [1, 2])
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    expected[mask & (components != sizes.argmax())] = 0
+    region = ndimage.binary_fill_holes(np.isin(expected, [1, 2]))
+    expected[(expected == 2) & ~region] = 0
+    np.testing.assert_array_equal(postprocess(labels, spec), expected)
+    assert count > 1 and (expected != labels).any()

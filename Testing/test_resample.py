@@ -191,3 +191,19 @@ def test_antialiasing_averages_the_noise_away_like_a_coarser_scan():
     # upsampling and untouched axes are not smoothed
     np.testing.assert_array_equal(to_spacing(noise, (1.0, 0.05, 0.05)).array,
                                   to_spacing(noise, (1.0, 0.05, 0.05), antialias=False).array)
+
+
+def test_antialiasing_slab_by_slab_equals_smoothing_the_whole_volume(monkeypatch):
+    from scipy.ndimage import gaussian_filter
+
+    import TransferSegLib.resample as resample
+
+    rng = np.random.default_rng(9)
+    volume = Volume(rng.normal(0, 10, (40, 60, 50)).astype(np.float32), (1.0, 0.5, 0.4))
+    monkeypatch.setattr(resample, "_SLAB_VOXELS", 3000)  # many small slabs
+    sliced = to_spacing(volume, (3.0, 1.6, 1.0))
+    shape = sliced.shape
+    sigmas = [(n / m - 1) / 2 for n, m in zip(volume.shape, shape)]
+    whole = gaussian_filter(volume.array, sigmas, mode="nearest", truncate=3.0)
+    reference = to_spacing(volume.with_array(whole), (3.0, 1.6, 1.0), antialias=False)
+    np.testing.assert_allclose(sliced.array, reference.array, rtol=1e-5, atol=1e-4)

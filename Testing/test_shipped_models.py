@@ -44,6 +44,47 @@ def test_default_segmentation_model_segments_a_new_ct_phantom():
     assert liver > 0.85, liver
 
 
+def test_default_segmentation_model_segments_a_finer_grid_stored_the_other_way_round(tmp_path):
+    """A grid finer than the old 4 mm phantoms (1.2 mm pixels), stored RAS-flipped: the pipeline
+    turns and resamples it to the model's working grid, and the label map written by the CLI
+    lies on the input's exact grid."""
+    import SimpleITK as sitk
+
+    from TransferSegLib.io import save_labelmap, save_volume
+    from TransferSegLib.resample import to_orientation
+
+    volume, reference = ct_phantom(seed=778, shape=(48, 320, 320))
+    flipped, turn = to_orientation(volume, "RAS")
+    source = save_volume(flipped, tmp_path / "ct.nii.gz")
+    save_labelmap(turn.apply(reference), flipped, tmp_path / "truth.nii.gz")
+    done = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "segment", str(source), "-o",
+                           str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True,
+                          encoding="utf-8", timeout=300)
+    assert done.returncode == 0, done.stderr
+    written = sitk.ReadImage(str(tmp_path / "out" / "labelmap.nii.gz"))
+    original = sitk.ReadImage(str(source))
+    assert written.GetSize() == original.GetSize()
+    for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+        np.testing.assert_allclose(getattr(written, get)(), getattr(original, get)(), atol=1e-5)
+    labels = sitk.GetArrayFromImage(written)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "truth.nii.gz")))
+    liver = metrics.dice(labels > 0, truth > 0)
+    assert liver > 0.9, liver
+
+
+def test_default_segmentation_model_card_carries_its_clinical_grid_numbers():
+    card = json.loads((SHIPPED / f"{DEFAULT_SEGMENTATION_MODEL}.json").read_text(encoding="utf-8"))
+    assert card["working_spacing_mm"] == [3.0, 2.0, 2.0] and card["working_orientation"] == "LPS"
+    trained = card["trained_spacing_mm"]
+    assert trained["min"][1] < 1.0 and trained["max"][0] <= 5.0  # the spacings users have
+    clinical = card["metrics"]["heldout_clinical"]
+    assert clinical["cases"] >= 10 and clinical["all_on_input_grid"] is True
+    assert {"liver_dice_mean", "liver_dice_worst", "tumor_dice_global"} <= set(clinical)
+    assert clinical["liver_dice_worst"]["dice"] > 0.85
+    native = card["metrics"]["heldout_native"]
+    assert native["liver_incl_tumor"]["dice_per_case"] >= 0.939  # no worse than the model it replaced
+
+
 def test_default_detection_model_card_carries_its_heldout_froc():
     """The card says where the detector was scored: held-out phantoms (seeds no training case had)
     at the phantom's default grid and at a clinical 0.1 mm grid, through its working spacing."""

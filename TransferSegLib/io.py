@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import SimpleITK as sitk
 
-from .volume import TransferSegError, Volume, _check_geometry, _describe_shape
+from .volume import TransferSegError, Volume, _check_geometry, _describe_shape, label_counts
 
 __all__ = [
     "READ_SUFFIXES",
@@ -563,7 +563,7 @@ def save_segmentation(labels: np.ndarray, reference: Volume, path, segments: lis
         if seg.get("terminology"):
             entry["terminology"] = _terminology_entry(seg["terminology"])
         out_segments.append(entry)
-    present = set(np.unique(labels).tolist()) - {0}
+    present = set(np.flatnonzero(label_counts(labels)).tolist()) - {0}
     missing = sorted(present - seen_labels)
     if missing:
         raise TransferSegError(f"label value(s) {missing} in the label map have no segment description")

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from .models import DEFAULT_SEGMENTATION_MODEL, LoadedModel, load_model
 from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
-from .volume import TransferSegError, Volume
+from .volume import TransferSegError, Volume, label_counts
 
 __all__ = ["VIEW_NAMES", "Result", "run", "postprocess"]
 
@@ -61,7 +61,7 @@ class Result:
     def volumes_ml(self) -> dict:
         """Volume of each segment in millilitres."""
         voxel_ml = float(np.prod(self.volume.spacing)) / 1000.0
-        counts = np.bincount(self.labels.ravel(), minlength=256)
+        counts = label_counts(self.labels)
         return {seg["name"]: round(float(counts[seg["label"]]) * voxel_ml, 3) for seg in self.segments}
 
     def outputs(self) -> list:
@@ -184,6 +184,9 @@ def postprocess(labels: np.ndarray, spec: Optional[dict]) -> np.ndarray:
     of those labels (e.g. the liver with its tumors) and clears the rest of them;
     ``{"inside": {"2": [1, 2]}}`` keeps label 2 only where it lies inside the filled region of
     labels {1, 2}.
+
+    Both work inside the bounding box of the labels concerned (with a one-voxel margin, so
+    filling holes sees the same outside), never on int32 component maps of the whole volume.
     """
     if not spec:
         return labels
@@ -191,15 +194,32 @@ def postprocess(labels: np.ndarray, spec: Optional[dict]) -> np.ndarray:
     organ = spec.get("largest_component")
     if organ:
         mask = np.isin(labels, organ)
-        components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-        if count > 1:
-            sizes = np.bincount(components.ravel())
-            sizes[0] = 0
-            labels[mask & (components != int(sizes.argmax()))] = 0
+        box = _bounding_box(mask, margin=0)
+        if box is not None:
+            components, count = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
+            if count > 1:
+                sizes = np.bincount(components.ravel())
+                sizes[0] = 0
+                inside = labels[box]  # a view: clearing it clears labels
+                inside[mask[box] & (components != int(sizes.argmax()))] = 0
     for inner, outer in (spec.get("inside") or {}).items():
-        region = ndimage.binary_fill_holes(np.isin(labels, outer))
+        region = np.isin(labels, outer)
+        box = _bounding_box(region, margin=1)
+        if box is not None:
+            region[box] = ndimage.binary_fill_holes(region[box])
         labels[(labels == int(inner)) & ~region] = 0
     return labels
+
+
+def _bounding_box(mask: np.ndarray, margin: int):
+    """Slices of the box holding every True voxel, grown by ``margin`` (clipped); None when empty."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not hit.size:
+            return None
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
 
 
 def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", roi=None,

@@ -21,7 +21,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from .io import atomic_output
 from .phantoms import CT_LABEL_NAMES
-from .volume import TransferSegError, Volume, anatomical_axes
+from .volume import TransferSegError, Volume, anatomical_axes, label_counts
 
 __all__ = ["LABEL_COLORS", "save_gallery_png", "save_overview_png"]
 
@@ -123,7 +123,7 @@ def _draw_case(axes_row, volume: Volume, labels=None, heatmap=None, boxes=None, 
     heatmap = _check_overlay("heatmap", heatmap, volume)
     lo, hi = _auto_window(volume.array) if window is None else (float(window[0]), float(window[1]))
     focus = _focus(volume, labels, heatmap, boxes)
-    values = [] if labels is None else [int(v) for v in np.unique(labels) if v != 0]
+    values = [] if labels is None else [int(v) for v in np.flatnonzero(label_counts(labels)) if v != 0]
     names = CT_LABEL_NAMES if label_names is None else dict(label_names)
     if values:
         top = max(values)

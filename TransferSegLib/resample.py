@@ -46,6 +46,7 @@ __all__ = ["Reorientation", "SPACING_TOLERANCE", "back_to", "grid_shape", "label
 SPACING_TOLERANCE = 0.05
 _SLAB_VOXELS = 1 << 22  # float32 voxels of a source or output slab, all channels (16 MiB)
 _KINDS = ("linear", "nearest", "argmax")
+_TRUNCATE = 3.0  # Gaussian kernels reach 3 sigma
 
 
 # --- the working grid -----------------------------------------------------------------------
@@ -105,10 +106,24 @@ def _lerp(x: torch.Tensor, axis: int, low, high, weight) -> torch.Tensor:
     return torch.lerp(a, x.index_select(axis, high), w)
 
 
-def _linear_slabs(array: np.ndarray, shape, sink) -> None:
+def _smooth(slab: np.ndarray, sigmas, first_axis: int = 1) -> np.ndarray:
+    """Gaussian smoothing (edge-replicating) along the axes with a sigma, float32."""
+    from scipy.ndimage import gaussian_filter1d
+
+    for axis, sigma in enumerate(sigmas):
+        if sigma > 0:
+            slab = gaussian_filter1d(slab, sigma, axis=first_axis + axis, mode="nearest", truncate=_TRUNCATE,
+                                     output=np.float32)
+    return slab
+
+
+def _linear_slabs(array: np.ndarray, shape, sink, sigmas=(0.0, 0.0, 0.0)) -> None:
     """Resample ``array`` (C, k, j, i) linearly to (C,) + ``shape``; ``sink(k0, k1, slab)`` gets each
-    float32 output slab (C, k1 - k0, j, i) in order."""
+    float32 output slab (C, k1 - k0, j, i) in order.  ``sigmas`` (k, j, i; input voxels) smooth
+    the input first, slab by slab: each slab reads ``radius`` extra rows on both sides, so the
+    result equals smoothing the whole array, without a full-size copy of it."""
     channels, nk, nj, ni = array.shape
+    radius = int(_TRUNCATE * sigmas[0] + 0.5) if sigmas[0] > 0 else 0
     mk, mj, mi = shape
     k_low, k_high, k_w = _axis_map(nk, mk)
     maps = (_axis_map(nj, mj), _axis_map(ni, mi))
@@ -122,7 +137,13 @@ def _linear_slabs(array: np.ndarray, shape, sink) -> None:
         while k1 < mk and k1 - k0 < rows_out and k_high[k1] - k_low[k0] + 1 <= rows_in:
             k1 += 1
         lo, hi = int(k_low[k0]), int(k_high[k1 - 1]) + 1
-        source = torch.from_numpy(np.ascontiguousarray(array[:, lo:hi], dtype=np.float32))
+        if any(sigma > 0 for sigma in sigmas):
+            start, stop = max(lo - radius, 0), min(hi + radius, nk)
+            block = _smooth(np.ascontiguousarray(array[:, start:stop], dtype=np.float32), sigmas)
+            source = torch.from_numpy(np.ascontiguousarray(block[:, lo - start:hi - start]))
+            del block
+        else:
+            source = torch.from_numpy(np.ascontiguousarray(array[:, lo:hi], dtype=np.float32))
         slab = _lerp(source, 1, k_low[k0:k1] - lo, k_high[k0:k1] - lo, k_w[k0:k1])
         del source
         if not identity_j:
@@ -154,21 +175,16 @@ def to_spacing(volume: Volume, spacing, order: int = 1, antialias: bool = True) 
         return _on_grid(volume, array)
     if order != 1:
         raise TransferSegError(f"resampling order must be 0 (nearest) or 1 (linear); got {order}")
-    source = volume.array
+    sigmas = (0.0, 0.0, 0.0)
     if antialias:
-        from scipy.ndimage import gaussian_filter1d
-
-        for axis, (n, m) in enumerate(zip(volume.shape, shape)):
-            sigma = (n / m - 1.0) / 2.0
-            if sigma > 0.05:
-                source = gaussian_filter1d(source, sigma, axis=axis, mode="nearest", truncate=3.0,
-                                           output=np.float32)
+        sigmas = tuple(max((n / m - 1.0) / 2.0, 0.0) for n, m in zip(volume.shape, shape))
+        sigmas = tuple(s if s > 0.05 else 0.0 for s in sigmas)
     out = np.empty((1,) + shape, dtype=np.float32)
 
     def store(k0, k1, slab):
         out[:, k0:k1] = slab.numpy()
 
-    _linear_slabs(source[None], shape, store)
+    _linear_slabs(volume.array[None], shape, store, sigmas)
     return _on_grid(volume, out[0])
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["TransferSegError", "Volume", "anatomical_axes", "orientation_name"]
+__all__ = ["TransferSegError", "Volume", "anatomical_axes", "label_counts", "orientation_name"]
 
 
 class TransferSegError(Exception):
@@ -203,3 +203,20 @@ def orientation_name(directions: np.ndarray) -> str:
     plane = {"S": "axial", "A": "coronal", "R": "sagittal"}[next(p for p, a in axes.items() if a == 0)]
     code = "".join(letters)
     return f"{code}-ish {plane} (oblique)" if oblique else f"{code} {plane}"
+
+
+def label_counts(labels: np.ndarray) -> np.ndarray:
+    """Voxels per value (at least 256 counts) of a label map of whole numbers ≥ 0, counted slab by
+    slab: ``np.bincount`` of the whole map would first make an int64 copy of it (630 MB for a
+    300 × 512 × 512 CT)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 0 or not (labels.dtype == bool or np.issubdtype(labels.dtype, np.integer)):
+        raise TransferSegError(f"a label map holds whole numbers; got {labels.dtype} of shape {labels.shape}")
+    counts = np.zeros(256, np.int64)
+    rows = max(1, (1 << 22) // max(int(np.prod(labels.shape[1:])), 1))
+    for k in range(0, labels.shape[0], rows):
+        part = np.bincount(labels[k:k + rows].ravel(), minlength=256)  # raises on negative values
+        if part.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(part.size - counts.size, np.int64)])
+        counts[:part.size] += part
+    return counts

@@ -3,7 +3,8 @@
 Every measurement is one fresh subprocess that reads the input file, runs ``pipeline.run`` with
 the model given by name or card path (so the model load is inside the time) and writes the
 result with ``Result.write``; it reports its seconds and its peak resident set size
-(``resource.getrusage``, so one measurement's peak never mixes with another's).  The inputs are
+(``VmHWM`` of the child's own memory map, so one measurement's peak never mixes with another's
+or with the bench's).  The inputs are
 made and written beforehand by this process: CT as int16 NIfTI (what a DICOM series holds),
 DBT as float32 NIfTI.
 
@@ -74,6 +75,19 @@ CT_STORAGE = ("as generated (LPS axial)", "RAS-flipped", "oblique", "sagittal")
 
 
 # --- one measurement in a fresh process ------------------------------------------------------
+def _peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM of its memory map).  Not ``getrusage``: on Linux its
+    ru_maxrss carries over the parent's RSS at fork, so every child would report the bench's own."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child(spec: dict) -> dict:
     """Runs in the subprocess: load → pipeline.run → Result.write, timed, with the peak RSS."""
     import torch
@@ -89,7 +103,7 @@ def _child(spec: dict) -> dict:
     result.write(spec["output"], input_path=spec["input"])
     seconds = time.perf_counter() - start
     out = {"seconds": seconds, "load_input_s": loaded, "timings_s": result.timings,
-           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+           "peak_rss_gib": _peak_rss_bytes() / GIB,
            "warnings": result.warnings, "shape": list(volume.shape)}
     if result.task == "heatmap":
         out["detections"] = [d.to_dict() for d in result.detections]
