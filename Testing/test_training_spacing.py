@@ -93,3 +93,15 @@ def test_cases_are_generated_by_worker_processes(tmp_path):
     config["stages"][0]["steps"] = 1
     result = train(config, tmp_path / "run")
     assert result.finished and len(list((tmp_path / "cache").glob("*.npz"))) == 3
+
+
+def test_a_cache_folder_in_a_config_file_is_relative_to_it(tmp_path, monkeypatch):
+    import json
+
+    from TransferSegLib.training import load_config
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "c.json").write_text(json.dumps(_config("cases-cache")), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(folder / "c.json")["data"]["cache"] == str(folder / "cases-cache")

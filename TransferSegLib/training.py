@@ -43,7 +43,8 @@ comments)::
                      eq. (5) heatmaps of the lesion boxes, datasets.DBTPhantomCase); phantoms take
                      "vary": {"slices": [36, 180], "rows": [200, 340]} (CT) or {"pixel_mm": [0.085, 0.4],
                      "extent_mm": [100, 75], "slices": [30, 50]} (DBT) to draw each case's grid, and
-                     "workers": N processes to generate them; "cache": folder | false (default OUT/cases):
+                     "workers": N processes to generate them; "cache": folder (relative to the config file) | false
+                     | null (OUT/cases):
                      cases on the working grid are kept there as .npz, so a resumed or repeated run
                      does not generate them again
     validation       {"fraction": 0.2, "every": 0}: held-out share of the cases (seeded split);
@@ -523,8 +524,9 @@ def load_config(path) -> dict:
         raise TransferSegError(f"{path}: a training config is a JSON object")
     base = path.resolve().parent
     data = config.get("data")
-    if isinstance(data, dict) and isinstance(data.get("root"), str):
-        data["root"] = str((base / Path(data["root"]).expanduser()).resolve())
+    for key in ("root", "cache"):  # folders named in a config are relative to the config file
+        if isinstance(data, dict) and isinstance(data.get(key), str):
+            data[key] = str((base / Path(data[key]).expanduser()).resolve())
     init = config.get("init_weights")
     key = "transfer_from" if isinstance(init, dict) and "transfer_from" in init else "path"
     init_path = init.get(key) if isinstance(init, dict) else init
