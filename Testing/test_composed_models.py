@@ -60,7 +60,7 @@ def test_compose_through_the_cli_writes_one_file_with_prefixed_keys(sources, tmp
         [sys.executable, "-m", "TransferSegLib.cli", "compose", "-o", str(out), "--name", "tiny-multiview",
          "--method", "multiview", "--component", f"axial={sources['axial']}",
          "--component", f"coronal={sources['coronal']}", "--method-config", '{"fusion": "majority"}'],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        capture_output=True, text=True, encoding="utf-8", cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["tiny-multiview.json", "tiny-multiview.safetensors"]
     weights = out / "tiny-multiview.safetensors"
@@ -87,7 +87,7 @@ def test_compose_through_the_cli_writes_one_file_with_prefixed_keys(sources, tmp
         assert all(header[f"{component}.{k}"] == v for k, v in own.items())
     assert len(header) == sum(len(read_header(Path(s).with_suffix(".safetensors"))) for s in sources.values())
 
-    listed = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "models"], capture_output=True, text=True,
+    listed = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "models"], capture_output=True, text=True, encoding="utf-8",
                             cwd=ROOT, env={**os.environ, "TRANSFERSEG_MODELS": str(out)}, timeout=120)
     assert listed.returncode == 0, listed.stderr
     assert "tiny-multiview" in listed.stdout and "multiview (axial: unet3d patch [8, 32, 32]" in listed.stdout
@@ -228,7 +228,7 @@ def test_compose_refusals(sources, tmp_path):
     done = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "compose", "-o", str(tmp_path / "x"),
                            "--name", "bad", "--method", "multiview", "--component", f"axial={sources['axial']}",
                            "--component", f"coronal={heatmap}"],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, encoding="utf-8", cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300)
     assert done.returncode == 2 and "disagree on the task" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -520,6 +520,6 @@ def test_convert_command_writes_weights_and_sidecar(tmp_path):
     model, _ = load_converted(out)
     assert sum(p.numel() for p in model.parameters()) == sidecar["parameters_3d"]
     bad = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "convert", "--from", str(tmp_path / "x.pth"),
-                          "--to", "acs", "-o", str(tmp_path / "y.safetensors")], capture_output=True, text=True,
+                          "--to", "acs", "-o", str(tmp_path / "y.safetensors")], capture_output=True, text=True, encoding="utf-8",
                          timeout=300)
     assert bad.returncode == 2 and "pickle" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -29,7 +29,7 @@ CARD = {"name": "test-card", "version": "0.0.1", "task": "segmentation", "labels
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "TransferSegLib.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", timeout=300)
 
 
 def _on_disk(folder) -> list:

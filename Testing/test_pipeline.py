@@ -27,7 +27,7 @@ def phantom_dir(tmp_path_factory):
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "TransferSegLib.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", timeout=300)
 
 
 def test_segment_cli_writes_every_output_on_the_input_grid(tmp_path, tiny_model, phantom_dir):
@@ -107,7 +107,7 @@ def test_evaluate_cli_prints_and_writes_the_metrics_table(tmp_path, tiny_model, 
 
 def test_models_cli_lists_cards(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("TRANSFERSEG_MODELS", str(tiny_model.parent))
-    result = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "models"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "models"], capture_output=True, text=True, encoding="utf-8",
                             timeout=120, env={**__import__("os").environ})
     assert result.returncode == 0 and "tiny-unet3d" in result.stdout and "unet3d" in result.stdout
 

@@ -371,7 +371,7 @@ def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses(tmp_path, capsys)
     killed_at = json.loads(pointer.read_text(encoding="utf-8"))["step"]
     assert 15 <= killed_at < 24 and not (out / "result.json").exists()
 
-    rerun = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resumed from step {killed_at}" in rerun.stdout
     resumed, reference = read_log(out), read_log(tmp_path / "whole")
@@ -463,7 +463,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     torchrun = Path(PYTHON).parent / "torchrun"
     command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "TransferSegLib.training",
                str(config_path), "--output", str(tmp_path / "two")]
-    run = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    run = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, encoding="utf-8", timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(one) == len(two) == 8
