@@ -238,7 +238,7 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
         cancel: a :class:`CancelToken`; cancelling raises :class:`~TransferSegLib.progress.Cancelled`.
         return_probabilities: also give the uint8 class probabilities on the input grid.
     """
-    from .inference import resolve_device
+    from .inference import _check_roi, resolve_device
     from .methods import MethodContext, get_method
     from .resample import to_orientation, to_spacing
 
@@ -253,7 +253,7 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     timings["load_model"] = time.perf_counter() - start
     check_cancel(cancel)
 
-    box = _check_box(roi, volume.shape) if roi is not None else None
+    box = _check_roi(roi, volume.shape) if roi is not None else None
     region = _crop(volume, box) if box is not None else volume
     warnings = spacing_warnings(region, card)
 
@@ -330,12 +330,6 @@ def spacing_warnings(volume: Volume, card: dict) -> list:
         return [f"voxel spacing {shown} mm (k, j, i) is far outside {what} (more than 2× off); "
                 "the results may be unreliable"]
     return []
-
-
-def _check_box(roi, shape) -> tuple:
-    from .inference import _check_roi
-
-    return _check_roi(roi, shape)
 
 
 def _crop(volume: Volume, box) -> Volume:
