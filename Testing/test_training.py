@@ -426,7 +426,7 @@ def test_rows_and_checkpoints_past_the_latest_checkpoint_are_dropped_on_resume(t
 
 
 def test_a_kill_right_after_a_checkpoint_loses_no_log_rows(tmp_path, monkeypatch):
-    import TransferSegLib.training as training
+    import TransferSegLib.training.trainer as training
 
     cfg = config(stages=[{"steps": 8, "optimizer": {"name": "adam", "lr": 0.01}, "loss": "ce"}],
                  validation={"fraction": 0.0}, checkpoint_every=3)

@@ -136,8 +136,17 @@ def _cmd_train(args) -> int:
     config = load_config(args.config)
     printer = _ProgressPrinter(args.progress_lines)
     try:
-        result = train(config, args.output, progress=printer, cancel=_cancel_on_signals(),
-                       max_steps=args.max_steps)
+        if "recipe" in config:
+            from pathlib import Path
+
+            from .training.recipes import run_recipe
+
+            card = run_recipe(config, args.output or Path("runs") / config["name"], progress=printer,
+                              cancel=_cancel_on_signals(), max_steps=args.max_steps)
+            result = f"model: {card}" if card else "stopped early; run the same command again to resume"
+        else:
+            result = train(config, args.output, progress=printer, cancel=_cancel_on_signals(),
+                           max_steps=args.max_steps)
     finally:
         printer.close()
     print(result.summary() if hasattr(result, "summary") else result)

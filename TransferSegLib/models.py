@@ -311,13 +311,14 @@ def load_model(name_or_path, device="cpu") -> LoadedModel:
 
 
 # --- writing ----------------------------------------------------------------------------------
-def save_model(network_or_components, card: dict, folder) -> Path:
+def save_model(network_or_components, card: dict, folder, storage_dtype: str | None = None) -> Path:
     """Write ``NAME.safetensors`` and ``NAME.json`` (with the weights' sha256) into ``folder``, atomically.
 
     ``network_or_components`` is one network with a card of one network, or a dict component
     name -> network with a composed card (``method`` + ``components`` with the same names),
     whose weights are written under the keys ``NAME.…``.  ``card`` needs every key of its
-    form except ``weights``.  Returns the card path.
+    form except ``weights``.  ``storage_dtype="float16"`` stores floating-point tensors in half
+    precision (loading casts them back to the network's float32).  Returns the card path.
     """
     folder = Path(folder)
     card = dict(card)
@@ -337,9 +338,15 @@ def save_model(network_or_components, card: dict, folder) -> Path:
             raise TransferSegError(f"model {name}: a composed card takes a dict of networks, one per component "
                                    f"({', '.join(card['components'])})")
         state = network_or_components.state_dict()
+    if storage_dtype not in (None, "float16"):
+        raise TransferSegError(f"storage_dtype is None or 'float16'; got {storage_dtype!r}")
+    if storage_dtype == "float16":
+        state = {key: t.half() if t.is_floating_point() else t for key, t in state.items()}
     weights = folder / f"{name}.safetensors"
     digest = save_state_dict(state, weights, metadata={"name": name, "format": "pt"})
     card["weights"] = {"file": weights.name, "sha256": digest, "bytes": weights.stat().st_size}
+    if storage_dtype:
+        card["weights"]["dtype"] = storage_dtype
     from .io import atomic_output
 
     card_path = folder / f"{name}.json"
@@ -349,7 +356,8 @@ def save_model(network_or_components, card: dict, folder) -> Path:
 
 
 def compose_models(components: dict, folder, *, name: str, method: str, method_config: dict | None = None,
-                   labels_from: str | None = None, version: str = "1.0.0", description: str | None = None) -> Path:
+                   labels_from: str | None = None, version: str = "1.0.0", description: str | None = None,
+                   storage_dtype: str | None = None) -> Path:
     """Assemble separately trained models into one composed model; returns its card path.
 
     ``components`` maps a component name to a model (name, card path, weights path or
@@ -407,7 +415,8 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
         component: {"model": loaded.name, "version": loaded.card.get("version"), "card": str(loaded.path),
                     "sha256": loaded.card["weights"]["sha256"]}
         for component, loaded in sources.items()}}
-    return save_model({component: loaded.network for component, loaded in sources.items()}, card, folder)
+    return save_model({component: loaded.network for component, loaded in sources.items()}, card, folder,
+                      storage_dtype=storage_dtype)
 
 
 def list_models() -> list[dict]:

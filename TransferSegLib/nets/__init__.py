@@ -38,6 +38,7 @@ def _import_all() -> None:
     from . import unet  # noqa: F401  (registers its architectures)
     from . import mcgcn  # noqa: F401
     from . import ahnet  # noqa: F401
+    from . import vfn  # noqa: F401
 
 
 from .unet import *  # noqa: F401,F403,E402
@@ -45,3 +46,4 @@ from .acs import *  # noqa
 from .mcgcn import *  # noqa
 from .ahnet import *  # noqa
 from .convert import *  # noqa
+from .vfn import *  # noqa

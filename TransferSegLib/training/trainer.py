@@ -46,7 +46,13 @@ comments)::
                      "workers": N processes to generate them; "cache": folder (relative to the config file) | false
                      | null (OUT/cases):
                      cases on the working grid are kept there as .npz, so a resumed or repeated run
-                     does not generate them again
+                     does not generate them again;
+                     or {"stacks": folder}: .npz cases already on their working grid and preprocessed
+                     (image (C, k, j, i) in [0, 1], target, spacing; training.write_stack), e.g. a CT
+                     plus three views' predictions for a fusion network; "channels": [1, 2, 3] keeps
+                     those channels only; "crop_to_foreground": 32 cuts each case to its foreground
+                     box padded by 32 voxels (VFN sec. 2.3); preprocessing must then be empty.
+                     Every data source takes "select": [case names] to train on those cases only
     validation       {"fraction": 0.2, "every": 0}: held-out share of the cases (seeded split);
                      Dice per label with the sliding-window inferer at the end, and every N steps if N > 0
     preprocessing    preprocessing.preprocess spec, e.g. {"hu_window": [-200, 250]}
@@ -56,7 +62,10 @@ comments)::
     working_orientation  null | e.g. "LPS": cases are first turned (exactly) so that i, j, k point there
     expected_spacing_mm  null | [k, j, i]: the input spacing the model is meant for (the pipeline warns
                      when an input is more than 2× off it); default: the working spacing
-    patch_size*      [k, j, i], each a multiple of the network's size_multiple
+    patch_size*      [k, j, i], each a multiple of the network's size_multiple (with "view": [slices,
+                     rows, columns] of the view's slice stack)
+    view             null | "axial" | "coronal" | "sagittal": train a slice-stack 2D network on this
+                     anatomical view (views.to_view of each working case; needs working_orientation)
     batch_size       2: the global batch (split evenly across torchrun processes)
     positive_fraction  0.5 (AH-Net: 0.7): share of patches centred on a positive voxel
     positive_labels  null (every label > 0) | [2]: the label values that make a patch positive
@@ -80,7 +89,9 @@ comments)::
                                      "dampening": 0, "weight_decay": 0},
                        "group_lr": {"decoder": 0.001},        per-group learning rate (else optimizer.lr)
                        "schedule": {"name": "constant"} | {"name": "step", "step_size": 50, "gamma": 0.1}
-                                 | {"name": "poly", "power": 0.9},   lr = base · factor(t), t = stage step
+                                 | {"name": "poly", "power": 0.9}
+                                 | {"name": "multistep", "milestones": [0.667, 0.833], "gamma": 0.1},
+                                                 lr = base · factor(t), t = stage step
                        "loss": {"name": "ce", ...losses.build_loss parameters...,
                                 "switch": {"to": "focal" | {"name": "focal", "gamma": 2},
                                            "at_step": 50 | "at_epoch": 2 |
@@ -136,20 +147,21 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from .io import atomic_output
-from .losses import LOSSES, REGRESSION_LOSSES, build_loss
-from .progress import CancelToken, ProgressCallback, check_cancel
-from .volume import TransferSegError
+from ..io import atomic_output
+from ..losses import LOSSES, REGRESSION_LOSSES, build_loss
+from ..progress import CancelToken, ProgressCallback, check_cancel
+from ..volume import TransferSegError
 
-__all__ = ["PatchSampler", "PlateauTracker", "LossSchedule", "TrainResult", "learning_rate_factor",
-           "load_config", "main", "parameter_groups", "rotations90", "train", "validate_config"]
+__all__ = ["PatchSampler", "PlateauTracker", "LossSchedule", "StackCase", "TrainResult", "TrainingCase",
+           "learning_rate_factor", "load_config", "main", "parameter_groups", "rotations90", "train",
+           "validate_config", "write_stack"]
 
 CHECKPOINT_FORMAT = "transferseg-checkpoint-1"
 # keys that change how a run is executed or reported, not what it computes: a resumed run may change them
 RUNTIME_KEYS = ("threads", "workers", "device", "progress_bar", "checkpoint_every", "keep_checkpoints", "log_every")
 OPTIMIZERS = {"adam": ("lr", "betas", "eps", "weight_decay", "amsgrad"),
               "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
-SCHEDULES = {"constant": (), "step": ("step_size", "gamma"), "poly": ("power",)}
+SCHEDULES = {"constant": (), "step": ("step_size", "gamma"), "poly": ("power",), "multistep": ("milestones", "gamma")}
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -266,6 +278,13 @@ def _check_stage(stage, n: int) -> dict:
         _number(schedule["gamma"], f"{key}.schedule.gamma", 0.0)
     if schedule["name"] == "poly":
         _number(schedule["power"], f"{key}.schedule.power", 0.0)
+    if schedule["name"] == "multistep":
+        milestones = schedule["milestones"]
+        if not (isinstance(milestones, list) and milestones and all(_is_number(m) and 0 < m < 1 for m in milestones)
+                and milestones == sorted(milestones)):
+            _fail(f"{key}.schedule.milestones", f"must be increasing fractions of the stage's steps in (0, 1), "
+                  f"e.g. [0.667, 0.833]; got {milestones!r}")
+        _number(schedule["gamma"], f"{key}.schedule.gamma", 0.0)
     out["schedule"] = dict(schedule)
 
     loss = stage["loss"] if isinstance(stage["loss"], dict) else {"name": stage["loss"]}
@@ -299,7 +318,7 @@ def _check_stage(stage, n: int) -> dict:
 
 TOP_LEVEL = ("name", "version", "task", "description", "seed", "architecture", "init_weights", "labels", "data",
              "validation", "preprocessing", "expected_spacing_mm", "working_spacing_mm", "working_orientation",
-             "patch_size", "batch_size", "positive_fraction",
+             "patch_size", "view", "batch_size", "positive_fraction",
              "positive_labels", "positive_threshold", "positive_jitter", "augmentation", "stages", "steps_per_epoch",
              "checkpoint_every", "keep_checkpoints", "log_every", "inference", "postprocessing", "evaluation",
              "peaks", "threads", "workers", "device", "deterministic", "progress_bar")
@@ -366,14 +385,28 @@ def validate_config(config: dict) -> dict:
         _fail("labels", "a segmentation model needs at least one label")
 
     data = c["data"]
-    if isinstance(data, dict) and "root" in data:
-        _section(data, "data", ("root", "limit"))
+    if isinstance(data, dict) and "stacks" in data:
+        _section(data, "data", ("stacks", "select", "channels", "crop_to_foreground"))
+        if not isinstance(data["stacks"], str):
+            _fail("data.stacks", f"must be a folder of .npz stacks; got {data['stacks']!r}")
+        channels = data.setdefault("channels", None)
+        if channels is not None and not (isinstance(channels, list) and channels
+                                         and all(_is_int(v) and v >= 0 for v in channels)):
+            _fail("data.channels", f"must be null (all) or a list of channel indices; got {channels!r}")
+        margin = data.setdefault("crop_to_foreground", None)
+        if margin is not None:
+            _int(margin, "data.crop_to_foreground", 0)
+        if c.get("preprocessing"):
+            _fail("preprocessing", "stacks are stored preprocessed (every channel in [0, 1]); leave preprocessing empty")
+    elif isinstance(data, dict) and "root" in data:
+        _section(data, "data", ("root", "limit", "select"))
         if not isinstance(data["root"], str):
             _fail("data.root", f"must be a folder path; got {data['root']!r}")
         if "limit" in data:
             _int(data["limit"], "data.limit", 1)
     elif isinstance(data, dict) and "phantom" in data:
-        _section(data, "data", ("phantom", "count", "seed", "options", "vary", "workers", "cache"), required=("count",))
+        _section(data, "data", ("phantom", "count", "seed", "options", "vary", "workers", "cache", "select"),
+                 required=("count",))
         if data["phantom"] not in ("ct", "dbt"):
             _fail("data.phantom", f"must be 'ct' or 'dbt'; got {data['phantom']!r}")
         if data["phantom"] == "dbt" and c["task"] != "heatmap":
@@ -382,7 +415,7 @@ def validate_config(config: dict) -> dict:
         data["seed"] = _int(data.get("seed", 0), "data.seed", 0)
         if not isinstance(data.setdefault("options", {}), dict):
             _fail("data.options", f"must be a JSON object of {data['phantom']}_phantom arguments; got {data['options']!r}")
-        from .datasets import _check_vary
+        from ..datasets import _check_vary
 
         try:
             _check_vary(data["phantom"], data.setdefault("vary", {}))
@@ -393,7 +426,11 @@ def validate_config(config: dict) -> dict:
         if cache is not None and cache is not False and not isinstance(cache, str):
             _fail("data.cache", f"must be a folder, false (no cache) or null (OUT/cases); got {cache!r}")
     else:
-        _fail("data", f"must be {{\"root\": folder}} or {{\"phantom\": \"ct\" | \"dbt\", \"count\": N, \"seed\": S}}; got {data!r}")
+        _fail("data", f"must be {{\"root\": folder}}, {{\"stacks\": folder}} or {{\"phantom\": \"ct\" | \"dbt\", "
+              f"\"count\": N, \"seed\": S}}; got {data!r}")
+    select = data.setdefault("select", None)
+    if select is not None and not (isinstance(select, list) and select and all(isinstance(n, str) for n in select)):
+        _fail("data.select", f"must be null (every case) or a list of case names; got {select!r}")
 
     val = c.setdefault("validation", {})
     _section(val, "validation", ("fraction", "every"))
@@ -403,7 +440,7 @@ def validate_config(config: dict) -> dict:
     if not isinstance(c.setdefault("preprocessing", {}), dict):
         _fail("preprocessing", f"must be a JSON object such as {{\"hu_window\": [-200, 250]}}; got {c['preprocessing']!r}")
     try:
-        from .preprocessing import preprocess
+        from ..preprocessing import preprocess
 
         preprocess(np.zeros((1, 1, 1), np.float32), c["preprocessing"])
     except TransferSegError as e:
@@ -417,8 +454,8 @@ def validate_config(config: dict) -> dict:
         c["expected_spacing_mm"] = c["working_spacing_mm"]
     orientation = c.setdefault("working_orientation", None)
     if orientation is not None:
-        from .resample import to_orientation
-        from .volume import Volume
+        from ..resample import to_orientation
+        from ..volume import Volume
 
         try:
             to_orientation(Volume(np.zeros((1, 1, 1), np.float32)), orientation)
@@ -428,6 +465,14 @@ def validate_config(config: dict) -> dict:
     patch = c["patch_size"]
     if not (isinstance(patch, list) and len(patch) == 3 and all(_is_int(p) and p >= 1 for p in patch)):
         _fail("patch_size", f"must be [k, j, i], three positive whole numbers; got {patch!r}")
+    view = c.setdefault("view", None)
+    if view is not None:
+        from ..views import VIEWS
+
+        if view not in VIEWS:
+            _fail("view", f"must be null or one of {', '.join(VIEWS)}; got {view!r}")
+        if c["working_orientation"] is None:
+            _fail("view", "a view is anatomical: set working_orientation (e.g. \"LPS\") so every case is turned the same way")
     c["batch_size"] = _int(c.get("batch_size", 2), "batch_size", 1)
     c["positive_fraction"] = _number(c.get("positive_fraction", 0.5), "positive_fraction", 0.0, 1.0)
     positive = c.setdefault("positive_labels", None)
@@ -524,7 +569,7 @@ def load_config(path) -> dict:
         raise TransferSegError(f"{path}: a training config is a JSON object")
     base = path.resolve().parent
     data = config.get("data")
-    for key in ("root", "cache"):  # folders named in a config are relative to the config file
+    for key in ("root", "cache", "stacks"):  # folders named in a config are relative to the config file
         if isinstance(data, dict) and isinstance(data.get(key), str):
             data[key] = str((base / Path(data[key]).expanduser()).resolve())
     init = config.get("init_weights")
@@ -536,7 +581,12 @@ def load_config(path) -> dict:
             init[key] = resolved
         else:
             config["init_weights"] = resolved
-    validate_config(config)
+    if "recipe" in config:
+        from .recipes import validate_recipe
+
+        validate_recipe(config)
+    else:
+        validate_config(config)
     return config
 
 
@@ -553,20 +603,64 @@ class TrainingCase:
     source_spacing: tuple = ()  # the case's own spacing (working orientation), before resampling
 
 
-def _cases_from_spec(data: dict) -> list:
-    from .datasets import find_cases, phantom_cases
+@dataclass
+class StackCase:
+    """A case already on its working grid and preprocessed, as an .npz of arrays: ``image``
+    (C, k, j, i) float32 in [0, 1] (e.g. the CT and three views' predictions, for a fusion
+    network), ``target`` (k, j, i) and ``spacing`` (k, j, i) mm."""
 
-    if "root" in data:
+    name: str
+    path: Path
+
+    def arrays(self) -> tuple:
+        try:
+            with np.load(self.path, allow_pickle=False) as stored:
+                image, target = stored["image"], stored["target"]
+                spacing = tuple(stored["spacing"].tolist()) if "spacing" in stored else ()
+        except (OSError, ValueError, KeyError) as e:
+            raise TransferSegError(f"{self.path}: not a readable stack (.npz with image, target): {e}") from None
+        if image.ndim != 4 or image.shape[1:] != target.shape:
+            raise TransferSegError(f"{self.path}: a stack's image is (C, k, j, i) and its target (k, j, i); got "
+                                   f"{image.shape} and {target.shape}")
+        return image, target, spacing
+
+
+def write_stack(path, image: np.ndarray, target: np.ndarray, spacing) -> None:
+    """Write a :class:`StackCase` file (atomically)."""
+    with atomic_output(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, image=np.asarray(image, np.float32), target=np.asarray(target), spacing=np.asarray(spacing))
+
+
+def _cases_from_spec(data: dict) -> list:
+    from ..datasets import find_cases, phantom_cases
+
+    if "stacks" in data:
+        folder = Path(data["stacks"])
+        if not folder.is_dir():
+            raise TransferSegError(f"data.stacks: {folder} is not a folder")
+        cases = [StackCase(p.name[: -len(".npz")], p) for p in sorted(folder.glob("*.npz"))]
+        if not cases:
+            raise TransferSegError(f"data.stacks: {folder} holds no .npz stacks")
+    elif "root" in data:
         cases = find_cases(data["root"])
-        return cases[: data["limit"]] if data.get("limit") else cases
-    return phantom_cases(data["phantom"], data["count"], data["seed"], vary=data.get("vary"),
-                         **data.get("options", {}))
+        cases = cases[: data["limit"]] if data.get("limit") else cases
+    else:
+        cases = phantom_cases(data["phantom"], data["count"], data["seed"], vary=data.get("vary"),
+                              **data.get("options", {}))
+    if data.get("select"):
+        by_name = {case.name: case for case in cases}
+        missing = [name for name in data["select"] if name not in by_name]
+        if missing:
+            raise TransferSegError(f"data.select names case(s) the data does not have: {', '.join(missing[:5])}")
+        cases = [by_name[name] for name in data["select"]]
+    return cases
 
 
 def _working_case(case, spacing, orientation, heatmap: bool):
     """``case`` loaded and put on the working grid with the pipeline's own resampling:
     ``(image array, target array, source spacing)``."""
-    from .resample import labels_to_spacing, to_orientation, to_spacing
+    from ..resample import labels_to_spacing, to_orientation, to_spacing
 
     volume, target = case.load()
     if target is None:
@@ -598,6 +692,8 @@ def _cache_key(case, config: dict) -> str:
 
 def _cached_working_case(case, config: dict, cache: Optional[Path]):
     """_working_case through an .npz cache (arrays only; read with allow_pickle=False)."""
+    if isinstance(case, StackCase):
+        return case.arrays()
     path = cache / _cache_key(case, config) if cache is not None else None
     if path is not None and path.exists():
         try:
@@ -608,7 +704,7 @@ def _cached_working_case(case, config: dict, cache: Optional[Path]):
     image, target, spacing = _working_case(case, config["working_spacing_mm"], config["working_orientation"],
                                            config["task"] == "heatmap")
     if path is not None:
-        from .io import atomic_output
+        from ..io import atomic_output
 
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:
@@ -640,13 +736,29 @@ def _load_cases(cases: list, config: dict, cache: Optional[Path], workers: int, 
 
 
 def _load_case(case, config: dict, loaded=None) -> TrainingCase:
-    from .preprocessing import preprocess
+    from ..preprocessing import preprocess
 
     if loaded is None:
         loaded = _working_case(case, config["working_spacing_mm"], config["working_orientation"],
                                config["task"] == "heatmap")
     array, target, _ = loaded
-    image = preprocess(array, config["preprocessing"])
+    data = config["data"]
+    if isinstance(case, StackCase):
+        image = np.asarray(array, np.float32)
+        if data.get("channels") is not None:
+            if max(data["channels"]) >= image.shape[0]:
+                raise TransferSegError(f"case {case.name}: data.channels {data['channels']} but the stack has "
+                                       f"{image.shape[0]} channels")
+            image = image[data["channels"]]
+        if data.get("crop_to_foreground") is not None:
+            image, target = _crop_to_foreground(image, np.asarray(target), data["crop_to_foreground"])
+    else:
+        image = preprocess(array, config["preprocessing"])
+    if config["view"] is not None:  # the view's slice stack: (slice, row, column)
+        from ..views import directions_of, to_view, view_permutation
+
+        permutation = view_permutation(directions_of(config["working_orientation"]), config["view"])
+        image, target = to_view(image, permutation), to_view(np.asarray(target), permutation)
     if config["task"] == "segmentation":
         target = np.asarray(target)
         if target.dtype.kind == "f" and not np.array_equal(target, np.round(target)):
@@ -664,13 +776,23 @@ def _load_case(case, config: dict, loaded=None) -> TrainingCase:
         is_positive = target >= config["positive_threshold"]
     pad_value = float(image.min())
     patch = config["patch_size"]
-    padding = [(0, max(0, p - s)) for p, s in zip(patch, image.shape)]
+    padding = [(0, max(0, p - s)) for p, s in zip(patch, image.shape[-3:])]
     if any(after for _, after in padding):  # a volume smaller than the patch
-        image = np.pad(image, padding, constant_values=pad_value)
+        image = np.pad(image, [(0, 0)] * (image.ndim - 3) + padding, constant_values=pad_value)
         target = np.pad(target, padding)
         is_positive = np.pad(is_positive, padding)
     return TrainingCase(case.name, np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(target),
                         pad_value, np.flatnonzero(is_positive), tuple(float(v) for v in loaded[2]))
+
+
+def _crop_to_foreground(image: np.ndarray, target: np.ndarray, margin: int) -> tuple:
+    """(image, target) cut to the box of the target's foreground padded by ``margin`` voxels
+    (VFN sec. 2.3: the region of interest); a case without foreground is kept whole."""
+    found = np.nonzero(target)
+    if not found[0].size:
+        return image, target
+    box = tuple(slice(max(0, int(f.min()) - margin), int(f.max()) + 1 + margin) for f in found)
+    return np.ascontiguousarray(image[(Ellipsis,) + box]), np.ascontiguousarray(target[box])
 
 
 def rotations90(planes) -> list:
@@ -741,15 +863,15 @@ class PatchSampler:
         patch = self.patch
         if self.positive_cases and rng.random() < self.positive_fraction:
             case = self.cases[self.positive_cases[rng.integers(len(self.positive_cases))]]
-            voxel = np.array(np.unravel_index(case.positives[rng.integers(case.positives.size)], case.image.shape))
+            voxel = np.array(np.unravel_index(case.positives[rng.integers(case.positives.size)], case.target.shape))
             half = patch // 2
             jitter = np.round(rng.uniform(-1.0, 1.0, 3) * self.jitter * patch / 2).astype(int)
             jitter = np.clip(jitter, half - patch + 1, half)  # keep the voxel inside the patch
             start = voxel + jitter - half
         else:
             case = self.cases[rng.integers(len(self.cases))]
-            start = np.array([rng.integers(0, s - p + 1) for s, p in zip(case.image.shape, patch)])
-        start = np.clip(start, 0, np.array(case.image.shape) - patch)
+            start = np.array([rng.integers(0, s - p + 1) for s, p in zip(case.target.shape, patch)])
+        start = np.clip(start, 0, np.array(case.target.shape) - patch)
         return self._augmented(case, start, rng)
 
     def _augmented(self, case: TrainingCase, start: np.ndarray, rng: np.random.Generator):
@@ -767,35 +889,42 @@ class PatchSampler:
         flips = [axis for axis in aug["flip_axes"] if rng.random() < 0.5]
 
         target_order = 1 if self.heatmap else 0
+        channels = case.image.ndim == 4  # (C, k, j, i): every channel moves with the others
         if matrix is None:
             box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
-            image, target = case.image[box], case.target[box]
+            image, target = case.image[(Ellipsis,) + box], case.target[box]
         else:
             centre_out = (self.patch - 1) / 2.0
             offset = start + centre_out - matrix @ centre_out
             shape = tuple(int(p) for p in self.patch)
-            image = ndimage.affine_transform(case.image, matrix, offset, shape, output=np.float32,
-                                             order=aug["image_order"], mode="constant", cval=case.pad_value,
-                                             prefilter=False)
+            planes = case.image if channels else case.image[None]
+            image = np.stack([ndimage.affine_transform(plane, matrix, offset, shape, output=np.float32,
+                                                       order=aug["image_order"], mode="constant", cval=case.pad_value,
+                                                       prefilter=False) for plane in planes])
+            image = image if channels else image[0]
             target = ndimage.affine_transform(case.target, matrix, offset, shape, output=case.target.dtype,
                                               order=target_order, mode="constant", cval=0, prefilter=False)
+        lead = 1 if channels else 0
         if rotation is not None:
             perm, axes = rotation
-            image, target = np.transpose(image, perm), np.transpose(target, perm)
+            image = np.transpose(image, tuple(range(lead)) + tuple(lead + p for p in perm))
+            target = np.transpose(target, perm)
             if axes:
-                image, target = np.flip(image, axes), np.flip(target, axes)
+                image, target = np.flip(image, tuple(lead + a for a in axes)), np.flip(target, axes)
         if flips:
-            image, target = np.flip(image, flips), np.flip(target, flips)
+            image, target = np.flip(image, tuple(lead + a for a in flips)), np.flip(target, flips)
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(target)
 
     def batch(self, step: int, indices) -> tuple:
-        """Tensors (n, 1, k, j, i) float32 and (n, k, j, i) int64 labels or (n, 1, k, j, i) float32 heatmaps."""
+        """Tensors (n, C, k, j, i) float32 (C = 1 for a plain image) and (n, k, j, i) int64 labels or
+        (n, 1, k, j, i) float32 heatmaps."""
         indices = list(indices)
         if self.pool is not None:
             items = list(self.pool.map(lambda i: self.item(step, i), indices))
         else:
             items = [self.item(step, i) for i in indices]
-        images = torch.from_numpy(np.stack([image for image, _ in items]))[:, None]
+        images = torch.from_numpy(np.stack([image for image, _ in items]))
+        images = images[:, None] if images.ndim == 4 else images
         targets = torch.from_numpy(np.stack([target for _, target in items]))
         targets = targets[:, None].float() if self.heatmap else targets.long()
         return images, targets
@@ -829,12 +958,15 @@ def parameter_groups(network: nn.Module) -> dict:
 
 def learning_rate_factor(schedule: dict, t: int, steps: int) -> float:
     """The factor on the base learning rate at stage step ``t`` (0-based) of ``steps``:
-    constant 1; step γ^⌊t / step_size⌋; poly (1 − t / steps)^power."""
+    constant 1; step γ^⌊t / step_size⌋; poly (1 − t / steps)^power; multistep γ^(milestones
+    passed), a milestone m at step round(m · steps) (VFN sec. 2.3: 0.01, ÷10 at 2/3 and 5/6)."""
     name = schedule["name"]
     if name == "step":
         return schedule["gamma"] ** (t // schedule["step_size"])
     if name == "poly":
         return (1.0 - t / steps) ** schedule["power"]
+    if name == "multistep":
+        return schedule["gamma"] ** sum(t >= round(m * steps) for m in schedule["milestones"])
     return 1.0
 
 
@@ -937,7 +1069,7 @@ def _freeze(network: nn.Module, groups: dict, stage: dict) -> list:
 
 # --- checkpoints --------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
-    from .weights import sha256_file
+    from ..weights import sha256_file
 
     return sha256_file(path)
 
@@ -1138,7 +1270,7 @@ class _Processes:
                 self.owns_group = True
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:
-            from .inference import resolve_device
+            from ..inference import resolve_device
 
             self.device = resolve_device(device_spec)
 
@@ -1202,7 +1334,7 @@ def _import_architecture(arch: dict) -> None:
 
 
 def _build_network(config: dict, device) -> nn.Module:
-    from .nets import build_network
+    from ..nets import build_network
 
     arch = config["architecture"]
     _import_architecture(arch)
@@ -1225,8 +1357,8 @@ def _build_network(config: dict, device) -> nn.Module:
 def _transferred_weights(mcgcn_model: str, ahnet: nn.Module, seed: int) -> dict:
     """The state of an AH-Net like ``ahnet`` whose encoder is the MC-GCN model's (AH-Net sec. 3.2),
     built after reseeding so that its fresh decoder equals ``ahnet``'s own initialisation."""
-    from .models import load_model
-    from .nets import MCGCN, SliceStack2D, transfer_mcgcn_to_ahnet
+    from ..models import load_model
+    from ..nets import MCGCN, SliceStack2D, transfer_mcgcn_to_ahnet
 
     mcgcn = load_model(mcgcn_model, device="cpu").network
     if isinstance(mcgcn, SliceStack2D):
@@ -1241,8 +1373,8 @@ def _transferred_weights(mcgcn_model: str, ahnet: nn.Module, seed: int) -> dict:
 
 
 def _initial_weights(path: str) -> dict:
-    from .models import load_model
-    from .weights import read_state_dict
+    from ..models import load_model
+    from ..weights import read_state_dict
 
     if path.endswith(".safetensors"):
         file = Path(path).expanduser()
@@ -1270,10 +1402,10 @@ def _check_output(output: torch.Tensor, targets: torch.Tensor, config: dict) -> 
 def _validate(network: nn.Module, cases: list, config: dict, device) -> Optional[dict]:
     """Dice per label of the sliding-window predictions on the validation cases."""
     try:
-        from .inference import sliding_window_inference
+        from ..inference import sliding_window_inference
     except ImportError:
         return None
-    from .metrics import dice
+    from ..metrics import dice
 
     if not cases or config["task"] != "segmentation":
         return {"validation_cases": len(cases)} if cases else None
@@ -1312,7 +1444,7 @@ def _model_card(config: dict, data_spec, total: int, world: int, metrics: dict, 
         "training": {"data": data_spec, "seed": config["seed"], "steps": total, "processes": world, "config": config},
         "metrics": metrics,
     }
-    for key in ("description", "postprocessing", "evaluation", "peaks"):
+    for key in ("description", "postprocessing", "evaluation", "peaks", "view"):
         if config.get(key) is not None:
             card[key] = config[key]
     return card
@@ -1387,7 +1519,7 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
 
     data_spec = config["data"] if cases is None else {"cases": [c.name for c in cases]}
     all_cases = _cases_from_spec(config["data"]) if cases is None else list(cases)
-    from .datasets import split_cases
+    from ..datasets import split_cases
 
     train_cases, val_cases = split_cases(all_cases, config["validation"]["fraction"], config["seed"])
     if config["validation"]["fraction"] == 0:
@@ -1548,7 +1680,7 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
 
 
 def _save_final_model(network, config, out, data_spec, total, world, metrics, final_loss, spacing_range=None) -> Path:
-    from .models import save_model
+    from ..models import save_model
 
     card = _model_card(config, data_spec, total, world, metrics, spacing_range)
     card_path = save_model(network, card, out / "model")
@@ -1566,7 +1698,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
     args = parser.parse_args(argv)
     try:
-        result = train(load_config(args.config), args.output, max_steps=args.max_steps)
+        config = load_config(args.config)
+        if "recipe" in config:
+            from .recipes import run_recipe
+
+            card = run_recipe(config, args.output or Path("runs") / config["name"], max_steps=args.max_steps)
+            print(f"model: {card}" if card else "stopped early; run the same command again to resume")
+            return 0
+        result = train(config, args.output, max_steps=args.max_steps)
     except TransferSegError as e:
         print(f"training: error: {e}", file=sys.stderr)
         return 2

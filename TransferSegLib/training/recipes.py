@@ -1,0 +1,263 @@
+"""Recipes: several trainer runs assembled into one composed model, resumable as a whole.
+
+``multiview`` (the Volumetric Fusion Net, Xia et al. 2018, sec. 2.3) trains three 2D networks,
+one per anatomical view, then a fusion network on the views' predictions for cases those 2D
+networks did not see, and composes them into one model (method ``multiview``)::
+
+    {"recipe": "multiview", "name": "ct-liver-tumor-vfn", "version": "1.0.0", "description": "...",
+     "seed": 0, "labels": [...], "data": {...any trainer data source...},
+     "preprocessing": {...}, "working_spacing_mm": [3, 2, 2], "working_orientation": "LPS",
+     "expected_spacing_mm": [...], "postprocessing": {...}, "evaluation": {...},
+     "views": {...trainer keys for each 2D network: architecture, patch_size, stages, ...},
+     "fusion": {...trainer keys for the VFN: architecture, patch_size, stages, ...},
+     "fusion_data": {"split": 0.33} | {"cross": 4},
+     "ablation_no_image": true,
+     "method": {"fusion": "vfn", ...methods.multiview settings}}
+
+``fusion_data``: ``split`` keeps a seeded share of the cases away from the 2D networks and
+predicts them for the VFN (the paper's own data set); ``cross`` is cross-cross-augmentation
+with K folds: for each fold k the three 2D networks are trained on the other folds and predict
+fold k, so every case trains the VFN and the final 2D networks train on every case — K extra
+sets of view networks (over a K-fold cross-validation that is the paper's K(K − 1)/2 extra
+models per view).  ``ablation_no_image`` also trains a VFN without the image channel (the
+paper's ablation); it ships as the component ``fusion_noimage``.
+
+What a run writes into OUT: ``cases/`` (the working-grid cache every run shares),
+``views/<view>/`` and with ``cross`` ``views-fold<k>/<view>/`` (trainer runs), ``stacks/``
+(one .npz per fusion case: the image and the views' P(label ≥ c), each in [0, 1]),
+``fusion/`` and ``fusion-noimage/`` (trainer runs), ``model/NAME.{safetensors,json}``.
+Running it again resumes: a finished trainer run and an existing stack are not redone.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..progress import CancelToken, ProgressCallback, StageProgress, check_cancel
+from ..volume import TransferSegError
+from .trainer import _cached_working_case, _cases_from_spec, train, validate_config, write_stack
+
+__all__ = ["RECIPES", "fusion_channels", "is_recipe", "multiview", "run_recipe", "validate_recipe"]
+
+COMMON = ("name", "version", "description", "seed", "labels", "data", "preprocessing", "working_spacing_mm",
+          "working_orientation", "expected_spacing_mm", "postprocessing", "evaluation", "threads", "device")
+MULTIVIEW_KEYS = COMMON + ("recipe", "views", "fusion", "fusion_data", "ablation_no_image", "method")
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def is_recipe(config: dict) -> bool:
+    return isinstance(config, dict) and "recipe" in config
+
+
+def _fail(key: str, message: str):
+    raise TransferSegError(f"recipe config: {key}: {message}")
+
+
+def _sub_config(config: dict, part: dict, **changes) -> dict:
+    sub = {key: copy.deepcopy(config[key]) for key in COMMON if key in config}
+    sub.update(copy.deepcopy(part))
+    sub.update(changes)
+    return sub
+
+
+def _view_config(config: dict, view: str, names: list, out: Path, suffix: str = "") -> dict:
+    data = dict(config["data"], select=list(names))
+    if "stacks" not in data and data.get("cache") is not False:
+        data["cache"] = str(out / "cases")
+    return _sub_config(config, config["views"], name=f"{config['name']}-{view}{suffix}", view=view, data=data)
+
+
+def _fusion_config(config: dict, out: Path, num_classes: int, image: bool) -> dict:
+    fusion = copy.deepcopy(config["fusion"])
+    arch = fusion.setdefault("architecture", {"name": "vfn"})
+    channels = fusion_channels(num_classes)
+    arch.setdefault("config", {})
+    arch["config"] = dict(arch["config"], in_channels=channels - (0 if image else 1), out_channels=num_classes)
+    data = {"stacks": str(out / "stacks"), "crop_to_foreground": config["fusion_data"].get("roi_margin", 32)}
+    if not image:
+        data["channels"] = list(range(1, channels))
+    return _sub_config(config, fusion, name=f"{config['name']}-fusion" + ("" if image else "-noimage"),
+                       data=data, preprocessing={})
+
+
+def fusion_channels(num_classes: int) -> int:
+    """Input channels of the fusion network: the image and, per view, P(label ≥ c) for c = 1 … K − 1."""
+    return 1 + 3 * (num_classes - 1)
+
+
+def validate_multiview(config: dict) -> dict:
+    """A checked copy of a multiview recipe config; every sub-config is checked by the trainer."""
+    unknown = sorted(set(config) - set(MULTIVIEW_KEYS) - {k for k in config if k.startswith("_")})
+    if unknown:
+        _fail(unknown[0], f"unknown key; a multiview recipe has {', '.join(MULTIVIEW_KEYS)}")
+    for key in ("name", "labels", "data", "views", "fusion"):
+        if key not in config:
+            _fail(key, "required")
+    c = copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")})
+    if c.get("working_orientation") is None:
+        _fail("working_orientation", "views are anatomical: name the working orientation, e.g. \"LPS\"")
+    fd = c.setdefault("fusion_data", {"split": 0.33})
+    if not isinstance(fd, dict) or len(set(fd) & {"split", "cross"}) != 1 or set(fd) - {"split", "cross", "roi_margin"}:
+        _fail("fusion_data", f"must be {{\"split\": fraction}} or {{\"cross\": K folds}} (+ \"roi_margin\"); got {fd!r}")
+    if "split" in fd and not (isinstance(fd["split"], (int, float)) and 0 < fd["split"] < 1):
+        _fail("fusion_data.split", f"must be a fraction in (0, 1); got {fd['split']!r}")
+    if "cross" in fd and not (isinstance(fd["cross"], int) and fd["cross"] >= 2):
+        _fail("fusion_data.cross", f"must be a number of folds ≥ 2; got {fd['cross']!r}")
+    if not isinstance(c.setdefault("ablation_no_image", False), bool):
+        _fail("ablation_no_image", "must be true or false")
+    method = c.setdefault("method", {})
+    if not isinstance(method, dict):
+        _fail("method", "must be a JSON object of methods.multiview settings")
+    for view in VIEWS:  # the trainer checks every part and names the key
+        validate_config(_view_config(c, view, ["x"], Path(".")))
+    num_classes = len(c["labels"]) + 1
+    validate_config(dict(_fusion_config(c, Path("."), num_classes, True), data={"stacks": "."}))
+    return c
+
+
+def _split(names: list, config: dict) -> list:
+    """[(names that train the view networks, names they predict for the fusion net, folder suffix)]."""
+    rng = np.random.default_rng([config.get("seed", 0), 11])
+    order = [names[i] for i in rng.permutation(len(names))]
+    fd = config["fusion_data"]
+    if "split" in fd:
+        n = max(1, round(fd["split"] * len(order)))
+        if n >= len(order):
+            raise TransferSegError(f"fusion_data.split {fd['split']} leaves no case for the view networks "
+                                   f"({len(order)} cases)")
+        return [(sorted(order[n:]), sorted(order[:n]), "")]
+    folds = [sorted(f.tolist()) for f in np.array_split(np.array(order, dtype=object), fd["cross"])]
+    if any(not f for f in folds):
+        raise TransferSegError(f"fusion_data.cross {fd['cross']} folds need at least as many cases; there are {len(order)}")
+    groups = [(sorted(n for j, f in enumerate(folds) if j != k for n in f), folds[k], f"-fold{k}")
+              for k in range(len(folds))]
+    return groups
+
+
+def _train_once(config: dict, out: Path, progress, cancel, max_steps=None):
+    if (out / "result.json").exists():
+        return None
+    return train(config, out, progress=progress, cancel=cancel, max_steps=max_steps)
+
+
+def _predict_stack(case, view_models: dict, config: dict, path: Path, cancel) -> None:
+    from ..preprocessing import preprocess
+    from ..views import directions_of, predict_view
+
+    sub = validate_config(_view_config(config, "axial", [case.name], path.parent.parent))
+    array, target, spacing = _cached_working_case(case, sub, Path(sub["data"]["cache"]) if sub["data"].get("cache") else None)
+    image = np.clip(preprocess(array, config.get("preprocessing")), 0.0, 1.0).astype(np.float32)
+    directions = directions_of(config["working_orientation"])
+    channels = [image]
+    num_classes = len(config["labels"]) + 1
+    for view in VIEWS:
+        loaded = view_models[view]
+        probabilities = predict_view(loaded.network, image, directions, view, num_classes=num_classes,
+                                     batch_size=16, cancel=cancel)
+        channels += list(_cumulative(probabilities))
+    write_stack(path, np.stack(channels), target, spacing)
+
+
+def _cumulative(probabilities: np.ndarray) -> np.ndarray:
+    """uint8 class probabilities (K, …) → float32 P(label ≥ c), c = 1 … K − 1."""
+    p = probabilities.astype(np.float32) / 255.0
+    return np.clip(np.cumsum(p[::-1], axis=0)[::-1][1:], 0.0, 1.0)
+
+
+def multiview(config: dict, output_dir, progress: Optional[ProgressCallback] = None,
+              cancel: Optional[CancelToken] = None, max_steps: Optional[int] = None) -> Path:
+    """Run the multiview recipe into ``output_dir``; returns the composed model's card path."""
+    from ..models import compose_models, load_model
+
+    c = validate_multiview(config)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(c, indent=2) + "\n", encoding="utf-8")
+    cases = _cases_from_spec(c["data"])
+    names = [case.name for case in cases]
+    by_name = {case.name: case for case in cases}
+    groups = _split(names, c)
+    num_classes = len(c["labels"]) + 1
+    runs = [(suffix, view, train_names) for train_names, _, suffix in groups for view in VIEWS]
+    if "cross" in c["fusion_data"]:
+        runs += [("", view, sorted(names)) for view in VIEWS]  # the final view networks see every case
+    fusion_runs = [True] + ([False] if c["ablation_no_image"] else [])
+    total = len(runs) + 1 + len(fusion_runs)
+    timings = {}
+
+    def part(n):
+        return StageProgress(progress, n / total, (n + 1) / total) if progress else None
+
+    tic = time.perf_counter()
+    for n, (suffix, view, train_names) in enumerate(runs):
+        check_cancel(cancel)
+        _train_once(_view_config(c, view, train_names, out, suffix), out / f"views{suffix}" / view, part(n), cancel,
+                    max_steps)
+    timings["views_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    stacks = out / "stacks"
+    stacks.mkdir(exist_ok=True)
+    for _, fusion_names, suffix in groups:
+        view_models = {view: load_model(out / f"views{suffix}" / view / "model" / f"{c['name']}-{view}{suffix}.json")
+                       for view in VIEWS}
+        for name in fusion_names:
+            check_cancel(cancel)
+            path = stacks / f"{name}.npz"
+            if not path.exists():
+                _predict_stack(by_name[name], view_models, c, path, cancel)
+    timings["stacks_s"] = time.perf_counter() - tic
+    if progress:
+        progress((len(runs) + 1) / total, "fusion data")
+
+    tic = time.perf_counter()
+    for n, image in enumerate(fusion_runs):
+        check_cancel(cancel)
+        _train_once(_fusion_config(c, out, num_classes, image), out / ("fusion" if image else "fusion-noimage"),
+                    part(len(runs) + 1 + n), cancel, max_steps)
+    timings["fusion_s"] = time.perf_counter() - tic
+
+    components = {view: out / "views" / view / "model" / f"{c['name']}-{view}.json" for view in VIEWS}
+    components["fusion"] = out / "fusion" / "model" / f"{c['name']}-fusion.json"
+    if c["ablation_no_image"]:
+        components["fusion_noimage"] = out / "fusion-noimage" / "model" / f"{c['name']}-fusion-noimage.json"
+    missing = [str(p) for p in components.values() if not p.exists()]
+    if missing:  # stopped early (max_steps): rerun to resume
+        return None
+    method = dict(c["method"])
+    method.setdefault("fusion", "vfn")
+    card = compose_models(components, out / "model", name=c["name"], method="multiview", method_config=method,
+                          labels_from="axial", version=c.get("version", "1.0.0"), description=c.get("description"),
+                          storage_dtype="float16")
+    stored = json.loads(card.read_text(encoding="utf-8"))
+    stored["training"]["recipe"] = {"config": c, "splits": [{"views": t, "fusion": f} for t, f, _ in groups],
+                                    "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    from ..io import atomic_output
+
+    with atomic_output(card) as tmp:
+        tmp.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
+    return card
+
+
+RECIPES = {"multiview": multiview}
+
+
+VALIDATORS = {"multiview": validate_multiview}
+
+
+def validate_recipe(config: dict) -> dict:
+    name = config.get("recipe")
+    if name not in RECIPES:
+        raise TransferSegError(f"recipe config: recipe: unknown recipe {name!r}; there is {', '.join(RECIPES)}")
+    return VALIDATORS[name](config)
+
+
+def run_recipe(config: dict, output_dir, **kwargs):
+    """Run the recipe a config names; returns the model's card path (None when stopped early)."""
+    validate_recipe(config)
+    return RECIPES[config["recipe"]](config, output_dir, **kwargs)
