@@ -110,7 +110,8 @@ def _cmd_segment(args) -> int:
     printer = _ProgressPrinter(args.progress_lines)
     try:
         result = run(volume, model=args.model, device=args.device, roi=roi, progress=printer,
-                     cancel=_cancel_on_signals(), return_probabilities=False)
+                     cancel=_cancel_on_signals(), return_probabilities=False,
+                     method_options={"fusion": getattr(args, "fusion", None)})
         result.write(output, input_path=args.input)
     finally:
         printer.close()
@@ -124,6 +125,10 @@ def _cmd_segment(args) -> int:
     else:
         for name, ml in result.volumes_ml().items():
             print(f"{name}: {ml:.1f} mL")
+        summary = result.method_summary
+        if "share_views_differ" in summary:
+            print(f"views ({summary['fusion']} fusion): they disagree on {100 * summary['share_views_differ']:.1f} % "
+                  f"of the segmentation (mean disagreement {summary['mean_disagreement']:.3f})")
     print(f"device: {result.device}; " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     for name in result.outputs():
         print(output / name)
@@ -317,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
         p.set_defaults(func=_cmd_segment)
 
-    add_run_arguments(sub.add_parser(
-        "segment", help="segment a volume; writes .seg.nrrd, label map, result.json, overview.png"),
-        DEFAULT_SEGMENTATION_MODEL)
+    p = sub.add_parser("segment", help="segment a volume; writes .seg.nrrd, label map, result.json, overview.png "
+                       "(+ per-view predictions and their disagreement for a multi-view model)")
+    add_run_arguments(p, DEFAULT_SEGMENTATION_MODEL)
+    p.add_argument("--fusion", choices=("vfn", "vfn-noimage", "majority", "staple"), default=None,
+                   help="multi-view models: how the three views are fused (default: the model card's)")
     add_run_arguments(sub.add_parser(
         "detect", help="lesion heatmap and detections (DBT); writes heatmap, detections.json/.csv, overview.png"),
         DEFAULT_DETECTION_MODEL)

@@ -39,8 +39,8 @@ import SimpleITK as sitk
 
 from .volume import TransferSegError, _describe_shape
 
-__all__ = ["disagreement_summary", "majority_vote", "staple", "view_disagreement", "view_labels",
-           "view_probabilities"]
+__all__ = ["cumulative_probabilities", "disagreement_summary", "fusion_input", "majority_vote", "staple",
+           "view_disagreement", "view_labels", "view_probabilities"]
 
 _SLAB_VOXELS = 1 << 22  # float values in one slab of all views and classes together (32 MiB as float64)
 _LABELS, _BINARY, _CLASSES = "label map", "binary probability", "class probabilities"
@@ -387,3 +387,30 @@ def disagreement_summary(views, fused_labels, disagreement=None, threshold: floa
         "per_label": {str(c): {"voxels": int(voxels[c]), "share_views_differ": float(differ[c]) / int(voxels[c])}
                       for c in range(1, voxels.size) if voxels[c] > 0},
     }
+
+
+def cumulative_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """Class probabilities (K, …), uint8 × 255 or float, as float32 P(label ≥ c) for c = 1 … K − 1:
+    the nested regions a fusion network sees (liver or tumor, tumor)."""
+    p = np.asarray(probabilities)
+    p = p.astype(np.float32) / 255.0 if p.dtype == np.uint8 else p.astype(np.float32)
+    return np.clip(np.cumsum(p[::-1], axis=0)[::-1][1:], 0.0, 1.0)
+
+
+def fusion_input(image: np.ndarray, views, include_image: bool = True) -> np.ndarray:
+    """The Volumetric Fusion Net's input (paper sec. 2.2): the image, then per view (axial,
+    coronal, sagittal) its P(label ≥ c), c = 1 … K − 1, every channel in [0, 1]; float32
+    (1 + 3 (K − 1), k, j, i), or without the image channel for the paper's ablation.
+    ``image`` is the preprocessed image (clipped to [0, 1] here); ``views`` are the three views'
+    class probabilities (K, k, j, i)."""
+    views = list(views)
+    if len(views) != 3:
+        raise TransferSegError(f"got {len(views)} views; the fusion input needs three (axial, coronal, sagittal)")
+    image = np.asarray(image)
+    for n, view in enumerate(views):
+        if np.ndim(view) != 4 or np.shape(view)[1:] != image.shape:
+            raise TransferSegError(f"view {n + 1} of 3 has shape {np.shape(view)}; the fusion input needs class "
+                                   f"probabilities (K, {', '.join(str(s) for s in image.shape)})")
+    channels = [np.clip(image, 0.0, 1.0).astype(np.float32)[None]] if include_image else []
+    channels += [cumulative_probabilities(view) for view in views]
+    return np.concatenate(channels)

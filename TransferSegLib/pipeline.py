@@ -49,6 +49,7 @@ class Result:
     warnings: list = field(default_factory=list)
     views: dict = field(default_factory=dict)
     disagreement: Optional[np.ndarray] = None
+    method_summary: dict = field(default_factory=dict)  # e.g. the views' disagreement, for result.json
 
     @property
     def segments(self) -> list:
@@ -100,6 +101,7 @@ class Result:
             "fallbacks": self.fallbacks,
             "warnings": self.warnings,
             "files": self.outputs(),
+            **({"method": self.method_summary} if self.method_summary else {}),
         }
 
     def write(self, folder, input_path=None) -> dict:
@@ -224,7 +226,7 @@ def _bounding_box(mask: np.ndarray, margin: int):
 
 def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", roi=None,
         progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-        return_probabilities: bool = False) -> Result:
+        return_probabilities: bool = False, method_options: Optional[dict] = None) -> Result:
     """Segment ``volume`` with ``model`` (a name, a path, or a :class:`LoadedModel`).
 
     The volume (or its ROI) is turned to the card's ``working_orientation`` and resampled to its
@@ -237,9 +239,11 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
         progress: ``callable(fraction, stage)``.
         cancel: a :class:`CancelToken`; cancelling raises :class:`~TransferSegLib.progress.Cancelled`.
         return_probabilities: also give the uint8 class probabilities on the input grid.
+        method_options: per-run choices for the card's method, e.g. ``{"fusion": "staple"}``
+            for a multi-view model.
     """
     from .inference import _check_roi, resolve_device
-    from .methods import MethodContext, get_method
+    from .methods import MethodContext, check_options, get_method
     from .resample import to_orientation, to_spacing
 
     report = StageProgress(progress)
@@ -250,6 +254,8 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
     card = loaded.card
     method = get_method(loaded.method["name"])
+    options = {k: v for k, v in (method_options or {}).items() if v is not None}
+    check_options(loaded.method["name"], options, card["name"])
     timings["load_model"] = time.perf_counter() - start
     check_cancel(cancel)
 
@@ -266,8 +272,9 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     check_cancel(cancel)
 
     start = time.perf_counter()
-    output = method(MethodContext(working, loaded, target, report.sub(0.04, 0.9), cancel))
+    output = method(MethodContext(working, loaded, target, report.sub(0.04, 0.9), cancel, options))
     timings["inference"] = time.perf_counter() - start
+    timings.update({f"inference_{part}": seconds for part, seconds in output.timings.items()})
     check_cancel(cancel)
 
     start = time.perf_counter()
@@ -300,7 +307,7 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
                   probabilities=probabilities, heatmap=heatmap,
                   roi_kji=tuple(int(v) for v in box) if box is not None else None,
                   detections=detections, fallbacks=list(output.fallbacks), warnings=warnings,
-                  views=views, disagreement=disagreement)
+                  views=views, disagreement=disagreement, method_summary=dict(output.summary))
 
 
 def spacing_warnings(volume: Volume, card: dict) -> list:

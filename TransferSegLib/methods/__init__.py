@@ -18,19 +18,32 @@ import numpy as np
 
 from ..volume import TransferSegError, Volume
 
-__all__ = ["METHODS", "MethodContext", "MethodOutput", "get_method", "register_method"]
+__all__ = ["METHODS", "MethodContext", "MethodOutput", "check_options", "get_method", "register_method"]
 
 METHODS: dict = {}
+OPTIONS: dict = {}  # method name -> the per-run options it takes
 
 
-def register_method(name: str):
-    """Function decorator: make a method available to model cards by ``name``."""
+def register_method(name: str, options=()):
+    """Function decorator: make a method available to model cards by ``name``; ``options`` are
+    the per-run choices it reads from ``MethodContext.options`` (e.g. ``("fusion",)``)."""
 
     def add(function: Callable):
         METHODS[name] = function
+        OPTIONS[name] = tuple(options)
         return function
 
     return add
+
+
+def check_options(name: str, options: dict, model_name: str = "the model") -> None:
+    """A clear error for a per-run option the model's method does not take."""
+    _import_all()
+    unknown = sorted(set(options or {}) - set(OPTIONS.get(name, ())))
+    if unknown:
+        takes = ", ".join(OPTIONS.get(name, ())) or "none"
+        raise TransferSegError(f"{', '.join('--' + u for u in unknown)} does not apply to {model_name}: its method "
+                               f"{name!r} takes {takes}")
 
 
 def get_method(name: str) -> Callable:
@@ -53,6 +66,7 @@ class MethodContext:
     device: object  # torch.device
     progress: Optional[Callable] = None
     cancel: Optional[object] = None
+    options: dict = field(default_factory=dict)  # per-run choices, e.g. {"fusion": "staple"}
 
     @property
     def card(self) -> dict:
@@ -74,7 +88,8 @@ class MethodOutput:
     Segmentation: ``probabilities`` uint8 (K, k, j, i), probability × 255, and ``labels`` (the
     argmax of the unrounded probabilities, used as they are when no resampling is needed).
     Heatmap: ``heatmap`` float (k, j, i).  Multi-view methods add ``views`` (name → uint8
-    probabilities) and ``disagreement``.
+    probabilities) and ``disagreement``.  ``summary`` goes into result.json (e.g. the views'
+    disagreement inside the segmentation); ``timings`` (part → seconds) into the run's timings.
     """
 
     probabilities: Optional[np.ndarray] = None
@@ -84,7 +99,10 @@ class MethodOutput:
     disagreement: Optional[np.ndarray] = None
     device: str = "cpu"
     fallbacks: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
 
 
 def _import_all() -> None:
     from . import single  # noqa: F401  (registers "single")
+    from . import multiview  # noqa: F401

@@ -113,11 +113,22 @@ def validate_multiview(config: dict) -> dict:
     method = c.setdefault("method", {})
     if not isinstance(method, dict):
         _fail("method", "must be a JSON object of methods.multiview settings")
-    for view in VIEWS:  # the trainer checks every part and names the key
-        validate_config(_view_config(c, view, ["x"], Path(".")))
     num_classes = len(c["labels"]) + 1
-    validate_config(dict(_fusion_config(c, Path("."), num_classes, True), data={"stacks": "."}))
+    # the trainer checks every part; its messages name the key inside the part
+    _check_part(_view_config(c, "axial", ["x"], Path(".")), "views", c["views"])
+    _check_part(dict(_fusion_config(c, Path("."), num_classes, True), data={"stacks": "."}), "fusion", c["fusion"])
     return c
+
+
+def _check_part(sub: dict, part: str, written: dict) -> None:
+    try:
+        validate_config(sub)
+    except TransferSegError as e:
+        message = str(e).removeprefix("training config: ")
+        key = message.split(":", 1)[0].split(".")[0].split("[")[0]
+        where = part if key in written else "the recipe's shared keys"
+        raise TransferSegError(f"recipe config: {part + '.' if key in written else ''}{message}"
+                               + ("" if key in written else f" (in {where})")) from None
 
 
 def _split(names: list, config: dict) -> list:
@@ -146,27 +157,18 @@ def _train_once(config: dict, out: Path, progress, cancel, max_steps=None):
 
 
 def _predict_stack(case, view_models: dict, config: dict, path: Path, cancel) -> None:
+    from ..fusion import fusion_input
     from ..preprocessing import preprocess
     from ..views import directions_of, predict_view
 
     sub = validate_config(_view_config(config, "axial", [case.name], path.parent.parent))
     array, target, spacing = _cached_working_case(case, sub, Path(sub["data"]["cache"]) if sub["data"].get("cache") else None)
-    image = np.clip(preprocess(array, config.get("preprocessing")), 0.0, 1.0).astype(np.float32)
+    image = preprocess(array, config.get("preprocessing"))
     directions = directions_of(config["working_orientation"])
-    channels = [image]
     num_classes = len(config["labels"]) + 1
-    for view in VIEWS:
-        loaded = view_models[view]
-        probabilities = predict_view(loaded.network, image, directions, view, num_classes=num_classes,
-                                     batch_size=16, cancel=cancel)
-        channels += list(_cumulative(probabilities))
-    write_stack(path, np.stack(channels), target, spacing)
-
-
-def _cumulative(probabilities: np.ndarray) -> np.ndarray:
-    """uint8 class probabilities (K, …) → float32 P(label ≥ c), c = 1 … K − 1."""
-    p = probabilities.astype(np.float32) / 255.0
-    return np.clip(np.cumsum(p[::-1], axis=0)[::-1][1:], 0.0, 1.0)
+    views = [predict_view(view_models[view].network, image, directions, view, num_classes=num_classes,
+                          batch_size=16, cancel=cancel) for view in VIEWS]
+    write_stack(path, fusion_input(image, views), target, spacing)
 
 
 def multiview(config: dict, output_dir, progress: Optional[ProgressCallback] = None,

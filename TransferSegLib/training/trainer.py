@@ -739,8 +739,7 @@ def _load_case(case, config: dict, loaded=None) -> TrainingCase:
     from ..preprocessing import preprocess
 
     if loaded is None:
-        loaded = _working_case(case, config["working_spacing_mm"], config["working_orientation"],
-                               config["task"] == "heatmap")
+        loaded = _cached_working_case(case, config, None)
     array, target, _ = loaded
     data = config["data"]
     if isinstance(case, StackCase):
