@@ -355,3 +355,25 @@ def test_a_fusion_the_model_lacks_is_a_clear_error(recipe_model, tmp_path):
     with pytest.raises(TransferSegError, match="fusion 'vfn' is not available.*majority, staple"):
         run(volume, load_model(card), device="cpu", method_options={"fusion": "vfn"})
     assert run(volume, load_model(card), device="cpu").method_summary["fusion"] == "majority"
+
+
+def test_the_pipeline_gives_a_sagittally_stored_phantom_the_same_axial_view(recipe_model):
+    """End to end: the phantom as generated (LPS axial) and stored as sagittal slices (PIL: i → P,
+    j → I, k → L) give the same axial-view prediction and fused labels once the file order is undone."""
+    from TransferSegLib.models import load_model
+    from TransferSegLib.phantoms import ct_phantom
+    from TransferSegLib.pipeline import run
+    from TransferSegLib.resample import to_orientation
+
+    _, card_path = recipe_model
+    model = load_model(card_path)
+    volume, _ = ct_phantom(77, shape=(18, 40, 36))
+    sagittal, turn = to_orientation(volume, "PIL")
+    assert sagittal.shape != volume.shape
+    plain = run(volume, model, device="cpu")
+    stored = run(sagittal, model, device="cpu")
+    for view in VIEWS:
+        back = np.stack([turn.undo(channel) for channel in stored.views[view]])
+        assert np.array_equal(back, plain.views[view]), view
+    assert np.array_equal(turn.undo(stored.labels), plain.labels)
+    assert np.any(plain.views["axial"] != plain.views["sagittal"])  # the views really differ

@@ -56,76 +56,84 @@ def _box(mask: np.ndarray, margin: int):
     return tuple(low) + tuple(high)
 
 
-@register_method("multiview", options=("fusion",))
-def run(context: MethodContext) -> MethodOutput:
-    from ..inference import sliding_window_inference
-
+def predict_views(context: MethodContext, report=None) -> list:
+    """The three views' class probabilities on the working grid: uint8 (K, k, j, i) each."""
     components = context.model.components
     missing = [view for view in VIEWS if view not in components]
     if missing:
         raise TransferSegError(f"method 'multiview' needs components {', '.join(VIEWS)}; {context.model.name} lacks "
                                f"{', '.join(missing)}")
-    config = dict(context.model.method.get("config") or {})
-    fusion = (context.options or {}).get("fusion") or config.get("fusion", "vfn")
+    report = report or StageProgress(None)
+    views = []
+    for n, view in enumerate(VIEWS):
+        component = components[view]
+        image = preprocess(context.volume.array, component.spec.get("preprocessing"))
+        batch = int((component.spec.get("inference") or {}).get("batch_size", 16))
+        views.append(predict_view(component.network, image, context.volume.directions, view,
+                                  num_classes=context.num_classes, batch_size=batch, device=context.device,
+                                  cancel=context.cancel, progress=report.sub(n / 3, (n + 1) / 3)))
+        del image
+    return views
+
+
+def fuse(context: MethodContext, views: list, fusion: str, report=None) -> tuple:
+    """``(labels, uint8 probabilities, device, fallbacks)`` of ``fusion`` over the three views."""
+    from ..inference import sliding_window_inference
+
+    components = context.model.components
     choices = fusion_choices(components)
     if fusion not in choices:
         raise TransferSegError(f"fusion {fusion!r} is not available for {context.model.name}; choose one of "
                                f"{', '.join(choices)}")
+    config = dict(context.model.method.get("config") or {})
+    num_classes = context.num_classes
+    if fusion == "majority":
+        labels = majority_vote(views)
+        return labels, _one_hot(labels, num_classes), str(context.device), []
+    if fusion == "staple":
+        labels, soft = staple(views)
+        return labels, np.round(soft * 255.0).astype(np.uint8), str(context.device), []
+    mv = majority_vote(views)
+    box = _box(mv > 0, int(config.get("roi_margin", 16)))
+    if box is None:  # no view found anything
+        return mv, _one_hot(mv, num_classes), str(context.device), []
+    component = components[FUSIONS[fusion]]
+    image = preprocess(context.volume.array, components["axial"].spec.get("preprocessing"))
+    inputs = fusion_input(image, views, include_image=fusion == "vfn")
+    del image
+    patch = tuple(config.get("patch") or component.spec["patch_size"])
+    stride = int(config.get("stride", 32))
+    result = sliding_window_inference(
+        inputs, component.network, patch_size=patch, num_classes=num_classes,
+        overlap=max(0.0, 1.0 - stride / max(patch)), blend=config.get("blend", "gaussian"),
+        batch_size=int(config.get("batch_size", 2)), device=context.device, activation="softmax",
+        return_probabilities=True, roi=box, progress=report, cancel=context.cancel)
+    return result.labels, result.probabilities, str(result.device), list(result.fallbacks)
+
+
+@register_method("multiview", options=("fusion",))
+def run(context: MethodContext) -> MethodOutput:
     if context.task != "segmentation":
         raise TransferSegError("method 'multiview' segments; the model's task is " + repr(context.task))
-    num_classes = context.num_classes
-    volume = context.volume
+    config = dict(context.model.method.get("config") or {})
+    fusion = (context.options or {}).get("fusion") or config.get("fusion", "vfn")
+    choices = fusion_choices(context.model.components)
+    if fusion not in choices:  # before minutes of view inference
+        raise TransferSegError(f"fusion {fusion!r} is not available for {context.model.name}; choose one of "
+                               f"{', '.join(choices)}")
     report = StageProgress(context.progress)
     timings = {}
-
     tic = time.perf_counter()
-    views = []
-    for n, view in enumerate(VIEWS):
-        component = components[view]
-        image = preprocess(volume.array, component.spec.get("preprocessing"))
-        batch = int((component.spec.get("inference") or {}).get("batch_size", 16))
-        views.append(predict_view(component.network, image, volume.directions, view, num_classes=num_classes,
-                                  batch_size=batch, device=context.device, cancel=context.cancel,
-                                  progress=report.sub(0.85 * n / 3, 0.85 * (n + 1) / 3)))
-        del image
+    views = predict_views(context, report.sub(0.0, 0.85))
     timings["views"] = time.perf_counter() - tic
     check_cancel(context.cancel)
 
     tic = time.perf_counter()
     report(0.85, f"fusing ({fusion})")
-    fallbacks, device = [], str(context.device)
-    if fusion == "majority":
-        labels = majority_vote(views)
-        probabilities = _one_hot(labels, num_classes)
-    elif fusion == "staple":
-        labels, soft = staple(views)
-        probabilities = np.round(soft * 255.0).astype(np.uint8)
-        del soft
-    else:
-        component = components[FUSIONS[fusion]]
-        mv = majority_vote(views)
-        box = _box(mv > 0, int(config.get("roi_margin", 16)))
-        if box is None:  # no view found anything
-            labels, probabilities = mv, _one_hot(mv, num_classes)
-        else:
-            spec = component.spec
-            image = preprocess(volume.array, components["axial"].spec.get("preprocessing"))
-            inputs = fusion_input(image, views, include_image=fusion == "vfn")
-            del image
-            patch = tuple(config.get("patch") or spec["patch_size"])
-            stride = int(config.get("stride", 32))
-            overlap = max(0.0, 1.0 - stride / max(patch))
-            result = sliding_window_inference(
-                inputs, component.network, patch_size=patch, num_classes=num_classes, overlap=overlap,
-                blend=config.get("blend", "gaussian"), batch_size=int(config.get("batch_size", 2)),
-                device=context.device, activation="softmax", return_probabilities=True, roi=box,
-                progress=report.sub(0.86, 0.99), cancel=context.cancel)
-            del inputs
-            labels, probabilities = result.labels, result.probabilities
-            fallbacks, device = list(result.fallbacks), str(result.device)
+    labels, probabilities, device, fallbacks = fuse(context, views, fusion, report.sub(0.86, 0.99))
     timings["fusion"] = time.perf_counter() - tic
 
-    disagreement = view_disagreement(views, num_classes)
+    disagreement = view_disagreement(views, context.num_classes)
     summary = disagreement_summary(views, labels, disagreement)
     summary["fusion"] = fusion
     return MethodOutput(probabilities=probabilities, labels=labels, views=dict(zip(VIEWS, views)),

@@ -1,0 +1,196 @@
+"""The Volumetric Fusion Net reproduction on held-out clinical-grid CT phantoms, and its speed
+(a benchmark run by hand, not a test).
+
+Parts (``--parts``, default all):
+
+* ``repro``: the paper's Table 1 comparison.  For each held-out phantom (the same 12
+  clinical grids as ``bench/real_size.py``: 512², 0.6–1.0 mm pixels, 1–5 mm slices, stored
+  LPS axial, RAS-flipped, oblique or as sagittal slices) the three view networks run once on
+  the model's working grid, and every fusion is applied to the same three predictions:
+  majority vote, STAPLE, the VFN and the VFN without the image.  Dice against the truth
+  taken to the working grid (labels_to_spacing, as in training): liver (labels 1 ∪ 2) per
+  case, tumor (label 2) global; per view and per fusion.  Times of the views and of each fusion.
+* ``quality``: the shipped path end to end (``bench/real_size.py``'s CT part with the VFN
+  model: a fresh process per case reads the file, runs ``pipeline.run``, writes the result),
+  Dice on the input grid, and whether every output lies on the input's exact grid.
+* ``speed``: a 512×512×100 CT (~0.7 mm pixels) end to end in a fresh process for the VFN model
+  and for the default 3D U-Net (side by side), with the fusion's time as a share of the three
+  views' (paper ≈ 10 %, goal ≤ 15 %); and the pixel choice for the coronal and sagittal views:
+  the three views on the working grid's rectangular 3 × 2 mm pixels against the same networks
+  on square 2 × 2 mm slices (the grid resampled to 2 mm along k).
+
+    .venv/bin/python bench/vfn.py --json runs/vfn_bench.json
+    .venv/bin/python bench/vfn.py --quick        # a one-minute smoke run, not a result
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import numpy as np  # noqa: E402
+
+from real_size import ct_cases, ct_part, measure, stored_as, write_ct  # noqa: E402
+from TransferSegLib.metrics import dice  # noqa: E402
+
+MODEL = ROOT / "Resources" / "models" / "ct-liver-tumor-vfn.json"
+FUSIONS = ("majority", "staple", "vfn", "vfn-noimage")
+PARTS = ("repro", "quality", "speed")
+
+
+def _context(volume, loaded, threads):
+    import torch
+
+    from TransferSegLib.methods import MethodContext
+    from TransferSegLib.resample import to_orientation, to_spacing
+
+    torch.set_num_threads(threads)
+    oriented, turn = to_orientation(volume, loaded.card.get("working_orientation"))
+    working = to_spacing(oriented, loaded.card["working_spacing_mm"])
+    return MethodContext(working, loaded, torch.device("cpu")), oriented, turn
+
+
+def repro_part(model, threads: int, quick: bool, out: dict, save=lambda: None) -> dict:
+    from TransferSegLib.methods.multiview import fuse, predict_views
+    from TransferSegLib.models import load_model
+    from TransferSegLib.phantoms import ct_phantom
+    from TransferSegLib.resample import labels_to_spacing
+    from TransferSegLib.views import VIEWS
+
+    loaded = load_model(model)
+    rows = out.setdefault("cases", [])
+    for seed, shape, storage in ct_cases(quick):
+        volume, labels = ct_phantom(seed, shape=shape)
+        volume, labels = stored_as(volume, labels, storage)
+        context, oriented, turn = _context(volume, loaded, threads)
+        truth = labels_to_spacing(turn.apply(labels), oriented, context.volume)
+        del volume, labels, oriented
+        row = {"seed": seed, "shape": list(shape), "storage": storage, "working_shape": list(truth.shape),
+               "dice": {}, "seconds": {}}
+        tic = time.perf_counter()
+        views = predict_views(context)
+        row["seconds"]["views"] = time.perf_counter() - tic
+        predictions = {view: p.argmax(axis=0).astype(np.uint8) for view, p in zip(VIEWS, views)}
+        for fusion in FUSIONS:
+            tic = time.perf_counter()
+            predictions[fusion] = fuse(context, views, fusion)[0]
+            row["seconds"][fusion] = time.perf_counter() - tic
+        for name, labels in predictions.items():
+            row["dice"][name] = {"liver": float(dice(labels > 0, truth > 0)),
+                                 "tumor_overlap2": 2 * int(((labels == 2) & (truth == 2)).sum()),
+                                 "tumor_voxels": int((labels == 2).sum() + (truth == 2).sum())}
+        rows.append(row)
+        save()
+        print(f"  seed {seed} {'×'.join(map(str, shape)):>12} {storage:<24} liver "
+              + " ".join(f"{n} {row['dice'][n]['liver']:.3f}" for n in predictions)
+              + f"  views {row['seconds']['views']:.1f} s", flush=True)
+    names = list(VIEWS) + list(FUSIONS)
+    summary = {}
+    for name in names:
+        liver = [r["dice"][name]["liver"] for r in rows]
+        summary[name] = {"liver_dice_mean": float(np.mean(liver)), "liver_dice_worst": float(np.min(liver)),
+                         "tumor_dice_global": sum(r["dice"][name]["tumor_overlap2"] for r in rows)
+                         / max(sum(r["dice"][name]["tumor_voxels"] for r in rows), 1)}
+    views_s = float(np.mean([r["seconds"]["views"] for r in rows]))
+    for fusion in FUSIONS:
+        summary[fusion]["seconds_mean"] = float(np.mean([r["seconds"][fusion] for r in rows]))
+        summary[fusion]["share_of_views"] = summary[fusion]["seconds_mean"] / views_s
+    out["summary"] = summary
+    out["views_seconds_mean"] = views_s
+    save()
+    print(f"\n  {'':<14} {'liver Dice mean':>16} {'worst':>7} {'tumor Dice (global)':>20} {'time vs views':>14}")
+    for name in names:
+        s = summary[name]
+        share = f"{100 * s['share_of_views']:.1f} %" if "share_of_views" in s else ""
+        print(f"  {name:<14} {s['liver_dice_mean']:>16.3f} {s['liver_dice_worst']:>7.3f} "
+              f"{s['tumor_dice_global']:>20.3f} {share:>14}", flush=True)
+    return out
+
+
+def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lambda: None) -> dict:
+    from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL, load_model
+    from TransferSegLib.methods.multiview import predict_views
+    from TransferSegLib.phantoms import ct_phantom
+    from TransferSegLib.resample import to_spacing
+
+    shape = (20, 128, 128) if quick else (100, 512, 512)
+    volume, _ = ct_phantom(5200, shape=shape)
+    path = write_ct(volume, work / "ct100.nii.gz")
+    spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
+    for name, which in (("vfn", model), ("unet3d", DEFAULT_SEGMENTATION_MODEL)):
+        run = measure(path, which, work / f"out-{name}", threads)
+        out[name] = {k: run[k] for k in ("seconds", "peak_rss_gib", "timings_s", "shape")}
+        print(f"  CT {'×'.join(map(str, shape))} ({spacing} mm), {name:<7} {run['seconds']:6.1f} s  "
+              f"peak RSS {run['peak_rss_gib']:.2f} GiB  stages: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in run["timings_s"].items()), flush=True)
+        save()
+    t = out["vfn"]["timings_s"]
+    out["fusion_share_of_views"] = t["inference_fusion"] / t["inference_views"]
+    out["vfn_vs_unet3d_seconds"] = out["vfn"]["seconds"] / out["unet3d"]["seconds"]
+    print(f"  fusion (VFN) = {100 * out['fusion_share_of_views']:.1f} % of the three views' time (paper ≈ 10 %, "
+          f"goal ≤ 15 %); the multi-view model takes {out['vfn_vs_unet3d_seconds']:.2f}× the 3D U-Net's time",
+          flush=True)
+
+    # rectangular (the working grid's) against square pixels for the coronal and sagittal views
+    loaded = load_model(model)
+    context, _, _ = _context(volume, loaded, threads)
+    tic = time.perf_counter()
+    predict_views(context)
+    rectangular = time.perf_counter() - tic
+    k, j, i = context.volume.spacing
+    square_volume = to_spacing(context.volume, [j, j, i])
+    from TransferSegLib.methods import MethodContext
+
+    square = MethodContext(square_volume, loaded, context.device)
+    tic = time.perf_counter()
+    predict_views(square)
+    squared = time.perf_counter() - tic
+    out["pixels"] = {"working_grid": list(context.volume.shape), "square_grid": list(square_volume.shape),
+                     "rectangular_s": rectangular, "square_s": squared, "ratio": squared / rectangular}
+    print(f"  three views on the working grid {'×'.join(map(str, context.volume.shape))} (3 × 2 mm coronal/"
+          f"sagittal pixels): {rectangular:.1f} s; on square 2 × 2 mm pixels "
+          f"{'×'.join(map(str, square_volume.shape))}: {squared:.1f} s ({squared / rectangular:.2f}×)", flush=True)
+    save()
+    path.unlink()
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(MODEL))
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    results = {"model": args.model, "threads": args.threads, "quick": args.quick}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "repro" in parts:
+            print("reproduction (working grid; views once, every fusion on the same predictions):", flush=True)
+            repro_part(args.model, args.threads, args.quick, results.setdefault("repro", {}), save)
+        if "quality" in parts:
+            print("\nquality end to end (fresh process per case, Dice on the input grid):", flush=True)
+            ct_part(args.model, work, args.threads, args.quick, results.setdefault("quality", {}), save)
+        if "speed" in parts:
+            print("\nspeed:", flush=True)
+            speed_part(args.model, args.threads, args.quick, work, results.setdefault("speed", {}), save)
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
