@@ -377,3 +377,27 @@ def test_the_pipeline_gives_a_sagittally_stored_phantom_the_same_axial_view(reci
         assert np.array_equal(back, plain.views[view]), view
     assert np.array_equal(turn.undo(stored.labels), plain.labels)
     assert np.any(plain.views["axial"] != plain.views["sagittal"])  # the views really differ
+
+
+def test_cross_cross_augmentation_end_to_end(tmp_path):
+    """K = 2 folds: two fold sets of view networks, each predicting the fold it did not see, and the
+    final view networks trained on every case; the model ships the final ones."""
+    from TransferSegLib.training import load_config
+    from TransferSegLib.training.recipes import run_recipe
+
+    config = load_config(_recipe(tmp_path, fusion_data={"cross": 2, "roi_margin": 4}, ablation_no_image=False))
+    card_path = run_recipe(config, tmp_path / "out")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    splits = card["training"]["recipe"]["splits"]
+    assert len(splits) == 2 and sorted(splits[0]["fusion"] + splits[1]["fusion"]) == sorted(
+        splits[0]["views"] + splits[0]["fusion"])
+    out = tmp_path / "out"
+    for k, split in enumerate(splits):
+        sub = json.loads((out / f"views-fold{k}" / "coronal" / "model" / f"ct-liver-tumor-vfn-coronal-fold{k}.json")
+                         .read_text(encoding="utf-8"))
+        assert sub["training"]["config"]["data"]["select"] == split["views"]
+    final = json.loads((out / "views" / "coronal" / "model" / "ct-liver-tumor-vfn-coronal.json").read_text(encoding="utf-8"))
+    assert sorted(final["training"]["config"]["data"]["select"]) == sorted(splits[0]["views"] + splits[0]["fusion"])
+    assert card["training"]["composed_from"]["coronal"]["sha256"] == final["weights"]["sha256"]
+    assert sorted(p.stem for p in (out / "stacks").glob("*.npz")) == sorted(splits[0]["views"] + splits[0]["fusion"])
+    assert "fusion_noimage" not in card["components"]
