@@ -1,139 +1,449 @@
-"""The module's scene logic on slicer-core's real MRML scene (no mocks)."""
+"""The module's Qt-free logic on slicer-core's real MRML scene (no mocks).
+
+The runs go through the logic's real child-process path (``slicer.util.launchConsoleProcess`` →
+``python -m TransferSegLib.cli``) with the shipped default CT model, a tiny multi-view model
+and the shipped DBT detector, from a scene holding a CT volume node with an oblique direction
+and anisotropic spacing, placed under a patient and a study in the subject hierarchy.
+"""
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import slicer
+import vtk
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "TransferSeg"))
-import TransferSegLogic as logic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "TransferSeg"))
+from TransferSegModuleLib import logic as L  # noqa: E402
+from TransferSegModuleLib.logic import TransferSegLogic  # noqa: E402
 
+from TransferSegLib.io import load_volume, save_volume  # noqa: E402
 from TransferSegLib.volume import TransferSegError, Volume  # noqa: E402
 
 from conftest import LIVER_TUMOR_SEGMENTS as SEGMENTS  # noqa: E402
 
+CT_MODEL = "ct-liver-tumor-unet3d"
+DBT_MODEL = "dbt-lesion-ahnet"
+
+
+# --- the scene, as the desktop has it ------------------------------------------------------------
+_LOGICS = []  # module logics stay alive as long as their scenes
+
+
+def new_scene():
+    """A scene with what the desktop always has: default colour tables, the Segmentations
+    module's logic (it registers the segment representations) and three slice views."""
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    _LOGICS.append(segmentations)
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLScene(scene)
+    colors.AddDefaultColorNodes()
+    colors.SetMRMLScene(None)
+    for name in ("Red", "Yellow", "Green"):
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(name)
+        scene.AddNode(composite)
+    return scene
+
 
 @pytest.fixture
 def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
+    scene = new_scene()
     yield scene
     scene.Clear(1)
 
 
-@pytest.fixture
-def oblique_volume():
-    angle = np.deg2rad(17.0)
-    directions = np.array([[-np.cos(angle), 0.0, np.sin(angle)], [0.0, -1.0, 0.0], [np.sin(angle), 0.0, np.cos(angle)]])
-    array = np.random.default_rng(3).normal(50, 20, size=(5, 7, 9)).astype(np.float32)
-    return Volume(array, spacing=(2.5, 0.8, 0.7), directions=directions, origin=(12.0, -7.5, 30.25))
+def oblique(volume: Volume, spacing=(2.5, 0.9, 0.8)) -> Volume:
+    """The same voxels on an oblique grid with anisotropic spacing."""
+    a, b = np.deg2rad(17.0), np.deg2rad(-9.0)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    directions = rz @ rx @ np.diag([-1.0, -1.0, 1.0])
+    return Volume(volume.array, spacing=spacing, directions=directions, origin=(12.0, -7.5, 30.25))
 
 
-def test_volume_node_round_trip_is_exact(scene, oblique_volume):
-    node = logic.add_volume_node(scene, oblique_volume, "CT")
-    back = logic.volume_from_node(node)
-    np.testing.assert_array_equal(back.array, oblique_volume.array)
-    assert back.spacing == oblique_volume.spacing
-    np.testing.assert_array_equal(back.origin, oblique_volume.origin)
-    np.testing.assert_allclose(back.directions, oblique_volume.directions, atol=1e-15)
-    matrix = slicer.vtkMRMLScalarVolumeNode()  # Slicer's own IJK→RAS agrees with ours
-    import vtk
+def add_input(scene, volume: Volume, name: str):
+    """The volume node, under Patient → Study in the subject hierarchy."""
+    node = L.add_volume_node(scene, volume, name)
+    node.CreateDefaultDisplayNodes()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient")
+    study = sh.CreateStudyItem(patient, "Study")
+    item = sh.GetItemByDataNode(node) or sh.CreateItem(sh.GetSceneItemID(), node)
+    sh.SetItemParent(item, study)
+    return node, study
+
+
+@pytest.fixture(scope="module")
+def ct_volume():
+    from TransferSegLib.phantoms import ct_phantom
+
+    volume, _ = ct_phantom(5, shape=(24, 80, 80))
+    return oblique(volume, spacing=(4.0, 2.2, 1.9))
+
+
+def geometry_of(node) -> tuple:
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
-    np.testing.assert_allclose([[m.GetElement(r, c) for c in range(4)] for r in range(4)],
-                               oblique_volume.ijk_to_ras, atol=1e-12)
-    del matrix
+    return (tuple(slicer.util.arrayFromVolume(node).shape),
+            np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)]))
 
 
-def test_segmentation_node_has_named_coloured_segments_on_the_volume_grid(scene, oblique_volume):
-    labels = np.zeros(oblique_volume.shape, np.uint8)
-    labels[1:4, 2:6, 2:8] = 1
-    labels[2, 3:5, 4:6] = 2
-    ref_node = logic.add_volume_node(scene, oblique_volume, "CT")
-    seg_node = logic.add_segmentation_node(scene, labels, oblique_volume, SEGMENTS, "result", reference_node=ref_node)
+def assert_on_grid(seg_node, volume: Volume):
+    """Every segment's labelmap lies on the input's exact grid."""
+    segmentation = seg_node.GetSegmentation()
+    for n in range(segmentation.GetNumberOfSegments()):
+        L.segment_array(seg_node, segmentation.GetNthSegment(n).GetName(), volume)  # raises when off the grid
+
+
+def run_job(logic, node, model, **kwargs):
+    job = logic.startSegmentation(node, str(model), device="cpu", python=sys.executable, **kwargs)
+    assert job.state == job.SEGMENTING
+    assert job.wait(timeout=300) == job.DONE, job.message + "\n" + "\n".join(job.log[-20:])
+    return job
+
+
+def cli(command, path, out, model, *extra):
+    done = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", command, str(path), "-o", str(out),
+                           "--model", str(model), "--device", "cpu", *extra], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads((out / "result.json").read_text(encoding="utf-8"))
+
+
+def tag(segment, name):
+    value = vtk.mutable("")
+    segment.GetTag(name, value)
+    return str(value)
+
+
+# --- geometry and segmentations --------------------------------------------------------------------
+def test_volume_node_round_trip_is_exact(scene, ct_volume):
+    node = L.add_volume_node(scene, ct_volume, "CT")
+    back = L.volume_from_node(node)
+    np.testing.assert_array_equal(back.array, ct_volume.array)
+    assert back.spacing == ct_volume.spacing
+    np.testing.assert_array_equal(back.origin, ct_volume.origin)
+    np.testing.assert_allclose(back.directions, ct_volume.directions, atol=1e-15)
+    np.testing.assert_allclose(geometry_of(node)[1], ct_volume.ijk_to_ras, atol=1e-12)  # Slicer's own IJK→RAS
+
+
+def test_segmentation_node_keeps_card_labels_names_colours_and_terminology(scene, ct_volume):
+    labels = np.zeros(ct_volume.shape, np.uint8)
+    labels[3:9, 20:40, 20:50] = 1
+    labels[5, 25:30, 30:35] = 2
+    segments = [dict(SEGMENTS[0], label=3), dict(SEGMENTS[1], label=7)]  # non-contiguous card labels
+    ref_node = L.add_volume_node(scene, ct_volume, "CT")
+    card_labels = np.select([labels == 1, labels == 2], [3, 7], 0).astype(np.uint8)
+    seg_node = L.add_segmentation_node(scene, card_labels, ct_volume, segments, "result", reference_node=ref_node)
     segmentation = seg_node.GetSegmentation()
     assert [segmentation.GetNthSegment(n).GetName() for n in range(2)] == ["liver", "liver tumor"]
     assert segmentation.GetNthSegment(0).GetColor() == pytest.approx(SEGMENTS[0]["color"])
-    import vtk
-    tag = vtk.mutable("")
-    segmentation.GetNthSegment(0).GetTag("TerminologyEntry", tag)
-    assert "SCT^10200004^Liver" in str(tag)
-    for seg in SEGMENTS:
-        np.testing.assert_array_equal(logic.segment_array(seg_node, seg["name"], oblique_volume),
-                                      labels == seg["label"])
-    # the temporary label-map node is gone: only the CT and the segmentation remain
-    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
+    assert "SCT^10200004^Liver" in tag(segmentation.GetNthSegment(0), "TerminologyEntry")
+    np.testing.assert_array_equal(L.segment_array(seg_node, "liver", ct_volume), labels == 1)
+    np.testing.assert_array_equal(L.segment_array(seg_node, "liver tumor", ct_volume), labels == 2)
+    exported = TransferSegLogic(scene).labelmapArray(seg_node, ref_node)
+    np.testing.assert_array_equal(exported, card_labels)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0  # temporary nodes are gone
 
 
-def test_empty_segment_is_kept_and_failure_leaves_no_node(scene, oblique_volume, monkeypatch):
-    labels = np.zeros(oblique_volume.shape, np.uint8)
+def test_failure_leaves_no_node(scene, ct_volume):
+    labels = np.zeros(ct_volume.shape, np.uint8)
     labels[1:3, 1:3, 1:3] = 1
-    seg_node = logic.add_segmentation_node(scene, labels, oblique_volume, SEGMENTS, "no tumor")
-    assert seg_node.GetSegmentation().GetNumberOfSegments() == 2
-    assert not logic.segment_array(seg_node, "liver tumor", oblique_volume).any()
     count = scene.GetNumberOfNodes()
-    bad_segments = [dict(SEGMENTS[0]), {"name": "broken", "label": 2}]  # no colour: refused before building
-    with pytest.raises(KeyError):
-        logic.add_segmentation_node(scene, labels, oblique_volume, bad_segments, "broken")
-    assert scene.GetNumberOfNodes() == count
-
-    class CancelledImport:  # fault injection: the import fails after nodes were created
-        @staticmethod
-        def ImportLabelmapToSegmentationNode(*args):
-            raise RuntimeError("cancelled")
-
-    monkeypatch.setattr(slicer, "vtkSlicerSegmentationsModuleLogic", CancelledImport)
-    with pytest.raises(RuntimeError, match="cancelled"):
-        logic.add_segmentation_node(scene, labels, oblique_volume, SEGMENTS, "cancelled")
+    with pytest.raises(KeyError):  # no colour: refused before anything is built
+        L.add_segmentation_node(scene, labels, ct_volume, [dict(SEGMENTS[0]), {"name": "broken", "label": 2}], "x")
+    with pytest.raises(TransferSegError, match="does not match"):
+        L.add_segmentation_node(scene, labels[:-1], ct_volume, SEGMENTS, "x")
     assert scene.GetNumberOfNodes() == count
 
 
 def test_bad_nodes_get_clear_errors(scene):
     with pytest.raises(TransferSegError, match="select an input volume"):
-        logic.volume_from_node(None)
+        L.volume_from_node(None)
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(TransferSegError, match="select an input volume"):
-        logic.volume_from_node(node)
+        L.volume_from_node(node)
 
 
-# --- the child-process job behind the Segment button -----------------------------------
-def test_segment_job_imports_a_named_segmentation_on_the_input_grid(scene, oblique_volume, tiny_model):
-    node = logic.add_volume_node(scene, oblique_volume, "CT")
-    job = logic.SegmentJob(scene, node, str(tiny_model), device="cpu", python=sys.executable)
-    job.start()
-    assert job.state == job.SEGMENTING
-    assert job.wait(timeout=300) == job.DONE, job.message
-    assert job.fraction == 1.0 and job.result["model"]["name"] == "tiny-unet3d"
-    segmentation = job.segmentation_node.GetSegmentation()
-    names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
-    assert names == ["liver", "liver tumor"]
-    masks = [logic.segment_array(job.segmentation_node, name, oblique_volume) for name in names]
-    assert not (masks[0] & masks[1]).any()  # one label per voxel, on the CT's own grid
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationStorageNode") == 0  # no link to a deleted temp file
+def test_parameter_node_is_a_tagged_singleton(scene):
+    logic = TransferSegLogic(scene)
+    node = logic.getParameterNode()
+    assert node.GetAttribute("ModuleName") == "TransferSeg" and node.GetSingletonTag() == "TransferSeg"
+    assert logic.getParameterNode() is node and scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
 
 
-def test_segment_job_cancel_and_failure_leave_nothing_behind(scene, oblique_volume, tiny_model):
-    node = logic.add_volume_node(scene, oblique_volume, "CT")
+def test_models_are_listed_with_method_and_description():
+    cards = {c["name"]: c for c in TransferSegLogic.installedModels()}
+    assert {CT_MODEL, DBT_MODEL} <= set(cards)
+    text = TransferSegLogic.modelSummary(cards[CT_MODEL])
+    assert text.startswith(f"{CT_MODEL} v") and "liver tumor" in text and "unet3d" in text
+    assert cards[CT_MODEL]["description"] in text
+    assert "heatmap" in TransferSegLogic.modelSummary(cards[DBT_MODEL])
+    assert not TransferSegLogic.isMultiview(cards[CT_MODEL])
+
+
+def test_progress_status_and_failure_messages():
+    assert L.parse_progress_line("PROGRESS 0.4200 inference") == (0.42, "inference")
+    assert L.parse_progress_line("PROGRESS 1.5 done") == (1.0, "done")
+    assert L.parse_progress_line("liver: 12 mL") is None
+    assert L.parse_progress_line("PROGRESS x y") is None
+    assert L.status_text(0.0, "loading model", True) == "Initializing"
+    assert L.status_text(0.05, "axial", True) == "View 1/3 (axial)"
+    assert L.status_text(0.04 + 0.86 * 0.5, "x", True) == "View 2/3 (coronal)"
+    assert L.status_text(0.04 + 0.86 * 0.8, "x", True) == "View 3/3 (sagittal)"
+    assert L.status_text(0.8, "fusing (vfn)", True) == "Fusing"
+    assert L.status_text(0.5, "inference", False) == "Segmenting"
+    assert "ran out of memory" in L.failure_message(-9, ["PROGRESS 0.5 x"])
+    assert "ran out of memory" in L.failure_message(1, ["RuntimeError: CUDA out of memory. Tried to allocate"])
+    assert L.failure_message(2, ["transferseg: error: no model named 'x'"]) == "no model named 'x'"
+
+
+# --- the real runs ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ct_run(tmp_path_factory, ct_volume):
+    """The default CT model through the logic, and the CLI on the same file."""
+    scene = new_scene()
+    node, study = add_input(scene, ct_volume, "CT oblique")
+    start = time.perf_counter()
+    job = run_job(TransferSegLogic(scene), node, CT_MODEL)
+    seconds = time.perf_counter() - start
+    folder = tmp_path_factory.mktemp("ct-cli")
+    path = save_volume(L.volume_from_node(node), folder / "ct.nrrd")
+    result = cli("segment", path, folder / "out", CT_MODEL)
+    yield scene, node, study, job, folder, result, seconds
+    scene.Clear(1)
+
+
+def test_ct_run_builds_the_fused_segmentation_under_the_study(ct_run, ct_volume):
+    scene, node, study, job, folder, _, seconds = ct_run
+    print(f"CT run through the logic: {seconds:.1f} s")
+    seg = job.outputs.segmentation
+    assert seg.GetName() == "CT oblique TransferSeg" and job.status == "Done"
+    card = json.loads((ROOT / "Resources" / "models" / f"{CT_MODEL}.json").read_text(encoding="utf-8"))
+    segmentation = seg.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())] == \
+        [s["name"] for s in card["labels"]]
+    for n, described in enumerate(card["labels"]):
+        segment = segmentation.GetNthSegment(n)
+        assert segment.GetColor() == pytest.approx(described["color"])
+        entry = tag(segment, "TerminologyEntry")
+        assert "^".join(described["terminology"]["type"]) in entry
+        assert "^".join(described["terminology"]["category"]) in entry
+    assert_on_grid(seg, ct_volume)
+    reference = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()) \
+        if hasattr(seg, "GetReferenceImageGeometryReferenceRole") else None
+    assert reference is None or reference.GetID() == node.GetID()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
+    assert sh.GetItemLevel(study) == "Study"
+    assert job.outputs.views == {} and job.outputs.disagreement is None  # a single-network model
+    for composite in (scene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode") for n in range(3)):
+        assert composite.GetBackgroundVolumeID() == node.GetID()
+
+
+def test_ct_run_label_counts_equal_the_cli_and_exports_round_trip(ct_run, ct_volume, tmp_path):
+    import slicerio
+
+    scene, node, _, job, folder, result, _ = ct_run
+    cli_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "out" / "labelmap.nii.gz")))
+    logic = TransferSegLogic(scene)
     count = scene.GetNumberOfNodes()
-    job = logic.SegmentJob(scene, node, str(tiny_model), device="cpu", python=sys.executable)
-    job.start()
+    scene_labels = logic.labelmapArray(job.outputs.segmentation, node)
+    assert np.bincount(scene_labels.ravel(), minlength=3).tolist() == \
+        np.bincount(cli_labels.ravel(), minlength=3).tolist()
+    assert np.bincount(cli_labels.ravel(), minlength=3)[1] > 0  # the model found liver: the test can fail
+    np.testing.assert_array_equal(scene_labels, cli_labels)
+
+    paths = {kind: logic.export(job.outputs.segmentation, node, tmp_path, kind)
+             for kind in ("labelmap-nrrd", "labelmap-nifti", "segmentation")}
+    assert scene.GetNumberOfNodes() == count  # exporting adds nothing to the scene
+    assert paths["labelmap-nifti"].name == "CT oblique TransferSeg-labels.nii.gz".replace(" ", "_")
+    for kind in ("labelmap-nrrd", "labelmap-nifti"):
+        image = sitk.ReadImage(str(paths[kind]))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), cli_labels)
+        back = load_volume(paths[kind])
+        assert back.spacing == pytest.approx(ct_volume.spacing, abs=1e-6)
+        np.testing.assert_allclose(back.ijk_to_ras, ct_volume.ijk_to_ras, atol=1e-5)
+    seg = slicerio.read_segmentation(str(paths["segmentation"]))
+    names = {s["name"]: s for s in seg["segments"]}
+    assert set(names) == {"liver", "liver tumor"}
+    assert "10200004" in json.dumps(names["liver"]["terminology"])
+    voxels = np.asarray(seg["voxels"])
+    assert (voxels == names["liver"]["labelValue"]).sum() == (cli_labels == 1).sum()
+    assert list(tmp_path.glob(".*partial*")) == []  # atomic: no temporary file is left
+
+    with pytest.raises(FileExistsError):  # the GUI asks before replacing
+        logic.export(job.outputs.segmentation, node, tmp_path, "labelmap-nrrd")
+    before = paths["labelmap-nrrd"].stat().st_mtime_ns
+    time.sleep(0.01)
+    logic.export(job.outputs.segmentation, node, tmp_path, "labelmap-nrrd", overwrite=True)
+    assert paths["labelmap-nrrd"].stat().st_mtime_ns != before
+
+
+# --- multi-view --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def multiview_model(tmp_path_factory):
+    """A tiny multi-view model trained by the multiview recipe (as Testing/test_multiview.py does)."""
+    from TransferSegLib.training import load_config
+    from TransferSegLib.training.recipes import run_recipe
+
+    folder = tmp_path_factory.mktemp("mv-recipe")
+    config = json.loads((ROOT / "Resources" / "configs" / "ct-liver-tumor-vfn.json").read_text(encoding="utf-8"))
+    config["data"] = {"phantom": "ct", "count": 4, "seed": 1000, "options": {"shape": [24, 48, 48]}}
+    config["views"]["architecture"]["config"].update(base_channels=4, levels=3)
+    config["views"]["patch_size"] = [4, 32, 32]
+    config["views"]["stages"][0]["steps"] = 2
+    config["fusion"]["architecture"]["config"]["channels"] = [4, 4, 8]
+    config["fusion"]["patch_size"] = [16, 16, 16]
+    config["fusion"]["stages"][0]["steps"] = 2
+    config["fusion_data"] = {"split": 0.5, "roi_margin": 4}
+    config["threads"] = 1
+    (folder / "recipe.json").write_text(json.dumps(config), encoding="utf-8")
+    return run_recipe(load_config(folder / "recipe.json"), folder / "out")
+
+
+def test_multiview_run_shows_views_disagreement_and_fusion(scene, multiview_model, tmp_path):
+    from TransferSegLib.phantoms import ct_phantom
+
+    volume = oblique(ct_phantom(4321, shape=(20, 40, 44))[0], spacing=(3.0, 1.4, 1.2))
+    node, study = add_input(scene, volume, "CT mv")
+    logic = TransferSegLogic(scene)
+    card = json.loads(Path(multiview_model).read_text(encoding="utf-8"))
+    assert logic.isMultiview(card) and "multi-view" in logic.modelSummary(card)
+    job = run_job(logic, node, multiview_model, fusion="majority")
+    out = job.outputs
+    assert set(out.views) == {"axial", "coronal", "sagittal"}
+    assert out.segmentation.GetName() == "CT mv TransferSeg"
+    assert out.views["coronal"].GetName() == "CT mv TransferSeg coronal"
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    for n in out.nodes():
+        assert sh.GetItemParent(sh.GetItemByDataNode(n)) == study
+    # the CLI on the same file, same fusion: same labels, same per-view label maps
+    path = save_volume(L.volume_from_node(node), tmp_path / "mv.nrrd")
+    cli("segment", path, tmp_path / "out", multiview_model, "--fusion", "majority")
+    cli_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "labelmap.nii.gz")))
+    np.testing.assert_array_equal(logic.labelmapArray(out.segmentation, node), cli_labels)
+    for view, seg_node in out.views.items():
+        assert_on_grid(seg_node, volume)
+        display = seg_node.GetDisplayNode()
+        assert display.GetVisibility2DOutline() and not display.GetVisibility2DFill()
+        segment = seg_node.GetSegmentation().GetNthSegment(0)
+        assert segment.GetName() == f"liver ({view})"
+        probabilities = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "views" / f"{view}.nii.gz")))
+        expected = np.moveaxis(probabilities, -1, 0).argmax(axis=0)
+        np.testing.assert_array_equal(logic.labelmapArray(seg_node, node), expected)
+        logic.setViewOverlayVisible(out, view, False)
+        assert not display.GetVisibility()
+        logic.setViewOverlayVisible(out, view, True)
+        assert display.GetVisibility()
+    # the disagreement: a foreground overlay on the input's grid, with a colour map
+    disagreement = out.disagreement
+    assert geometry_of(disagreement)[0] == geometry_of(node)[0]
+    np.testing.assert_allclose(geometry_of(disagreement)[1], geometry_of(node)[1], atol=1e-9)
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "disagreement.nii.gz")))
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(disagreement), expected, atol=1e-6)
+    display = disagreement.GetDisplayNode()
+    assert display.GetColorNodeID() in L.DISAGREEMENT_COLORS and display.GetApplyThreshold()
+    composites = [scene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode") for n in range(3)]
+    assert all(c.GetForegroundVolumeID() == disagreement.GetID() for c in composites)
+    logic.setOverlay(disagreement, True, 0.8)
+    assert all(c.GetForegroundOpacity() == pytest.approx(0.8) for c in composites)
+    logic.setOverlay(disagreement, False, 0.8)
+    assert all(c.GetForegroundVolumeID() is None for c in composites)
+
+
+# --- DBT --------------------------------------------------------------------------------------------
+def test_dbt_run_shows_heatmap_and_detections_with_a_live_threshold(scene, tmp_path):
+    from TransferSegLib.phantoms import dbt_phantom
+
+    volume = dbt_phantom(3, shape=(16, 128, 96), masses=2)[0]
+    volume = Volume(volume.array, volume.spacing, volume.directions, volume.origin)
+    node, study = add_input(scene, volume, "DBT")
+    logic = TransferSegLogic(scene)
+    job = run_job(logic, node, DBT_MODEL)
+    out = job.outputs
+    assert out.segmentation is None and out.views == {}  # a heatmap run writes no .seg.nrrd
+    path = save_volume(L.volume_from_node(node), tmp_path / "dbt.nrrd")
+    cli("detect", path, tmp_path / "out", DBT_MODEL)
+    detections = json.loads((tmp_path / "out" / "detections.json").read_text(encoding="utf-8"))["detections"]
+    assert detections, "the detector found nothing: the markups checks below would be empty"
+    heatmap = out.heatmap
+    assert heatmap.GetName() == "DBT lesion heatmap"
+    assert geometry_of(heatmap)[0] == geometry_of(node)[0]
+    np.testing.assert_allclose(geometry_of(heatmap)[1], geometry_of(node)[1], atol=1e-9)
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "heatmap.nii.gz")))
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), expected, atol=1e-6)
+    assert heatmap.GetDisplayNode().GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
+    composites = [scene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode") for n in range(3)]
+    assert all(c.GetForegroundVolumeID() == heatmap.GetID() and c.GetBackgroundVolumeID() == node.GetID()
+               for c in composites)
+
+    points = out.detections
+    assert points.GetName() == "DBT detections" and points.GetNumberOfControlPoints() == len(detections)
+    for n, d in enumerate(detections):
+        np.testing.assert_allclose(points.GetNthControlPointPositionWorld(n), d["position_ras"], atol=1e-4)
+        assert points.GetNthControlPointLabel(n) == f"{d['confidence']:.2f}"
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    assert sh.GetItemParent(sh.GetItemByDataNode(points)) == study
+
+    confidences = sorted(d["confidence"] for d in detections)
+    threshold = confidences[len(confidences) // 2]
+    shown = logic.setConfidenceThreshold(points, threshold)
+    assert shown == sum(c >= threshold for c in confidences)
+    assert [points.GetNthControlPointVisibility(n) for n in range(len(detections))] == \
+        [d["confidence"] >= threshold for d in detections]
+    assert logic.setConfidenceThreshold(points, 0.0) == len(detections)
+    assert logic.setConfidenceThreshold(points, 1.01) == 0
+
+
+# --- cancel and start errors --------------------------------------------------------------------------
+def test_cancel_mid_run_leaves_the_scene_as_it_was(scene, ct_volume):
+    node, _ = add_input(scene, ct_volume, "CT")
+    count = scene.GetNumberOfNodes()
+    logic = TransferSegLogic(scene)
+    job = logic.startSegmentation(node, CT_MODEL, device="cpu", python=sys.executable)
     folder = job._folder
+    deadline = time.monotonic() + 120
+    while job.poll() == job.SEGMENTING and job.fraction == 0.0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait for the first PROGRESS line: the child is running the model
+    assert job.state == job.SEGMENTING, job.message
+    pid = job._process.pid
+    start = time.perf_counter()
     job.cancel()
-    assert job.state == job.CANCELLED and not folder.exists()
+    assert time.perf_counter() - start < 0.5  # Cancel does not block the GUI
+    assert job.wait(timeout=60) == job.CANCELLED and job.status == "Cancelled"
+    import psutil
+
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not folder.exists()
     assert scene.GetNumberOfNodes() == count
 
-    job = logic.SegmentJob(scene, node, "no-such-model", device="cpu", python=sys.executable)
-    job.start()
-    assert job.wait(timeout=300) == job.FAILED
-    assert "no model named 'no-such-model'" in job.message
+
+def test_start_errors_leave_nothing_behind_and_a_later_run_works(scene, ct_volume, tiny_model):
+    node, _ = add_input(scene, ct_volume, "CT")
+    count = scene.GetNumberOfNodes()
+    logic = TransferSegLogic(scene)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(TransferSegError, match="harden the transform"):
+        logic.startSegmentation(node, CT_MODEL, device="cpu", python=sys.executable)
+    node.SetAndObserveTransformNodeID(None)
+    scene.RemoveNode(transform)
+    with pytest.raises(TransferSegError, match="no model named 'no-such-model'"):
+        logic.startSegmentation(node, "no-such-model", device="cpu", python=sys.executable)
     assert scene.GetNumberOfNodes() == count
-
-
-def test_progress_lines_are_parsed():
-    assert logic.parse_progress_line("PROGRESS 0.4200 inference") == (0.42, "inference")
-    assert logic.parse_progress_line("PROGRESS 1.5 done") == (1.0, "done")
-    assert logic.parse_progress_line("liver: 12 mL") is None
-    assert logic.parse_progress_line("PROGRESS x y") is None
+    job = logic.startSegmentation(node, str(tiny_model), device="no-such-device", python=sys.executable)
+    assert job.wait(timeout=120) == job.FAILED and "device" in job.message.lower()
+    assert job.status.startswith("Failed: ") and scene.GetNumberOfNodes() == count
+    job = run_job(logic, node, tiny_model)  # the next run works
+    assert job.outputs.segmentation.GetName() == "CT TransferSeg"

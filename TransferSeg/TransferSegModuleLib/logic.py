@@ -1,0 +1,826 @@
+"""Qt-free scene logic of the TransferSeg module: MRML nodes in, MRML nodes out.
+
+Imports no qt, ctk or slicer.app, so it runs (and is tested) on slicer-core's real MRML scene
+without the desktop.  The GUI (TransferSeg.py) reads the parameter node, calls
+:class:`TransferSegLogic` and shows progress; it never touches a node itself.
+
+What a run puts in the scene (every file comes from ``result.json["files"]``):
+
+- ``<volume> TransferSeg``: the fused segmentation (named, coloured segments with terminology,
+  the input as reference geometry), under the input's study in the subject hierarchy;
+- ``<volume> TransferSeg axial|coronal|sagittal``: each view network's own label map, shown as
+  outlines in a tint of its view (multi-view models);
+- ``<volume> view disagreement``: a scalar volume shown as the foreground layer (multi-view);
+- ``<volume> lesion heatmap`` and ``<volume> detections`` (a point list, one point per
+  detection, labelled with its confidence) for heatmap models (DBT).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import slicer
+import vtk
+
+from TransferSegLib.volume import TransferSegError, Volume
+
+MODULE_NAME = "TransferSeg"
+VIEW_NAMES = ("axial", "coronal", "sagittal")
+#: each view's outline tint (mixed half and half with the segment's own colour)
+VIEW_TINTS = {"axial": (1.0, 1.0, 0.0), "coronal": (0.0, 1.0, 1.0), "sagittal": (1.0, 0.0, 1.0)}
+#: colour maps, first one present in the scene wins (the desktop loads the file-based ones)
+DISAGREEMENT_COLORS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeIron",
+                       "vtkMRMLColorTableNodeRainbow")
+HEATMAP_COLORS = ("vtkMRMLPETProceduralColorNodePET-Heat", "vtkMRMLColorTableNodeIron")
+FUSIONS = ("vfn", "vfn-noimage", "majority", "staple")
+#: ``transferseg`` exit status for a cancelled run (SIGINT/SIGTERM handled between windows)
+EXIT_INTERRUPTED = 130
+#: segment tag holding the model card's label value of a segment (exported label maps use it)
+LABEL_VALUE_TAG = "TransferSeg.LabelValue"
+
+
+# --------------------------------------------------------------------------------------
+# Volumes and segmentations
+# --------------------------------------------------------------------------------------
+def volume_from_node(volume_node) -> Volume:
+    """A :class:`Volume` copy of a scalar volume node: array (k, j, i), spacing, directions, origin."""
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise TransferSegError("select an input volume that holds image data")
+    if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise TransferSegError(f"'{volume_node.GetName()}' is a colour or vector volume; select a grey-scale volume")
+    if volume_node.GetParentTransformNode() is not None:
+        # The network sees voxels; a non-linear or unhardened transform would silently move the output.
+        raise TransferSegError(
+            f"'{volume_node.GetName()}' is under a transform; harden the transform (Transforms module) first"
+        )
+    array = np.array(slicer.util.arrayFromVolume(volume_node), dtype=np.float32, copy=True)
+    volume = Volume(array, **_geometry(volume_node))
+    volume.check_finite()
+    return volume
+
+
+def _geometry(volume_node) -> dict:
+    directions = np.zeros((3, 3))
+    volume_node.GetIJKToRASDirections(directions)
+    return dict(spacing=tuple(volume_node.GetSpacing())[::-1], directions=directions,
+                origin=tuple(volume_node.GetOrigin()))
+
+
+def _set_geometry(node, volume: Volume) -> None:
+    node.SetSpacing(*volume.spacing[::-1])
+    node.SetOrigin(*volume.origin)
+    node.SetIJKToRASDirections(volume.directions)
+
+
+def add_volume_node(scene, volume: Volume, name: str, class_name: str = "vtkMRMLScalarVolumeNode",
+                    array: np.ndarray | None = None):
+    """Add a volume node holding ``array`` (default ``volume.array``) on ``volume``'s exact geometry."""
+    node = scene.AddNewNodeByClass(class_name, name)
+    try:
+        _set_geometry(node, volume)
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(volume.array if array is None else array))
+    except Exception:
+        scene.RemoveNode(node)  # no half-built node is left behind
+        raise
+    return node
+
+
+def _remove_nodes(scene, nodes) -> None:
+    """Remove nodes together with their display and storage nodes."""
+    for node in nodes:
+        if node is None or node.GetScene() is None:
+            continue
+        for kind in ("Display", "Storage"):
+            if hasattr(node, f"GetNumberOf{kind}Nodes"):
+                for n in range(getattr(node, f"GetNumberOf{kind}Nodes")() - 1, -1, -1):
+                    child = getattr(node, f"GetNth{kind}Node")(n)
+                    if child is not None and child.GetScene() is not None:
+                        scene.RemoveNode(child)
+        scene.RemoveNode(node)
+
+
+def add_segmentation_node(scene, labels: np.ndarray, reference: Volume, segments: list, name: str,
+                          reference_node=None):
+    """A segmentation node with one named, coloured segment per label value (0 = background).
+
+    ``segments`` uses the model-card form: ``[{"name", "label", "color", optional "terminology"}]``;
+    a segment whose label is absent from ``labels`` is still created, empty.  If anything fails,
+    every node created here is removed again: no half-built node is left in the scene.
+    """
+    from slicer import vtkSlicerSegmentationsModuleLogic
+    from slicerio.segmentation import terminology_entry_to_string
+
+    from TransferSegLib.io import _terminology_entry
+
+    labels = np.asarray(labels)
+    if labels.shape != reference.shape:
+        raise TransferSegError(f"label map shape {labels.shape} does not match the volume's {reference.shape}")
+    created = []
+    try:
+        # Validate every segment description before building anything.
+        described = []
+        for seg in segments:
+            terminology = seg.get("terminology")
+            described.append((str(seg["name"]), int(seg["label"]), [float(c) for c in seg["color"]],
+                              terminology_entry_to_string(_terminology_entry(terminology)) if terminology else None))
+        colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name + " colors")
+        created.append(colors)
+        colors.SetTypeToUser()
+        colors.SetNumberOfColors(max([label for _, label, _, _ in described], default=0) + 1)
+        for seg_name, label, color, _ in described:  # the import names each segment from this table
+            colors.SetColor(label, seg_name, *color, 1.0)
+        labelmap_node = add_volume_node(scene, reference, name + " labels", "vtkMRMLLabelMapVolumeNode",
+                                        labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16))
+        created.append(labelmap_node)
+        labelmap_node.CreateDefaultDisplayNodes()
+        labelmap_node.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+        seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        created.append(seg_node)
+        seg_node.CreateDefaultDisplayNodes()
+        if reference_node is not None:
+            seg_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+        if not vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap_node, seg_node):
+            raise TransferSegError("Slicer could not import the label map as a segmentation")
+        segmentation = seg_node.GetSegmentation()
+        for seg_name, _, _, _ in described:
+            if not segmentation.GetSegmentIdBySegmentName(seg_name):  # absent from the map: keep it, empty
+                segmentation.AddEmptySegment("", seg_name)
+        for seg_name, label, color, terminology in described:
+            segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(seg_name))
+            segment.SetColor(*color)
+            segment.SetTag(LABEL_VALUE_TAG, str(label))  # the import renumbers label values
+            if terminology:
+                segment.SetTag("TerminologyEntry", terminology)
+        _remove_nodes(scene, [labelmap_node, colors])
+        return seg_node
+    except Exception:
+        _remove_nodes(scene, created)
+        raise
+
+
+def segment_array(seg_node, segment_name: str, reference: Volume) -> np.ndarray:
+    """The binary mask (k, j, i) of one segment, on ``reference``'s grid (for tests and export)."""
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    segmentation = seg_node.GetSegmentation()
+    segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
+    if not segment_id:
+        raise TransferSegError(f"no segment named '{segment_name}'")
+    labelmap = segmentation.GetSegment(segment_id).GetRepresentation("Binary labelmap")
+    full = np.zeros(reference.shape, dtype=bool)
+    extent = labelmap.GetExtent()
+    if extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
+        return full  # an empty segment has no grid of its own
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    image_to_world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    if not np.allclose(image_to_world, reference.ijk_to_ras, atol=1e-6):
+        raise TransferSegError("the segment does not lie on the reference volume's grid")
+    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    values = vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(dims)
+    full[extent[4]:extent[5] + 1, extent[2]:extent[3] + 1, extent[0]:extent[1] + 1] = (
+        values == segmentation.GetSegment(segment_id).GetLabelValue())
+    return full
+
+
+def segment_label_value(segment, default: int) -> int:
+    """The model card's label value of a segment (its tag), else Slicer's own, else ``default``."""
+    tag = vtk.mutable("")
+    if segment.GetTag(LABEL_VALUE_TAG, tag) and str(tag).isdigit():
+        return int(str(tag))
+    return segment.GetLabelValue() if segment.GetLabelValue() > 0 else default
+
+
+def _read_image(path: Path, reference: Volume) -> np.ndarray:
+    """The voxels of an output image (axes (k, j, i), or (C, k, j, i) for a multi-channel image),
+    after checking that it lies exactly on ``reference``'s grid."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = np.moveaxis(array, -1, 0)  # (k, j, i, C) -> (C, k, j, i)
+    lps = np.diag([-1.0, -1.0, 1.0])  # ITK files are LPS, Slicer's scene is RAS
+    same = (tuple(array.shape[-3:]) == tuple(reference.shape)
+            and np.allclose(image.GetSpacing(), reference.spacing[::-1], rtol=1e-5, atol=1e-6)
+            and np.allclose(lps @ np.asarray(image.GetOrigin()), reference.origin, atol=1e-4)
+            and np.allclose(lps @ np.asarray(image.GetDirection()).reshape(3, 3), reference.directions, atol=1e-6))
+    if not same:
+        raise TransferSegError(f"{path.name} does not lie on the input volume's grid")
+    return np.ascontiguousarray(array)
+
+
+# --------------------------------------------------------------------------------------
+# Running a model in a child process
+# --------------------------------------------------------------------------------------
+def parse_progress_line(line: str):
+    """``"PROGRESS 0.4200 inference"`` → ``(0.42, "inference")``; any other line → None."""
+    parts = line.strip().split(" ", 2)
+    if len(parts) < 2 or parts[0] != "PROGRESS":
+        return None
+    try:
+        fraction = float(parts[1])
+    except ValueError:
+        return None
+    return min(max(fraction, 0.0), 1.0), (parts[2] if len(parts) > 2 else "")
+
+
+def status_text(fraction: float, stage: str, multiview: bool) -> str:
+    """What the status line says while the child runs: Initializing → view k/3 → Fusing → …"""
+    stage = (stage or "").strip()
+    if not stage or stage.startswith(("starting", "loading", "resampling")) and fraction < 0.04:
+        return "Initializing"
+    if stage.startswith("fusing"):
+        return "Fusing"
+    if multiview and 0.04 <= fraction < 0.04 + 0.86 * 0.85:
+        # the multi-view method spends its first 85 % on the three view networks, in order
+        view = min(int((fraction - 0.04) / (0.86 * 0.85) * 3), 2)
+        return f"View {view + 1}/3 ({VIEW_NAMES[view]})"
+    if stage.startswith("resampling back") or stage.startswith("post-processing"):
+        return "Finishing"
+    if stage == "done":
+        return "Writing results"
+    return "Segmenting" if 0.04 <= fraction < 0.9 else stage[:1].upper() + stage[1:]
+
+
+class SegmentJob:
+    """One run of a model: Segmenting → Importing → Done | Cancelled | Failed.
+
+    The model runs in ``python -m TransferSegLib.cli segment|detect … --progress-lines``, a child
+    process started by ``slicer.util.launchConsoleProcess`` (no console window on Windows) that
+    never imports Slicer.  :meth:`poll` (a GUI timer calls it; tests call :meth:`wait`) reads the
+    child's output and, once it has finished, puts every file of ``result.json["files"]`` into the
+    scene.  :meth:`cancel` kills the whole process tree with psutil and returns at once; a
+    cancelled or failed job leaves the scene as it was and no file behind.
+    """
+
+    SEGMENTING, IMPORTING, DONE, CANCELLED, FAILED = "Segmenting", "Importing", "Done", "Cancelled", "Failed"
+
+    def __init__(self, logic: "TransferSegLogic", input_node, model: str, device: str = "auto", roi_node=None,
+                 fusion: str | None = None, python: str | None = None):
+        self.logic, self.input_node, self.model, self.device = logic, input_node, model, device
+        self.roi_node, self.fusion, self.python = roi_node, fusion, python
+        self.state, self.fraction, self.stage, self.message = self.SEGMENTING, 0.0, "starting", ""
+        self.status = "Initializing"
+        self.log: list[str] = []
+        self.outputs: TransferSegOutputs | None = None
+        self.result: dict | None = None
+        self.card: dict | None = None
+        self._process = None
+        self._lines = None
+        self._folder = None
+        self._cancel_requested = False
+        self._start()
+
+    # --- starting -------------------------------------------------------------------------
+    def _command(self, input_path: Path, volume: Volume) -> list:
+        from TransferSegLib.models import find_model, method_of
+
+        card_path = find_model(self.model)  # a wrong name fails here, before any process starts
+        self.card = json.loads(card_path.read_text(encoding="utf-8"))
+        heatmap = self.card.get("task") == "heatmap"
+        command = [self.python, "-m", "TransferSegLib.cli", "detect" if heatmap else "segment", str(input_path),
+                   "-o", str(self._folder / "out"), "--model", str(card_path), "--device", self.device or "auto",
+                   "--progress-lines"]
+        if self.roi_node is not None:
+            bounds = [0.0] * 6
+            self.roi_node.GetRASBounds(bounds)
+            if not bounds[0] < bounds[1] or not bounds[2] < bounds[3] or not bounds[4] < bounds[5]:
+                raise TransferSegError(f"the ROI '{self.roi_node.GetName()}' is empty; place it on the volume")
+            command += ["--roi-ras", ",".join(f"{v:.6f}" for v in bounds[0::2] + bounds[1::2])]
+        if self.fusion and method_of(self.card)["name"] == "multiview" and not heatmap:
+            if self.fusion not in FUSIONS:
+                raise TransferSegError(f"fusion must be one of {', '.join(FUSIONS)}; got {self.fusion!r}")
+            command += ["--fusion", self.fusion]
+        return command
+
+    def _start(self) -> None:
+        import os
+        import queue
+        import shutil
+        import sys
+        import tempfile
+        import threading
+
+        from TransferSegLib.io import save_volume
+
+        volume = volume_from_node(self.input_node)  # validated before any process starts
+        self._folder = Path(tempfile.mkdtemp(prefix="transferseg-"))
+        try:
+            command = self._command(self._folder / "input.nrrd", volume)
+            save_volume(volume, self._folder / "input.nrrd")
+            if not self.python:
+                self.python = shutil.which("PythonSlicer") or sys.executable
+                command[0] = self.python
+            library_root = str(Path(__import__("TransferSegLib").__file__).resolve().parents[1])
+            env = {"PYTHONPATH": os.pathsep.join(filter(None, [library_root, os.environ.get("PYTHONPATH")])),
+                   "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
+            # Slicer's own environment (not the launcher-stripped startup one): PythonSlicer needs it.
+            self._process = slicer.util.launchConsoleProcess(command, useStartupEnvironment=False,
+                                                             updateEnvironment=env)
+        except BaseException:
+            self._cleanup()
+            raise
+        self._lines = queue.Queue()
+
+        def pump(stream, sink):
+            for line in stream:
+                sink(line.rstrip("\r\n"))
+            sink(None)
+
+        threading.Thread(target=pump, args=(self._process.stdout, self._lines.put), daemon=True).start()
+
+    # --- running --------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.state in (self.SEGMENTING, self.IMPORTING)
+
+    def poll(self) -> str:
+        """Advance the state machine; returns the state.  Never blocks."""
+        import queue
+
+        if self.state != self.SEGMENTING:
+            return self.state
+        finished_output = False
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                finished_output = True
+                break
+            parsed = parse_progress_line(line)
+            if parsed:
+                self.fraction, self.stage = parsed
+                self.status = status_text(self.fraction, self.stage, self._multiview)
+            elif line.strip():
+                self.log.append(line)
+        code = self._process.poll()
+        if code is None or not (finished_output or self._cancel_requested):
+            return self.state
+        if self._cancel_requested:
+            self._finish(self.CANCELLED, "Cancelled")
+        elif code == 0:
+            self._import()
+        elif code == EXIT_INTERRUPTED:
+            self._finish(self.CANCELLED, "Cancelled")
+        else:
+            self._finish(self.FAILED, failure_message(code, self.log))
+        return self.state
+
+    @property
+    def _multiview(self) -> bool:
+        from TransferSegLib.models import method_of
+
+        return bool(self.card) and method_of(self.card)["name"] == "multiview"
+
+    def wait(self, timeout: float = 600.0, interval: float = 0.05) -> str:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.poll() == self.SEGMENTING:
+            if time.monotonic() > deadline:
+                self.cancel()
+                self._process.wait()
+                self.poll()
+                self.message = f"timed out after {timeout:.0f} s"
+                self.state = self.FAILED
+                break
+            time.sleep(interval)
+        return self.state
+
+    def cancel(self) -> None:
+        """Kill the child and everything it started (psutil: the same on Windows, macOS and Linux).
+
+        Returns at once; the next :meth:`poll` sees the process gone and reports Cancelled.
+        """
+        if self.state != self.SEGMENTING:
+            return
+        self._cancel_requested = True
+        self.status = "Cancelling"
+        kill_process_tree(self._process.pid)
+
+    def _import(self) -> None:
+        self.state, self.status = self.IMPORTING, "Importing"
+        out = self._folder / "out"
+        try:
+            self.result = json.loads((out / "result.json").read_text(encoding="utf-8"))
+            self.outputs = self.logic.importResult(self.input_node, out, self.result, self.card)
+            self.fraction = 1.0
+            self._finish(self.DONE, "Done")
+        except Exception as e:
+            self._finish(self.FAILED, f"importing the result failed: {e}")
+
+    def _finish(self, state: str, message: str) -> None:
+        self.state, self.message = state, message
+        self.status = state if state != self.FAILED else f"Failed: {message}"
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        import shutil
+
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+
+def kill_process_tree(pid: int) -> None:
+    """Kill a process and all its descendants, children first; never waits."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        children = parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for process in children + [parent]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def failure_message(code: int, log: list) -> str:
+    """The child's own error line, or what its exit status says (an out-of-memory kill says so)."""
+    errors = [line for line in log if line.strip()]
+    text = "\n".join(errors[-20:])
+    # SIGKILL that the user did not ask for: on Linux the kernel's out-of-memory killer.
+    if code in (-9, 137) or "MemoryError" in text or "out of memory" in text.lower():
+        return ("the computer ran out of memory (the segmentation process was stopped by the system); "
+                "choose a smaller ROI, close other programs, or use the CPU if the GPU ran out")
+    for line in reversed(errors):
+        if line.startswith("transferseg: "):
+            return line[len("transferseg: "):].removeprefix("error: ")
+    return errors[-1] if errors else f"the segmentation process exited with code {code}"
+
+
+# --------------------------------------------------------------------------------------
+# The module logic
+# --------------------------------------------------------------------------------------
+@dataclass
+class TransferSegOutputs:
+    """The nodes one run added to the scene (any of them may be None)."""
+
+    segmentation: object = None
+    views: dict = field(default_factory=dict)  # view name -> segmentation node
+    disagreement: object = None
+    heatmap: object = None
+    detections: object = None
+
+    def nodes(self) -> list:
+        return [n for n in [self.segmentation, *self.views.values(), self.disagreement, self.heatmap,
+                            self.detections] if n is not None]
+
+
+class TransferSegLogic:
+    """The TransferSeg module's logic, Qt-free: parameter node, models, runs, the scene, export.
+
+    Named ``<module>Logic`` as Slicer expects; its parameter node is tagged ``TransferSeg``.
+    """
+
+    def __init__(self, scene=None):
+        self._scene = scene
+        self.moduleName = MODULE_NAME
+
+    @property
+    def scene(self):
+        return self._scene if self._scene is not None else slicer.mrmlScene
+
+    # --- parameter node (as ScriptedLoadableModuleLogic.getParameterNode, singleton) --------
+    def getParameterNode(self):
+        node = self.scene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(self.moduleName)
+            node.SetAttribute("ModuleName", self.moduleName)
+            node.SetName(self.scene.GenerateUniqueName(self.moduleName))
+            node = self.scene.AddNode(node)
+        elif node.GetAttribute("ModuleName") != self.moduleName:  # restored after a scene close
+            node.SetAttribute("ModuleName", self.moduleName)
+        return node
+
+    # --- models and devices -----------------------------------------------------------------
+    @staticmethod
+    def installedModels() -> list:
+        """Cards of every installed model (user folder first, then the shipped ones)."""
+        from TransferSegLib.models import list_models
+
+        return list_models()
+
+    @staticmethod
+    def modelSummary(card: dict) -> str:
+        """One line for a model: its method (and the views' networks), task, labels and description."""
+        from TransferSegLib.models import component_specs, method_of
+
+        method = method_of(card)
+        specs = component_specs(card)
+        if method["name"] == "multiview":
+            views = ", ".join(f"{v} {specs[v]['architecture']['name']}" for v in VIEW_NAMES if v in specs)
+            how = f"multi-view ({views}; fusion {method['config'].get('fusion', 'vfn')})"
+        else:
+            how = ", ".join(spec["architecture"]["name"] for spec in specs.values())
+        labels = ", ".join(seg["name"] for seg in card.get("labels", []))
+        task = "lesion heatmap and detections" if card.get("task") == "heatmap" else "segmentation"
+        text = f"{card['name']} v{card['version']}: {task} of {labels}; {how}."
+        if card.get("description"):
+            text += " " + card["description"]
+        return text
+
+    @staticmethod
+    def isMultiview(card: dict | None) -> bool:
+        from TransferSegLib.models import method_of
+
+        return bool(card) and method_of(card)["name"] == "multiview"
+
+    @staticmethod
+    def gpus(timeout: float = 5.0) -> list:
+        """``[(index, name, memory_mib)]`` of the NVIDIA GPUs ``nvidia-smi`` reports (no torch needed)."""
+        import shutil
+        import subprocess
+
+        smi = shutil.which("nvidia-smi")
+        if not smi:
+            return []
+        try:
+            text = subprocess.run([smi, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True, timeout=timeout, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        found = []
+        for line in text.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) == 3 and parts[0].isdigit():
+                try:
+                    found.append((int(parts[0]), parts[1], int(float(parts[2]))))
+                except ValueError:
+                    continue
+        return found
+
+    # --- running ----------------------------------------------------------------------------
+    def startSegmentation(self, inputNode, model: str, device: str = "auto", roiNode=None, fusion=None,
+                          python: str | None = None) -> SegmentJob:
+        """Start a run in a child process and return its job (poll it).  Invalid input raises
+        :class:`TransferSegError` before any process starts."""
+        return SegmentJob(self, inputNode, model, device=device, roi_node=roiNode, fusion=fusion, python=python)
+
+    # --- the scene --------------------------------------------------------------------------
+    def importResult(self, inputNode, folder, result: dict, card: dict) -> TransferSegOutputs:
+        """Put every file a run wrote (``result["files"]``) into the scene, all of it or nothing."""
+        folder = Path(folder)
+        files = list(result["files"])
+        reference = Volume(np.zeros((1, 1, 1), np.float32), **_geometry(inputNode))
+        shape = tuple(slicer.util.arrayFromVolume(inputNode).shape)
+        reference = Volume(np.zeros(shape, np.uint8), reference.spacing, reference.directions, reference.origin)
+        name = inputNode.GetName()
+        outputs = TransferSegOutputs()
+        try:
+            if "segmentation.seg.nrrd" in files:
+                outputs.segmentation = self._readSegmentation(folder / "segmentation.seg.nrrd", f"{name} TransferSeg",
+                                                              inputNode, card)
+            for view in VIEW_NAMES:
+                if f"views/{view}.nii.gz" in files:
+                    outputs.views[view] = self._viewSegmentation(folder / "views" / f"{view}.nii.gz", view, reference,
+                                                                 inputNode, card)
+            if "disagreement.nii.gz" in files:
+                outputs.disagreement = self._scalarOverlay(folder / "disagreement.nii.gz", f"{name} view disagreement",
+                                                           reference, DISAGREEMENT_COLORS, lower=0.05)
+            if "heatmap.nii.gz" in files:
+                outputs.heatmap = self._scalarOverlay(folder / "heatmap.nii.gz", f"{name} lesion heatmap", reference,
+                                                      HEATMAP_COLORS, lower=0.05)
+            if "detections.json" in files:
+                outputs.detections = self._detections(folder / "detections.json", f"{name} detections", card)
+            self._placeUnderStudy(inputNode, outputs.nodes())
+        except Exception:
+            _remove_nodes(self.scene, outputs.nodes())
+            raise
+        self.showResult(inputNode, outputs)
+        return outputs
+
+    def _readSegmentation(self, path: Path, name: str, inputNode, card: dict):
+        """The model's .seg.nrrd through Slicer's own reader; names, colours and terminology from the card."""
+        from slicerio.segmentation import terminology_entry_to_string
+
+        from TransferSegLib.io import _terminology_entry
+
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        storage = slicer.vtkMRMLSegmentationStorageNode()  # not added to the scene: no link to a temp file
+        storage.SetFileName(str(path))
+        try:
+            if not storage.ReadData(node):
+                raise TransferSegError("Slicer could not read the segmentation the model wrote")
+            node.CreateDefaultDisplayNodes()
+            node.SetReferenceImageGeometryParameterFromVolumeNode(inputNode)
+            segmentation = node.GetSegmentation()
+            for n in range(segmentation.GetNumberOfSegments()):
+                segment = segmentation.GetNthSegment(n)
+                described = next((s for s in card.get("labels", []) if int(s["label"]) == segment.GetLabelValue()),
+                                 None)
+                if described is None:
+                    continue
+                segment.SetName(described["name"])
+                segment.SetTag(LABEL_VALUE_TAG, str(int(described["label"])))
+                segment.SetColor(*[float(c) for c in described["color"]])
+                if described.get("terminology"):
+                    segment.SetTag("TerminologyEntry",
+                                   terminology_entry_to_string(_terminology_entry(described["terminology"])))
+        except Exception:
+            _remove_nodes(self.scene, [node])
+            raise
+        return node
+
+    def _viewSegmentation(self, path: Path, view: str, reference: Volume, inputNode, card: dict):
+        """One view network's label map (the argmax of its class probabilities), as outlines in its tint."""
+        probabilities = _read_image(path, reference)
+        labels = probabilities.argmax(axis=0).astype(np.uint8) if probabilities.ndim == 4 else (
+            probabilities >= 128).astype(np.uint8)
+        tint = np.asarray(VIEW_TINTS[view])
+        segments = [dict(s, name=f"{s['name']} ({view})",
+                         color=list(0.5 * np.asarray(s["color"], float) + 0.5 * tint)) for s in card["labels"]]
+        node = add_segmentation_node(self.scene, labels, reference, segments,
+                                     f"{inputNode.GetName()} TransferSeg {view}", reference_node=inputNode)
+        display = node.GetDisplayNode()
+        display.SetVisibility2DFill(False)
+        display.SetVisibility2DOutline(True)
+        display.SetSliceIntersectionThickness(1)
+        display.SetVisibility3D(False)
+        return node
+
+    def _colorNodeID(self, candidates) -> str | None:
+        for node_id in candidates:
+            if self.scene.GetNodeByID(node_id) is not None:
+                return node_id
+        return None
+
+    def _scalarOverlay(self, path: Path, name: str, reference: Volume, colors, lower: float):
+        """A float volume in [0, 1] on the input's grid, coloured, transparent below ``lower``."""
+        values = _read_image(path, reference).astype(np.float32)
+        node = add_volume_node(self.scene, reference, name, array=values)
+        try:
+            node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            color = self._colorNodeID(colors)
+            if color:
+                display.SetAndObserveColorNodeID(color)
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevelMinMax(0.0, 1.0)
+            display.SetAutoThreshold(False)
+            display.SetApplyThreshold(True)  # below the threshold the foreground is transparent
+            display.SetThreshold(lower, max(1.0, float(values.max(initial=0.0))))
+        except Exception:
+            _remove_nodes(self.scene, [node])
+            raise
+        return node
+
+    def _detections(self, path: Path, name: str, card: dict):
+        """A locked point list, one point per detection at its RAS position, labelled with its confidence."""
+        detections = json.loads(path.read_text(encoding="utf-8"))["detections"]
+        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        try:
+            node.CreateDefaultDisplayNodes()
+            for n, d in enumerate(detections, 1):
+                index = node.AddControlPoint(*[float(v) for v in d["position_ras"]], f"{d['confidence']:.2f}")
+                node.SetNthControlPointDescription(index, f"detection {n}: confidence {d['confidence']:.4f}, "
+                                                          f"box (k, j, i) {d['box_kji']}")
+            node.SetAttribute("TransferSeg.Confidences", json.dumps([float(d["confidence"]) for d in detections]))
+            node.SetLocked(True)
+            color = next((s["color"] for s in card.get("labels", [])), (1.0, 0.85, 0.1))
+            node.GetDisplayNode().SetSelectedColor(*[float(c) for c in color])
+            node.GetDisplayNode().SetColor(*[float(c) for c in color])
+        except Exception:
+            _remove_nodes(self.scene, [node])
+            raise
+        return node
+
+    def _placeUnderStudy(self, inputNode, nodes) -> None:
+        """Parent each node under the input's study (or its parent item) in the subject hierarchy."""
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        if sh is None:
+            return
+        inputItem = sh.GetItemByDataNode(inputNode)
+        parent = sh.GetItemParent(inputItem) if inputItem else sh.GetSceneItemID()
+        for node in nodes:
+            item = sh.GetItemByDataNode(node)
+            if item:
+                sh.SetItemParent(item, parent)
+            else:
+                sh.CreateItem(parent, node)
+
+    # --- display ----------------------------------------------------------------------------
+    def _sliceCompositeNodes(self) -> list:
+        return [self.scene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode")
+                for n in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+
+    def setSliceLayers(self, background=None, foreground=None, foregroundOpacity: float | None = None) -> None:
+        """Background / foreground volume and foreground opacity in every slice view."""
+        for composite in self._sliceCompositeNodes():
+            if background is not None:
+                composite.SetBackgroundVolumeID(background.GetID())
+            composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
+            if foregroundOpacity is not None:
+                composite.SetForegroundOpacity(float(foregroundOpacity))
+
+    def showResult(self, inputNode, outputs: TransferSegOutputs, overlayOpacity: float = 0.5) -> None:
+        """The input as background, the heatmap or the disagreement as foreground, the fused
+        segmentation filled, the view overlays as outlines."""
+        if outputs.segmentation is not None:
+            outputs.segmentation.GetDisplayNode().SetOpacity2DFill(0.4)
+        overlay = outputs.heatmap or outputs.disagreement
+        self.setSliceLayers(inputNode, overlay, overlayOpacity if overlay is not None else None)
+
+    @staticmethod
+    def setViewOverlayVisible(outputs: TransferSegOutputs, view: str, visible: bool) -> None:
+        node = outputs.views.get(view)
+        if node is not None:
+            node.GetDisplayNode().SetVisibility(bool(visible))
+
+    def setOverlay(self, overlayNode, visible: bool, opacity: float) -> None:
+        """Show or hide a scalar overlay (disagreement, heatmap) as the foreground, with its opacity."""
+        if overlayNode is None:
+            return
+        for composite in self._sliceCompositeNodes():
+            current = composite.GetForegroundVolumeID()
+            if visible:
+                composite.SetForegroundVolumeID(overlayNode.GetID())
+                composite.SetForegroundOpacity(float(opacity))
+            elif current == overlayNode.GetID():
+                composite.SetForegroundVolumeID(None)
+
+    @staticmethod
+    def confidences(markupsNode) -> list:
+        return json.loads(markupsNode.GetAttribute("TransferSeg.Confidences") or "[]")
+
+    @classmethod
+    def setConfidenceThreshold(cls, markupsNode, threshold: float) -> int:
+        """Show the detections with confidence ≥ ``threshold``, hide the rest; returns how many show."""
+        shown = 0
+        for n, confidence in enumerate(cls.confidences(markupsNode)):
+            visible = confidence >= threshold
+            markupsNode.SetNthControlPointVisibility(n, visible)
+            shown += visible
+        return shown
+
+    # --- export -----------------------------------------------------------------------------
+    EXPORT_SUFFIXES = {"labelmap-nrrd": ".nrrd", "labelmap-nifti": ".nii.gz", "segmentation": ".seg.nrrd"}
+
+    def exportPath(self, segmentationNode, folder, kind: str) -> Path:
+        """Where :meth:`export` writes ``kind`` (labelmap-nrrd, labelmap-nifti, segmentation)."""
+        if kind not in self.EXPORT_SUFFIXES:
+            raise TransferSegError(f"unknown export {kind!r}; one of {', '.join(self.EXPORT_SUFFIXES)}")
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in segmentationNode.GetName()).strip("._")
+        if kind.startswith("labelmap"):
+            stem += "-labels"
+        return Path(folder) / f"{stem or 'segmentation'}{self.EXPORT_SUFFIXES[kind]}"
+
+    def export(self, segmentationNode, referenceNode, folder, kind: str, overwrite: bool = False) -> Path:
+        """Write the segmentation as a label map (.nrrd / .nii.gz, the card's label values, on the
+        reference volume's grid) or as a .seg.nrrd, atomically.  An existing file is replaced only
+        with ``overwrite`` (the GUI asks first)."""
+        from TransferSegLib.io import atomic_output
+
+        if segmentationNode is None:
+            raise TransferSegError("there is no segmentation to export; run Segment first")
+        path = self.exportPath(segmentationNode, folder, kind)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists")
+        if kind == "segmentation":
+            with atomic_output(path) as tmp:
+                storage = slicer.vtkMRMLSegmentationStorageNode()
+                storage.SetFileName(str(tmp))
+                storage.SetUseCompression(True)
+                if not storage.WriteData(segmentationNode):
+                    raise TransferSegError(f"Slicer could not write {path}")
+            return path
+        from TransferSegLib.io import save_labelmap
+
+        labels = self.labelmapArray(segmentationNode, referenceNode)
+        reference = Volume(np.zeros(labels.shape, np.uint8), **_geometry(referenceNode))
+        return save_labelmap(labels, reference, path)
+
+    def labelmapArray(self, segmentationNode, referenceNode) -> np.ndarray:
+        """The segmentation as a label map (k, j, i) on ``referenceNode``'s grid, each segment with
+        its own label value (the model card's), later segments drawn over earlier ones."""
+        from slicer import vtkSegmentation, vtkSlicerSegmentationsModuleLogic
+
+        segmentation = segmentationNode.GetSegmentation()
+        ids = vtk.vtkStringArray()
+        values = []
+        for n in range(segmentation.GetNumberOfSegments()):
+            ids.InsertNextValue(segmentation.GetNthSegmentID(n))
+            values.append(segment_label_value(segmentation.GetNthSegment(n), n + 1))
+        before = {self.scene.GetNthNode(n).GetID() for n in range(self.scene.GetNumberOfNodes())}
+        labelmapNode = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        try:
+            if not vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentationNode, ids, labelmapNode, referenceNode, vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+                raise TransferSegError("Slicer could not turn the segmentation into a label map")
+            exported = slicer.util.arrayFromVolume(labelmapNode)
+            lookup = np.zeros(len(values) + 1, np.uint16)
+            lookup[1:] = values
+            labels = lookup[exported]
+        finally:  # the label map and what the export added for it (display node, colour table)
+            added = [self.scene.GetNthNode(n) for n in range(self.scene.GetNumberOfNodes())]
+            _remove_nodes(self.scene, [labelmapNode] + [n for n in added if n.GetID() not in before])
+        return labels.astype(np.uint8) if labels.max(initial=0) <= 255 else labels
