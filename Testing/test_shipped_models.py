@@ -32,7 +32,8 @@ def test_every_shipped_model_loads_and_is_a_default():
     assert {DEFAULT_SEGMENTATION_MODEL, DEFAULT_DETECTION_MODEL} <= names
     for path in cards:
         loaded = load_model(path)  # verifies the sha256 and loads strictly
-        assert loaded.name == path.stem and not loaded.network.training
+        assert loaded.name == path.stem
+        assert not any(component.network.training for component in loaded.components.values())
         assert find_model(path.stem) == path
         assert not (SHIPPED / (path.stem + ".pt")).exists()
 
@@ -145,3 +146,37 @@ def test_detect_command_uses_the_shipped_default(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
     detections = json.loads((tmp_path / "out" / "detections.json").read_text(encoding="utf-8"))
     assert detections["model"] == DEFAULT_DETECTION_MODEL
+
+
+VFN_MODEL = "ct-liver-tumor-vfn"
+
+
+def test_the_multiview_model_card_carries_the_fusion_comparison_and_its_clinical_numbers():
+    """The shipped VFN model: three view networks and two fusion nets in one fp16 file, and its card
+    carries the paper's comparison on held-out clinical grids (per view, MV, STAPLE, VFN, VFN
+    without the image) and the end-to-end numbers the README quotes."""
+    card = json.loads((SHIPPED / f"{VFN_MODEL}.json").read_text(encoding="utf-8"))
+    assert card["method"]["name"] == "multiview" and card["method"]["config"]["fusion"] == "vfn"
+    assert set(card["components"]) == {"axial", "coronal", "sagittal", "fusion", "fusion_noimage"}
+    assert card["weights"]["dtype"] == "float16" and card["working_orientation"] == "LPS"
+    fusions = card["metrics"]["heldout_clinical_fusions"]
+    for name in ("axial", "coronal", "sagittal", "majority", "staple", "vfn", "vfn-noimage"):
+        assert 0 < fusions[name]["liver_dice_mean"] <= 1 and 0 <= fusions[name]["tumor_dice_global"] <= 1
+    clinical = card["metrics"]["heldout_clinical"]
+    assert clinical["cases"] >= 10 and clinical["all_on_input_grid"] is True
+    assert clinical["liver_dice_worst"]["dice"] > 0.85
+    split = card["training"]["recipe"]["splits"][0]
+    assert not set(split["views"]) & set(split["fusion"])  # the VFN learnt from cases the views never saw
+    assert card["metrics"]["training_time"]["cpu_minutes"] > 0
+
+
+def test_the_multiview_model_segments_a_new_phantom_with_views_and_disagreement():
+    volume, reference = ct_phantom(seed=779, shape=(40, 256, 256))
+    result = run(volume, load_model(VFN_MODEL), device="cpu")
+    liver = metrics.dice(result.labels > 0, reference > 0)
+    assert liver > 0.85, liver
+    for view, probabilities in result.views.items():  # every view network finds the liver by itself
+        assert metrics.dice(probabilities.argmax(axis=0) > 0, reference > 0) > 0.8, view
+    inside = result.labels > 0
+    assert result.disagreement[inside].mean() < 0.2  # the views mostly agree on the liver
+    assert 0 <= result.method_summary["share_views_differ"] < 0.5

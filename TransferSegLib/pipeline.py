@@ -161,6 +161,10 @@ class Result:
                               title=f"{self.card['name']} — " + ", ".join(
                                   f"{k} {v:.1f} mL" for k, v in self.volumes_ml().items()))
         if self.views:
+            # every row through the same voxel: the fused segmentation's centre (else the volume's)
+            inside = np.argwhere(self.labels > 0) if np.any(self.labels) else None
+            focus = inside.mean(axis=0).round().astype(int) if inside is not None else [n // 2 for n in self.volume.shape]
+            del inside
             rows = []
             for view in VIEW_NAMES:
                 if view not in self.views:
@@ -168,11 +172,13 @@ class Result:
                 probabilities = np.asarray(self.views[view])
                 if probabilities.ndim == 4:  # class probabilities: show the view's own label map
                     rows.append(dict(volume=self.volume, labels=probabilities.argmax(axis=0).astype(np.uint8),
-                                     label_names=label_names, title=f"{view} network"))
+                                     label_names=label_names, title=f"{view} network", focus=focus))
                 else:
-                    rows.append(dict(volume=self.volume, heatmap=probabilities, title=f"{view} network"))
+                    rows.append(dict(volume=self.volume, heatmap=probabilities, title=f"{view} network", focus=focus,
+                                     heat_max=255.0 if probabilities.dtype == np.uint8 else 1.0))
             if self.disagreement is not None:
-                rows.append(dict(volume=self.volume, heatmap=self.disagreement, title="view disagreement"))
+                rows.append(dict(volume=self.volume, heatmap=self.disagreement, focus=focus, heat_max=1.0,
+                                 title="view disagreement (0 agree – 1)"))
             save_gallery_png(rows, folder / "views.png")
         self.timings["write"] = time.perf_counter() - start
         with atomic_output(folder / "result.json") as tmp:

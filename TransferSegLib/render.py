@@ -117,12 +117,12 @@ def _check_overlay(name, array, volume):
 
 
 def _draw_case(axes_row, volume: Volume, labels=None, heatmap=None, boxes=None, title=None, window=None,
-               label_names=None) -> None:
+               label_names=None, focus=None, heat_max=None) -> None:
     """Draw one case into three matplotlib axes (axial, coronal, sagittal)."""
     labels = _check_overlay("label map", labels, volume)
     heatmap = _check_overlay("heatmap", heatmap, volume)
     lo, hi = _auto_window(volume.array) if window is None else (float(window[0]), float(window[1]))
-    focus = _focus(volume, labels, heatmap, boxes)
+    focus = _focus(volume, labels, heatmap, boxes) if focus is None else [int(v) for v in focus]
     values = [] if labels is None else [int(v) for v in np.flatnonzero(label_counts(labels)) if v != 0]
     names = CT_LABEL_NAMES if label_names is None else dict(label_names)
     if values:
@@ -131,7 +131,10 @@ def _draw_case(axes_row, volume: Volume, labels=None, heatmap=None, boxes=None, 
         for v in values:
             colors[v] = (*_label_color(v), 0.45)
         label_cmap = ListedColormap(colors)
-    heat_max = float(heatmap.max()) if heatmap is not None and heatmap.size else 0.0
+    if heat_max is None:
+        heat_max = float(heatmap.max()) if heatmap is not None and heatmap.size else 0.0
+    elif heatmap is None:
+        heat_max = 0.0
     spacing = volume.spacing
 
     for ax, (name, normal, row_ax, col_ax, flip_r, flip_c, letters) in zip(axes_row, _views(volume)):
@@ -201,7 +204,9 @@ def save_gallery_png(cases, path) -> Path:
     """Write one PNG with a row of axial, coronal and sagittal slices per case; return its path.
 
     ``cases``: a list of dicts with the keys of :func:`save_overview_png` (``volume`` required;
-    ``labels``, ``heatmap``, ``boxes``, ``title``, ``window``, ``label_names`` optional).
+    ``labels``, ``heatmap``, ``boxes``, ``title``, ``window``, ``label_names`` optional), and
+    ``focus`` (the (k, j, i) voxel every slice passes through, e.g. the same for every row) and
+    ``heat_max`` (the heatmap value drawn at full colour; default its maximum).
     """
     cases = list(cases)
     if not cases:
