@@ -22,7 +22,9 @@ for _path in (ROOT, ROOT / "TransferSeg"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-trame_views = pytest.importorskip("trame_slicer.views", reason="trame-slicer[standalone] renders the slice views")
+# trame-slicer[standalone] pins the slicer-core it was built against (with slicer-layer-dm)
+trame_views = pytest.importorskip("trame_slicer.views", exc_type=ImportError,
+                                  reason="needs trame-slicer[standalone] to render the slice views")
 
 
 class Renderer:
