@@ -240,9 +240,7 @@ def test_ct_run_builds_the_fused_segmentation_under_the_study(ct_run, ct_volume)
         assert "^".join(described["terminology"]["type"]) in entry
         assert "^".join(described["terminology"]["category"]) in entry
     assert_on_grid(seg, ct_volume)
-    reference = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()) \
-        if hasattr(seg, "GetReferenceImageGeometryReferenceRole") else None
-    assert reference is None or reference.GetID() == node.GetID()
+    assert seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()).GetID() == node.GetID()
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
     assert sh.GetItemLevel(study) == "Study"
@@ -404,6 +402,11 @@ def test_dbt_run_shows_heatmap_and_detections_with_a_live_threshold(scene, tmp_p
         [d["confidence"] >= threshold for d in detections]
     assert logic.setConfidenceThreshold(points, 0.0) == len(detections)
     assert logic.setConfidenceThreshold(points, 1.01) == 0
+    scene.RemoveNode(heatmap)  # the user deletes outputs: the display controls do nothing, without errors
+    scene.RemoveNode(points)
+    logic.setOverlay(heatmap, True, 0.5)
+    assert logic.setConfidenceThreshold(points, 0.5) == 0
+    assert all(c.GetForegroundVolumeID() is None for c in composites)
 
 
 # --- cancel and start errors --------------------------------------------------------------------------

@@ -280,7 +280,7 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             TransferSegLogic.setViewOverlayVisible(outputs, view, shown)
         if overlay:
             self.logic.setOverlay(overlay, p.showOverlay, p.overlayOpacity)
-        if detections is not None and detections.GetScene() is not None:
+        if detections is not None and detections.GetScene() is not None:  # the user may have deleted it
             shown = TransferSegLogic.setConfidenceThreshold(detections, p.confidenceThreshold)
             total = len(TransferSegLogic.confidences(detections))
             self.ui.detectionsLabel.text = _("{shown} of {total} detections at confidence ≥ {t:.2f}").format(
@@ -364,8 +364,11 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
             segmentation = p.outputSegmentation
             reference = p.inputVolume
-            if segmentation is not None and segmentation.GetNodeReference("referenceImageGeometryRef"):
-                reference = segmentation.GetNodeReference("referenceImageGeometryRef")
+            role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+            if segmentation is not None and segmentation.GetNodeReference(role):
+                reference = segmentation.GetNodeReference(role)
+            if reference is None:
+                raise TransferSegError(_("Select the input volume whose grid the label map should have."))
             path = self.logic.exportPath(segmentation, p.exportFolder, kind)
             if path.exists() and not slicer.util.confirmYesNoDisplay(
                     _("{path} exists. Replace it?").format(path=path), _("Replace file")):

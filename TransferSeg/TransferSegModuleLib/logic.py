@@ -457,6 +457,11 @@ def failure_message(code: int, log: list) -> str:
     return errors[-1] if errors else f"the segmentation process exited with code {code}"
 
 
+def _alive(node) -> bool:
+    """The node exists and is still in a scene (the user may have deleted it)."""
+    return node is not None and node.GetScene() is not None
+
+
 # --------------------------------------------------------------------------------------
 # The module logic
 # --------------------------------------------------------------------------------------
@@ -733,12 +738,12 @@ class TransferSegLogic:
     @staticmethod
     def setViewOverlayVisible(outputs: TransferSegOutputs, view: str, visible: bool) -> None:
         node = outputs.views.get(view)
-        if node is not None:
+        if _alive(node) and node.GetDisplayNode() is not None:
             node.GetDisplayNode().SetVisibility(bool(visible))
 
     def setOverlay(self, overlayNode, visible: bool, opacity: float) -> None:
         """Show or hide a scalar overlay (disagreement, heatmap) as the foreground, with its opacity."""
-        if overlayNode is None:
+        if not _alive(overlayNode):
             return
         for composite in self._sliceCompositeNodes():
             current = composite.GetForegroundVolumeID()
@@ -756,7 +761,9 @@ class TransferSegLogic:
     def setConfidenceThreshold(cls, markupsNode, threshold: float) -> int:
         """Show the detections with confidence ≥ ``threshold``, hide the rest; returns how many show."""
         shown = 0
-        for n, confidence in enumerate(cls.confidences(markupsNode)):
+        if not _alive(markupsNode):
+            return shown
+        for n, confidence in enumerate(cls.confidences(markupsNode)[:markupsNode.GetNumberOfControlPoints()]):
             visible = confidence >= threshold
             markupsNode.SetNthControlPointVisibility(n, visible)
             shown += visible
