@@ -450,3 +450,18 @@ def test_start_errors_leave_nothing_behind_and_a_later_run_works(scene, ct_volum
     assert job.status.startswith("Failed: ") and scene.GetNumberOfNodes() == count
     job = run_job(logic, node, tiny_model)  # the next run works
     assert job.outputs.segmentation.GetName() == "CT TransferSeg"
+
+
+def test_a_child_that_closes_its_output_before_it_exits_still_finishes(scene, ct_volume, tiny_model, tmp_path):
+    """The reader sees the end of the output before the exit status is there: the job must still end."""
+    import os
+    import stat
+
+    wrapper = tmp_path / "python-then-linger"
+    wrapper.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\ncode=$?\nexec 1>&- 2>&-\nsleep 0.5\nexit $code\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    if os.name == "nt":
+        pytest.skip("a POSIX shell wrapper")
+    node, _ = add_input(scene, ct_volume, "CT")
+    job = TransferSegLogic(scene).startSegmentation(node, str(tiny_model), device="cpu", python=str(wrapper))
+    assert job.wait(timeout=120) == job.DONE, job.message

@@ -272,6 +272,7 @@ class SegmentJob:
         self._lines = None
         self._folder = None
         self._cancel_requested = False
+        self._output_done = False  # the reader has seen the end of the child's output
         self._start()
 
     # --- starting -------------------------------------------------------------------------
@@ -297,6 +298,7 @@ class SegmentJob:
         return command
 
     def _start(self) -> None:
+        import locale
         import os
         import queue
         import shutil
@@ -315,8 +317,9 @@ class SegmentJob:
                 self.python = shutil.which("PythonSlicer") or sys.executable
                 command[0] = self.python
             library_root = str(Path(__import__("TransferSegLib").__file__).resolve().parents[1])
+            # launchConsoleProcess reads the child's output in the locale's encoding: the child writes in it.
             env = {"PYTHONPATH": os.pathsep.join(filter(None, [library_root, os.environ.get("PYTHONPATH")])),
-                   "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
+                   "PYTHONIOENCODING": locale.getpreferredencoding(False), "PYTHONUNBUFFERED": "1"}
             # Slicer's own environment (not the launcher-stripped startup one): PythonSlicer needs it.
             self._process = slicer.util.launchConsoleProcess(command, useStartupEnvironment=False,
                                                              updateEnvironment=env)
@@ -326,9 +329,17 @@ class SegmentJob:
         self._lines = queue.Queue()
 
         def pump(stream, sink):
-            for line in stream:
-                sink(line.rstrip("\r\n"))
-            sink(None)
+            try:
+                while True:
+                    try:
+                        line = stream.readline()
+                    except UnicodeDecodeError:  # one undecodable line must not stop the reading
+                        continue
+                    if not line:
+                        break
+                    sink(line.rstrip("\r\n"))
+            finally:
+                sink(None)  # end of output: poll may finish the job
 
         threading.Thread(target=pump, args=(self._process.stdout, self._lines.put), daemon=True).start()
 
@@ -343,14 +354,13 @@ class SegmentJob:
 
         if self.state != self.SEGMENTING:
             return self.state
-        finished_output = False
         while True:
             try:
                 line = self._lines.get_nowait()
             except queue.Empty:
                 break
             if line is None:
-                finished_output = True
+                self._output_done = True
                 break
             parsed = parse_progress_line(line)
             if parsed:
@@ -359,7 +369,7 @@ class SegmentJob:
             elif line.strip():
                 self.log.append(line)
         code = self._process.poll()
-        if code is None or not (finished_output or self._cancel_requested):
+        if code is None or not (self._output_done or self._cancel_requested):
             return self.state
         if self._cancel_requested:
             self._finish(self.CANCELLED, "Cancelled")
