@@ -462,7 +462,7 @@ def failure_message(code: int, log: list) -> str:
         return ("the computer ran out of memory (the segmentation process was stopped by the system); "
                 "choose a smaller ROI, close other programs, or use the CPU if the GPU ran out")
     for line in reversed(errors):
-        if line.startswith("transferseg: "):
+        if line.startswith(("transferseg: error: ", "transferseg: interrupted")):
             return line[len("transferseg: "):].removeprefix("error: ")
     return errors[-1] if errors else f"the segmentation process exited with code {code}"
 
@@ -586,9 +586,9 @@ class TransferSegLogic:
         """Put every file a run wrote (``result["files"]``) into the scene, all of it or nothing."""
         folder = Path(folder)
         files = list(result["files"])
-        reference = Volume(np.zeros((1, 1, 1), np.float32), **_geometry(inputNode))
+        # the input's grid (the voxels are not needed: every output is checked against this geometry)
         shape = tuple(slicer.util.arrayFromVolume(inputNode).shape)
-        reference = Volume(np.zeros(shape, np.uint8), reference.spacing, reference.directions, reference.origin)
+        reference = Volume(np.broadcast_to(np.uint8(0), shape), **_geometry(inputNode))
         name = inputNode.GetName()
         outputs = TransferSegOutputs()
         try:
