@@ -109,7 +109,6 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cards = {}
         self._job = None
         self._outputs = None
-        self._inputOfOutputs = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._onTimer)
@@ -348,7 +347,6 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         if state == job.DONE:
             self._outputs = job.outputs
-            self._inputOfOutputs = job.input_node
             if job.outputs.segmentation is not None:
                 self._parameterNode.outputSegmentation = job.outputs.segmentation
             slicer.util.resetSliceViews()
