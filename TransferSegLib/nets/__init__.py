@@ -39,6 +39,7 @@ def _import_all() -> None:
     from . import mcgcn  # noqa: F401
     from . import ahnet  # noqa: F401
     from . import vfn  # noqa: F401
+    from . import hdenseunet  # noqa: F401  (registers denseunet2d, denseunet3d and hdenseunet)
 
 
 from .unet import *  # noqa: F401,F403,E402
@@ -47,3 +48,4 @@ from .mcgcn import *  # noqa
 from .ahnet import *  # noqa
 from .convert import *  # noqa
 from .vfn import *  # noqa
+from .hdenseunet import *  # noqa  (with denseunet.py's networks)
