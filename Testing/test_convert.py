@@ -513,7 +513,7 @@ def test_convert_command_writes_weights_and_sidecar(tmp_path):
     config = {"in_channels": 3, "out_channels": 2, "base_channels": 4, "levels": 3}
     result = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "convert", "--from", "transferseg:unet2d",
                              "--config", json.dumps(config), "--to", "acs", "-o", str(out)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert result.returncode == 0, result.stderr
     sidecar = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert sidecar["mode"] == "acs" and sidecar["parameters_2d"] == sidecar["parameters_3d"]

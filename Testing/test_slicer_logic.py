@@ -115,7 +115,7 @@ def run_job(logic, node, model, **kwargs):
 
 def cli(command, path, out, model, *extra):
     done = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", command, str(path), "-o", str(out),
-                           "--model", str(model), "--device", "cpu", *extra], capture_output=True, text=True)
+                           "--model", str(model), "--device", "cpu", *extra], capture_output=True, encoding="utf-8")
     assert done.returncode == 0, done.stderr
     return json.loads((out / "result.json").read_text(encoding="utf-8"))
 

@@ -317,9 +317,10 @@ class SegmentJob:
                 self.python = shutil.which("PythonSlicer") or sys.executable
                 command[0] = self.python
             library_root = str(Path(__import__("TransferSegLib").__file__).resolve().parents[1])
-            # launchConsoleProcess reads the child's output in the locale's encoding: the child writes in it.
+            # launchConsoleProcess reads the child's output in the locale's encoding: the child writes in it,
+            # replacing what that encoding cannot hold (e.g. "×" under an ASCII locale) instead of failing.
             env = {"PYTHONPATH": os.pathsep.join(filter(None, [library_root, os.environ.get("PYTHONPATH")])),
-                   "PYTHONIOENCODING": locale.getpreferredencoding(False), "PYTHONUNBUFFERED": "1"}
+                   "PYTHONIOENCODING": locale.getpreferredencoding(False) + ":replace", "PYTHONUNBUFFERED": "1"}
             # Slicer's own environment (not the launcher-stripped startup one): PythonSlicer needs it.
             self._process = slicer.util.launchConsoleProcess(command, useStartupEnvironment=False,
                                                              updateEnvironment=env)
