@@ -401,3 +401,27 @@ def test_cross_cross_augmentation_end_to_end(tmp_path):
     assert card["training"]["composed_from"]["coronal"]["sha256"] == final["weights"]["sha256"]
     assert sorted(p.stem for p in (out / "stacks").glob("*.npz")) == sorted(splits[0]["views"] + splits[0]["fusion"])
     assert "fusion_noimage" not in card["components"]
+
+
+def test_vfn_view_prior_starts_from_the_views_soft_vote():
+    """With its own head silenced, a view-prior VFN gives log of the three views' mean class
+    probabilities: its argmax is the soft vote of the views."""
+    net = VFN(7, 3, view_prior=True).eval()
+    with torch.no_grad():
+        net.head[2].weight.zero_()
+        net.head[2].bias.zero_()
+    rng = np.random.default_rng(5)
+    views = []
+    for _ in range(3):
+        p = rng.dirichlet(np.ones(3), size=(8, 8, 8)).transpose(3, 0, 1, 2).astype(np.float32)
+        views.append(np.round(p * 255).astype(np.uint8))
+    x = torch.from_numpy(fusion_input(rng.random((8, 8, 8), dtype=np.float32), views))[None]
+    with torch.no_grad():
+        out = net(x)[0].numpy()
+    nested = [np.cumsum(v[::-1].astype(np.float64) / 255, axis=0)[::-1] for v in views]  # P(≥ 0), P(≥ 1), P(≥ 2)
+    mean = np.mean([np.stack([1 - n[1], n[1] - n[2], n[2]]) for n in nested], axis=0)
+    assert np.allclose(np.exp(out), np.maximum(mean, 1e-3), atol=1e-4)
+    assert np.mean(out.argmax(axis=0) == mean.argmax(axis=0)) > 0.99
+    assert VFN(7, 3, view_prior=True).config["view_prior"] is True and "view_prior" not in VFN(7, 3).config
+    with pytest.raises(TransferSegError, match="view_prior needs"):
+        VFN(4, 3, view_prior=True)
