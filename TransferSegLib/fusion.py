@@ -250,6 +250,9 @@ def majority_vote(views) -> np.ndarray:
     return fused
 
 
+STAPLE_MAX_ITERATIONS = 50  # EM iterations per region; three voters converge in a handful
+
+
 def staple(views, threshold: float = 0.5):
     """STAPLE fusion of three views, region by region: ``(labels uint8 (k, j, i), probabilities
     float32 (K, k, j, i))``.
@@ -277,7 +280,10 @@ def staple(views, threshold: float = 0.5):
         elif all(mask.all() for mask in masks):
             region = np.ones(shape, np.float32)
         else:
-            image = sitk.STAPLE([sitk.GetImageFromArray(mask) for mask in masks], 1.0)
+            staple_filter = sitk.STAPLEImageFilter()
+            staple_filter.SetForegroundValue(1.0)
+            staple_filter.SetMaximumIterations(STAPLE_MAX_ITERATIONS)  # its own convergence test can take minutes
+            image = staple_filter.Execute([sitk.GetImageFromArray(mask) for mask in masks])
             region = sitk.GetArrayViewFromImage(image).astype(np.float32)
             del image
             region[np.isnan(region)] = 0

@@ -167,6 +167,23 @@ def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lam
     return out
 
 
+def _training_seconds(out: Path) -> dict:
+    """Wall seconds of each part of a multiview recipe run in ``out``: every trainer run's own
+    log (its last elapsed_s) and the span of the fusion stacks' write times."""
+    import csv
+
+    seconds = {}
+    for log in sorted(out.glob("*/*/log.csv")) + sorted(out.glob("fusion*/log.csv")):
+        with open(log, encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if rows and rows[-1].get("elapsed_s"):
+            seconds[str(log.parent.relative_to(out))] = round(float(rows[-1]["elapsed_s"]), 1)
+    stacks = sorted(p.stat().st_mtime for p in (out / "stacks").glob("*.npz"))
+    if len(stacks) > 1:  # the first stack's own time is not counted
+        seconds["stacks"] = round(stacks[-1] - stacks[0], 1)
+    return seconds
+
+
 def ship(model, results: dict, folder: Path) -> Path:
     """The model's card and weights into ``folder``, with the held-out numbers in ``metrics``."""
     import shutil
@@ -190,12 +207,10 @@ def ship(model, results: dict, folder: Path) -> Path:
     if "speed" in results:
         metrics["speed_cpu_2_threads"] = {k: results["speed"][k] for k in
                                           ("vfn", "fusion_share_of_views", "pixels") if k in results["speed"]}
-    recipe = card.get("training", {}).get("recipe", {})
-    seconds = recipe.get("seconds") or {}
+    seconds = _training_seconds(card_path.parent.parent)
     if seconds:
-        metrics["training_time"] = {"machine": "2-core CPU (shared with the benchmarks and tests)",
-                                    "cpu_minutes": round(sum(seconds.values()) / 60.0, 1),
-                                    "parts_s": seconds}
+        metrics["training_time"] = {"machine": "2-core CPU (shared with the benchmarks and tests), 2 threads",
+                                    "cpu_minutes": round(sum(seconds.values()) / 60.0, 1), "parts_s": seconds}
     card["metrics"] = metrics
     folder = Path(folder)
     weights = card_path.parent / card["weights"]["file"]
@@ -216,8 +231,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--ship", default=None, help="copy the model into this folder with the run's numbers")
+    parser.add_argument("--merge", action="append", default=[],
+                        help="a --json file of an earlier run whose parts this run did not measure (for --ship)")
     args = parser.parse_args(argv)
-    parts = args.parts.split(",")
+    parts = [p for p in args.parts.split(",") if p in PARTS]  # "none": only --merge and --ship
     results = {"model": args.model, "threads": args.threads, "quick": args.quick}
 
     def save():
@@ -236,6 +253,10 @@ def main(argv=None) -> int:
             print("\nspeed:", flush=True)
             speed_part(args.model, args.threads, args.quick, work, results.setdefault("speed", {}), save)
     save()
+    for path in args.merge:
+        for part, values in json.loads(Path(path).read_text(encoding="utf-8")).items():
+            if part in PARTS and part not in results:
+                results[part] = values
     if args.ship:
         ship(args.model, results, Path(args.ship))
     return 0
