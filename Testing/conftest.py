@@ -81,3 +81,24 @@ def randomize_bn(model, seed=0):
                 m.weight.copy_(torch.randn(m.num_features, generator=g))  # signed: BN must not commute with max
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model
+
+
+def tiny_multiview_recipe(**changes) -> dict:
+    """The shipped multiview recipe (Resources/configs/ct-liver-tumor-vfn.json) shrunk to seconds:
+    4 small phantoms, tiny view networks and VFN, 2 steps each."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "Resources" / "configs" / "ct-liver-tumor-vfn.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["data"] = {"phantom": "ct", "count": 4, "seed": 1000, "options": {"shape": [24, 48, 48]}}
+    config["views"]["architecture"]["config"].update(base_channels=4, levels=3)
+    config["views"]["patch_size"] = [4, 32, 32]
+    config["views"]["stages"][0]["steps"] = 2
+    config["fusion"]["architecture"]["config"]["channels"] = [4, 4, 8]
+    config["fusion"]["patch_size"] = [16, 16, 16]
+    config["fusion"]["stages"][0]["steps"] = 2
+    config["fusion_data"] = {"split": 0.5, "roi_margin": 4}
+    config["threads"] = 1
+    config.update(changes)
+    return config

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LIVER_TUMOR_SEGMENTS, randomize_bn
+from conftest import LIVER_TUMOR_SEGMENTS, randomize_bn, tiny_multiview_recipe
 from TransferSegLib.fusion import fusion_input, majority_vote
 from TransferSegLib.nets import VFN, build_network
 from TransferSegLib.views import VIEWS, directions_of, from_view, predict_view, to_view, view_permutation
@@ -212,19 +212,8 @@ def test_a_view_config_needs_a_working_orientation():
 
 # --- the recipe and the method ------------------------------------------------------------------
 def _recipe(tmp_path, **changes) -> Path:
-    config = json.loads((ROOT / "Resources" / "configs" / "ct-liver-tumor-vfn.json").read_text(encoding="utf-8"))
-    config["data"] = {"phantom": "ct", "count": 4, "seed": 1000, "options": {"shape": [24, 48, 48]}}
-    config["views"]["architecture"]["config"].update(base_channels=4, levels=3)
-    config["views"]["patch_size"] = [4, 32, 32]
-    config["views"]["stages"][0]["steps"] = 2
-    config["fusion"]["architecture"]["config"]["channels"] = [4, 4, 8]
-    config["fusion"]["patch_size"] = [16, 16, 16]
-    config["fusion"]["stages"][0]["steps"] = 2
-    config["fusion_data"] = {"split": 0.5, "roi_margin": 4}
-    config["threads"] = 1
-    config.update(changes)
     path = tmp_path / "recipe.json"
-    path.write_text(json.dumps(config), encoding="utf-8")
+    path.write_text(json.dumps(tiny_multiview_recipe(**changes)), encoding="utf-8")
     return path
 
 

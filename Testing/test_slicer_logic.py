@@ -27,7 +27,7 @@ from TransferSegModuleLib.logic import TransferSegLogic  # noqa: E402
 from TransferSegLib.io import load_volume, save_volume  # noqa: E402
 from TransferSegLib.volume import TransferSegError, Volume  # noqa: E402
 
-from conftest import LIVER_TUMOR_SEGMENTS as SEGMENTS  # noqa: E402
+from conftest import LIVER_TUMOR_SEGMENTS as SEGMENTS, tiny_multiview_recipe  # noqa: E402
 
 CT_MODEL = "ct-liver-tumor-unet3d"
 DBT_MODEL = "dbt-lesion-ahnet"
@@ -296,16 +296,7 @@ def multiview_model(tmp_path_factory):
     from TransferSegLib.training.recipes import run_recipe
 
     folder = tmp_path_factory.mktemp("mv-recipe")
-    config = json.loads((ROOT / "Resources" / "configs" / "ct-liver-tumor-vfn.json").read_text(encoding="utf-8"))
-    config["data"] = {"phantom": "ct", "count": 4, "seed": 1000, "options": {"shape": [24, 48, 48]}}
-    config["views"]["architecture"]["config"].update(base_channels=4, levels=3)
-    config["views"]["patch_size"] = [4, 32, 32]
-    config["views"]["stages"][0]["steps"] = 2
-    config["fusion"]["architecture"]["config"]["channels"] = [4, 4, 8]
-    config["fusion"]["patch_size"] = [16, 16, 16]
-    config["fusion"]["stages"][0]["steps"] = 2
-    config["fusion_data"] = {"split": 0.5, "roi_margin": 4}
-    config["threads"] = 1
+    config = tiny_multiview_recipe()
     (folder / "recipe.json").write_text(json.dumps(config), encoding="utf-8")
     return run_recipe(load_config(folder / "recipe.json"), folder / "out")
 
@@ -452,16 +443,14 @@ def test_start_errors_leave_nothing_behind_and_a_later_run_works(scene, ct_volum
     assert job.outputs.segmentation.GetName() == "CT TransferSeg"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the wrapper is a POSIX shell script")
 def test_a_child_that_closes_its_output_before_it_exits_still_finishes(scene, ct_volume, tiny_model, tmp_path):
     """The reader sees the end of the output before the exit status is there: the job must still end."""
-    import os
     import stat
 
     wrapper = tmp_path / "python-then-linger"
     wrapper.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\ncode=$?\nexec 1>&- 2>&-\nsleep 0.5\nexit $code\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
-    if os.name == "nt":
-        pytest.skip("a POSIX shell wrapper")
     node, _ = add_input(scene, ct_volume, "CT")
     job = TransferSegLogic(scene).startSegmentation(node, str(tiny_model), device="cpu", python=str(wrapper))
     assert job.wait(timeout=120) == job.DONE, job.message

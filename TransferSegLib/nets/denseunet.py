@@ -130,6 +130,11 @@ class DenseUNet(nn.Module):
                  unet_connections: bool, memory_efficient: bool):
         super().__init__()
         name = type(self).__name__
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, init_channels=init_channels,
+                           growth_rate=growth_rate, block_layers=list(block_layers),
+                           decoder_channels=list(decoder_channels), bn_size=bn_size, compression=compression,
+                           dropout=dropout, unet_connections=bool(unet_connections),
+                           memory_efficient=bool(memory_efficient))
         block_layers, decoder_channels = list(block_layers), list(decoder_channels)
         check_positive(name, in_channels=in_channels, init_channels=init_channels, growth_rate=growth_rate,
                        bn_size=bn_size)
@@ -268,11 +273,6 @@ class DenseUNet2D(DenseUNet):
                  memory_efficient: bool = False):
         super().__init__(2, in_channels, out_channels, init_channels, growth_rate, block_layers, decoder_channels,
                          bn_size, compression, dropout, unet_connections, memory_efficient)
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, init_channels=init_channels,
-                           growth_rate=growth_rate, block_layers=list(block_layers),
-                           decoder_channels=list(decoder_channels), bn_size=bn_size, compression=compression,
-                           dropout=dropout, unet_connections=bool(unet_connections),
-                           memory_efficient=bool(memory_efficient))
 
 
 @register("denseunet3d")
@@ -304,11 +304,6 @@ class DenseUNet3D(DenseUNet):
                  memory_efficient: bool = False):
         super().__init__(3, in_channels, out_channels, init_channels, growth_rate, block_layers, decoder_channels,
                          bn_size, compression, dropout, unet_connections, memory_efficient)
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, init_channels=init_channels,
-                           growth_rate=growth_rate, block_layers=list(block_layers),
-                           decoder_channels=list(decoder_channels), bn_size=bn_size, compression=compression,
-                           dropout=dropout, unet_connections=bool(unet_connections),
-                           memory_efficient=bool(memory_efficient))
 
 
 # torchvision's pre-0.3 densenet files name layer parameters "norm.1.weight" for "norm1.weight".
