@@ -1,6 +1,8 @@
 """The pipeline and the CLI end to end: segment, evaluate, models, progress lines, ROI, cancel."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -99,10 +101,24 @@ def test_evaluate_cli_prints_and_writes_the_metrics_table(tmp_path, tiny_model, 
     csv_path = tmp_path / "metrics.csv"
     result = _cli("evaluate", "--model", tiny_model, "--data", phantom_dir, "-o", csv_path, "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert "global Dice" in result.stdout and "ct_001" in result.stdout
+    assert "ct_001" in result.stdout
+    lits = result.stdout.index("LiTS: Dice per case, Dice global, tumor burden RMSE")
+    assert lits < result.stdout.index("3DIRCADb: VOE, RVD, ASD, RMSD, Dice")
     rows = csv_path.read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("case,region,dice,voe,rvd,asd_mm,rmsd_mm")
     assert sum(r.startswith("ct_00") for r in rows) == 4  # 2 cases × 2 regions (liver incl. tumor, tumor)
+    # the tumor burden RMSE again from the volumes: tumor ml / liver ml (the liver region includes the tumor)
+    table = {(r["case"], r["region"]): r for r in csv.DictReader(io.StringIO(csv_path.read_text(encoding="utf-8")))}
+
+    def burden(case, kind):
+        liver_ml = float(table[case, "liver"][kind])
+        return float(table[case, "liver tumor"][kind]) / liver_ml if liver_ml else 0.0
+
+    errors = [burden(case, "pred_ml") - burden(case, "ref_ml") for case in ("ct_000", "ct_001")]
+    assert max(burden(case, "ref_ml") for case in ("ct_000", "ct_001")) > 0  # the phantoms have tumors
+    rmse = float(np.sqrt(np.mean(np.square(errors))))
+    assert float(table["ALL (tumor burden RMSE)", "liver tumor"]["burden_rmse"]) == pytest.approx(rmse, rel=1e-4)
+    assert f"tumor burden RMSE {rmse:.4f}" in result.stdout[lits:]
 
 
 def test_models_cli_lists_cards(tmp_path, tiny_model, monkeypatch):
@@ -121,6 +137,38 @@ def test_postprocess_keeps_the_largest_organ_and_tumors_inside_it():
     cleaned = postprocess(labels, {"largest_component": [1, 2], "inside": {"2": [1, 2]}})
     assert not cleaned[8:10, 8:10, 8:10].any() and cleaned[0, 9, 0] == 0
     assert (cleaned[2:4, 2:4, 2:4] == 2).all() and labels[8, 8, 8] == 1  # input untouched
+
+
+def test_postprocess_fills_the_liver_holes_but_not_a_cavity_open_to_the_edge():
+    labels = np.zeros((12, 12, 12), np.uint8)
+    labels[0:10, 2:10, 2:10] = 1  # a liver touching the k = 0 face
+    labels[3:5, 3:5, 3:5] = 2
+    labels[6:8, 6:8, 6:8] = 0  # an enclosed hole
+    labels[7, 7, 7] = 3  # another structure inside the hole
+    labels[0:3, 5:7, 5:7] = 0  # a cavity open at k = 0: no hole
+    cleaned = postprocess(labels, {"fill_holes": [1, 2]})
+    hole = np.zeros(labels.shape, bool)
+    hole[6:8, 6:8, 6:8] = True
+    hole[7, 7, 7] = False
+    assert (cleaned[hole] == 1).all() and cleaned[7, 7, 7] == 3
+    np.testing.assert_array_equal(cleaned[~hole], labels[~hole])  # the cavity, the tumor, the rest unchanged
+    assert (labels[hole] == 0).all()  # input untouched
+
+
+def test_postprocess_fill_holes_in_the_bounding_box_equals_the_whole_volume():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    labels = (ndimage.gaussian_filter(rng.random((30, 40, 50)), 2) > 0.47).astype(np.uint8)
+    labels[(labels == 1) & (rng.random(labels.shape) < 0.3)] = 2  # many holes walled partly by tumor
+    labels[(labels == 0) & (rng.random(labels.shape) < 0.01)] = 3
+    labels[:, :3] = 0
+    labels[:, :, 42:] = 0  # the region's box lies inside the volume on these sides, at its edge on the others
+    expected = labels.copy()
+    filled = ndimage.binary_fill_holes(np.isin(labels, [1, 2]))
+    expected[filled & (labels == 0)] = 1
+    np.testing.assert_array_equal(postprocess(labels, {"fill_holes": [1, 2]}), expected)
+    assert (expected != labels).sum() > 10 and (filled & (labels == 3)).any()  # holes, and label 3 inside some
 
 
 def test_loaded_phantom_runs_through_the_python_api(tmp_path, tiny_model, phantom_dir):

@@ -1,8 +1,19 @@
 """`transferseg evaluate`: run a model over a labelled folder and tabulate the paper metrics.
 
+Two groups, as the papers report them (H-DenseUNet Sec. IV-B, Tables II–IV):
+
+* LiTS: Dice per case, Dice global (per region), and the tumor burden RMSE;
+* 3DIRCADb: VOE, RVD, ASD, RMSD and Dice, each a mean over the cases (per region).
+
 Regions: by default each card label is scored on its own (``labels == L``).  A card may name
 regions made of several labels, e.g. LiTS scores the liver including its tumors:
 ``"evaluation": {"regions": {"liver": [1, 2], "liver tumor": [2]}}``.
+
+Tumor burden (LiTS): tumor volume / liver volume, the liver including its tumor
+(:func:`TransferSegLib.metrics.tumor_burden`).  A card names the two regions as
+``"evaluation": {"tumor_burden": {"tumor": "liver tumor", "liver": "liver"}}``; without that
+key, regions named "liver tumor" and "liver" are used when both exist, and no burden is
+reported otherwise.
 """
 from __future__ import annotations
 
@@ -21,7 +32,8 @@ from .pipeline import run
 from .progress import CancelToken, StageProgress, check_cancel
 from .volume import TransferSegError
 
-COLUMNS = ["case", "region", "dice", "voe", "rvd", "asd_mm", "rmsd_mm", "ref_ml", "pred_ml"]
+COLUMNS = ["case", "region", "dice", "voe", "rvd", "asd_mm", "rmsd_mm", "ref_ml", "pred_ml",
+           "ref_burden", "pred_burden", "burden_rmse"]
 
 
 def regions_of(card: dict) -> dict:
@@ -31,18 +43,48 @@ def regions_of(card: dict) -> dict:
     return {seg["name"]: [int(seg["label"])] for seg in card["labels"]}
 
 
+def tumor_burden_regions(card: dict, regions: dict) -> Optional[dict]:
+    """``{"tumor": name, "liver": name}``: the regions whose LiTS tumor burden is reported, or None.
+
+    From the card's ``evaluation.tumor_burden``; by default "liver tumor" in "liver" when both
+    regions exist.
+    """
+    named = (card.get("evaluation") or {}).get("tumor_burden")
+    if named is None:
+        return {"tumor": "liver tumor", "liver": "liver"} if {"liver tumor", "liver"} <= set(regions) else None
+    if not isinstance(named, dict) or set(named) != {"tumor", "liver"}:
+        raise TransferSegError(f'the card\'s evaluation.tumor_burden must be {{"tumor": REGION, "liver": REGION}}; '
+                               f"got {named!r}")
+    missing = [name for name in named.values() if name not in regions]
+    if missing:
+        raise TransferSegError(f"the card's evaluation.tumor_burden names region(s) {', '.join(map(repr, missing))}; "
+                               f"its regions are {', '.join(map(repr, regions))}")
+    return {"tumor": named["tumor"], "liver": named["liver"]}
+
+
 def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
              cancel: Optional[CancelToken] = None, limit: Optional[int] = None) -> dict:
-    """Metrics per case and region, plus per-region means and LiTS global Dice.
+    """Metrics per case and region, the per-region LiTS and 3DIRCADb summaries, the tumor burden RMSE.
 
-    Returns ``{"rows": [...], "summary": [...]}``; writes the rows and summary to ``csv_path``
-    (atomically) when given.
+    Returns a dict:
+
+    * ``rows``: one per case and region: ``dice``, ``voe``, ``rvd`` (fractions), ``asd_mm``,
+      ``rmsd_mm``, ``ref_ml``, ``pred_ml``, and ``ref_burden`` / ``pred_burden`` (fractions)
+      on the tumor region's rows, None elsewhere;
+    * ``summary``: one per region: ``dice_per_case``, ``dice_global`` (LiTS) and ``mean_voe``,
+      ``mean_rvd``, ``mean_asd_mm``, ``mean_rmsd_mm`` (3DIRCADb; the distances over the
+      ``distance_cases`` where they are finite: one empty mask makes them infinite);
+    * ``tumor_burden``: the ``{"tumor", "liver"}`` regions (see :func:`tumor_burden_regions`),
+      and ``tumor_burden_rmse``: over the cases, or None when the card has no such regions.
+
+    Writes the rows, summary and RMSE to ``csv_path`` (atomically) when given.
     """
     loaded = load_model(model, device="cpu")
     cases = find_cases(data)
     if limit:
         cases = cases[:limit]
     regions = regions_of(loaded.card)
+    burden = tumor_burden_regions(loaded.card, regions)
     report = StageProgress(progress)
     rows, pooled = [], {name: ([], []) for name in regions}
     for n, case in enumerate(cases):
@@ -53,15 +95,22 @@ def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
         result = run(volume, loaded, device=device, cancel=cancel,
                      progress=report.sub(n / len(cases), (n + 1) / len(cases)))
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-        for name, values in regions.items():
-            pred, ref = np.isin(result.labels, values), np.isin(reference, values)
+        masks = {name: (np.isin(result.labels, values), np.isin(reference, values)) for name, values in regions.items()}
+        burdens = {}  # region → (reference, predicted) tumor burden of this case
+        if burden:
+            (tumor_pred, tumor_ref), (liver_pred, liver_ref) = masks[burden["tumor"]], masks[burden["liver"]]
+            burdens[burden["tumor"]] = (metrics.tumor_burden(tumor_ref, liver_ref),
+                                        metrics.tumor_burden(tumor_pred, liver_pred))
+        for name, (pred, ref) in masks.items():
             pooled[name][0].append(pred)
             pooled[name][1].append(ref)
+            ref_burden, pred_burden = burdens.get(name, (None, None))
             rows.append({
                 "case": case.name, "region": name,
                 "dice": metrics.dice(pred, ref), "voe": metrics.voe(pred, ref), "rvd": metrics.rvd(pred, ref),
                 "asd_mm": metrics.asd(pred, ref, volume.spacing), "rmsd_mm": metrics.rmsd(pred, ref, volume.spacing),
                 "ref_ml": float(ref.sum()) * voxel_ml, "pred_ml": float(pred.sum()) * voxel_ml,
+                "ref_burden": ref_burden, "pred_burden": pred_burden,
             })
     summary = []
     for name in regions:
@@ -74,7 +123,11 @@ def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
             # surface distances are infinite where one mask is empty: say over how many cases the mean is
             "distance_cases": sum(math.isfinite(r["asd_mm"]) for r in region_rows),
         })
-    table = {"model": loaded.card["name"], "rows": rows, "summary": summary}
+    burden_rmse = None
+    if burden:
+        burden_rmse = metrics.tumor_burden_rmse(*pooled[burden["tumor"]], *pooled[burden["liver"]])
+    table = {"model": loaded.card["name"], "rows": rows, "summary": summary,
+             "tumor_burden": burden, "tumor_burden_rmse": burden_rmse}
     if csv_path:
         _write_csv(table, Path(csv_path))
     return table
@@ -98,19 +151,41 @@ def _write_csv(table: dict, path: Path) -> None:
                          "voe": f"{row['mean_voe']:.6g}", "rvd": f"{row['mean_rvd']:.6g}",
                          "asd_mm": f"{row['mean_asd_mm']:.6g}", "rmsd_mm": f"{row['mean_rmsd_mm']:.6g}"})
         writer.writerow({"case": "ALL (global Dice)", "region": row["region"], "dice": f"{row['dice_global']:.6g}"})
+    if table.get("tumor_burden_rmse") is not None:
+        writer.writerow({"case": "ALL (tumor burden RMSE)", "region": table["tumor_burden"]["tumor"],
+                         "burden_rmse": f"{table['tumor_burden_rmse']:.6g}"})
     with atomic_output(path) as tmp:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
 
 def format_table(table: dict) -> str:
+    """The per-case rows, then the LiTS group and the 3DIRCADb group, each labelled."""
+    burden = table.get("tumor_burden")
     lines = [f"model {table['model']}",
-             f"{'case':<22}{'region':<14}{'Dice':>7}{'VOE':>7}{'RVD':>8}{'ASD mm':>9}{'RMSD mm':>9}"]
+             f"{'case':<22}{'region':<14}{'Dice':>7}{'VOE':>7}{'RVD':>8}{'ASD mm':>9}{'RMSD mm':>9}"
+             + (f"{'burden ref':>12}{'pred':>8}" if burden else "")]
     for r in table["rows"]:
-        lines.append(f"{r['case']:<22}{r['region']:<14}{r['dice']:7.3f}{r['voe']:7.3f}{r['rvd']:8.3f}"
-                     f"{r['asd_mm']:9.2f}{r['rmsd_mm']:9.2f}")
+        line = (f"{r['case']:<22}{r['region']:<14}{r['dice']:7.3f}{r['voe']:7.3f}{r['rvd']:8.3f}"
+                f"{r['asd_mm']:9.2f}{r['rmsd_mm']:9.2f}")
+        if r.get("ref_burden") is not None:
+            line += f"{r['ref_burden']:12.4f}{r['pred_burden']:8.4f}"
+        lines.append(line)
+    cases = table["summary"][0]["cases"] if table["summary"] else 0
+
+    lines += ["", f"LiTS: Dice per case, Dice global, tumor burden RMSE ({cases} cases)",
+              f"{'region':<14}{'Dice per case':>15}{'Dice global':>13}"]
     for s in table["summary"]:
-        lines.append(f"{'mean of ' + str(s['cases']) + ' cases':<22}{s['region']:<14}{s['dice_per_case']:7.3f}"
-                     f"{s['mean_voe']:7.3f}{s['mean_rvd']:8.3f}{s['mean_asd_mm']:9.2f}{s['mean_rmsd_mm']:9.2f}"
-                     f"   (distances over {s['distance_cases']} cases)"
-                     f"   global Dice {s['dice_global']:.3f}")
+        lines.append(f"{s['region']:<14}{s['dice_per_case']:15.3f}{s['dice_global']:13.3f}")
+    if burden:
+        lines.append(f"tumor burden RMSE {table['tumor_burden_rmse']:.4f}"
+                     f"   ({burden['tumor']} / {burden['liver']}, as fractions)")
+    else:
+        lines.append("tumor burden RMSE: not computed (the card names no tumor and liver regions)")
+
+    lines += ["", f"3DIRCADb: VOE, RVD, ASD, RMSD, Dice (means over {cases} cases; VOE and RVD as fractions)",
+              f"{'region':<14}{'VOE':>7}{'RVD':>8}{'ASD mm':>9}{'RMSD mm':>9}{'Dice':>7}"]
+    for s in table["summary"]:
+        lines.append(f"{s['region']:<14}{s['mean_voe']:7.3f}{s['mean_rvd']:8.3f}{s['mean_asd_mm']:9.2f}"
+                     f"{s['mean_rmsd_mm']:9.2f}{s['dice_per_case']:7.3f}"
+                     f"   (distances over {s['distance_cases']} cases)")
     return "\n".join(lines)

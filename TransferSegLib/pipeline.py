@@ -186,14 +186,17 @@ class Result:
 
 
 def postprocess(labels: np.ndarray, spec: Optional[dict]) -> np.ndarray:
-    """Card-driven clean-up of a label map (in place on a copy).
+    """Card-driven clean-up of a label map (in place on a copy), in this order:
 
     ``{"largest_component": [1, 2]}`` keeps only the largest 26-connected component of the union
     of those labels (e.g. the liver with its tumors) and clears the rest of them;
+    ``{"fill_holes": [1, 2]}`` fills the 3D holes of the union of those labels (background
+    enclosed by it, as ``scipy.ndimage.binary_fill_holes``; a cavity open to the volume's edge
+    is no hole) with the first listed label, the liver; other labels enclosed are kept;
     ``{"inside": {"2": [1, 2]}}`` keeps label 2 only where it lies inside the filled region of
     labels {1, 2}.
 
-    Both work inside the bounding box of the labels concerned (with a one-voxel margin, so
+    Each works inside the bounding box of the labels concerned (with a one-voxel margin, so
     filling holes sees the same outside), never on int32 component maps of the whole volume.
     """
     if not spec:
@@ -210,6 +213,13 @@ def postprocess(labels: np.ndarray, spec: Optional[dict]) -> np.ndarray:
                 sizes[0] = 0
                 inside = labels[box]  # a view: clearing it clears labels
                 inside[mask[box] & (components != int(sizes.argmax()))] = 0
+    filled_labels = spec.get("fill_holes")
+    if filled_labels:
+        region = np.isin(labels, filled_labels)
+        box = _bounding_box(region, margin=1)
+        if box is not None:
+            inside = labels[box]  # a view: filling it fills labels
+            inside[ndimage.binary_fill_holes(region[box]) & (inside == 0)] = int(filled_labels[0])
     for inner, outer in (spec.get("inside") or {}).items():
         region = np.isin(labels, outer)
         box = _bounding_box(region, margin=1)
