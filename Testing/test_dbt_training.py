@@ -114,7 +114,7 @@ def test_mcgcn_multislice_equals_mcgcn_on_hand_built_three_slice_stacks():
 def test_transfer_from_gives_the_mcgcn_encoder_in_3d_and_a_seeded_decoder(mcgcn_model):
     mcgcn = load_model(mcgcn_model).network.net
     config = validate_config(heatmap_config(init_weights={"transfer_from": str(mcgcn_model)}))
-    network = _build_network(config, torch.device("cpu"))
+    network, _ = _build_network(config, torch.device("cpu"))
     assert isinstance(network, AHNet)
 
     reference = transfer_mcgcn_to_ahnet(mcgcn, **TINY_AH)

@@ -173,7 +173,7 @@ def test_frozen_group_stays_byte_identical_and_group_lrs_reach_the_optimizer(tmp
         {"name": "joint", "steps": 8, "group_lr": {"decoder": 0.01},
          "optimizer": {"name": "sgd", "lr": 0.002, "momentum": 0.9}, "schedule": {"name": "step", "step_size": 3, "gamma": 0.1},
          "loss": {"name": "ce"}}], validation={"fraction": 0.0}, checkpoint_every=4)
-    initial = {k: v.clone() for k, v in _build_network(validate_config(cfg), "cpu").state_dict().items()}
+    initial = {k: v.clone() for k, v in _build_network(validate_config(cfg), "cpu")[0].state_dict().items()}
     out = tmp_path / "run"
     first = train(cfg, out, cases=blob_cases(), max_steps=8)  # stops after the decoder stage
     assert first.steps == 8 and not first.finished and first.card_path is None

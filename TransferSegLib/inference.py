@@ -222,22 +222,47 @@ class _Layout:
     patch: tuple         # the patch actually run (a multiple of size_multiple, ≤ the array's size rounded up)
     padded: tuple        # the frame the windows tile: max(array size, patch) per axis
     starts: np.ndarray   # (N, 3) window starts, sorted by k (k-row by k-row)
+    margin: tuple = (0, 0, 0)  # voxels dropped at each window edge, per axis, except at the frame's edges
 
     @classmethod
-    def make(cls, shape, patch, multiple, overlap) -> "_Layout":
+    def make(cls, shape, patch, multiple, overlap, margin=(0, 0, 0)) -> "_Layout":
         patch = tuple(min(p, _round_up(s, m)) for s, p, m in zip(shape, patch, multiple))
         padded = tuple(max(s, p) for s, p in zip(shape, patch))
         per_axis = [window_starts(s, p, overlap) for s, p in zip(shape, patch)]
+        for axis, (starts, p, m) in enumerate(zip(per_axis, patch, margin)):
+            kept = p - 2 * m
+            if m and (kept < 1 or max(np.diff(starts), default=0) > kept):
+                raise TransferSegError(
+                    f"a margin of {m} voxels per window edge on axis {'kji'[axis]} leaves {max(kept, 0)} of a "
+                    f"{p}-voxel window, which the windows (overlap {overlap:g}) do not tile; raise the overlap to at "
+                    f"least {2 * m / p:g} or lower the margin"
+                )
         grid = np.meshgrid(*per_axis, indexing="ij")
-        return cls(patch, padded, np.stack([g.ravel() for g in grid], axis=1))
+        return cls(patch, padded, np.stack([g.ravel() for g in grid], axis=1), tuple(margin))
+
+    def profiles(self, blend: str) -> list:
+        """Per axis, {window start: its 1D weight profile (float64)}: the blend's profile with
+        ``margin`` voxels zeroed at each edge that is not the frame's edge."""
+        out = []
+        for axis, profile in enumerate(_axis_weights(self.patch, blend)):
+            m, size, by_start = self.margin[axis], self.patch[axis], {}
+            for start in np.unique(self.starts[:, axis]).tolist():
+                weights = profile.clone()
+                if m and start > 0:
+                    weights[:m] = 0.0
+                if m and start + size < self.padded[axis]:
+                    weights[size - m:] = 0.0
+                by_start[start] = weights
+            out.append(by_start)
+        return out
 
     def weight_sums(self, blend: str) -> list:
         """Per axis, the sum over the windows' 1D weights at every position of the padded frame (float64)."""
         sums = []
-        for axis, profile in enumerate(_axis_weights(self.patch, blend)):
+        for axis, by_start in enumerate(self.profiles(blend)):
             total = torch.zeros(self.padded[axis], dtype=torch.float64)
-            for start in np.unique(self.starts[:, axis]):
-                total[start:start + self.patch[axis]] += profile
+            for start, weights in by_start.items():
+                total[start:start + self.patch[axis]] += weights
             sums.append(total)
         return sums
 
@@ -335,11 +360,11 @@ def _check_roi(roi, shape) -> tuple:
 class _Accumulator:
     """Weighted float32 sums over a slab of rows along k; rows no window touches any more are finished."""
 
-    def __init__(self, layout: _Layout, channels: int, depth: int, weights: torch.Tensor, finish):
+    def __init__(self, layout: _Layout, channels: int, depth: int, profiles: list, finish):
         _, pj, pi = layout.padded
-        device = weights.device
+        device = next(iter(profiles[0].values())).device
         self.sums = torch.zeros((channels, depth, pj, pi), dtype=torch.float32, device=device)
-        self.weights, self.patch, self.finish = weights, layout.patch, finish
+        self.profiles, self.patch, self.finish = profiles, layout.patch, finish
         self.low = 0   # padded-frame row held in slab row 0
         self.high = 0  # one past the last slab row written
 
@@ -347,7 +372,9 @@ class _Accumulator:
         k, j, i = (int(s) for s in start)
         pk, pj, pi = self.patch
         r = k - self.low
-        self.sums[:, r:r + pk, j:j + pj, i:i + pi].addcmul_(values, self.weights)
+        wk, wj, wi = (self.profiles[axis][s] for axis, s in enumerate((k, j, i)))  # this window's profiles
+        weights = wk[:, None, None] * wj[None, :, None] * wi[None, None, :]
+        self.sums[:, r:r + pk, j:j + pj, i:i + pi].addcmul_(values, weights)
         self.high = max(self.high, r + pk)
 
     def finish_rows_below(self, row: int) -> None:
@@ -369,8 +396,9 @@ class _Run:
 
     def __init__(self, array, network, *, patch, multiple, min_patch, overlap, blend, batch_size, device,
                  activation, num_classes, return_probabilities, roi, shape, pad_mode, pad_value, progress,
-                 cancel, amp, channels_last, heatmap_dtype):
+                 cancel, amp, channels_last, heatmap_dtype, margin):
         self.array, self.network = array, network  # array: (C, k, j, i), already the ROI box
+        self.margin = margin
         self.requested_patch, self.patch, self.multiple, self.min_patch = patch, patch, multiple, min_patch
         self.overlap, self.blend = overlap, blend
         self.requested_batch, self.batch_size = batch_size, batch_size
@@ -495,7 +523,7 @@ class _Run:
             if self.accumulator is None:
                 self._allocate_outputs(out.shape[1])
                 self.accumulator = _Accumulator(layout, out.shape[1], layout.slab_depth(self.batch_size),
-                                                self.weights, self._finish)
+                                                self.profiles, self._finish)
             for values, start in zip(out, starts[self.index:stop]):
                 self.accumulator.add(values, start)
             del out, x
@@ -519,13 +547,14 @@ class _Run:
         layout = None
         while True:
             if layout is None:
-                layout = _Layout.make(self.array.shape[1:], self.patch, self.multiple, self.overlap)
+                layout = _Layout.make(self.array.shape[1:], self.patch, self.multiple, self.overlap, self.margin)
                 self.patch = layout.patch
                 self.index, self.accumulator, self.resumable = 0, None, False
             failure, moving = None, True
             try:
                 self._prepare_device()
-                self.weights = blending_weights(layout.patch, self.blend).to(self.device)
+                self.profiles = [{start: w.to(self.device, torch.float32) for start, w in by_start.items()}
+                                 for by_start in layout.profiles(self.blend)]
                 self.weight_sums = [w.to(self.device, torch.float32) for w in layout.weight_sums(self.blend)]
                 moving = False
                 with torch.inference_mode():
@@ -586,7 +615,8 @@ def sliding_window_inference(array: np.ndarray, network: nn.Module, *, patch_siz
                              roi: Optional[Sequence[int]] = None, progress: Optional[ProgressCallback] = None,
                              cancel: Optional[CancelToken] = None, amp: bool = True, min_patch=None,
                              pad_mode: str = "edge", pad_value: Optional[float] = None,
-                             channels_last: Optional[bool] = None, heatmap_dtype=np.float32) -> InferenceResult:
+                             channels_last: Optional[bool] = None, heatmap_dtype=np.float32,
+                             margin=0) -> InferenceResult:
     """Run ``network`` over ``array`` window by window and blend the outputs (see the module docstring).
 
     Args:
@@ -610,6 +640,10 @@ def sliding_window_inference(array: np.ndarray, network: nn.Module, *, patch_siz
             the minimum of the whole input).
         channels_last: use channels_last_3d tensors on CUDA (default: when autocast is on).
         heatmap_dtype: np.float32 (default) or np.float16 for K = 1 outputs.
+        margin: voxels (int or (k, j, i)) dropped at each window edge that is not the region's
+            edge (weight 0), e.g. H-DenseUNet's 8-slice windows at stride 2 keep their middle
+            4 slices: ``patch_size=(8, …), overlap=0.75, margin=(2, 0, 0)``.  The windows must
+            still tile the region (overlap ≥ 2·margin / patch; checked).
     """
     tic = time.perf_counter()
     data = np.asarray(array)
@@ -641,6 +675,9 @@ def sliding_window_inference(array: np.ndarray, network: nn.Module, *, patch_siz
     patch = tuple(_round_up(p, m) for p, m in zip(_as_triple(patch_size, "patch_size"), multiple))
     floor = _as_triple(DEFAULT_MIN_PATCH if min_patch is None else min_patch, "min_patch")
     floor = tuple(min(p, _round_up(max(f, m), m)) for p, f, m in zip(patch, floor, multiple))
+    margin = (int(margin),) * 3 if isinstance(margin, (int, np.integer)) else tuple(int(m) for m in margin)
+    if len(margin) != 3 or min(margin) < 0:
+        raise TransferSegError(f"margin must be a non-negative integer or 3 of them (k, j, i); got {margin!r}")
     if pad_mode == "constant" and pad_value is None:
         pad_value = float(data.min())
     target = resolve_device(device)
@@ -651,7 +688,7 @@ def sliding_window_inference(array: np.ndarray, network: nn.Module, *, patch_siz
                batch_size=int(batch_size), device=target, activation=activation, num_classes=num_classes,
                return_probabilities=return_probabilities, roi=box, shape=tuple(shape), pad_mode=pad_mode,
                pad_value=pad_value, progress=progress, cancel=cancel, amp=amp, channels_last=channels_last,
-               heatmap_dtype=np.dtype(heatmap_dtype))
+               heatmap_dtype=np.dtype(heatmap_dtype), margin=margin)
     try:
         network.eval()
         run.run()

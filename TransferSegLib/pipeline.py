@@ -390,8 +390,9 @@ class _OnInputGrid:
         return self._place(values, fill)
 
     def labels(self, output, with_probabilities: bool):
-        """``(labels, probabilities or None)``: the argmax of the probabilities brought back
-        linearly, slab by slab (the method's own argmax when nothing was resampled)."""
+        """``(labels, probabilities or None)``: the argmax (or the method's ``decide``) of the
+        probabilities brought back linearly, slab by slab (the method's own labels when nothing
+        was resampled)."""
         from .resample import back_to
 
         probabilities = None
@@ -403,7 +404,7 @@ class _OnInputGrid:
             if with_probabilities:
                 probabilities = np.empty((output.probabilities.shape[0],) + self.oriented.shape, np.uint8)
             labels = back_to(output.probabilities, self.working, self.oriented, kind="argmax",
-                             probabilities_out=probabilities)
+                             probabilities_out=probabilities, decide=output.decide)
         labels = self._place(labels, 0)
         if probabilities is not None:
             fill = np.zeros(probabilities.shape[0], np.uint8)

@@ -198,7 +198,7 @@ def labels_to_spacing(labels: np.ndarray, volume: Volume, working: Volume) -> np
 
 
 def back_to(values: np.ndarray, working: Volume, original: Volume, kind: str = "linear",
-            probabilities_out: Optional[np.ndarray] = None) -> np.ndarray:
+            probabilities_out: Optional[np.ndarray] = None, decide=None) -> np.ndarray:
     """Bring ``values`` on ``working``'s grid back onto ``original``'s grid (its exact shape).
 
     ``values`` is (k, j, i) or (C, k, j, i) on the working grid.  ``kind``:
@@ -208,7 +208,9 @@ def back_to(values: np.ndarray, working: Volume, original: Volume, kind: str = "
     * ``"nearest"``: nearest neighbour (label maps);
     * ``"argmax"``: ``values`` are (K, …) class probabilities: they are interpolated linearly slab
       by slab and the uint8 argmax is returned, never a full-size float copy per class; the
-      interpolated uint8 probabilities go into ``probabilities_out`` (K, original shape) if given.
+      interpolated uint8 probabilities go into ``probabilities_out`` (K, original shape) if given;
+      ``decide`` (a callable from a float (K, …) slab in the values' scale to labels) replaces
+      the argmax, e.g. for thresholds.
 
     ``working`` must be ``to_spacing(original, …)`` (the same extent and direction); a mismatch
     is an error, not a silent shift.
@@ -235,7 +237,8 @@ def back_to(values: np.ndarray, working: Volume, original: Volume, kind: str = "
             raise TransferSegError("probabilities_out must be (K,) + the original shape")
 
         def store(k0, k1, slab):
-            labels[k0:k1] = slab.argmax(dim=0).to(torch.uint8).numpy()
+            chosen = slab.argmax(dim=0) if decide is None else decide(slab)
+            labels[k0:k1] = chosen.to(torch.uint8).numpy()
             if probabilities_out is not None:
                 probabilities_out[:, k0:k1] = _cast(slab, probabilities_out.dtype)
 

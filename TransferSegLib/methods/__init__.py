@@ -101,8 +101,12 @@ class MethodOutput:
     fallbacks: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    # labels from probabilities (K, …) on a 0…255 scale, where a method's rule is not the argmax
+    # (e.g. the cascade's nested thresholds); used again on the input grid after resampling
+    decide: Optional[Callable] = None
 
 
 def _import_all() -> None:
     from . import single  # noqa: F401  (registers "single")
     from . import multiview  # noqa: F401
+    from . import cascade  # noqa: F401

@@ -27,8 +27,9 @@ from torch import nn
 from ..volume import TransferSegError
 from . import register
 from .mcgcn import check_input, check_positive
+from .unet import SliceStack2D
 
-__all__ = ["DenseUNet", "DenseUNet2D", "DenseUNet3D", "load_densenet161_encoder"]
+__all__ = ["DenseUNet", "DenseUNet2D", "DenseUNet2DSlices", "DenseUNet3D", "load_densenet161_encoder"]
 
 
 def _layers(dims: int):
@@ -273,6 +274,20 @@ class DenseUNet2D(DenseUNet):
                  memory_efficient: bool = False):
         super().__init__(2, in_channels, out_channels, init_channels, growth_rate, block_layers, decoder_channels,
                          bn_size, compression, dropout, unet_connections, memory_efficient)
+
+
+@register("denseunet2d_slices")
+class DenseUNet2DSlices(SliceStack2D):
+    """The 2D DenseUNet on a volume, slice by slice, each slice seeing itself and its two
+    neighbours (edge slices repeated): H-DenseUNet's first stage and the "2D DenseUNet" of
+    Table II. Same arguments as :class:`DenseUNet2D` (``in_channels`` = 3 adjacent slices)
+    plus ``slice_batch``; the 2D network is ``net`` (an H-DenseUNet takes it as ``net2d``).
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, slice_batch: int = 16, **config):
+        super().__init__(DenseUNet2D(in_channels=in_channels, out_channels=out_channels, **config),
+                         slice_batch=slice_batch)
+        self.config = dict(self.net.config, slice_batch=slice_batch)
 
 
 @register("denseunet3d")

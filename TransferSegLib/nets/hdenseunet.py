@@ -111,8 +111,16 @@ class HDenseUNet(nn.Module):
         return {"net2d": list(self.net2d.parameters()), "net3d": list(self.net3d.parameters()),
                 "hff": list(self.hff.parameters())}
 
-    def forward(self, x: torch.Tensor, heads: bool = False):
+    HEADS = ("hff", "net2d")
+
+    def forward(self, x: torch.Tensor, heads=False):
+        """HFF logits; ``heads=True`` (or a tuple of names from ``HEADS``) gives a dict of those
+        outputs, and ``heads=("net2d",)`` runs the 2D network alone (the paper's first stage)."""
         check_input("HDenseUNet", x, 1, 3)
+        wanted = self.HEADS if heads is True else tuple(heads or ())
+        unknown = [name for name in wanted if name not in self.HEADS]
+        if unknown:
+            raise TransferSegError(f"HDenseUNet has output heads {', '.join(self.HEADS)}, not {unknown[0]!r}")
         spatial = tuple(int(s) for s in x.shape[2:])
         if any(s % m for s, m in zip(spatial, self.size_multiple)):
             raise TransferSegError(
@@ -121,7 +129,11 @@ class HDenseUNet(nn.Module):
             )
         features2d = self.net2d.features(to_adjacent_slices(x))
         logits2d = from_adjacent_slices(self.net2d.head(features2d), x.shape[0])
+        if heads and "hff" not in wanted:
+            return {"net2d": logits2d}
         features2d = from_adjacent_slices(features2d, x.shape[0])
         features3d = self.net3d(torch.cat([x, self.logit_scale * logits2d], 1))  # out_channels 0: features
         logits = self.hff(features2d + features3d)
-        return {"hff": logits, "net2d": logits2d} if heads else logits
+        if not heads:
+            return logits
+        return {name: value for name, value in (("hff", logits), ("net2d", logits2d)) if name in wanted}

@@ -27,6 +27,14 @@ What a run writes into OUT: ``cases/`` (the working-grid cache every run shares)
 (one .npz per fusion case: the image and the views' P(label ≥ c), each in [0, 1]),
 ``fusion/`` and ``fusion-noimage/`` (trainer runs), ``model/NAME.{safetensors,json}``.
 Running it again resumes: a finished trainer run and an existing stack are not redone.
+
+``cascade`` (H-DenseUNet, Li et al. 2018) trains a coarse liver network and the H-DenseUNet in
+its three stages, and composes them into one model (method ``cascade``); see :func:`cascade`::
+
+    {"recipe": "cascade", ...the shared keys above..., "coarse": {...trainer keys, with its own
+     working_spacing_mm; "data": {"count": 40} changes the shared data for this part...},
+     "net2d": {...}, "hybrid": {...}, "net3d": {...} | null,
+     "method": {...methods.cascade settings}}
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ from ..progress import CancelToken, ProgressCallback, StageProgress, check_cance
 from ..volume import TransferSegError
 from .trainer import _cached_working_case, _cases_from_spec, train, validate_config, write_stack
 
-__all__ = ["RECIPES", "fusion_channels", "is_recipe", "multiview", "run_recipe", "validate_recipe"]
+__all__ = ["RECIPES", "cascade", "fusion_channels", "is_recipe", "multiview", "run_recipe", "validate_recipe"]
 
 COMMON = ("name", "version", "description", "seed", "labels", "data", "preprocessing", "working_spacing_mm",
           "working_orientation", "expected_spacing_mm", "postprocessing", "evaluation", "threads", "device")
@@ -246,10 +254,89 @@ def multiview(config: dict, output_dir, progress: Optional[ProgressCallback] = N
     return card
 
 
-RECIPES = {"multiview": multiview}
+CASCADE_PARTS = ("coarse", "net2d", "hybrid", "net3d")
+CASCADE_KEYS = COMMON + ("recipe", "method") + CASCADE_PARTS
 
 
-VALIDATORS = {"multiview": validate_multiview}
+def _cascade_config(config: dict, part: str, out: Path) -> dict:
+    data = dict(config["data"], **config[part].get("data", {}))  # a part may change e.g. the count
+    if "stacks" not in data and data.get("cache") is not False:
+        data["cache"] = str(out / "cases")
+    sub = _sub_config(config, config[part], name=f"{config['name']}-{part}", data=data)
+    if part == "hybrid":  # the 2D network of stage 1 goes into the H-DenseUNet's net2d
+        sub["init_weights"] = {"path": str(out / "net2d" / "model" / f"{config['name']}-net2d.json"),
+                               "prefix": "net2d.", "source_prefix": "net.", "strict": True}
+    return sub
+
+
+def validate_cascade(config: dict) -> dict:
+    """A checked copy of a cascade recipe config; every part is checked by the trainer."""
+    unknown = sorted(set(config) - set(CASCADE_KEYS) - {k for k in config if k.startswith("_")})
+    if unknown:
+        _fail(unknown[0], f"unknown key; a cascade recipe has {', '.join(CASCADE_KEYS)}")
+    for key in ("name", "labels", "data", "coarse", "net2d", "hybrid"):
+        if key not in config:
+            _fail(key, "required")
+    c = copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")})
+    if not isinstance(c.setdefault("method", {}), dict):
+        _fail("method", "must be a JSON object of methods.cascade settings")
+    for part in CASCADE_PARTS:
+        if c.get(part) is None:
+            continue
+        sub = _cascade_config(c, part, Path("."))
+        if part == "hybrid":
+            sub["init_weights"] = None  # the stage-1 model does not exist yet
+        _check_part(sub, part, c[part])
+    return c
+
+
+def cascade(config: dict, output_dir, progress: Optional[ProgressCallback] = None,
+            cancel: Optional[CancelToken] = None, max_steps: Optional[int] = None) -> Path:
+    """Run the cascade recipe (H-DenseUNet, Li et al. 2018, sec. III-C) into ``output_dir``.
+
+    Parts, each a trainer run in its own folder: ``coarse`` (the liver locator on its own
+    coarse working grid), ``net2d`` (stage 1: the 2D DenseUNet on adjacent slices; its
+    stages may warm up without the UNet connections), ``hybrid`` (stages 2 and 3: the
+    H-DenseUNet with ``net2d`` initialised from stage 1; 3D net + HFF with the 2D net and its
+    BatchNorm frozen, then jointly with the λ-weighted 2D loss), and optionally ``net3d`` (the
+    3D DenseUNet alone, Table II's third row; not shipped).  The coarse and hybrid networks are
+    composed into one fp16 model, method ``cascade``.  Running it again resumes.
+    """
+    from ..models import compose_models
+
+    c = validate_cascade(config)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(c, indent=2) + "\n", encoding="utf-8")
+    parts = [part for part in CASCADE_PARTS if c.get(part) is not None]
+    timings = {}
+    for n, part in enumerate(parts):
+        check_cancel(cancel)
+        tic = time.perf_counter()
+        _train_once(_cascade_config(c, part, out), out / part,
+                    StageProgress(progress, n / len(parts), (n + 1) / len(parts)) if progress else None,
+                    cancel, max_steps)
+        timings[f"{part}_s"] = time.perf_counter() - tic
+    components = {"coarse": out / "coarse" / "model" / f"{c['name']}-coarse.json",
+                  "fine": out / "hybrid" / "model" / f"{c['name']}-hybrid.json"}
+    if any(not p.exists() for p in components.values()):  # stopped early (max_steps): rerun to resume
+        return None
+    card = compose_models(components, out / "model", name=c["name"], method="cascade", method_config=c["method"],
+                          labels_from="fine", version=c.get("version", "1.0.0"), description=c.get("description"),
+                          storage_dtype="float16")
+    stored = json.loads(card.read_text(encoding="utf-8"))
+    stored["training"]["recipe"] = {"config": c, "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    from ..io import atomic_output
+
+    with atomic_output(card) as tmp:
+        tmp.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
+    return card
+
+
+RECIPES = {"multiview": multiview, "cascade": cascade}
+
+
+VALIDATORS = {"multiview": validate_multiview, "cascade": validate_cascade}
 
 
 def validate_recipe(config: dict) -> dict:

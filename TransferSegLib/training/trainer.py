@@ -29,7 +29,13 @@ comments)::
                      nets.build_network(name, config); "module" (optional) is imported first so a
                      network defined outside TransferSeg can register itself
     init_weights     null | path to a .safetensors file or a model (card path or name) to start from;
-                     {"path": ..., "strict": true} to allow a partial match with strict false;
+                     {"path": ..., "strict": true, "prefix": "", "source_prefix": ""}: the weights'
+                     keys under "source_prefix" (that prefix removed) are loaded into the submodule
+                     "prefix" (e.g. "net." → "net2d." takes a denseunet2d_slices model's 2D network
+                     into an H-DenseUNet);
+                     strict false allows a partial match; either way the run writes
+                     OUT/init_weights.json (keys loaded, and those not matched on either side), and
+                     a load that matches nothing is an error;
                      {"transfer_from": MC-GCN model (card path or name)} for an "ahnet" architecture:
                      its encoder is the MC-GCN's made 3D (AH-Net sec. 3.2, nets.transfer_mcgcn_to_ahnet;
                      an "mcgcn_multislice" model is unwrapped), its decoder fresh from ``seed``;
@@ -83,6 +89,13 @@ comments)::
     stages*          [{"name": "decoder", "steps": 100,
                        "frozen": ["encoder"], "freeze_bn": false,   frozen groups get requires_grad
                                                  False; freeze_bn also keeps their BatchNorms in eval
+                       "heads": {"hff": 1.0, "net2d": 0.5},   null: the loss of the network's output;
+                                                 else the weighted sum of the loss over these named
+                                                 outputs of network(x, heads=(names)) (H-DenseUNet
+                                                 sec. III-C: L = λ·L(2D) + L(HFF))
+                       "network": {"net2d.unet_connections": false},   attributes set for this stage
+                                                 (others keep their built values), e.g. a warm-up
+                                                 without the UNet connections
                        "optimizer": {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8,
                                      "weight_decay": 0, "amsgrad": false}
                                   | {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": false,
@@ -231,7 +244,8 @@ def _check_loss(spec, key: str) -> dict:
 
 def _check_stage(stage, n: int) -> dict:
     key = f"stages[{n}]"
-    _section(stage, key, ("name", "steps", "frozen", "freeze_bn", "optimizer", "group_lr", "schedule", "loss"),
+    _section(stage, key, ("name", "steps", "frozen", "freeze_bn", "optimizer", "group_lr", "schedule", "loss",
+                          "heads", "network"),
              required=("steps", "optimizer", "loss"))
     out = {"name": stage.get("name", f"stage{n}"), "steps": _int(stage["steps"], f"{key}.steps", 1)}
     if not isinstance(out["name"], str) or not out["name"]:
@@ -243,6 +257,18 @@ def _check_stage(stage, n: int) -> dict:
     if not isinstance(stage.get("freeze_bn", False), bool):
         _fail(f"{key}.freeze_bn", f"must be true or false; got {stage['freeze_bn']!r}")
     out["freeze_bn"] = stage.get("freeze_bn", False)
+    heads = stage.get("heads")
+    if heads is not None and not (isinstance(heads, dict) and heads and all(
+            isinstance(k, str) and _is_number(v) and v >= 0 for k, v in heads.items())):
+        _fail(f"{key}.heads", f"must be {{output head: loss weight}}, e.g. {{\"hff\": 1.0, \"net2d\": 0.5}}; "
+              f"got {heads!r}")
+    out["heads"] = dict(heads) if heads else None
+    options = stage.get("network", {})
+    if not (isinstance(options, dict) and all(isinstance(k, str) and k and isinstance(v, (bool, int, float, str))
+                                              for k, v in options.items())):
+        _fail(f"{key}.network", f"must be {{module.attribute: value}}, e.g. {{\"net2d.unet_connections\": false}}; "
+              f"got {options!r}")
+    out["network"] = dict(options)
 
     opt = dict(stage["optimizer"]) if isinstance(stage["optimizer"], dict) else stage["optimizer"]
     if not isinstance(opt, dict) or opt.get("name") not in OPTIMIZERS:
@@ -360,10 +386,17 @@ def validate_config(config: dict) -> dict:
                 _fail("init_weights.transfer_from", f"transfers an MC-GCN into an 'ahnet' architecture, "
                       f"not {arch['name']!r}")
         else:
-            _section(init, "init_weights", ("path", "strict"), required=("path",))
+            _section(init, "init_weights", ("path", "strict", "prefix", "source_prefix"), required=("path",))
             init.setdefault("strict", True)
+            init.setdefault("prefix", "")
+            init.setdefault("source_prefix", "")
             if not isinstance(init["path"], str) or not isinstance(init["strict"], bool):
-                _fail("init_weights", f"must be a path, or {{\"path\": ..., \"strict\": true|false}}; got {init!r}")
+                _fail("init_weights", f"must be a path, or {{\"path\": ..., \"strict\": true|false, \"prefix\": "
+                      f"\"net2d.\"}}; got {init!r}")
+            for key in ("prefix", "source_prefix"):
+                if not isinstance(init[key], str) or (init[key] and not init[key].endswith(".")):
+                    _fail(f"init_weights.{key}", f"must be a module path ending in '.', e.g. \"net2d.\"; "
+                          f"got {init[key]!r}")
         c["init_weights"] = init
 
     labels = c.setdefault("labels", [])
@@ -1345,12 +1378,71 @@ def _build_network(config: dict, device) -> nn.Module:
     if bad:
         _fail("patch_size", f"{config['patch_size']} must be a multiple of {list(multiple)} per axis for "
               f"{arch['name']} (its size_multiple)")
-    init = config["init_weights"]
+    for n, stage in enumerate(config["stages"]):
+        for path in stage["network"]:
+            _stage_attribute(network, path, f"stages[{n}].network")
+    init, report = config["init_weights"], None
     if init and "transfer_from" in init:
         network.load_state_dict(_transferred_weights(init["transfer_from"], network, config["seed"]), strict=True)
     elif init:
-        network.load_state_dict(_initial_weights(init["path"]), strict=init["strict"])
-    return network.to(device)
+        state = {key[len(init["source_prefix"]):]: value for key, value in _initial_weights(init["path"]).items()
+                 if key.startswith(init["source_prefix"])}
+        report = load_weights_into(network, state, init["prefix"], init["strict"], source=init["path"])
+        report["source_prefix"] = init["source_prefix"]
+    return network.to(device), report
+
+
+def _stage_attribute(network: nn.Module, path: str, key: str) -> tuple:
+    """(module, attribute name) of a stage's ``network`` option, e.g. "net2d.unet_connections"."""
+    *modules, attribute = path.split(".")
+    owner = network
+    for name in modules:
+        owner = getattr(owner, name, None)
+        if not isinstance(owner, nn.Module):
+            _fail(key, f"{path!r}: the network has no submodule {'.'.join(modules)!r}")
+    if not hasattr(owner, attribute) or isinstance(getattr(owner, attribute), (nn.Module, torch.Tensor)):
+        _fail(key, f"{path!r}: {type(owner).__name__} has no plain attribute {attribute!r}")
+    return owner, attribute
+
+
+def _apply_stage_options(network: nn.Module, stage: dict, built: dict) -> None:
+    """Set the stage's ``network`` attributes; those another stage names go back to their built values."""
+    for path, value in {**built, **stage["network"]}.items():
+        owner, attribute = _stage_attribute(network, path, "network")
+        setattr(owner, attribute, value)
+
+
+def load_weights_into(network: nn.Module, state: dict, prefix: str = "", strict: bool = True,
+                      source: str = "the weights") -> dict:
+    """Load ``state`` into ``network`` under ``prefix``; returns the report of what matched.
+
+    Strict: every source key must land on a network key of the same shape, and every network
+    key under the prefix must be covered.  Not strict: what matches (name and shape) is loaded.
+    Either way a load that matches nothing is an error, never a silent no-op.
+    """
+    target = network.state_dict()
+    mapped = {prefix + key: value for key, value in state.items()}
+    under = [key for key in target if key.startswith(prefix)]
+    matched = [key for key in mapped if key in target and tuple(target[key].shape) == tuple(mapped[key].shape)]
+    shapes = [key for key in mapped if key in target and key not in set(matched)]
+    unexpected = [key for key in mapped if key not in target]
+    missing = [key for key in under if key not in mapped]
+    report = {"source": source, "prefix": prefix, "strict": strict, "loaded": len(matched),
+              "network_keys_under_prefix": len(under), "shape_mismatch": shapes,
+              "not_in_network": unexpected, "not_in_weights": missing}
+    where = f"under {prefix!r}" if prefix else ""
+    if not matched:
+        _fail("init_weights", f"{source}: none of its {len(mapped)} tensors matches the network {where} (its keys look "
+              f"like {', '.join(list(state)[:3]) or 'nothing'}; the network's like {', '.join(under[:3]) or 'nothing'}); "
+              "check the file and init_weights.prefix")
+    if strict and (shapes or unexpected or missing):
+        problems = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in (
+            ("with another shape", shapes), ("not in the network", unexpected), ("of the network not in the weights",
+                                                                               missing)) if v]
+        _fail("init_weights", f"{source} does not match the network {where}: {'; '.join(problems)}; set "
+              "\"strict\": false to load what matches")
+    network.load_state_dict({key: mapped[key] for key in matched}, strict=False)
+    return report
 
 
 def _transferred_weights(mcgcn_model: str, ahnet: nn.Module, seed: int) -> dict:
@@ -1381,6 +1473,16 @@ def _initial_weights(path: str) -> dict:
             _fail("init_weights", f"{file}: no such file")
         return read_state_dict(file)
     return load_model(path, device="cpu").network.state_dict()
+
+
+def _check_heads(outputs, stage: dict) -> None:
+    if not isinstance(outputs, dict):
+        _fail("stages.heads", f"stage {stage['name']!r} trains heads {', '.join(stage['heads'])}, but the network "
+              "gives one output for heads=...; name no heads for it")
+    missing = [name for name in stage["heads"] if name not in outputs]
+    if missing:
+        _fail("stages.heads", f"stage {stage['name']!r}: the network has no output head {missing[0]!r} "
+              f"(it has {', '.join(outputs)})")
 
 
 def _check_output(output: torch.Tensor, targets: torch.Tensor, config: dict) -> None:
@@ -1538,7 +1640,16 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
     steps_per_epoch = config["steps_per_epoch"] or max(1, math.ceil(len(train_data) / config["batch_size"]))
 
     device = procs.device
-    network = _build_network(config, device)
+    network, init_report = _build_network(config, device)
+    if init_report is not None and procs.main:
+        _write_json(out / "init_weights.json", init_report)
+        skipped = len(init_report["shape_mismatch"]) + len(init_report["not_in_network"])
+        report_text = (f"initial weights: {init_report['loaded']} tensors loaded into {init_report['prefix'] or 'the network'}"
+                       + (f", {skipped} not matched (see init_weights.json)" if skipped else ""))
+        if progress is not None:
+            progress(0.0, report_text)
+    built = {path: getattr(*_stage_attribute(network, path, "network"))
+             for stage in stages for path in stage["network"]}
     groups = parameter_groups(network)
     for n, stage in enumerate(stages):
         for key in ("frozen", "group_lr"):
@@ -1586,6 +1697,8 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
         while step < stop:
             stage = stages[stage_index]
             bn_eval = _freeze(network, groups, stage)
+            _apply_stage_options(network, stage, built)
+            checked_output = False  # each stage's heads are checked at its first step
             network.train()
             for module in bn_eval:
                 module.eval()
@@ -1613,11 +1726,18 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
                 torch.manual_seed(_step_seed(config["seed"], step, rank))
                 images, targets = sampler.batch(step, range(rank, config["batch_size"], world))
                 images, targets = images.to(device), targets.to(device)
-                output = model(images)
+                if stage["heads"]:
+                    outputs = model(images, heads=tuple(stage["heads"]))
+                    if not checked_output:
+                        _check_heads(outputs, stage)
+                    pairs = [(outputs[name], weight) for name, weight in stage["heads"].items()]
+                else:
+                    pairs = [(model(images), 1.0)]
                 if not checked_output:
-                    _check_output(output, targets, config)
+                    for output, _ in pairs:
+                        _check_output(output, targets, config)
                     checked_output = True
-                loss = loss_fn(output, targets)
+                loss = sum(weight * loss_fn(output, targets) for output, weight in pairs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
