@@ -462,6 +462,48 @@ def ship_detector(card_path, froc_results: dict, label: str, training_time: dict
     return save_model(loaded.network, card, folder)
 
 
+def training_seconds(out: Path) -> dict:
+    """Wall seconds of each trainer run under a recipe's output folder (each run's own log.csv,
+    its last elapsed_s) and, for a multiview recipe, the span of the fusion stacks' write times."""
+    import csv
+
+    seconds = {}
+    for log in sorted(Path(out).rglob("log.csv")):
+        with open(log, encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if rows and rows[-1].get("elapsed_s"):
+            seconds[str(log.parent.relative_to(out))] = round(float(rows[-1]["elapsed_s"]), 1)
+    stacks = sorted(p.stat().st_mtime for p in (Path(out) / "stacks").glob("*.npz"))
+    if len(stacks) > 1:  # the first stack's own time is not counted
+        seconds["stacks"] = round(stacks[-1] - stacks[0], 1)
+    return seconds
+
+
+def ship_card(card_path: Path, metrics: dict, folder: Path) -> Path:
+    """Copy a model (weights unchanged, so their sha256 too) into ``folder`` with ``metrics`` in its
+    card, plus the training time read from the run folder the model was written into."""
+    import shutil
+
+    from TransferSegLib.io import atomic_output
+
+    card = json.loads(Path(card_path).read_text(encoding="utf-8"))
+    metrics = dict(metrics)
+    seconds = training_seconds(Path(card_path).parent.parent)
+    if seconds:
+        metrics["training_time"] = {"machine": "2-core CPU (shared with the benchmarks and tests), 2 threads",
+                                    "cpu_minutes": round(sum(seconds.values()) / 60.0, 1), "parts_s": seconds}
+    card["metrics"] = metrics
+    folder = Path(folder)
+    weights = Path(card_path).parent / card["weights"]["file"]
+    with atomic_output(folder / weights.name) as tmp:
+        shutil.copyfile(weights, tmp)
+    target = folder / Path(card_path).name
+    with atomic_output(target) as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    print(f"shipped {target}")
+    return target
+
+
 # --- main ------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
-from real_size import ct_cases, ct_part, measure, stored_as, write_ct  # noqa: E402
+from real_size import ct_cases, ct_part, measure, ship_card, stored_as, write_ct  # noqa: E402
 from TransferSegLib.metrics import dice  # noqa: E402
 
 MODEL = ROOT / "Resources" / "models" / "ct-liver-tumor-vfn.json"
@@ -167,28 +167,8 @@ def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lam
     return out
 
 
-def _training_seconds(out: Path) -> dict:
-    """Wall seconds of each part of a multiview recipe run in ``out``: every trainer run's own
-    log (its last elapsed_s) and the span of the fusion stacks' write times."""
-    import csv
-
-    seconds = {}
-    for log in sorted(out.glob("*/*/log.csv")) + sorted(out.glob("fusion*/log.csv")):
-        with open(log, encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if rows and rows[-1].get("elapsed_s"):
-            seconds[str(log.parent.relative_to(out))] = round(float(rows[-1]["elapsed_s"]), 1)
-    stacks = sorted(p.stat().st_mtime for p in (out / "stacks").glob("*.npz"))
-    if len(stacks) > 1:  # the first stack's own time is not counted
-        seconds["stacks"] = round(stacks[-1] - stacks[0], 1)
-    return seconds
-
-
 def ship(model, results: dict, folder: Path) -> Path:
     """The model's card and weights into ``folder``, with the held-out numbers in ``metrics``."""
-    import shutil
-
-    from TransferSegLib.io import atomic_output
     from TransferSegLib.models import find_model
 
     card_path = find_model(model)
@@ -207,20 +187,7 @@ def ship(model, results: dict, folder: Path) -> Path:
     if "speed" in results:
         metrics["speed_cpu_2_threads"] = {k: results["speed"][k] for k in
                                           ("vfn", "fusion_share_of_views", "pixels") if k in results["speed"]}
-    seconds = _training_seconds(card_path.parent.parent)
-    if seconds:
-        metrics["training_time"] = {"machine": "2-core CPU (shared with the benchmarks and tests), 2 threads",
-                                    "cpu_minutes": round(sum(seconds.values()) / 60.0, 1), "parts_s": seconds}
-    card["metrics"] = metrics
-    folder = Path(folder)
-    weights = card_path.parent / card["weights"]["file"]
-    with atomic_output(folder / weights.name) as tmp:
-        shutil.copyfile(weights, tmp)
-    target = folder / card_path.name
-    with atomic_output(target) as tmp:
-        tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    print(f"shipped {target}")
-    return target
+    return ship_card(card_path, metrics, folder)
 
 
 def main(argv=None) -> int:

@@ -278,8 +278,13 @@ def validate_cascade(config: dict) -> dict:
         if key not in config:
             _fail(key, "required")
     c = copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")})
+    from ..methods.cascade import DEFAULTS
+
     if not isinstance(c.setdefault("method", {}), dict):
         _fail("method", "must be a JSON object of methods.cascade settings")
+    unknown = sorted(set(c["method"]) - set(DEFAULTS))
+    if unknown:
+        _fail(f"method.{unknown[0]}", f"is not a cascade setting; there are {', '.join(DEFAULTS)}")
     for part in CASCADE_PARTS:
         if c.get(part) is None:
             continue

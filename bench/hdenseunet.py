@@ -1,0 +1,188 @@
+"""H-DenseUNet on held-out clinical-grid CT phantoms: the paper's Table II comparison, the shipped
+model end to end, and its speed (a benchmark run by hand, not a test).
+
+Parts (``--parts``, default all):
+
+* ``table2``: 2D DenseUNet, 3D DenseUNet and H-DenseUNet (Li et al. 2018, Table II; paper
+  order H-DenseUNet > 2D > 3D).  All three run in the same cascade (the recipe's coarse liver
+  box, 8-slice windows at stride 2, thresholds 0.5 / 0.9, the same post-processing), so only
+  the network differs: the recipe's ``net2d`` run (stage 1), its ``net3d`` run (the 3D
+  DenseUNet alone, as many steps as stages 2 + 3) and the shipped hybrid.  Held-out phantoms:
+  the first N of ``bench/real_size.py``'s clinical grids (512², 0.6–1.0 mm pixels, 1–5 mm
+  slices, stored LPS axial, RAS-flipped, oblique or as sagittal slices), Dice on the input
+  grid: liver (1 ∪ 2) per case, tumor (2) global; seconds per volume.
+* ``quality``: the shipped path end to end (``bench/real_size.py``'s CT part: a fresh process
+  per case reads the file, runs ``pipeline.run``, writes the result), Dice on the input grid.
+* ``speed``: a 512×512×100 CT (~0.7 mm pixels) end to end in a fresh process, H-DenseUNet and
+  the default 3D U-Net side by side.
+
+    .venv/bin/python bench/hdenseunet.py --run runs/ct-liver-tumor-hdenseunet --json runs/hd_bench.json
+    .venv/bin/python bench/hdenseunet.py --quick        # a smoke run, not a result
+    .venv/bin/python bench/hdenseunet.py --run runs/ct-liver-tumor-hdenseunet --ship Resources/models \\
+        --json runs/hd_bench.json
+
+``--ship DIR`` copies the run's model into DIR with the run's numbers in its card's ``metrics``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import numpy as np  # noqa: E402
+
+from real_size import ct_cases, ct_part, measure, ship_card, stored_as, write_ct  # noqa: E402
+from TransferSegLib.metrics import dice  # noqa: E402
+
+PARTS = ("table2", "quality", "speed")
+NAME = "ct-liver-tumor-hdenseunet"
+
+
+def variants(run: Path, work: Path) -> dict:
+    """{row name: model card}: the coarse network with each fine network, in the shipped method."""
+    from TransferSegLib.models import compose_models, load_model
+
+    shipped = run / "model" / f"{NAME}.json"
+    method = load_model(shipped).method
+    models = {}
+    for name, part in (("2D DenseUNet", "net2d"), ("3D DenseUNet", "net3d")):
+        models[name] = compose_models({"coarse": run / "coarse" / "model" / f"{NAME}-coarse.json",
+                                       "fine": run / part / "model" / f"{NAME}-{part}.json"},
+                                      work / part, name=f"{NAME}-{part}-cascade", method="cascade",
+                                      method_config=method["config"], labels_from="fine")
+    models["H-DenseUNet"] = shipped
+    return models
+
+
+def table2_part(run: Path, work: Path, threads: int, quick: bool, count: int, out: dict, save=lambda: None) -> dict:
+    import torch
+
+    from TransferSegLib import pipeline
+    from TransferSegLib.models import load_model
+    from TransferSegLib.phantoms import ct_phantom
+
+    torch.set_num_threads(threads)
+    models = {name: load_model(card) for name, card in variants(run, work).items()}
+    rows = out.setdefault("cases", [])
+    for seed, shape, storage in ct_cases(quick)[:count]:
+        volume, labels = ct_phantom(seed, shape=shape)
+        volume, labels = stored_as(volume, labels, storage)
+        row = {"seed": seed, "shape": list(volume.shape), "storage": storage, "dice": {}, "seconds": {}}
+        for name, model in models.items():
+            tic = time.perf_counter()
+            result = pipeline.run(volume, model, device="cpu")
+            row["seconds"][name] = time.perf_counter() - tic
+            truth, tumor = labels == 2, result.labels == 2
+            row["dice"][name] = {"liver": float(dice(result.labels > 0, labels > 0)),
+                                 "tumor_overlap2": 2 * int((tumor & truth).sum()),
+                                 "tumor_voxels": int(tumor.sum() + truth.sum())}
+        rows.append(row)
+        save()
+        print(f"  seed {seed} {'×'.join(map(str, row['shape'])):>12} {storage:<24} " + "  ".join(
+            f"{name} {row['dice'][name]['liver']:.3f} ({row['seconds'][name]:.1f} s)" for name in models), flush=True)
+    summary = {}
+    for name in models:
+        liver = [r["dice"][name]["liver"] for r in rows]
+        summary[name] = {"liver_dice_mean": float(np.mean(liver)), "liver_dice_worst": float(np.min(liver)),
+                         "tumor_dice_global": sum(r["dice"][name]["tumor_overlap2"] for r in rows)
+                         / max(sum(r["dice"][name]["tumor_voxels"] for r in rows), 1),
+                         "seconds_mean": float(np.mean([r["seconds"][name] for r in rows]))}
+    out["summary"] = summary
+    save()
+    print(f"\n  {'':<14} {'liver Dice mean':>16} {'worst':>7} {'tumor Dice (global)':>20} {'s / volume':>11}")
+    for name, s in summary.items():
+        print(f"  {name:<14} {s['liver_dice_mean']:>16.3f} {s['liver_dice_worst']:>7.3f} "
+              f"{s['tumor_dice_global']:>20.3f} {s['seconds_mean']:>11.1f}", flush=True)
+    return out
+
+
+def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lambda: None) -> dict:
+    from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL
+    from TransferSegLib.phantoms import ct_phantom
+
+    shape = (20, 128, 128) if quick else (100, 512, 512)
+    volume, _ = ct_phantom(5200, shape=shape)
+    path = write_ct(volume, work / "ct100.nii.gz")
+    spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
+    for name, which in (("hdenseunet", model), ("unet3d", DEFAULT_SEGMENTATION_MODEL)):
+        run = measure(path, which, work / f"out-{name}", threads)
+        out[name] = {k: run[k] for k in ("seconds", "peak_rss_gib", "timings_s", "shape")}
+        print(f"  CT {'×'.join(map(str, shape))} ({spacing} mm), {name:<10} {run['seconds']:6.1f} s  "
+              f"peak RSS {run['peak_rss_gib']:.2f} GiB  stages: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in run["timings_s"].items()), flush=True)
+        save()
+    out["hdenseunet_vs_unet3d_seconds"] = out["hdenseunet"]["seconds"] / out["unet3d"]["seconds"]
+    path.unlink()
+    return out
+
+
+def ship(model: Path, results: dict, folder: Path) -> Path:
+    card = json.loads(model.read_text(encoding="utf-8"))
+    metrics = dict(card.get("metrics") or {})
+    if "table2" in results:
+        metrics["heldout_clinical_table2"] = {
+            "protocol": f"{len(results['table2']['cases'])} held-out 512² phantoms (seeds from 5000, 0.6–1.0 mm "
+                        "pixels, 1–5 mm slices, stored LPS axial, RAS-flipped, oblique or sagittal); every network "
+                        "in the same cascade; Dice on the input grid: liver (1 ∪ 2) per case, tumor (2) global",
+            **results["table2"]["summary"]}
+    if "quality" in results:
+        metrics["heldout_clinical"] = dict(results["quality"]["summary"]["clinical"],
+                                           protocol="end to end: file → pipeline.run → files, Dice on the input grid")
+        metrics["heldout_native"] = results["quality"]["summary"]["native"]
+    if "speed" in results:
+        metrics["speed_cpu_2_threads"] = {k: results["speed"][k] for k in ("hdenseunet", "unet3d")
+                                          if k in results["speed"]}
+    return ship_card(model, metrics, folder)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default=str(ROOT / "runs" / NAME), help="the cascade recipe's output folder")
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--cases", type=int, default=8, help="held-out phantoms in the Table II comparison")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--ship", default=None, help="copy the model into this folder with the run's numbers")
+    parser.add_argument("--merge", action="append", default=[],
+                        help="a --json file of an earlier run whose parts this run did not measure (for --ship)")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    model = run / "model" / f"{NAME}.json"
+    parts = [p for p in args.parts.split(",") if p in PARTS]
+    results = {"run": str(run), "threads": args.threads, "quick": args.quick}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "table2" in parts:
+            print("Table II (same cascade, only the network differs; Dice on the input grid):", flush=True)
+            table2_part(run, work, args.threads, args.quick, args.cases, results.setdefault("table2", {}), save)
+        if "quality" in parts:
+            print("\nquality end to end (fresh process per case, Dice on the input grid):", flush=True)
+            ct_part(model, work, args.threads, args.quick, results.setdefault("quality", {}), save)
+        if "speed" in parts:
+            print("\nspeed:", flush=True)
+            speed_part(model, args.threads, args.quick, work, results.setdefault("speed", {}), save)
+    save()
+    for path in args.merge:
+        for part, values in json.loads(Path(path).read_text(encoding="utf-8")).items():
+            if part in PARTS and part not in results:
+                results[part] = values
+    if args.ship:
+        ship(model, results, Path(args.ship))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
