@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
-from real_size import ct_cases, ct_part, measure, ship_card, stored_as, write_ct  # noqa: E402
+from real_size import (ct100_side_by_side, ct_cases, ct_part, dice_summary, print_dice_table, ship_card,  # noqa: E402
+                       stored_as)
 from TransferSegLib.metrics import dice  # noqa: E402
 
 PARTS = ("table2", "quality", "speed")
@@ -87,37 +88,20 @@ def table2_part(run: Path, work: Path, threads: int, quick: bool, count: int, ou
         save()
         print(f"  seed {seed} {'×'.join(map(str, row['shape'])):>12} {storage:<24} " + "  ".join(
             f"{name} {row['dice'][name]['liver']:.3f} ({row['seconds'][name]:.1f} s)" for name in models), flush=True)
-    summary = {}
+    summary = dice_summary(rows, models)
     for name in models:
-        liver = [r["dice"][name]["liver"] for r in rows]
-        summary[name] = {"liver_dice_mean": float(np.mean(liver)), "liver_dice_worst": float(np.min(liver)),
-                         "tumor_dice_global": sum(r["dice"][name]["tumor_overlap2"] for r in rows)
-                         / max(sum(r["dice"][name]["tumor_voxels"] for r in rows), 1),
-                         "seconds_mean": float(np.mean([r["seconds"][name] for r in rows]))}
+        summary[name]["seconds_mean"] = float(np.mean([r["seconds"][name] for r in rows]))
     out["summary"] = summary
     save()
-    print(f"\n  {'':<14} {'liver Dice mean':>16} {'worst':>7} {'tumor Dice (global)':>20} {'s / volume':>11}")
-    for name, s in summary.items():
-        print(f"  {name:<14} {s['liver_dice_mean']:>16.3f} {s['liver_dice_worst']:>7.3f} "
-              f"{s['tumor_dice_global']:>20.3f} {s['seconds_mean']:>11.1f}", flush=True)
+    print_dice_table(summary, "s / volume", lambda s: f"{s['seconds_mean']:.1f}")
     return out
 
 
 def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lambda: None) -> dict:
     from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL
-    from TransferSegLib.phantoms import ct_phantom
 
-    shape = (20, 128, 128) if quick else (100, 512, 512)
-    volume, _ = ct_phantom(5200, shape=shape)
-    path = write_ct(volume, work / "ct100.nii.gz")
-    spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
-    for name, which in (("hdenseunet", model), ("unet3d", DEFAULT_SEGMENTATION_MODEL)):
-        run = measure(path, which, work / f"out-{name}", threads)
-        out[name] = {k: run[k] for k in ("seconds", "peak_rss_gib", "timings_s", "shape")}
-        print(f"  CT {'×'.join(map(str, shape))} ({spacing} mm), {name:<10} {run['seconds']:6.1f} s  "
-              f"peak RSS {run['peak_rss_gib']:.2f} GiB  stages: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in run["timings_s"].items()), flush=True)
-        save()
+    _, path = ct100_side_by_side({"hdenseunet": model, "unet3d": DEFAULT_SEGMENTATION_MODEL}, threads, quick, work,
+                                 out, save)
     out["hdenseunet_vs_unet3d_seconds"] = out["hdenseunet"]["seconds"] / out["unet3d"]["seconds"]
     path.unlink()
     return out
@@ -132,14 +116,10 @@ def ship(model: Path, results: dict, folder: Path) -> Path:
                         "pixels, 1–5 mm slices, stored LPS axial, RAS-flipped, oblique or sagittal); every network "
                         "in the same cascade; Dice on the input grid: liver (1 ∪ 2) per case, tumor (2) global",
             **results["table2"]["summary"]}
-    if "quality" in results:
-        metrics["heldout_clinical"] = dict(results["quality"]["summary"]["clinical"],
-                                           protocol="end to end: file → pipeline.run → files, Dice on the input grid")
-        metrics["heldout_native"] = results["quality"]["summary"]["native"]
     if "speed" in results:
         metrics["speed_cpu_2_threads"] = {k: results["speed"][k] for k in ("hdenseunet", "unet3d")
                                           if k in results["speed"]}
-    return ship_card(model, metrics, folder)
+    return ship_card(model, metrics, folder, results.get("quality"))
 
 
 def main(argv=None) -> int:

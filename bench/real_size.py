@@ -462,6 +462,44 @@ def ship_detector(card_path, froc_results: dict, label: str, training_time: dict
     return save_model(loaded.network, card, folder)
 
 
+def ct100_side_by_side(models: dict, threads: int, quick: bool, work: Path, out: dict, save=lambda: None) -> tuple:
+    """A 512×512×100 CT (seed 5200, ~0.7 mm pixels) end to end in a fresh process per model
+    ({name: model}), each into ``out[name]``; returns ``(volume, path of the CT file)``."""
+    from TransferSegLib.phantoms import ct_phantom
+
+    shape = (20, 128, 128) if quick else (100, 512, 512)
+    volume, _ = ct_phantom(5200, shape=shape)
+    path = write_ct(volume, work / "ct100.nii.gz")
+    spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
+    for name, which in models.items():
+        run = measure(path, which, work / f"out-{name}", threads)
+        out[name] = {k: run[k] for k in ("seconds", "peak_rss_gib", "timings_s", "shape")}
+        print(f"  CT {'×'.join(map(str, shape))} ({spacing} mm), {name:<10} {run['seconds']:6.1f} s  "
+              f"peak RSS {run['peak_rss_gib']:.2f} GiB  stages: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in run["timings_s"].items()), flush=True)
+        save()
+    return volume, path
+
+
+def dice_summary(rows: list, names) -> dict:
+    """Per name: liver Dice mean and worst over the rows, tumor Dice pooled over them (global)."""
+    summary = {}
+    for name in names:
+        liver = [r["dice"][name]["liver"] for r in rows]
+        summary[name] = {"liver_dice_mean": float(np.mean(liver)), "liver_dice_worst": float(np.min(liver)),
+                         "tumor_dice_global": sum(r["dice"][name]["tumor_overlap2"] for r in rows)
+                         / max(sum(r["dice"][name]["tumor_voxels"] for r in rows), 1)}
+    return summary
+
+
+def print_dice_table(summary: dict, column: str, cell) -> None:
+    """The summary as a table, with one more column ``column`` whose text is ``cell(entry)``."""
+    print(f"\n  {'':<14} {'liver Dice mean':>16} {'worst':>7} {'tumor Dice (global)':>20} {column:>14}")
+    for name, s in summary.items():
+        print(f"  {name:<14} {s['liver_dice_mean']:>16.3f} {s['liver_dice_worst']:>7.3f} "
+              f"{s['tumor_dice_global']:>20.3f} {cell(s):>14}", flush=True)
+
+
 def training_seconds(out: Path) -> dict:
     """Wall seconds of each trainer run under a recipe's output folder (each run's own log.csv,
     its last elapsed_s) and, for a multiview recipe, the span of the fusion stacks' write times."""
@@ -479,15 +517,20 @@ def training_seconds(out: Path) -> dict:
     return seconds
 
 
-def ship_card(card_path: Path, metrics: dict, folder: Path) -> Path:
+def ship_card(card_path: Path, metrics: dict, folder: Path, quality: dict = None) -> Path:
     """Copy a model (weights unchanged, so their sha256 too) into ``folder`` with ``metrics`` in its
-    card, plus the training time read from the run folder the model was written into."""
+    card, the end-to-end ``quality`` summary (:func:`ct_part`) when given, and the training time
+    read from the run folder the model was written into."""
     import shutil
 
     from TransferSegLib.io import atomic_output
 
     card = json.loads(Path(card_path).read_text(encoding="utf-8"))
     metrics = dict(metrics)
+    if quality:
+        metrics["heldout_clinical"] = dict(quality["summary"]["clinical"],
+                                           protocol="end to end: file → pipeline.run → files, Dice on the input grid")
+        metrics["heldout_native"] = quality["summary"]["native"]
     seconds = training_seconds(Path(card_path).parent.parent)
     if seconds:
         metrics["training_time"] = {"machine": "2-core CPU (shared with the benchmarks and tests), 2 threads",

@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
-from real_size import ct_cases, ct_part, measure, ship_card, stored_as, write_ct  # noqa: E402
+from real_size import (ct100_side_by_side, ct_cases, ct_part, dice_summary, print_dice_table, ship_card,  # noqa: E402
+                       stored_as)
 from TransferSegLib.metrics import dice  # noqa: E402
 
 MODEL = ROOT / "Resources" / "models" / "ct-liver-tumor-vfn.json"
@@ -97,12 +98,7 @@ def repro_part(model, threads: int, quick: bool, out: dict, save=lambda: None) -
               + " ".join(f"{n} {row['dice'][n]['liver']:.3f}" for n in predictions)
               + f"  views {row['seconds']['views']:.1f} s", flush=True)
     names = list(VIEWS) + list(FUSIONS)
-    summary = {}
-    for name in names:
-        liver = [r["dice"][name]["liver"] for r in rows]
-        summary[name] = {"liver_dice_mean": float(np.mean(liver)), "liver_dice_worst": float(np.min(liver)),
-                         "tumor_dice_global": sum(r["dice"][name]["tumor_overlap2"] for r in rows)
-                         / max(sum(r["dice"][name]["tumor_voxels"] for r in rows), 1)}
+    summary = dice_summary(rows, names)
     views_s = float(np.mean([r["seconds"]["views"] for r in rows]))
     for fusion in FUSIONS:
         summary[fusion]["seconds_mean"] = float(np.mean([r["seconds"][fusion] for r in rows]))
@@ -110,32 +106,18 @@ def repro_part(model, threads: int, quick: bool, out: dict, save=lambda: None) -
     out["summary"] = summary
     out["views_seconds_mean"] = views_s
     save()
-    print(f"\n  {'':<14} {'liver Dice mean':>16} {'worst':>7} {'tumor Dice (global)':>20} {'time vs views':>14}")
-    for name in names:
-        s = summary[name]
-        share = f"{100 * s['share_of_views']:.1f} %" if "share_of_views" in s else ""
-        print(f"  {name:<14} {s['liver_dice_mean']:>16.3f} {s['liver_dice_worst']:>7.3f} "
-              f"{s['tumor_dice_global']:>20.3f} {share:>14}", flush=True)
+    print_dice_table(summary, "time vs views",
+                     lambda s: f"{100 * s['share_of_views']:.1f} %" if "share_of_views" in s else "")
     return out
 
 
 def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lambda: None) -> dict:
     from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL, load_model
     from TransferSegLib.methods.multiview import predict_views
-    from TransferSegLib.phantoms import ct_phantom
     from TransferSegLib.resample import to_spacing
 
-    shape = (20, 128, 128) if quick else (100, 512, 512)
-    volume, _ = ct_phantom(5200, shape=shape)
-    path = write_ct(volume, work / "ct100.nii.gz")
-    spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
-    for name, which in (("vfn", model), ("unet3d", DEFAULT_SEGMENTATION_MODEL)):
-        run = measure(path, which, work / f"out-{name}", threads)
-        out[name] = {k: run[k] for k in ("seconds", "peak_rss_gib", "timings_s", "shape")}
-        print(f"  CT {'×'.join(map(str, shape))} ({spacing} mm), {name:<7} {run['seconds']:6.1f} s  "
-              f"peak RSS {run['peak_rss_gib']:.2f} GiB  stages: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in run["timings_s"].items()), flush=True)
-        save()
+    volume, path = ct100_side_by_side({"vfn": model, "unet3d": DEFAULT_SEGMENTATION_MODEL}, threads, quick, work,
+                                      out, save)
     t = out["vfn"]["timings_s"]
     out["fusion_share_of_views"] = t["inference_fusion"] / t["inference_views"]
     out["vfn_vs_unet3d_seconds"] = out["vfn"]["seconds"] / out["unet3d"]["seconds"]
@@ -180,14 +162,10 @@ def ship(model, results: dict, folder: Path) -> Path:
                         "axial, RAS-flipped, oblique or sagittal); the three views once, every fusion on the same "
                         "predictions; Dice on the working grid: liver (1 ∪ 2) per case, tumor (2) global",
             **results["repro"]["summary"]}
-    if "quality" in results:
-        metrics["heldout_clinical"] = dict(results["quality"]["summary"]["clinical"],
-                                           protocol="end to end: file → pipeline.run → files, Dice on the input grid")
-        metrics["heldout_native"] = results["quality"]["summary"]["native"]
     if "speed" in results:
         metrics["speed_cpu_2_threads"] = {k: results["speed"][k] for k in
                                           ("vfn", "fusion_share_of_views", "pixels") if k in results["speed"]}
-    return ship_card(card_path, metrics, folder)
+    return ship_card(card_path, metrics, folder, results.get("quality"))
 
 
 def main(argv=None) -> int:
