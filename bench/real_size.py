@@ -494,9 +494,10 @@ def dice_summary(rows: list, names) -> dict:
 
 def print_dice_table(summary: dict, column: str, cell) -> None:
     """The summary as a table, with one more column ``column`` whose text is ``cell(entry)``."""
-    print(f"\n  {'':<14} {'liver Dice mean':>16} {'worst':>7} {'tumor Dice (global)':>20} {column:>14}")
+    width = max(14, *(len(name) for name in summary))
+    print(f"\n  {'':<{width}} {'liver Dice mean':>16} {'worst':>7} {'tumor Dice (global)':>20} {column:>14}")
     for name, s in summary.items():
-        print(f"  {name:<14} {s['liver_dice_mean']:>16.3f} {s['liver_dice_worst']:>7.3f} "
+        print(f"  {name:<{width}} {s['liver_dice_mean']:>16.3f} {s['liver_dice_worst']:>7.3f} "
               f"{s['tumor_dice_global']:>20.3f} {cell(s):>14}", flush=True)
 
 
