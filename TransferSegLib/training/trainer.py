@@ -1365,7 +1365,8 @@ def _import_architecture(arch: dict) -> None:
             raise TransferSegError(f"training config: architecture.module: cannot import {arch['module']!r} ({e})") from None
 
 
-def _build_network(config: dict, device) -> nn.Module:
+def _build_network(config: dict, device) -> tuple:
+    """``(network on device, the init_weights report or None)``."""
     from ..nets import build_network
 
     arch = config["architecture"]
