@@ -180,3 +180,34 @@ def test_the_multiview_model_segments_a_new_phantom_with_views_and_disagreement(
     inside = result.labels > 0
     assert result.disagreement[inside].mean() < 0.2  # the views mostly agree on the liver
     assert 0 <= result.method_summary["share_views_differ"] < 0.5
+
+
+HDENSEUNET_MODEL = "ct-liver-tumor-hdenseunet"
+
+
+def test_the_hdenseunet_model_card_carries_table2_and_its_clinical_numbers():
+    """The shipped H-DenseUNet cascade: the coarse liver network and the H-DenseUNet in one fp16
+    file, each on its own working grid; the card carries the Table II comparison (2D, 3D and
+    H-DenseUNet in the same cascade) and the end-to-end numbers on held-out clinical grids."""
+    card = json.loads((SHIPPED / f"{HDENSEUNET_MODEL}.json").read_text(encoding="utf-8"))
+    assert card["method"] == {"name": "cascade", "config": {"thresholds": [0.5, 0.9], "slices": 8, "stride": 2,
+                                                            "margin": 2, "box_margin_mm": 12}}
+    assert set(card["components"]) == {"coarse", "fine"} and card["weights"]["dtype"] == "float16"
+    assert card["components"]["coarse"]["working_spacing_mm"] == [6.0, 4.0, 4.0]
+    assert card["components"]["fine"]["architecture"]["name"] == "hdenseunet"
+    assert card["postprocessing"]["fill_holes"] == [1, 2]
+    table = card["metrics"]["heldout_clinical_table2"]
+    for name in ("2D DenseUNet", "3D DenseUNet", "H-DenseUNet"):
+        assert 0 < table[name]["liver_dice_mean"] <= 1 and table[name]["seconds_mean"] > 0
+    clinical = card["metrics"]["heldout_clinical"]
+    assert clinical["cases"] >= 10 and clinical["all_on_input_grid"] is True
+    assert clinical["liver_dice_worst"]["dice"] > 0.85
+    assert card["metrics"]["training_time"]["cpu_minutes"] > 0
+
+
+def test_the_hdenseunet_model_segments_a_new_phantom_inside_its_liver_box():
+    volume, reference = ct_phantom(seed=781, shape=(40, 256, 256))
+    result = run(volume, load_model(HDENSEUNET_MODEL), device="cpu")
+    assert metrics.dice(result.labels > 0, reference > 0) > 0.85
+    k0, j0, i0, k1, j1, i1 = result.method_summary["liver_box_kji"]
+    assert k1 > k0 and j1 > j0 and i1 > i0
