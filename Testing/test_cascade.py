@@ -3,7 +3,6 @@ heads, per-stage network options and prefixed initial weights; the inferer's per
 nested thresholds; the ``cascade`` recipe and method end to end."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

@@ -30,7 +30,7 @@ from scipy import ndimage
 from ..inference import sliding_window_inference
 from ..preprocessing import preprocess
 from ..progress import StageProgress, check_cancel
-from ..volume import TransferSegError, Volume
+from ..volume import TransferSegError
 from . import MethodContext, MethodOutput, register_method
 from .single import run_component
 
