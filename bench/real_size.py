@@ -501,6 +501,26 @@ def print_dice_table(summary: dict, column: str, cell) -> None:
               f"{s['tumor_dice_global']:>20.3f} {cell(s):>14}", flush=True)
 
 
+def part_arguments(parser, parts) -> None:
+    """The options every part-structured benchmark takes: --parts, --threads, --quick, --json,
+    --ship and --merge."""
+    parser.add_argument("--parts", default=",".join(parts))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--ship", default=None, help="copy the model into this folder with the run's numbers")
+    parser.add_argument("--merge", action="append", default=[],
+                        help="a --json file of an earlier run whose parts this run did not measure (for --ship)")
+
+
+def merge_parts(results: dict, paths, parts) -> None:
+    """Parts measured by earlier runs (their --json files) that ``results`` lacks."""
+    for path in paths:
+        for part, values in json.loads(Path(path).read_text(encoding="utf-8")).items():
+            if part in parts and part not in results:
+                results[part] = values
+
+
 def training_seconds(out: Path) -> dict:
     """Wall seconds of each trainer run under a recipe's output folder (each run's own log.csv,
     its last elapsed_s) and, for a multiview recipe, the span of the fusion stacks' write times."""

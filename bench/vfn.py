@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
-from real_size import (ct100_side_by_side, ct_cases, ct_part, dice_summary, print_dice_table, ship_card,  # noqa: E402
-                       stored_as)
+from real_size import (ct100_side_by_side, ct_cases, ct_part, dice_summary, merge_parts,  # noqa: E402
+                       part_arguments, print_dice_table, ship_card, stored_as)
 from TransferSegLib.metrics import dice  # noqa: E402
 
 MODEL = ROOT / "Resources" / "models" / "ct-liver-tumor-vfn.json"
@@ -171,13 +171,7 @@ def ship(model, results: dict, folder: Path) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(MODEL))
-    parser.add_argument("--parts", default=",".join(PARTS))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--ship", default=None, help="copy the model into this folder with the run's numbers")
-    parser.add_argument("--merge", action="append", default=[],
-                        help="a --json file of an earlier run whose parts this run did not measure (for --ship)")
+    part_arguments(parser, PARTS)
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p in PARTS]  # "none": only --merge and --ship
     results = {"model": args.model, "threads": args.threads, "quick": args.quick}
@@ -198,10 +192,7 @@ def main(argv=None) -> int:
             print("\nspeed:", flush=True)
             speed_part(args.model, args.threads, args.quick, work, results.setdefault("speed", {}), save)
     save()
-    for path in args.merge:
-        for part, values in json.loads(Path(path).read_text(encoding="utf-8")).items():
-            if part in PARTS and part not in results:
-                results[part] = values
+    merge_parts(results, args.merge, PARTS)
     if args.ship:
         ship(args.model, results, Path(args.ship))
     return 0
