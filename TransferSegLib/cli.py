@@ -62,6 +62,13 @@ class _ProgressPrinter:
             self.stage = stage
         self.bar.update(int(round(fraction * 1000)) - self.bar.n)
 
+    def write(self, line: str) -> None:
+        """Print a line on stdout without breaking the bar."""
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -94,11 +101,21 @@ def _parse_box(text: str, name: str) -> tuple:
 
 
 def _cmd_segment(args) -> int:
+    """One volume into -o as it is; a folder or several inputs (or any torchrun job): a batch."""
+    from .batch import find_cases, torchrun_world_size
+
+    cases = find_cases(args.input)  # a name clash is an error before anything runs
+    if torchrun_world_size() > 1 or len(args.input) > 1 or [c.path for c in cases] != [Path(args.input[0]).expanduser()]:
+        return _segment_batch(args, cases)
+    return _segment_one(args, args.input[0])
+
+
+def _segment_one(args, source) -> int:
     from .io import check_output_folder, load_volume
     from .pipeline import run
 
     output = check_output_folder(args.output)  # before the model runs: a wrong -o must not cost minutes
-    volume = load_volume(args.input)
+    volume = load_volume(source)
     roi = None
     if args.roi:
         roi = tuple(int(v) for v in _parse_box(args.roi, "--roi"))
@@ -112,7 +129,7 @@ def _cmd_segment(args) -> int:
         result = run(volume, model=args.model, device=args.device, roi=roi, progress=printer,
                      cancel=_cancel_on_signals(), return_probabilities=False,
                      method_options={"fusion": getattr(args, "fusion", None)})
-        result.write(output, input_path=args.input)
+        result.write(output, input_path=source)
     finally:
         printer.close()
     for warning in result.warnings + result.fallbacks:
@@ -133,6 +150,45 @@ def _cmd_segment(args) -> int:
     for name in result.outputs():
         print(output / name)
     return 0
+
+
+def _segment_batch(args, cases) -> int:
+    """Every case to OUT/<case>, OUT/summary.csv; under torchrun each rank takes its share."""
+    from .batch import SUMMARY_NAME, processes, run_batch
+
+    if args.roi or args.roi_ras:
+        raise TransferSegError("--roi and --roi-ras apply to one volume; run the cases that need a box one by one")
+    cancel = _cancel_on_signals()
+    with processes(args.device) as procs:
+        printer = _ProgressPrinter(args.progress_lines) if procs.rank == 0 else None
+
+        def done(row):
+            if row["status"] == "ok":
+                found = (f"{row['detections']} detection(s)" if "detections" in row else
+                         ", ".join(f"{k[:-3]} {v:.1f} mL" for k, v in row.items() if k.endswith(" mL")))
+                line = f"{row['case']}: ok in {row['seconds']:.1f} s; {found} -> {row['output']}"
+            else:
+                line = f"{row['case']}: failed: {row['error']}"
+            if printer is not None:
+                printer.write(line)
+            else:
+                print(line, flush=True)
+
+        try:
+            rows = run_batch(cases, args.output, model=args.model, device=procs.device, progress=printer,
+                             cancel=cancel, method_options={"fusion": getattr(args, "fusion", None)},
+                             rank=procs.rank, world_size=procs.world, on_case=done)
+        finally:
+            if printer is not None:
+                printer.close()
+        failed = sum(row["status"] != "ok" for row in rows)
+        if procs.rank == 0:
+            summary = Path(args.output) / SUMMARY_NAME
+            if failed:
+                print(f"{failed} of {len(rows)} cases failed; see {summary}", file=sys.stderr)
+            else:
+                print(f"{len(rows)} case(s) done; see {summary}")
+    return EXIT_USER_ERROR if failed else 0
 
 
 def _cmd_train(args) -> int:
@@ -313,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     def add_run_arguments(p, default_model):
-        p.add_argument("input", help="NIfTI / NRRD / MetaImage file or DICOM series folder")
+        p.add_argument("input", nargs="+", help="NIfTI / NRRD / MetaImage file or DICOM series folder; or a folder "
+                       "of them, or several: each case goes to OUTPUT/<case name>, with OUTPUT/summary.csv")
         p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
         p.add_argument("--model", default=default_model, help=f"model name or path (default {default_model})")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
