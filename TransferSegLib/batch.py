@@ -140,7 +140,7 @@ def summary_columns(card: dict, distributed: bool = False) -> list:
 
 
 def _one_line(error: BaseException) -> str:
-    if isinstance(error, OSError) and not isinstance(error, TransferSegError):
+    if isinstance(error, OSError):
         where = f": {error.filename}" if error.filename else ""
         text = f"{error.strerror or error}{where}"
     else:
@@ -230,6 +230,8 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
     cases = find_cases(inputs)
     output = check_output_folder(output_dir)
     for case in cases:
+        if case.name.casefold() == SUMMARY_NAME:
+            raise TransferSegError(f"{case.path}: a case named {case.name} would take the summary's place; rename it")
         if case.path.is_dir() and (output / case.name).resolve() == case.path.resolve():
             raise TransferSegError(f"the output folder {output / case.name} would be the input series {case.path} "
                                    "itself; choose another output folder")
