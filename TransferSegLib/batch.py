@@ -219,7 +219,7 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
 
     A case that fails with :class:`TransferSegError` or ``OSError`` (unreadable, 2D, 4D, a full
     disk, …) gets status ``failed`` and its one-line error; the others still run.  Rows are
-    dicts with the summary's columns, in the order of the cases.
+    dicts with the summary's columns (and ``rank``), in the order of the cases.
     """
     from .io import check_output_folder
     from .models import LoadedModel, load_model
@@ -253,7 +253,8 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
                 on_case({k: v for k, v in row.items() if not k.startswith("_")})
     except Cancelled:
         raise Cancelled(f"cancelled by the user after {len(rows)} of {len(mine)} case(s); the finished cases' "
-                        "folders are complete, the case in progress wrote nothing, and no summary was written") from None
+                        "folders are complete, the case in progress wrote nothing, and no summary was written"
+                        ) from None
     rows = sorted(_gather(rows, world), key=lambda row: row["_index"])
     rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
     if rank == 0:

@@ -105,9 +105,10 @@ def _cmd_segment(args) -> int:
     from .batch import find_cases, torchrun_world_size
 
     cases = find_cases(args.input)  # a name clash is an error before anything runs
-    if torchrun_world_size() > 1 or len(args.input) > 1 or [c.path for c in cases] != [Path(args.input[0]).expanduser()]:
-        return _segment_batch(args, cases)
-    return _segment_one(args, args.input[0])
+    single = len(args.input) == 1 and [c.path for c in cases] == [Path(args.input[0]).expanduser()]
+    if single and torchrun_world_size() == 1:
+        return _segment_one(args, args.input[0])
+    return _segment_batch(args, cases)
 
 
 def _segment_one(args, source) -> int:
