@@ -310,49 +310,28 @@ def _cmd_phantom(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    """The main job on an embedded default: a CT phantom written, read back, summarised, drawn, and
-    segmented by the default model (with its Dice against the phantom's own labels)."""
-    from .io import load_volume, save_labelmap, save_volume
-    from .metrics import dice
-    from .models import find_model
-    from .phantoms import ct_phantom
-    from .pipeline import run
-    from .render import save_overview_png
+    """The main job end to end on phantoms (:func:`TransferSegLib.demo.run_demo`): a line per step as
+    it ends, then the summary table and the output folder's layout."""
+    from .demo import format_summary, run_demo
 
-    out = Path(args.output)
-    volume, labels = ct_phantom(seed=args.seed)
-    ct_path = save_volume(volume, out / "ct_phantom.nii.gz")
-    label_path = save_labelmap(labels, volume, out / "ct_phantom_label.nii.gz")
-    loaded = load_volume(ct_path)
-    loaded_labels = load_volume(label_path).array.astype("uint8")
-    print(f"wrote {ct_path} and {label_path}")
-    for key, value in loaded.summary().items():
-        print(f"  {key:16s} {value}")
-    voxel_ml = float(loaded.spacing[0] * loaded.spacing[1] * loaded.spacing[2]) / 1000.0
-    for value, name in ((1, "liver"), (2, "liver tumor")):
-        print(f"  {name:16s} {int((loaded_labels == value).sum()) * voxel_ml:.1f} mL (phantom truth)")
-    png = save_overview_png(loaded, out / "overview.png", labels=loaded_labels, title=f"CT phantom, seed {args.seed}")
-    print(f"wrote {png}")
-
-    try:
-        find_model(args.model)
-    except TransferSegError as e:
-        print(f"no segmentation model installed ({e}); skipping the segmentation step")
-        return 0
     printer = _ProgressPrinter(lines=False)
+
+    def say(line: str) -> None:
+        if printer.bar is not None:
+            printer.bar.clear()
+        print(line, flush=True)
+
     try:
-        result = run(loaded, model=args.model, device=args.device, progress=printer, cancel=_cancel_on_signals())
-        paths = result.write(out / "segmentation", input_path=ct_path)
+        summary = run_demo(args.output, seed=args.seed, device=args.device, progress=printer,
+                           cancel=_cancel_on_signals(), log=say)
     finally:
         printer.close()
-    print(f"segmented with {result.card['name']} v{result.card['version']} on {result.device} "
-          f"in {sum(result.timings.values()):.1f} s")
-    for name, ml in result.volumes_ml().items():
-        print(f"  {name:16s} {ml:.1f} mL (model)")
-    print(f"  Dice liver (incl. tumor) {dice(result.labels >= 1, loaded_labels >= 1):.3f}, "
-          f"tumor {dice(result.labels == 2, loaded_labels == 2):.3f}")
-    for path in paths.values():
-        print(f"wrote {path}")
+    print()
+    print(format_summary(summary))
+    print(f"\nwrote {len(summary['files'])} files under {summary['output']}/:")
+    for step, what in summary["layout"].items():
+        print(f"  {step + '/':<11} {what}")
+    print("  summary.txt, summary.json: this table and every number")
     return 0
 
 
@@ -443,10 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1, help="number of cases (default 1)")
     p.set_defaults(func=_cmd_phantom)
 
-    p = sub.add_parser("demo", help="run the main job on a built-in CT phantom")
+    p = sub.add_parser("demo", help="the main job on phantoms: a clinical-grid CT through the default and the "
+                       "multi-view model, DBT lesion detection and its FROC, scored against the phantoms' truth")
     p.add_argument("-o", "--output", default="demo-output", help="output folder (default demo-output)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    p.add_argument("--model", default=DEFAULT_SEGMENTATION_MODEL, help="model for the segmentation step")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.set_defaults(func=_cmd_demo)
     return parser
