@@ -61,9 +61,18 @@ def _natural_key(text: str):
 
 
 def _msd_cases(root: Path) -> list[Case]:
-    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    try:
+        meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TransferSegError(f"{root}/dataset.json: not a readable Decathlon dataset description ({e})") from None
+    training = meta.get("training", []) if isinstance(meta, dict) else None
+    if not isinstance(training, list) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("image"), str)
+            and isinstance(entry.get("label") or "", str) for entry in training):
+        raise TransferSegError(f"{root}/dataset.json: \"training\" must be a list of "
+                               "{\"image\": \"./imagesTr/NAME.nii.gz\", \"label\": \"./labelsTr/NAME.nii.gz\"}")
     cases = []
-    for entry in meta.get("training", []):
+    for entry in training:
         image = (root / entry["image"]).resolve()
         label = (root / entry["label"]).resolve() if entry.get("label") else None
         name = image.name.split(".")[0]
@@ -102,6 +111,8 @@ def _phantom_folder_cases(root: Path) -> list[Case]:
 def find_cases(root) -> list[Case]:
     """All image/label pairs under ``root`` (MSD, LiTS or TransferSeg phantom layout)."""
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise TransferSegError(f"{root}: this is a file, not a data folder; give the folder that holds the cases")
     if not root.is_dir():
         raise TransferSegError(f"{root}: no such data folder")
     if (root / "dataset.json").exists():

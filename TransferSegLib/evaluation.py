@@ -79,10 +79,24 @@ def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
 
     Writes the rows, summary and RMSE to ``csv_path`` (atomically) when given.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise TransferSegError(f"limit is the number of cases to evaluate (1 or more); got {limit!r}")
+    if csv_path:  # before the run: a wrong table path must not cost the whole evaluation
+        from .io import check_output_folder
+
+        csv_path = Path(csv_path).expanduser()
+        if csv_path.is_dir():
+            raise TransferSegError(f"the metrics table {csv_path} is an existing folder; give a file name, "
+                                   f"e.g. {csv_path / 'metrics.csv'}")
+        check_output_folder(csv_path.parent)
     loaded = load_model(model, device="cpu")
     cases = find_cases(data)
     if limit:
         cases = cases[:limit]
+    unlabelled = [case.name for case in cases if case._make is None and case.label_path is None]
+    if unlabelled:
+        raise TransferSegError(f"{data}: {len(unlabelled)} case(s) have no label map ({', '.join(unlabelled[:3])}"
+                               f"{' …' if len(unlabelled) > 3 else ''}); evaluation needs labelled data")
     regions = regions_of(loaded.card)
     burden = tumor_burden_regions(loaded.card, regions)
     report = StageProgress(progress)

@@ -335,8 +335,8 @@ def roi_from_ras(volume: Volume, ras_min, ras_max) -> tuple:
     start, stop = np.clip(start, 0, shape), np.clip(stop, 0, shape)
     if np.any(stop <= start):
         raise TransferSegError(
-            f"the RAS box from {tuple(np.round(lo, 2))} to {tuple(np.round(hi, 2))} mm does not overlap the volume; "
-            "place the region of interest over the image"
+            f"the RAS box from ({', '.join(f'{v:g}' for v in lo)}) to ({', '.join(f'{v:g}' for v in hi)}) mm does not "
+            "overlap the volume; place the region of interest over the image"
         )
     return tuple(int(v) for v in start) + tuple(int(v) for v in stop)
 
@@ -344,10 +344,14 @@ def roi_from_ras(volume: Volume, ras_min, ras_max) -> tuple:
 def _check_roi(roi, shape) -> tuple:
     try:
         box = tuple(int(v) for v in roi)
-    except (TypeError, ValueError):
-        box = ()
+        whole = all(float(v) == b for v, b in zip(roi, box))
+    except (TypeError, ValueError, OverflowError):
+        box, whole = (), True
     if len(box) != 6:
         raise TransferSegError(f"roi must be (k0, j0, i0, k1, j1, i1); got {roi!r}")
+    if not whole:
+        raise TransferSegError(f"roi ({', '.join(f'{float(v):g}' for v in roi)}) (k0, j0, i0, k1, j1, i1) must be whole "
+                               "voxel indices")
     start, stop = box[:3], box[3:]
     if any(a < 0 or b > n or b <= a for a, b, n in zip(start, stop, shape)):
         raise TransferSegError(

@@ -68,6 +68,8 @@ def atomic_output(path):
     removed and ``path`` is left exactly as it was.  The parent folder is created if missing.
     """
     path = Path(path)
+    if path.is_dir():
+        raise TransferSegError(f"cannot write {path}: it is an existing folder; give a file name, or move the folder away")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = full_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
@@ -92,10 +94,13 @@ def check_output_folder(folder) -> Path:
             f"the output folder {folder} is an existing file; give the name of a folder (it is created if "
             "missing), or move the file away"
         )
-    for parent in folder.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise TransferSegError(f"cannot create the output folder {folder}: {parent} is a file, not a folder")
+    for nearest in [folder, *folder.parents]:
+        if nearest.exists():
+            if not nearest.is_dir():
+                raise TransferSegError(f"cannot create the output folder {folder}: {nearest} is a file, not a folder")
+            if not os.access(nearest, os.W_OK | os.X_OK):
+                raise TransferSegError(f"cannot write the output folder {folder}: permission denied in {nearest}; "
+                                       "choose a folder you may write to")
             break
     return folder
 
@@ -208,6 +213,9 @@ def _native_stderr_silenced():
 
 def _dicom_series_files(folder: Path) -> list[str]:
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids and (full_suffix(folder) in READ_SUFFIXES or folder.name.lower().endswith(".dcm")):
+        raise TransferSegError(f"{folder}: this is a folder, not an image file; give the image file itself "
+                               "(or a folder of DICOM slices)")
     if not ids:
         raise TransferSegError(
             f"{folder}: the folder holds no DICOM image series; give a folder of .dcm slices or an image file "
@@ -283,9 +291,7 @@ def _read_image(path: Path) -> sitk.Image:
 
     suffix = full_suffix(path)
     if path.name.lower().endswith(".dcm"):
-        raise TransferSegError(
-            f"{name}: this is a single DICOM file; give the folder that holds the whole series instead"
-        )
+        _refuse_single_dicom_file(path)
     if suffix not in READ_SUFFIXES:
         raise TransferSegError(
             f"{name}: unsupported file type '{suffix or path.name}'; give a NIfTI, NRRD or MetaImage file "
@@ -293,6 +299,7 @@ def _read_image(path: Path) -> sitk.Image:
         )
     if path.stat().st_size == 0:
         raise TransferSegError(f"{name}: the file is empty (0 bytes)")
+    _check_detached_data_file(path, suffix)
     reader = sitk.ImageFileReader()
     reader.SetFileName(name)
     try:
@@ -309,6 +316,44 @@ def _read_image(path: Path) -> sitk.Image:
     if suffix == ".nii.gz":
         _check_gzip_stream(path)
     return _execute(reader, name)
+
+
+def _refuse_single_dicom_file(path: Path) -> None:
+    """One .dcm file is one slice of a series (a 2D input), or a file we cannot tell apart from one."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+    except RuntimeError:
+        size = ()
+    if len(size) == 2 or (len(size) == 3 and size[2] == 1):
+        raise TransferSegError(
+            f"{path}: input is 2D ({_describe_shape(size[:2])}, a single DICOM slice); TransferSeg needs a 3D "
+            "volume: give the folder that holds the whole series"
+        )
+    raise TransferSegError(f"{path}: this is a single DICOM file; give the folder that holds the whole series instead")
+
+
+def _check_detached_data_file(path: Path, suffix: str) -> None:
+    """A detached header (NRRD ``data file:``, MetaImage ``ElementDataFile =``) whose voxel file is missing
+    gets its own message: ITK reports it as a damaged header or a corrupt file."""
+    if suffix not in (".nhdr", ".nrrd", ".mhd", ".mha"):
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("latin-1")
+    if suffix in (".nhdr", ".nrrd"):
+        match = re.search(r"^data ?file: *(\S+) *$", head.split("\n\n", 1)[0], re.M)
+    else:
+        match = re.search(r"^ElementDataFile *= *(\S+) *$", head, re.M)
+    data = match.group(1) if match else None
+    if data is None or data in ("LOCAL", "LIST") or "%" in data:  # inline data, or a list of slice files
+        return
+    if not (path.parent / data).is_file():
+        raise TransferSegError(
+            f"{path}: the header names a separate voxel data file, {data}, and it is missing; copy it beside "
+            "the header (such an image is two files), or export the image as one file (.nrrd, .nii.gz)"
+        )
 
 
 def _itk_reason(error: Exception) -> str:

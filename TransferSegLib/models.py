@@ -157,7 +157,23 @@ def _check_card(card, where: str) -> None:
     if missing:
         form = "a composed model card (with method and components)" if composed else "the model card"
         raise TransferSegError(f"{where}: {form} lacks {', '.join(missing)}")
+    if card["task"] not in ("segmentation", "heatmap"):
+        raise TransferSegError(f"{where}: task must be \"segmentation\" or \"heatmap\", not {card['task']!r}")
+    labels = card["labels"]
+    if not isinstance(labels, list) or not all(
+            isinstance(seg, dict) and isinstance(seg.get("name"), str) and type(seg.get("label")) is int
+            and 1 <= seg["label"] <= 255 for seg in labels):
+        raise TransferSegError(f"{where}: labels must be a list of {{\"name\": ..., \"label\": 1…255, "
+                               f"\"color\": [r, g, b]}}, not {json.dumps(labels, default=str)[:120]}")
+    if not isinstance(card["weights"], dict):
+        raise TransferSegError(f"{where}: weights must be {{\"file\": \"NAME.safetensors\", \"sha256\": ...}}, "
+                               f"not {json.dumps(card['weights'], default=str)[:120]}")
     if not composed:
+        arch = card["architecture"]
+        if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) \
+                or not isinstance(arch.get("config", {}), dict):
+            raise TransferSegError(f"{where}: architecture must be {{\"name\": ..., \"config\": {{...}}}}, "
+                                   f"not {json.dumps(arch, default=str)[:120]}")
         return
     method = card["method"]
     if not isinstance(method, dict) or not isinstance(method.get("name"), str) or not method["name"] \
@@ -199,6 +215,9 @@ def component_specs(card: dict) -> dict:
 def _read_card(card_path: Path) -> dict:
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TransferSegError(f"{card_path}: the model card is missing; a model is NAME.safetensors with its "
+                               "card NAME.json beside it (give the card, or install the model again)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TransferSegError(f"{card_path}: the model card is not valid JSON ({e})") from None
     _check_card(card, str(card_path))
@@ -275,11 +294,18 @@ def load_model(name_or_path, device="cpu") -> LoadedModel:
 
     card_path = find_model(name_or_path)
     card = _read_card(card_path)
-    weights_path = card_path.parent / card["weights"].get("file", card_path.with_suffix(".safetensors").name)
+    file_name = card["weights"].get("file", card_path.with_suffix(".safetensors").name)
+    if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in ("", ".", ".."):
+        # a card from a stranger must not point at files outside its own folder
+        raise TransferSegError(f"{card_path}: weights.file must be a file name beside the card, not {file_name!r}")
+    weights_path = card_path.parent / file_name
     if not weights_path.exists():
         raise TransferSegError(f"{card_path}: the weights file {weights_path.name} is missing beside the card")
     header = read_header(weights_path)  # refuses pickles and truncated files before hashing
     expected = card["weights"].get("sha256")
+    if not isinstance(expected, str) or not expected:
+        raise TransferSegError(f"{card_path}: the card has no weights.sha256, so its weights cannot be verified; "
+                               "reinstall the model (or write it again with save_model)")
     actual = sha256_file(weights_path)
     if expected != actual:
         raise TransferSegError(

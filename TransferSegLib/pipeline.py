@@ -277,7 +277,7 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
 
     box = _check_roi(roi, volume.shape) if roi is not None else None
     region = _crop(volume, box) if box is not None else volume
-    warnings = spacing_warnings(region, card)
+    warnings = spacing_warnings(region, card) + _constant_warning(region)
 
     start = time.perf_counter()
     report(0.02, "resampling")
@@ -353,6 +353,17 @@ def spacing_warnings(volume: Volume, card: dict) -> list:
         return [f"voxel spacing {shown} mm (k, j, i) is far outside {what} (more than 2× off); "
                 "the results may be unreliable"]
     return []
+
+
+def _constant_warning(volume: Volume) -> list:
+    """A warning when every voxel has the same value (a blank export, a failed conversion): the result
+    then says nothing about the patient.  Slab by slab, so a real image answers at its first slab."""
+    first = volume.array.flat[0]
+    for k in range(0, volume.shape[0], 16):
+        if np.any(volume.array[k:k + 16] != first):
+            return []
+    return [f"every voxel of the input (or of its region of interest) is {float(first):g}: it holds no image, so "
+            "the result is meaningless; check the file and how it was exported"]
 
 
 def _crop(volume: Volume, box) -> Volume:
