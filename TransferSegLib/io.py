@@ -16,10 +16,12 @@ the direction matrix and the first two origin coordinates, which is exact in flo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import secrets
 import shutil
+import struct
 import sys
 import zlib
 from pathlib import Path, PurePosixPath
@@ -193,14 +195,17 @@ def available_memory_bytes() -> int:
 # --------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _native_stderr_silenced():
-    """ITK's MetaImage and GDCM readers print to the C stderr; our error message says it better."""
+    """ITK's MetaImage and GDCM readers print to the C stderr; our error message says it better.
+
+    The C stderr is file descriptor 2 whatever Python's ``sys.stderr`` has been replaced by."""
+    fd = 2
     try:
-        fd = sys.stderr.fileno()
         saved = os.dup(fd)
-    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. inside Slicer's console)
+    except OSError:  # no stderr at all
         yield
         return
-    sys.stderr.flush()
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # e.g. Slicer's console object
+        sys.stderr.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, fd)
@@ -313,8 +318,14 @@ def _read_image(path: Path) -> sitk.Image:
         ) from None
     _check_header(name, reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(),
                   _pixel_bytes(reader.GetPixelID()), reader.GetSpacing(), reader.GetDirection())
-    if suffix == ".nii.gz":
-        _check_gzip_stream(path)
+    if suffix in (".nii", ".nii.gz"):
+        chunks = _gzip_chunks(path) if suffix == ".nii.gz" else _file_chunks(path)
+        bad = _nonfinite_nifti_voxels(chunks)
+        if bad:
+            raise TransferSegError(
+                f"{name}: the volume has {bad} voxel(s) that are NaN or infinite; repair or mask them (e.g. set "
+                "them to the background value) and try again"
+            )
     return _execute(reader, name)
 
 
@@ -369,17 +380,22 @@ def _itk_reason(error: Exception) -> str:
     return " ".join(ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK"))[:240] or "unknown reason"
 
 
-def _check_gzip_stream(path: Path) -> None:
-    """ITK's NIfTI reader silently zero-fills a truncated .gz file; read the stream to its end first."""
+def _file_chunks(path: Path):
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            yield chunk
+
+
+def _gzip_chunks(path: Path):
+    """The decompressed bytes of a .gz file, read to its end: ITK's NIfTI reader silently zero-fills a
+    truncated .gz file, so a truncated or corrupt stream raises here instead."""
     decompressor = zlib.decompressobj(wbits=31)
     try:
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                decompressor.decompress(chunk, 0)
-                while decompressor.unconsumed_tail:
-                    decompressor.decompress(decompressor.unconsumed_tail, 0)
-                if decompressor.eof:
-                    break
+            while not decompressor.eof and (chunk := f.read(1 << 22)):
+                yield decompressor.decompress(chunk, 1 << 24)
+                while decompressor.unconsumed_tail and not decompressor.eof:
+                    yield decompressor.decompress(decompressor.unconsumed_tail, 1 << 24)
     except zlib.error as e:
         raise TransferSegError(f"{path}: the compressed data is corrupt ({e}); copy or export the file again") from None
     if not decompressor.eof:
@@ -387,6 +403,58 @@ def _check_gzip_stream(path: Path) -> None:
             f"{path}: the file is truncated (the compressed data ends early, e.g. an interrupted copy or "
             "download); copy or export it again"
         )
+
+
+def _nifti_float_layout(head: bytes):
+    """``(dtype, data offset, voxel count)`` from a NIfTI-1 or NIfTI-2 header of float data; None otherwise."""
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack_from(endian + "i", head, 0)[0] == 348:
+            datatype = struct.unpack_from(endian + "h", head, 70)[0]
+            dims = struct.unpack_from(endian + "8h", head, 40)
+            offset = int(struct.unpack_from(endian + "f", head, 108)[0])
+            break
+        if len(head) >= 540 and struct.unpack_from(endian + "i", head, 0)[0] == 540:
+            datatype = struct.unpack_from(endian + "h", head, 12)[0]
+            dims = struct.unpack_from(endian + "8q", head, 16)
+            offset = struct.unpack_from(endian + "q", head, 168)[0]
+            break
+    else:
+        return None
+    kind = {16: "f4", 64: "f8"}.get(datatype)
+    if kind is None or not 1 <= dims[0] <= 7:
+        return None
+    count = int(np.prod([max(int(n), 1) for n in dims[1:dims[0] + 1]], dtype=np.int64))
+    return np.dtype(endian + kind), offset, count
+
+
+def _nonfinite_nifti_voxels(chunks) -> int:
+    """NaN and ±inf voxels of a single-file NIfTI given as byte chunks (read to the end), 0 for integer
+    data: ITK's NIfTI reader turns them into 0 without a word, so they are counted in the file itself."""
+    chunks = iter(chunks)
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= 540:
+            break
+    layout = _nifti_float_layout(head)
+    if layout is None:
+        for _ in chunks:  # to the end all the same: a .gz stream is checked there
+            pass
+        return 0
+    dtype, start, count = layout
+    stop = start + count * dtype.itemsize
+    position, carry, bad = 0, b"", 0
+    for chunk in itertools.chain([head], chunks):
+        lo, hi = max(start - position, 0), min(stop - position, len(chunk))
+        position += len(chunk)
+        if hi <= lo:
+            continue
+        data = carry + chunk[lo:hi]
+        usable = len(data) - len(data) % dtype.itemsize
+        values = np.frombuffer(data, dtype, count=usable // dtype.itemsize)
+        bad += values.size - int(np.count_nonzero(np.isfinite(values)))
+        carry = data[usable:]
+    return bad
 
 
 def _execute(reader, name: str) -> sitk.Image:
