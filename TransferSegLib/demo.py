@@ -37,6 +37,7 @@ DEMO_MODELS = {"ct-unet3d": DEFAULT_SEGMENTATION_MODEL, "ct-vfn": "ct-liver-tumo
 # The FROC sweeps every local maximum of the heatmap (the card's peak spacing, threshold 0), as
 # the shipped detector's held-out FROC was measured; the default threshold is one point of it.
 FROC_MAX_PEAKS = 50
+DISAGREEMENT_SHOWN_FROM = 0.1  # below it the views' soft probabilities differ a little nearly everywhere
 _LAYOUT = {
     "ct": "the CT phantom (ct.nii.gz, HU), its truth (truth.nii.gz: 1 liver, 2 liver tumor) and truth.png",
     "ct-unet3d": "the default CT model's result, as `transferseg segment` writes it",
@@ -72,6 +73,19 @@ def _operating_point(detections_per_volume, boxes_per_volume) -> dict:
     return {"found": int(round(curve["tpr"][-1] * lesions)), "lesions": lesions,
             "false_positives": int(round(curve["fp_per_volume"][-1] * volumes)),
             "fp_per_volume": curve["fp_per_volume"][-1], "tpr": curve["tpr"][-1], "volumes": volumes}
+
+
+def _focus(truth: np.ndarray, labels: np.ndarray) -> Optional[list]:
+    """The voxel the CT pictures pass through: the middle of the largest cross-section of the true
+    tumors (where the views differ most visibly), else the segmentation's centre, else None."""
+    tumor = truth == 2
+    if tumor.any():
+        k = int(np.argmax(np.count_nonzero(tumor, axis=(1, 2))))
+        j, i = np.argwhere(tumor[k]).mean(axis=0)
+        return [k, int(round(j)), int(round(i))]
+    if labels.any():
+        return [int(round(c)) for c in np.argwhere(labels > 0).mean(axis=0)]
+    return None
 
 
 def _write_json(path: Path, data) -> Path:
@@ -234,20 +248,19 @@ def _segment_step(demo: _Demo, step: str, model: str, volume, truth, ct_path, de
                   f"tumor {row['views_dice'][view]['tumor']:.3f})": labels for view, labels in view_labels.items()}
         panels[f"fused: {fusion} (liver {row['dice']['liver']:.3f}, tumor {row['dice']['tumor']:.3f})"] = result.labels
         panels["phantom truth"] = truth
-        focus = [int(round(c)) for c in np.argwhere(result.labels > 0).mean(axis=0)] if np.any(result.labels) \
-            else None
+        focus = _focus(truth, result.labels)
         pictures = [save_views_side_by_side_png(
             volume, panels, folder / "views-side-by-side.png", view="axial", focus=focus, label_names=label_names,
-            title=f"{result.card['name']}: each view network's label map (argmax, before clean-up) and the fused "
-                  "one on the same axial slice; Dice against the phantom's truth")]
+            title=f"{result.card['name']}: each view network's label map (argmax, before clean-up), the fused one "
+                  "and the truth on one axial slice (through the largest true tumor); Dice against the truth")]
         del view_labels, panels
         if result.disagreement is not None:
             pictures.append(save_scalar_overlay_png(
                 volume, result.disagreement, folder / "disagreement.png",
                 colorbar_label="view disagreement (0 agree, 1 all differ)", contours=result.labels,
-                label_names=label_names, focus=focus,
-                title=f"{result.card['name']}: where the axial, coronal and sagittal networks disagree "
-                      "(Jensen–Shannon, 0 … 1; two one-hot views against one give 0.58), hidden below 0.05; "
+                label_names=label_names, focus=focus, floor=DISAGREEMENT_SHOWN_FROM,
+                title=f"{result.card['name']}: where its axial, coronal and sagittal networks disagree "
+                      f"(shown from {DISAGREEMENT_SHOWN_FROM:g}; two one-hot views against one give 0.58)\n"
                       "outlines: the fused segmentation"))
             row["disagreement"] = {k: result.method_summary[k] for k in
                                    ("mean_disagreement", "share_views_differ") if k in result.method_summary}

@@ -15,6 +15,7 @@ annotated lesions, :func:`save_froc_png` FROC curves.  Every slice is drawn by
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ LABEL_COLORS = {
 }
 _BOX_COLORS = {"mass": "#00e5ff", "calcification_cluster": "#ff4dff"}
 _PANEL_INCHES = 3.4
+_TITLE_CHARS = 48  # characters per line of a row's title (8 pt beside a 3.4-inch slice)
 _DPI = 110
 
 
@@ -237,8 +239,8 @@ def _draw_case(axes_row, volume: Volume, labels=None, heatmap=None, boxes=None, 
         _draw_plane(ax, volume, view, index, window, labels=labels, label_values=values, heatmap=heatmap,
                     heat_max=heat_max, boxes=boxes, markers=markers)
 
-    if title:
-        axes_row[0].set_ylabel(title, fontsize=8)
+    if title:  # wrapped: a long title beside a short slice would run off the figure
+        axes_row[0].set_ylabel(textwrap.fill(title, _TITLE_CHARS), fontsize=8)
     handles = [Patch(facecolor=_label_color(v), label=f"{v} {names.get(v, 'label')}") for v in values]
     kinds = sorted({box.get("kind", "box") for box in boxes or []})
     handles += [Patch(facecolor="none", edgecolor=_BOX_COLORS.get(k, "#00ff00"), label=k.replace("_", " "))
