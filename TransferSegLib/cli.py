@@ -119,7 +119,7 @@ def _segment_one(args, source) -> int:
     volume = load_volume(source)
     roi = None
     if args.roi:
-        roi = tuple(int(v) for v in _parse_box(args.roi, "--roi"))
+        roi = _parse_box(args.roi, "--roi")  # whole, finite voxel indices: checked by the pipeline
     elif args.roi_ras:
         from .inference import roi_from_ras
 
