@@ -160,7 +160,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from ..io import atomic_output
+from ..io import atomic_output, check_output_folder
 from ..losses import LOSSES, REGRESSION_LOSSES, build_loss
 from ..progress import CancelToken, ProgressCallback, check_cancel
 from ..volume import TransferSegError
@@ -1573,6 +1573,7 @@ def train(config: dict, output_dir=None, progress: Optional[ProgressCallback] = 
     """
     config = validate_config(config)
     out = Path(output_dir) if output_dir is not None else Path("runs") / config["name"]
+    check_output_folder(out)  # a file in the way is named now, not by a failed mkdir deep inside the run
     if max_steps is not None and (not _is_int(max_steps) or max_steps < 0):
         raise TransferSegError(f"max_steps must be a whole number ≥ 0; got {max_steps!r}")
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
