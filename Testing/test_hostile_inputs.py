@@ -296,6 +296,11 @@ def _out_blocked_by_a_folder(c: Case) -> list:
     return c.segment(c.ct())
 
 
+def _train_into_a_file(c: Case) -> list:
+    c.out.write_text("not a folder\n", encoding="utf-8")
+    return c.train(c.train_config(), "--max-steps", "1")
+
+
 # name → (build the argv in the case folder, the words of the message that name the problem)
 CASES = {
     # volumes
@@ -376,6 +381,10 @@ CASES = {
     "--roi malformed": (lambda c: c.segment(c.ct(), "--roi", "1,2,3"), "six comma-separated numbers"),
     "--roi out of bounds": (lambda c: c.segment(c.ct(), "--roi", "0,0,0,100,32,32"), "reaches outside the volume"),
     "--roi empty": (lambda c: c.segment(c.ct(), "--roi", "0,0,0,0,32,32"), "is empty"),
+    "--roi with NaN": (lambda c: c.segment(c.ct(), "--roi", "nan,0,0,4,32,32"), r"roi must be \(k0"),
+    "--roi with infinity": (lambda c: c.segment(c.ct(), "--roi", "0,0,0,inf,32,32", command="detect"),
+                            r"roi must be \(k0"),
+    "--roi between voxels": (lambda c: c.segment(c.ct(), "--roi", "0,0,0,4.5,32,32"), "whole voxel indices"),
     "--roi-ras outside the volume": (lambda c: c.segment(c.ct(), "--roi-ras", "1000,1000,1000,1010,1010,1010"),
                                      r"RAS box from \(1000, 1000, 1000\).*does not overlap"),
     "--fusion on a single-network model": (lambda c: c.segment(c.ct(), "--fusion", "staple"),
@@ -389,6 +398,7 @@ CASES = {
         {"steps": -5, "optimizer": {"name": "adam", "lr": 0.001}, "loss": "ce"}])), r"stages\[0\]\.steps"),
     "train config missing": (lambda c: c.train(c.path("none.json")), "no such training config"),
     "train data folder missing": (lambda c: c.train(c.train_config(data={"root": "nowhere"})), "no such data folder"),
+    "train -o an existing file": (lambda c: _train_into_a_file(c), "output folder .* is an existing file"),
     # evaluate
     "evaluate data without labels": (lambda c: c.evaluate(_images_only(c)), "found no image/label pairs"),
     "evaluate Decathlon folder without labelsTr": (lambda c: c.evaluate(_msd(c, "{}")), "have no label map"),
