@@ -147,7 +147,7 @@ def run_demo(output_dir, seed: int = 0, device: str = "auto", progress: Optional
     A model that is not installed skips its step (said through ``log`` and in the summary's
     ``skipped``); the phantoms are always made.
     """
-    from .io import check_output_folder
+    from .io import atomic_output, check_output_folder
 
     out = check_output_folder(output_dir)
     if isinstance(dbt_volumes, bool) or int(dbt_volumes) != dbt_volumes or dbt_volumes < 1:
@@ -185,12 +185,11 @@ def run_demo(output_dir, seed: int = 0, device: str = "auto", progress: Optional
         "dbt": {"shape": list(dbt_shape) if dbt_shape else None, "lesions": len(lesions), "volumes": int(dbt_volumes)},
         "rows": rows, "steps_s": {k: round(v, 3) for k, v in demo.steps.items()},
         "skipped": [row["step"] for row in rows if row.get("skipped")],
-        "layout": {step: text for step, text in _LAYOUT.items() if (out / step).is_dir()},
+        "layout": {step: text for step, text in _LAYOUT.items()
+                   if any(name.startswith(step + "/") for name in demo.files)},
         "total_s": round(time.perf_counter() - started, 3),
     }
     summary["files"] = sorted(demo.files + ["summary.json", "summary.txt"])
-    from .io import atomic_output
-
     with atomic_output(out / "summary.txt") as tmp:
         tmp.write_text(format_summary(summary) + "\n", encoding="utf-8")
     _write_json(out / "summary.json", summary)
