@@ -72,7 +72,7 @@ def _signal_handlers_restored():
 @pytest.fixture(scope="module")
 def ct_source(tmp_path_factory):
     """A small CT phantom file: the good volume the argument and output cases start from."""
-    volume, labels = ct_phantom(seed=3, shape=(8, 32, 32))
+    volume, _ = ct_phantom(seed=3, shape=(8, 32, 32))
     folder = tmp_path_factory.mktemp("hostile_ct")
     return save_volume(volume, folder / "ct.nii.gz")
 
