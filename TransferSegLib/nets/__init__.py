@@ -40,6 +40,7 @@ def _import_all() -> None:
     from . import ahnet  # noqa: F401
     from . import vfn  # noqa: F401
     from . import hdenseunet  # noqa: F401  (registers denseunet2d, denseunet3d and hdenseunet)
+    from . import convert  # noqa: F401  (registers converted)
 
 
 from .unet import *  # noqa: F401,F403,E402

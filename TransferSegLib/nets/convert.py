@@ -77,9 +77,10 @@ from torchvision.ops import misc as tv_misc
 
 from ..volume import TransferSegError
 from ..weights import read_state_dict, refuse_pickle_suffix, save_state_dict, sha256_file
+from . import register
 from .unet import SliceStack2D, UNet2D
 
-__all__ = ["CONVERSION_MODES", "FORWARDS_3D", "InflatedConvTranspose3d", "LayerNorm3d", "convert",
+__all__ = ["CONVERSION_MODES", "FORWARDS_3D", "InflatedConvTranspose3d", "LayerNorm3d", "convert", "converted_network",
            "convert_from_source", "load_converted", "save_converted"]
 
 #: ``to`` value -> the name used in messages.
@@ -870,6 +871,21 @@ def convert_from_source(source: str, to: str = "acs", num_classes: int | None = 
     }
     model3d.transferseg_conversion = {**model3d.transferseg_conversion, **info}
     return model3d, info
+
+
+@register("converted")
+def converted_network(source: str, config: dict | None = None, to: str = "acs") -> nn.Module:
+    """The 2D architecture ``source`` (a TransferSeg name or ``torchvision:NAME``) built with
+    ``config`` and converted ``to`` 3D, freshly initialised: how a model card names a converted
+    network (``{"name": "converted", "config": {"source": "unet2d", "config": {...}, "to": "acs"}}``).
+    A card's weights, or a trainer's ``init_weights.convert_from`` (the trained 2D model,
+    converted), are loaded into it afterwards.
+    """
+    if not isinstance(source, str) or not source or source == "converted":
+        raise TransferSegError(f"converted: source must name a 2D architecture, e.g. \"unet2d\"; got {source!r}")
+    model3d = convert(_build_2d(source, None, config), to)
+    model3d.config = {"source": source, "config": dict(config or {}), "to": _check_mode(to)}
+    return model3d
 
 
 def save_converted(model3d: nn.Module, path, info: dict | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""Recipes: several trainer runs assembled into one composed model, resumable as a whole.
+"""Recipes: several trainer runs assembled into one model, resumable as a whole.
 
 ``multiview`` (the Volumetric Fusion Net, Xia et al. 2018, sec. 2.3) trains three 2D networks,
 one per anatomical view, then a fusion network on the views' predictions for cases those 2D
@@ -35,6 +35,10 @@ its three stages, and composes them into one model (method ``cascade``); see :fu
      working_spacing_mm; "data": {"count": 40} changes the shared data for this part...},
      "net2d": {...}, "hybrid": {...}, "net3d": {...} | null,
      "method": {...methods.cascade settings}}
+
+``transfer`` (AH-Net sec. 3.2, ACS sec. 3.2) trains a 2D network on slices (``source``), then
+the 3D network that starts from it (``target``: an "ahnet" or a "converted" architecture), and
+ships the target as one fp16 model; see :func:`transfer`.
 """
 from __future__ import annotations
 
@@ -50,10 +54,11 @@ from ..progress import CancelToken, ProgressCallback, StageProgress, check_cance
 from ..volume import TransferSegError
 from .trainer import _cached_working_case, _cases_from_spec, train, validate_config, write_stack
 
-__all__ = ["RECIPES", "cascade", "fusion_channels", "is_recipe", "multiview", "run_recipe", "validate_recipe"]
+__all__ = ["RECIPES", "cascade", "fusion_channels", "is_recipe", "multiview", "run_recipe", "transfer",
+           "validate_recipe"]
 
-COMMON = ("name", "version", "description", "seed", "labels", "data", "preprocessing", "working_spacing_mm",
-          "working_orientation", "expected_spacing_mm", "postprocessing", "evaluation", "threads", "device")
+COMMON = ("name", "version", "task", "description", "seed", "labels", "data", "preprocessing", "working_spacing_mm",
+          "working_orientation", "expected_spacing_mm", "postprocessing", "evaluation", "peaks", "threads", "device")
 MULTIVIEW_KEYS = COMMON + ("recipe", "views", "fusion", "fusion_data", "ablation_no_image", "method")
 VIEWS = ("axial", "coronal", "sagittal")
 
@@ -338,10 +343,91 @@ def cascade(config: dict, output_dir, progress: Optional[ProgressCallback] = Non
     return card
 
 
-RECIPES = {"multiview": multiview, "cascade": cascade}
+TRANSFER_PARTS = ("source", "target")
+TRANSFER_KEYS = COMMON + ("recipe",) + TRANSFER_PARTS
+#: target architecture -> the init_weights key that carries the trained 2D network into it
+TRANSFER_INIT = {"ahnet": "transfer_from", "converted": "convert_from"}
 
 
-VALIDATORS = {"multiview": validate_multiview, "cascade": validate_cascade}
+def _transfer_config(config: dict, part: str, out: Path) -> dict:
+    data = dict(config["data"], **config[part].get("data", {}))
+    if "stacks" not in data and data.get("cache") is not False:
+        data["cache"] = str(out / "cases")
+    sub = _sub_config(config, config[part], name=f"{config['name']}-{part}", data=data)
+    if part == "target":
+        key = TRANSFER_INIT.get(sub.get("architecture", {}).get("name"))
+        if key is None:
+            _fail("target.architecture.name", f"must be one the 2D network transfers into: {', '.join(TRANSFER_INIT)}")
+        sub["init_weights"] = {key: str(out / "source" / "model" / f"{config['name']}-source.json")}
+    return sub
+
+
+def validate_transfer(config: dict) -> dict:
+    """A checked copy of a transfer recipe config; both parts are checked by the trainer."""
+    unknown = sorted(set(config) - set(TRANSFER_KEYS) - {k for k in config if k.startswith("_")})
+    if unknown:
+        _fail(unknown[0], f"unknown key; a transfer recipe has {', '.join(TRANSFER_KEYS)}")
+    for key in ("name", "labels", "data", "source", "target"):
+        if key not in config:
+            _fail(key, "required")
+    c = copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")})
+    for part in TRANSFER_PARTS:
+        if not isinstance(c[part], dict):
+            _fail(part, "must be a JSON object of trainer keys")
+        if "init_weights" in c[part] and part == "target":
+            _fail("target.init_weights", "is set by the recipe: the source part's model")
+        sub = _transfer_config(c, part, Path("."))
+        if part == "target":
+            sub["init_weights"] = None  # the source model does not exist yet
+        _check_part(sub, part, c[part])
+    return c
+
+
+def transfer(config: dict, output_dir, progress: Optional[ProgressCallback] = None,
+             cancel: Optional[CancelToken] = None, max_steps: Optional[int] = None) -> Path:
+    """Run the transfer recipe into ``output_dir``: a 2D network, then the 3D network it becomes.
+
+    ``source`` trains the 2D network on slices; ``target`` trains the 3D network that starts
+    from it: an "ahnet" whose encoder is the MC-GCN's made 3D (AH-Net sec. 3.2,
+    ``init_weights.transfer_from``) or a "converted" network, the 2D one converted by
+    ``nets.convert`` (ACS sec. 3.2, ``init_weights.convert_from``)::
+
+        {"recipe": "transfer", ...the shared keys above..., "source": {...trainer keys...},
+         "target": {...trainer keys...}}
+
+    The target is written as the fp16 model ``NAME`` (OUT/model), its card naming both runs and
+    their times.  Running it again resumes; a finished part is not redone.
+    """
+    from ..models import load_model, save_model
+
+    c = validate_transfer(config)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(c, indent=2) + "\n", encoding="utf-8")
+    timings = {}
+    for n, part in enumerate(TRANSFER_PARTS):
+        check_cancel(cancel)
+        tic = time.perf_counter()
+        _train_once(_transfer_config(c, part, out), out / part,
+                    StageProgress(progress, n / 2, (n + 1) / 2) if progress else None, cancel, max_steps)
+        timings[f"{part}_s"] = round(time.perf_counter() - tic, 1)
+    target = out / "target" / "model" / f"{c['name']}-target.json"
+    if not target.exists():  # stopped early (max_steps): rerun to resume
+        return None
+    loaded = load_model(target, device="cpu")
+    card = {k: v for k, v in loaded.card.items() if k not in ("weights", "_path")}
+    card.update(name=c["name"], version=c.get("version", card.get("version", "1.0.0")))
+    if c.get("description"):
+        card["description"] = c["description"]
+    card["training"] = dict(card.get("training", {}), recipe={"config": c, "seconds": timings, "parts": {
+        part: str(out / part / "model" / f"{c['name']}-{part}.json") for part in TRANSFER_PARTS}})
+    return save_model(loaded.network, card, out / "model", storage_dtype="float16")
+
+
+RECIPES = {"multiview": multiview, "cascade": cascade, "transfer": transfer}
+
+
+VALIDATORS = {"multiview": validate_multiview, "cascade": validate_cascade, "transfer": validate_transfer}
 
 
 def validate_recipe(config: dict) -> dict:

@@ -39,7 +39,11 @@ comments)::
                      {"transfer_from": MC-GCN model (card path or name)} for an "ahnet" architecture:
                      its encoder is the MC-GCN's made 3D (AH-Net sec. 3.2, nets.transfer_mcgcn_to_ahnet;
                      an "mcgcn_multislice" model is unwrapped), its decoder fresh from ``seed``;
-                     architecture.config must name the MC-GCN's backbone and stem_slices = its slices
+                     architecture.config must name the MC-GCN's backbone and stem_slices = its slices;
+                     {"convert_from": 2D model (card path or name)} for a "converted" architecture
+                     ({"source": "unet2d", "config": {...}, "to": "acs"}): the trained 2D network
+                     (a "…_multislice" model's is unwrapped) converted by nets.convert, weights kept
+                     (ACS paper sec. 3.2); source and config must be the 2D model's
     labels           [{"name": "liver", "label": 1, "color": [r, g, b], "terminology": {...}}, ...];
                      segmentation: values 1…n, and the network has n + 1 output channels
     data*            {"root": "path"} (MSD, LiTS or phantom folder; relative to the config file;
@@ -121,6 +125,8 @@ comments)::
     device           "auto" | "cpu" | "cuda" | "cuda:N" (torchrun: cuda:LOCAL_RANK when CUDA exists)
     deterministic    true: torch.use_deterministic_algorithms (restored afterwards)
     progress_bar     true: tqdm on stderr when it is a terminal
+    storage_dtype    null | "float16": the final model's floating-point weights stored in half precision
+                     (half the file; loading casts them back to float32)
 
 What a run writes into OUT (rank 0 only, every file atomically): ``log.csv`` (step, epoch,
 stage, stage_name, loss, loss_name, lr per group, validation Dice per label, elapsed_s),
@@ -347,7 +353,7 @@ TOP_LEVEL = ("name", "version", "task", "description", "seed", "architecture", "
              "patch_size", "view", "batch_size", "positive_fraction",
              "positive_labels", "positive_threshold", "positive_jitter", "augmentation", "stages", "steps_per_epoch",
              "checkpoint_every", "keep_checkpoints", "log_every", "inference", "postprocessing", "evaluation",
-             "peaks", "threads", "workers", "device", "deterministic", "progress_bar")
+             "peaks", "threads", "workers", "device", "deterministic", "progress_bar", "storage_dtype")
 
 
 def validate_config(config: dict) -> dict:
@@ -384,6 +390,13 @@ def validate_config(config: dict) -> dict:
                 _fail("init_weights.transfer_from", f"must be an MC-GCN model (card path or name); got {init!r}")
             if arch["name"] != "ahnet":
                 _fail("init_weights.transfer_from", f"transfers an MC-GCN into an 'ahnet' architecture, "
+                      f"not {arch['name']!r}")
+        elif isinstance(init, dict) and "convert_from" in init:
+            _section(init, "init_weights", ("convert_from",))
+            if not isinstance(init["convert_from"], str) or not init["convert_from"]:
+                _fail("init_weights.convert_from", f"must be a 2D model (card path or name); got {init!r}")
+            if arch["name"] != "converted":
+                _fail("init_weights.convert_from", f"converts a 2D model into a 'converted' architecture, "
                       f"not {arch['name']!r}")
         else:
             _section(init, "init_weights", ("path", "strict", "prefix", "source_prefix"), required=("path",))
@@ -582,6 +595,8 @@ def validate_config(config: dict) -> dict:
     for name in ("deterministic", "progress_bar"):
         if not isinstance(c.setdefault(name, True), bool):
             _fail(name, f"must be true or false; got {c[name]!r}")
+    if c.setdefault("storage_dtype", None) not in (None, "float16"):
+        _fail("storage_dtype", f"must be null (float32) or \"float16\" (half the file size); got {c['storage_dtype']!r}")
     return c
 
 
@@ -606,7 +621,7 @@ def load_config(path) -> dict:
         if isinstance(data, dict) and isinstance(data.get(key), str):
             data[key] = str((base / Path(data[key]).expanduser()).resolve())
     init = config.get("init_weights")
-    key = "transfer_from" if isinstance(init, dict) and "transfer_from" in init else "path"
+    key = next((k for k in ("transfer_from", "convert_from") if isinstance(init, dict) and k in init), "path")
     init_path = init.get(key) if isinstance(init, dict) else init
     if isinstance(init_path, str) and (os.sep in init_path or init_path.endswith((".json", ".safetensors"))):
         resolved = str((base / Path(init_path).expanduser()).resolve())
@@ -1385,6 +1400,10 @@ def _build_network(config: dict, device) -> tuple:
     init, report = config["init_weights"], None
     if init and "transfer_from" in init:
         network.load_state_dict(_transferred_weights(init["transfer_from"], network, config["seed"]), strict=True)
+    elif init and "convert_from" in init:
+        state = _converted_weights(init["convert_from"], arch["config"])
+        report = load_weights_into(network, state, "", True, source=init["convert_from"])
+        report["converted_to"] = network.config["to"]
     elif init:
         state = {key[len(init["source_prefix"]):]: value for key, value in _initial_weights(init["path"]).items()
                  if key.startswith(init["source_prefix"])}
@@ -1462,6 +1481,27 @@ def _transferred_weights(mcgcn_model: str, ahnet: nn.Module, seed: int) -> dict:
             _fail("architecture.config", f"{key} is {ahnet.config[key]!r} but the MC-GCN in {mcgcn_model} has {value!r}")
     torch.manual_seed(seed)
     return transfer_mcgcn_to_ahnet(mcgcn, **ahnet.config).state_dict()
+
+
+def _converted_weights(model_2d: str, arch_config: dict) -> dict:
+    """The state of the trained 2D model converted as ``arch_config`` says (a "converted" architecture)."""
+    from ..models import load_model
+    from ..nets import SliceStack2D, build_network
+    from ..nets.convert import convert
+
+    loaded = load_model(model_2d, device="cpu")
+    network = loaded.network.net if isinstance(loaded.network, SliceStack2D) else loaded.network
+    name = loaded.card["architecture"]["name"]
+    if name.removesuffix("_multislice") != arch_config["source"].removeprefix("transferseg:"):
+        _fail("init_weights.convert_from", f"{model_2d} holds a {name!r} network; architecture.config.source is "
+              f"{arch_config['source']!r}")
+    expected = build_network(arch_config["source"].removeprefix("transferseg:"), arch_config.get("config")).config
+    given = {k: v for k, v in getattr(network, "config", {}).items() if k in expected}
+    if given != expected:
+        differ = [k for k in expected if given.get(k) != expected[k]]
+        _fail("architecture.config.config", f"{differ[0]} is {expected[differ[0]]!r} but the 2D network in {model_2d} "
+              f"has {given.get(differ[0])!r}")
+    return convert(network, arch_config.get("to", "acs")).state_dict()
 
 
 def _initial_weights(path: str) -> dict:
@@ -1804,7 +1844,7 @@ def _save_final_model(network, config, out, data_spec, total, world, metrics, fi
     from ..models import save_model
 
     card = _model_card(config, data_spec, total, world, metrics, spacing_range)
-    card_path = save_model(network, card, out / "model")
+    card_path = save_model(network, card, out / "model", storage_dtype=config.get("storage_dtype"))
     _write_json(out / "result.json", {"steps": total, "final_loss": final_loss, "metrics": metrics,
                                       "card": str(card_path.relative_to(out)), "config": config})
     return card_path
