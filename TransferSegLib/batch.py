@@ -9,13 +9,12 @@ series is one case itself.  :func:`run_batch` loads the model once, runs
 :class:`TransferSegError` or ``OSError``) becomes a ``failed`` row and the others go on;
 cancelling stops the whole batch.
 
-Under torchrun, :func:`processes` joins the process group (gloo on CPU, nccl on CUDA, one GPU
-per local rank) and each rank runs ``cases[rank::world_size]``; rank 0 gathers every rank's
-rows and writes the one summary.
+Under torchrun, :func:`~TransferSegLib.distributed.processes` joins the process group (gloo on
+CPU, nccl on CUDA, one GPU per local rank) and each rank runs ``cases[rank::world_size]``; rank 0
+gathers every rank's rows and writes the one summary.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import time
@@ -26,7 +25,7 @@ from typing import Callable, Optional
 from .progress import Cancelled, CancelToken, ProgressCallback, StageProgress, check_cancel
 from .volume import TransferSegError
 
-__all__ = ["Case", "SUMMARY_NAME", "find_cases", "processes", "run_batch", "summary_columns", "torchrun_world_size"]
+__all__ = ["Case", "SUMMARY_NAME", "find_cases", "run_batch", "summary_columns"]
 
 SUMMARY_NAME = "summary.csv"
 
@@ -49,9 +48,9 @@ def _volume_suffix(path: Path) -> Optional[str]:
 def _holds_dicom_series(folder: Path) -> bool:
     import SimpleITK as sitk
 
-    from .io import _native_stderr_silenced
+    from .io import native_stderr_silenced
 
-    with _native_stderr_silenced():  # GDCM complains on stderr about every file that is not DICOM
+    with native_stderr_silenced():  # GDCM complains on stderr about every file that is not DICOM
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
@@ -100,32 +99,6 @@ def find_cases(inputs) -> list:
         seen[key] = case
         cases.append(case)
     return cases
-
-
-def torchrun_world_size() -> int:
-    """WORLD_SIZE as torchrun sets it (1 outside torchrun)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
-@contextlib.contextmanager
-def processes(device: str = "auto"):
-    """This process's place in a torchrun job: yields an object with ``rank``, ``world`` and
-    ``device`` (``cuda:LOCAL_RANK`` when CUDA is available and ``device`` is not ``cpu``).
-
-    Joins the process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1; on leaving, waits
-    for every rank and leaves the group.  Outside torchrun: rank 0 of 1, ``device`` resolved.
-    """
-    from .training.trainer import _Processes  # the trainer's torchrun set-up, shared
-
-    procs = _Processes(str(device))
-    try:
-        yield procs
-        procs.barrier()
-    finally:
-        procs.close()
 
 
 def summary_columns(card: dict, distributed: bool = False) -> list:
@@ -212,9 +185,9 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
         cancel: a :class:`CancelToken`; cancelling stops the batch with
             :class:`~TransferSegLib.progress.Cancelled`.  Finished cases keep their complete
             folders, the case in progress writes nothing, and no summary is written.
-        rank, world_size: under torchrun (from :func:`processes`, whose process group must be
-            up), this process runs ``cases[rank::world_size]`` and rank 0 writes the summary of
-            all; every rank returns every row.
+        rank, world_size: under torchrun (from :func:`~TransferSegLib.distributed.processes`, whose
+            process group must be up), this process runs ``cases[rank::world_size]`` and rank 0
+            writes the summary of all; every rank returns every row.
         on_case: called with each row of this process as soon as its case is done.
 
     A case that fails with :class:`TransferSegError` or ``OSError`` (unreadable, 2D, 4D, a full

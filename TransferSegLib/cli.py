@@ -102,7 +102,8 @@ def _parse_box(text: str, name: str) -> tuple:
 
 def _cmd_segment(args) -> int:
     """One volume into -o as it is; a folder or several inputs (or any torchrun job): a batch."""
-    from .batch import find_cases, torchrun_world_size
+    from .batch import find_cases
+    from .distributed import torchrun_world_size
 
     cases = find_cases(args.input)  # a name clash is an error before anything runs
     single = len(args.input) == 1 and [c.path for c in cases] == [Path(args.input[0]).expanduser()]
@@ -155,7 +156,8 @@ def _segment_one(args, source) -> int:
 
 def _segment_batch(args, cases) -> int:
     """Every case to OUT/<case>, OUT/summary.csv; under torchrun each rank takes its share."""
-    from .batch import SUMMARY_NAME, processes, run_batch
+    from .batch import SUMMARY_NAME, run_batch
+    from .distributed import processes
 
     if args.roi or args.roi_ras:
         raise TransferSegError("--roi and --roi-ras apply to one volume; run the cases that need a box one by one")

@@ -39,6 +39,7 @@ __all__ = [
     "available_memory_bytes",
     "check_output_folder",
     "load_volume",
+    "native_stderr_silenced",
     "save_labelmap",
     "save_scalar",
     "save_segmentation",
@@ -194,8 +195,10 @@ def available_memory_bytes() -> int:
 # Reading
 # --------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _native_stderr_silenced():
-    """ITK's MetaImage and GDCM readers print to the C stderr; our error message says it better.
+def native_stderr_silenced():
+    """Silence what native code (ITK's MetaImage and GDCM readers) prints to the C stderr for the
+    block: their complaints about a file say less than our error does, and GDCM's about every
+    file that is not DICOM, when a folder is searched for a series, are noise.
 
     The C stderr is file descriptor 2 whatever Python's ``sys.stderr`` has been replaced by."""
     fd = 2
@@ -513,7 +516,7 @@ def load_volume(path) -> Volume:
         raise TransferSegError(f"{path}: no such file or folder")
     if not os.access(path, os.R_OK):
         raise TransferSegError(f"{path}: permission denied; check that you may read this file")
-    with _native_stderr_silenced():
+    with native_stderr_silenced():
         image = _read_image(path)
     return _volume_from_image(image, str(path))
 

@@ -166,6 +166,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from ..distributed import Processes
 from ..io import atomic_output, check_output_folder
 from ..losses import LOSSES, REGRESSION_LOSSES, build_loss
 from ..progress import CancelToken, ProgressCallback, check_cancel
@@ -1295,52 +1296,6 @@ class RunLog:
             fig.savefig(tmp, format="png")
 
 
-# --- processes ------------------------------------------------------------------------------------
-class _Processes:
-    """One process, or one of WORLD_SIZE processes started by torchrun (gloo on CPU, nccl on CUDA)."""
-
-    def __init__(self, device_spec: str):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.owns_group = False
-        cuda = torch.cuda.is_available() and device_spec != "cpu"
-        if self.world > 1:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            self.device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-                self.owns_group = True
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        else:
-            from ..inference import resolve_device
-
-            self.device = resolve_device(device_spec)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, value: torch.Tensor) -> float:
-        value = value.detach().clone()
-        if self.world > 1:
-            self.dist.all_reduce(value)
-            value /= self.world
-        return float(value)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group:
-            self.dist.destroy_process_group()
-
-
 # --- the trainer ------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -1618,7 +1573,7 @@ def train(config: dict, output_dir=None, progress: Optional[ProgressCallback] = 
         raise TransferSegError(f"max_steps must be a whole number ≥ 0; got {max_steps!r}")
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.get_num_threads())
-    procs = _Processes(config["device"])
+    procs = Processes(config["device"])
     try:
         if config["threads"]:
             torch.set_num_threads(config["threads"])
