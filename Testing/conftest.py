@@ -35,6 +35,31 @@ def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def write_dicom_series(array, folder, spacing_ijk=(1.5, 1.5, 4.0), origin_lps=(0.0, 0.0, 0.0)) -> Path:
+    """Write ``array`` (axes (k, j, i), int16) into ``folder`` as a CT DICOM series, one slice per file,
+    with the tags a reader groups and orders a series by, as a scanner writes them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    image = sitk.GetImageFromArray(np.asarray(array, np.int16))
+    image.SetSpacing(tuple(float(s) for s in spacing_ijk))
+    image.SetOrigin(tuple(float(o) for o in origin_lps))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_k = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in {
+            "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.4241",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.4242", "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{p:.6f}" for p in position), "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0018|0050": str(spacing_ijk[2]), "0028|1052": "0", "0028|1053": "1",
+        }.items():
+            slice_k.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
+        writer.Execute(slice_k)
+    return folder
+
+
 @pytest.fixture
 def ct_like():
     """A small int16 CT-like array (HU) with a bright blob, axes (k, j, i)."""
@@ -67,6 +92,22 @@ def tiny_model(tmp_path_factory):
             "patch_size": [8, 32, 32], "inference": {"overlap": 0.25},
             "evaluation": {"regions": {"liver": [1, 2], "liver tumor": [2]}}}
     return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_heatmap_model(tmp_path_factory):
+    """A real (untrained, seeded) small 3D U-Net for the heatmap task: the engine's detection test model."""
+    from TransferSegLib.models import save_model
+    from TransferSegLib.nets import build_network
+
+    torch.manual_seed(2)
+    config = {"in_channels": 1, "out_channels": 1, "base_channels": 4, "levels": 2}
+    card = {"name": "tiny-heatmap", "version": "0.0.1", "task": "heatmap",
+            "labels": [{"name": "lesion", "label": 1, "color": [1.0, 0.8, 0.1]}],
+            "architecture": {"name": "unet3d", "config": config}, "preprocessing": {"normalise": "minmax"},
+            "patch_size": [8, 32, 32], "inference": {"overlap": 0.25, "activation": "sigmoid"},
+            "peaks": {"threshold": 0.0, "min_distance": [2, 6, 6], "max_peaks": 5}}
+    return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("heatmap_models"))
 
 
 def randomize_bn(model, seed=0):

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
-from conftest import sha256, write_image
-from test_pipeline import tiny_heatmap_model  # noqa: F401  (a fixture: the small detection model)
+from conftest import sha256, write_dicom_series, write_image
 
 from TransferSegLib.batch import find_cases, run_batch
 from TransferSegLib.io import load_volume, save_volume
@@ -42,25 +40,6 @@ def _ct_cases(folder, seeds, suffixes=(".nii.gz",)) -> list:
     return paths
 
 
-def _write_dicom_series(array, folder) -> Path:
-    """One slice per file, with the tags a reader groups a series by (as a scanner writes them)."""
-    folder.mkdir(parents=True)
-    image = sitk.GetImageFromArray(np.asarray(array, np.int16))
-    image.SetSpacing((1.5, 1.5, 4.0))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        slice_k = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, value in {"0020|000e": "1.2.826.0.1.3680043.2.1125.1.77", "0020|0013": str(k + 1),
-                           "0020|0032": "\\".join(f"{p:.6f}" for p in position),
-                           "0020|0037": "1\\0\\0\\0\\1\\0"}.items():
-            slice_k.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
-        writer.Execute(slice_k)
-    return folder
-
-
 def _summary(path) -> list:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
@@ -73,7 +52,7 @@ def _tree(folder) -> dict:
 def test_folder_runs_every_case_and_reports_the_bad_ones_without_stopping(tmp_path, tiny_model):
     cases = tmp_path / "cases"
     _ct_cases(cases, [1, 2, 3], suffixes=(".nii.gz", ".nrrd", ".mha"))
-    _write_dicom_series(ct_phantom(seed=4, shape=(8, 32, 32))[0].array, cases / "series_4")
+    write_dicom_series(ct_phantom(seed=4, shape=(8, 32, 32))[0].array, cases / "series_4")
     write_image(np.zeros((10, 12), np.int16), cases / "flat.nii.gz", spacing_ijk=(1, 1), origin_lps=(0, 0),
                 direction_lps=np.eye(2))
     good = (cases / "ct_001.nii.gz").read_bytes()
@@ -129,7 +108,7 @@ def test_several_inputs_each_to_its_own_folder_with_progress(tmp_path, tiny_mode
     assert f"2 case(s) done; see {out / 'summary.csv'}" in result.stdout
 
 
-def test_detect_on_a_folder_counts_each_case_detections(tmp_path, tiny_heatmap_model):  # noqa: F811
+def test_detect_on_a_folder_counts_each_case_detections(tmp_path, tiny_heatmap_model):
     cases = tmp_path / "dbt"
     cases.mkdir()
     for seed in (1, 2):

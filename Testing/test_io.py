@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from conftest import DIRECTIONS_LPS, sha256, write_image
+from conftest import DIRECTIONS_LPS, sha256, write_dicom_series, write_image
 
 from TransferSegLib.io import (
     atomic_output,
@@ -117,27 +117,8 @@ def test_orientation_names():
 
 
 def test_dicom_series_folder(tmp_path, ct_like):
-    folder = tmp_path / "dicom"
-    folder.mkdir()
-    spacing, origin = (0.75, 0.75, 2.5), (-100.0, -120.0, 50.0)
-    image = sitk.GetImageFromArray(ct_like)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.4242"
-    for k in range(image.GetDepth()):
-        slice_k = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, value in {
-            "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.4241", "0020|000e": series_uid,
-            "0020|0032": "\\".join(f"{p:.6f}" for p in position),
-            "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(k + 1), "0018|0050": str(spacing[2]),
-            "0028|1052": "0", "0028|1053": "1",
-        }.items():
-            slice_k.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(slice_k)
+    folder = write_dicom_series(ct_like, tmp_path / "dicom", spacing_ijk=(0.75, 0.75, 2.5),
+                                origin_lps=(-100.0, -120.0, 50.0))
     volume = load_volume(folder)
     np.testing.assert_array_equal(volume.array, ct_like.astype(np.float32))
     assert volume.spacing == pytest.approx((2.5, 0.75, 0.75))

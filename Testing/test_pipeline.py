@@ -179,23 +179,6 @@ def test_loaded_phantom_runs_through_the_python_api(tmp_path, tiny_model, phanto
     assert set(result.volumes_ml()) == {"liver", "liver tumor"}
 
 
-@pytest.fixture(scope="module")
-def tiny_heatmap_model(tmp_path_factory):
-    import torch
-
-    from TransferSegLib.models import save_model
-    from TransferSegLib.nets import build_network
-
-    torch.manual_seed(2)
-    config = {"in_channels": 1, "out_channels": 1, "base_channels": 4, "levels": 2}
-    card = {"name": "tiny-heatmap", "version": "0.0.1", "task": "heatmap",
-            "labels": [{"name": "lesion", "label": 1, "color": [1.0, 0.8, 0.1]}],
-            "architecture": {"name": "unet3d", "config": config}, "preprocessing": {"normalise": "minmax"},
-            "patch_size": [8, 32, 32], "inference": {"overlap": 0.25, "activation": "sigmoid"},
-            "peaks": {"threshold": 0.0, "min_distance": [2, 6, 6], "max_peaks": 5}}
-    return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("heatmap_models"))
-
-
 def test_detect_cli_writes_heatmap_and_detections(tmp_path, tiny_heatmap_model):
     from TransferSegLib.phantoms import dbt_phantom
 
