@@ -78,12 +78,13 @@ def ct_source(tmp_path_factory):
 
 
 class Case:
-    """A case's folder: inputs go in ``dir``, ``out`` is the output folder (absent unless a case makes it)."""
+    """A case's folder: inputs go in ``dir``, ``out`` is the output folder (absent unless a case makes it).
+    ``model`` is the tiny segmentation model, ``heatmap_model`` the tiny detection model."""
 
-    def __init__(self, root: Path, model: Path, ct_source: Path):
+    def __init__(self, root: Path, model: Path, ct_source: Path, heatmap_model: Path):
         self.root, self.dir, self.out = root, root / "in", root / "out"
         self.dir.mkdir()
-        self.model, self._ct_source = str(model), ct_source
+        self.model, self.heatmap_model, self._ct_source = str(model), str(heatmap_model), ct_source
 
     def path(self, name) -> Path:
         return self.dir / name
@@ -92,7 +93,9 @@ class Case:
         return Path(shutil.copy(self._ct_source, self.path(name)))
 
     def segment(self, source, *extra, command="segment", model=None) -> list:
-        return [command, str(source), "-o", str(self.out), "--model", str(model or self.model), "--device", "cpu",
+        """``command`` on ``source``, with the tiny model of the command's task unless ``model`` is given."""
+        model = model or (self.heatmap_model if command == "detect" else self.model)
+        return [command, str(source), "-o", str(self.out), "--model", str(model), "--device", "cpu",
                 *map(str, extra)]
 
     def model_copy(self, edit=None, weights: bytes | None = None) -> Path:
@@ -376,6 +379,10 @@ CASES = {
     "unknown method": (lambda c: c.segment(c.ct(), model=_unknown_method(c)), "method 'no-such-method'"),
     "unknown model name": (lambda c: c.segment(c.ct(), model="no-such-model"), "no model named 'no-such-model'"),
     "missing card path": (lambda c: c.segment(c.ct(), model=c.path("gone.json")), "no such model file"),
+    "detect with a segmentation model": (lambda c: c.segment(c.ct(), command="detect", model=c.model),
+                                         r"tiny-unet3d is a segmentation model.*use `transferseg segment`"),
+    "segment with a detection model": (lambda c: c.segment(c.ct(), model=c.heatmap_model),
+                                       r"tiny-heatmap is a heatmap \(lesion detection\) model.*use `transferseg detect`"),
     # arguments
     "--device nonsense": (lambda c: c.segment(c.ct(), "--device", "gpu9"), "unknown device 'gpu9'"),
     "--roi malformed": (lambda c: c.segment(c.ct(), "--roi", "1,2,3"), "six comma-separated numbers"),
@@ -418,15 +425,16 @@ NEEDS_A_NON_ROOT_USER = {"unreadable file", "-o in a read-only folder"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_a_hostile_input_gets_one_clear_line_and_exit_2(name, tmp_path, tiny_model, ct_source, monkeypatch, capfd):
+def test_a_hostile_input_gets_one_clear_line_and_exit_2(name, tmp_path, tiny_model, tiny_heatmap_model, ct_source,
+                                                        monkeypatch, capfd):
     if name in NEEDS_A_NON_ROOT_USER and AS_ROOT:
         pytest.skip("root reads and writes through any permission")
     build, fragment = CASES[name]
     monkeypatch.chdir(tmp_path)  # a stray relative write (e.g. runs/NAME) shows up in the snapshot
     monkeypatch.setenv("TRANSFERSEG_MODELS", str(tmp_path / "no-user-models"))
-    case = Case(tmp_path, tiny_model, ct_source)
+    case = Case(tmp_path, tiny_model, ct_source, tiny_heatmap_model)
     argv = build(case)
-    watched = (tmp_path, tiny_model.parent)
+    watched = (tmp_path, tiny_model.parent, tiny_heatmap_model.parent)
     before = _snapshot(*watched)
     capfd.readouterr()
     status = main(argv)
@@ -442,8 +450,8 @@ def test_a_hostile_input_gets_one_clear_line_and_exit_2(name, tmp_path, tiny_mod
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-def test_device_cuda_without_a_gpu(tmp_path, tiny_model, ct_source, capfd):
-    case = Case(tmp_path, tiny_model, ct_source)
+def test_device_cuda_without_a_gpu(tmp_path, tiny_model, tiny_heatmap_model, ct_source, capfd):
+    case = Case(tmp_path, tiny_model, ct_source, tiny_heatmap_model)
     argv = case.segment(case.ct(), "--device", "cuda")
     before = _snapshot(tmp_path)
     capfd.readouterr()

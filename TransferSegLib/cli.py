@@ -100,12 +100,31 @@ def _parse_box(text: str, name: str) -> tuple:
     return tuple(values)
 
 
+# the command that runs a model of each task
+_COMMAND_OF_TASK = {"segmentation": "segment", "heatmap": "detect"}
+_TASK_NAMES = {"segmentation": "a segmentation model", "heatmap": "a heatmap (lesion detection) model"}
+
+
+def _check_model_task(command: str, model) -> None:
+    """`segment` runs segmentation models, `detect` heatmap models: the other kind is refused from
+    its card, before any volume is read or any model loaded."""
+    from .models import read_card
+
+    card = read_card(model)
+    task = card["task"]
+    if _COMMAND_OF_TASK[task] != command:
+        wanted = next(t for t, c in _COMMAND_OF_TASK.items() if c == command)
+        raise TransferSegError(f"model {card['name']} is {_TASK_NAMES[task]}, and `transferseg {command}` needs "
+                               f"{_TASK_NAMES[wanted]}; use `transferseg {_COMMAND_OF_TASK[task]}` for it")
+
+
 def _cmd_segment(args) -> int:
     """One volume into -o as it is; a folder or several inputs (or any torchrun job): a batch."""
     from .batch import find_cases
     from .distributed import torchrun_world_size
 
     cases = find_cases(args.input)  # a name clash is an error before anything runs
+    _check_model_task(args.command, args.model)  # one check for one volume and for a batch
     single = len(args.input) == 1 and [c.path for c in cases] == [Path(args.input[0]).expanduser()]
     if single and torchrun_world_size() == 1:
         return _segment_one(args, args.input[0])

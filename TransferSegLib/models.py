@@ -55,7 +55,8 @@ from .volume import TransferSegError
 from .weights import read_header, read_state_dict, refuse_pickle_suffix, save_state_dict, sha256_file
 
 __all__ = ["Component", "LoadedModel", "DEFAULT_DETECTION_MODEL", "DEFAULT_SEGMENTATION_MODEL", "component_specs",
-           "compose_models", "find_model", "list_models", "load_model", "method_of", "model_dirs", "save_model"]
+           "compose_models", "find_model", "list_models", "load_model", "method_of", "model_dirs", "read_card",
+           "save_model"]
 
 DEFAULT_SEGMENTATION_MODEL = "ct-liver-tumor-unet3d"
 DEFAULT_DETECTION_MODEL = "dbt-lesion-ahnet"
@@ -222,6 +223,12 @@ def _read_card(card_path: Path) -> dict:
         raise TransferSegError(f"{card_path}: the model card is not valid JSON ({e})") from None
     _check_card(card, str(card_path))
     return card
+
+
+def read_card(name_or_path) -> dict:
+    """The checked card of a model given by name, card path, weights path or folder, without
+    reading its weights (cheap: what a command checks before it loads and runs the model)."""
+    return _read_card(find_model(name_or_path))
 
 
 # --- loading ----------------------------------------------------------------------------------
