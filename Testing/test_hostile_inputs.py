@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import write_image
+from conftest import tiny_multiview_recipe, write_image
 
 from TransferSegLib.cli import main
 from TransferSegLib.io import save_volume
@@ -304,6 +304,13 @@ def _train_into_a_file(c: Case) -> list:
     return c.train(c.train_config(), "--max-steps", "1")
 
 
+def _train_recipe_into_a_file(c: Case) -> list:
+    c.out.write_text("not a folder\n", encoding="utf-8")
+    config = c.path("recipe.json")
+    config.write_text(json.dumps(tiny_multiview_recipe()), encoding="utf-8")
+    return c.train(config, "--max-steps", "1")
+
+
 # name → (build the argv in the case folder, the words of the message that name the problem)
 CASES = {
     # volumes
@@ -406,6 +413,7 @@ CASES = {
     "train config missing": (lambda c: c.train(c.path("none.json")), "no such training config"),
     "train data folder missing": (lambda c: c.train(c.train_config(data={"root": "nowhere"})), "no such data folder"),
     "train -o an existing file": (lambda c: _train_into_a_file(c), "output folder .* is an existing file"),
+    "train a recipe -o an existing file": (_train_recipe_into_a_file, r"output folder .*out is an existing file; give"),
     # evaluate
     "evaluate data without labels": (lambda c: c.evaluate(_images_only(c)), "found no image/label pairs"),
     "evaluate Decathlon folder without labelsTr": (lambda c: c.evaluate(_msd(c, "{}")), "have no label map"),

@@ -50,6 +50,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..io import check_output_folder
 from ..progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from ..volume import TransferSegError
 from .trainer import _cached_working_case, _cases_from_spec, train, validate_config, write_stack
@@ -440,4 +441,5 @@ def validate_recipe(config: dict) -> dict:
 def run_recipe(config: dict, output_dir, **kwargs):
     """Run the recipe a config names; returns the model's card path (None when stopped early)."""
     validate_recipe(config)
+    check_output_folder(output_dir)  # as train does: an -o that is a file, or lies under one, is named clearly
     return RECIPES[config["recipe"]](config, output_dir, **kwargs)
