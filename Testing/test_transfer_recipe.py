@@ -149,3 +149,52 @@ def test_transfer_recipe_refuses_what_it_cannot_run(tmp_path):
     with pytest.raises(TransferSegError, match="storage_dtype"):
         validate_config(dict(config["target"], name="x", labels=config["labels"], data=config["data"],
                              storage_dtype="int8"))
+
+
+def test_dbt_recipe_trains_both_heatmap_networks_with_the_shared_keys(tmp_path, monkeypatch):
+    """The shipped DBT detector (MC-GCN → AH-Net) is one recipe: each part reaches the trainer as the
+    shared keys (task "heatmap", peaks, working grid …) plus its own, and the shipped model is a
+    heatmap model whose encoder came from the trained MC-GCN."""
+    import copy
+
+    from TransferSegLib.phantoms import dbt_phantom
+    from TransferSegLib.training import load_config, recipes
+
+    shipped = load_config(CONFIGS / "dbt-lesion-ahnet.json")
+    checked = validate_recipe(shipped)
+    assert checked["task"] == "heatmap" and checked["target"]["architecture"]["name"] == "ahnet"
+    assert checked["source"]["architecture"]["name"] == "mcgcn_multislice"
+    config = copy.deepcopy(shipped)
+    config["data"] = {"phantom": "dbt", "count": 2, "seed": 40,
+                      "options": {"shape": [32, 48, 48], "pixel_mm": 0.5, "masses": 1, "calcification_clusters": 1}}
+    for part in ("source", "target"):
+        for stage in config[part]["stages"]:
+            stage["steps"] = 2
+    config["source"]["architecture"]["config"].update(kernel_sizes=[7, 5, 3, 3, 3, 1], gcn_channels=4)
+    config["source"]["patch_size"] = [2, 32, 32]
+    config["target"]["architecture"]["config"].update(growth_rate=4, bottleneck_factor=2, psp_sizes=[4, 2, 1, 1])
+    config["target"]["patch_size"] = [32, 32, 32]
+    config["target"]["inference"]["patch_size"] = [32, 64, 64]
+    seen, real_train = {}, recipes.train
+
+    def recording_train(sub, out, **kwargs):
+        seen[Path(out).name] = copy.deepcopy(sub)
+        return real_train(sub, out, **kwargs)
+
+    monkeypatch.setattr(recipes, "train", recording_train)
+    card_path = run_recipe(config, tmp_path)
+    assert sorted(seen) == ["source", "target"]
+    source_model = tmp_path / "source" / "model" / "dbt-lesion-ahnet-source.json"
+    shared = {k: v for k, v in config.items() if k not in ("recipe", "source", "target", "data", "name", "_comment")}
+    for part, sub in seen.items():
+        expected = dict(shared, **config[part], name=f"dbt-lesion-ahnet-{part}",
+                        data=dict(config["data"], cache=str(tmp_path / "cases")))
+        if part == "target":
+            expected["init_weights"] = {"transfer_from": str(source_model)}
+        assert sub == expected, part
+    card = json.loads(Path(card_path).read_text(encoding="utf-8"))
+    assert card["task"] == "heatmap" and card["peaks"] == config["peaks"] and card["weights"]["dtype"] == "float16"
+    assert card["architecture"]["name"] == "ahnet" and card["name"] == "dbt-lesion-ahnet"
+    volume, _ = dbt_phantom(7, (16, 40, 40), pixel_mm=0.5)
+    result = run(volume, model=str(card_path), device="cpu")
+    assert result.heatmap.shape == volume.shape and isinstance(result.detections, list)
