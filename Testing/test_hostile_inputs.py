@@ -294,6 +294,19 @@ def _out_overwrites_input(c: Case) -> list:
     return c.segment(source)
 
 
+def _input_among_the_outputs(c: Case) -> list:
+    c.out.mkdir()
+    source = Path(shutil.copy(c._ct_source, c.out / "labelmap.nii.gz"))  # a label map of an earlier run as input
+    return c.segment(source)
+
+
+def _batch_input_among_a_case_outputs(c: Case) -> list:
+    (c.out / "labelmap").mkdir(parents=True)
+    source = Path(shutil.copy(c._ct_source, c.out / "labelmap" / "labelmap.nii.gz"))  # case "labelmap"
+    command, first, *rest = c.segment(c.ct())
+    return [command, first, str(source), *rest]
+
+
 def _out_blocked_by_a_folder(c: Case) -> list:
     (c.out / "labelmap.nii.gz").mkdir(parents=True)
     return c.segment(c.ct())
@@ -427,6 +440,10 @@ CASES = {
     "-o under a file": (_out_under_a_file, "is a file, not a folder"),
     "-o in a read-only folder": (_out_read_only, "permission denied"),
     "-o the input's folder, overwriting the input": (_out_overwrites_input, "would overwrite the input"),
+    "-o the folder the input lies in as an output": (_input_among_the_outputs,
+                                                      r"output .*labelmap\.nii\.gz would overwrite the input; choose"),
+    "a batch whose case folder holds its input": (_batch_input_among_a_case_outputs,
+                                                  r"labelmap.labelmap\.nii\.gz would overwrite the input"),
     "-o with a folder in the way": (_out_blocked_by_a_folder, "is in the way"),
 }
 NEEDS_A_NON_ROOT_USER = {"unreadable file", "-o in a read-only folder"}

@@ -63,8 +63,9 @@ def test_segment_refuses_to_overwrite_its_input(tmp_path, tiny_model):
     volume, _ = ct_phantom(seed=3, shape=(8, 32, 32))
     source = save_volume(volume, tmp_path / "labelmap.nii.gz")
     before = source.read_bytes()
-    result = _cli("segment", source, "-o", tmp_path, "--model", tiny_model, "--device", "cpu")
+    result = _cli("segment", source, "-o", tmp_path, "--model", tiny_model, "--device", "cpu", "--progress-lines")
     assert result.returncode == 2 and "would overwrite the input" in result.stderr
+    assert "PROGRESS" not in result.stdout  # refused before the model was loaded, let alone run
     assert source.read_bytes() == before
 
 

@@ -196,6 +196,7 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
     """
     from .io import check_output_folder
     from .models import LoadedModel, load_model
+    from .pipeline import output_names
 
     rank, world = int(rank or 0), int(world_size or 1)
     if not 0 <= rank < world:
@@ -209,6 +210,9 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
             raise TransferSegError(f"the output folder {output / case.name} would be the input series {case.path} "
                                    "itself; choose another output folder")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
+    names = output_names(loaded.card["task"])
+    for case in cases:  # an input where a case's output goes: refused before any case runs
+        check_output_folder(output / case.name, names, input_path=case.path)
     output.mkdir(parents=True, exist_ok=True)  # once, before the ranks write beside each other in it
 
     mine = list(enumerate(cases))[rank::world]

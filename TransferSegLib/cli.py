@@ -100,8 +100,8 @@ def _parse_box(text: str, name: str) -> tuple:
     return tuple(values)
 
 
-# the command that runs a model of each task
-_COMMAND_OF_TASK = {"segmentation": "segment", "heatmap": "detect"}
+# the task of the models each command runs
+_TASK_OF_COMMAND = {"segment": "segmentation", "detect": "heatmap"}
 _TASK_NAMES = {"segmentation": "a segmentation model", "heatmap": "a heatmap (lesion detection) model"}
 
 
@@ -111,31 +111,37 @@ def _check_model_task(command: str, model) -> None:
     from .models import read_card
 
     card = read_card(model)
-    task = card["task"]
-    if _COMMAND_OF_TASK[task] != command:
-        wanted = next(t for t, c in _COMMAND_OF_TASK.items() if c == command)
+    task, wanted = card["task"], _TASK_OF_COMMAND[command]
+    if task != wanted:
+        other = next(c for c, t in _TASK_OF_COMMAND.items() if t == task)
         raise TransferSegError(f"model {card['name']} is {_TASK_NAMES[task]}, and `transferseg {command}` needs "
-                               f"{_TASK_NAMES[wanted]}; use `transferseg {_COMMAND_OF_TASK[task]}` for it")
+                               f"{_TASK_NAMES[wanted]}; use `transferseg {other}` for it")
 
 
 def _cmd_segment(args) -> int:
-    """One volume into -o as it is; a folder or several inputs (or any torchrun job): a batch."""
+    """One volume into -o as it is; a folder or several inputs (or any torchrun job): a batch.
+
+    Checked first, before the model is even looked up (a wrong -o must not cost minutes): the
+    cases' names, the output folder (for one volume, also that no file of the run would replace
+    it; run_batch checks each case's folder so before any case runs), then the model's task."""
     from .batch import find_cases
     from .distributed import torchrun_world_size
+    from .io import check_output_folder
+    from .pipeline import output_names
 
-    cases = find_cases(args.input)  # a name clash is an error before anything runs
-    _check_model_task(args.command, args.model)  # one check for one volume and for a batch
+    cases = find_cases(args.input)
     single = len(args.input) == 1 and [c.path for c in cases] == [Path(args.input[0]).expanduser()]
-    if single and torchrun_world_size() == 1:
-        return _segment_one(args, args.input[0])
-    return _segment_batch(args, cases)
+    one = single and torchrun_world_size() == 1
+    output = check_output_folder(args.output, output_names(_TASK_OF_COMMAND[args.command]),
+                                 input_path=args.input[0] if one else None)
+    _check_model_task(args.command, args.model)
+    return _segment_one(args, args.input[0], output) if one else _segment_batch(args, cases)
 
 
-def _segment_one(args, source) -> int:
-    from .io import check_output_folder, load_volume
+def _segment_one(args, source, output: Path) -> int:
+    from .io import load_volume
     from .pipeline import run
 
-    output = check_output_folder(args.output)  # before the model runs: a wrong -o must not cost minutes
     volume = load_volume(source)
     roi = None
     if args.roi:

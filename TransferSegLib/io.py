@@ -88,10 +88,19 @@ def atomic_output(path):
         raise
 
 
-def check_output_folder(folder) -> Path:
+def check_output_folder(folder, names=(), input_path=None) -> Path:
     """Return ``folder`` as a Path if it is a folder or can be created as one; else raise
-    :class:`TransferSegError` (cheap: call it before a long run, not only when writing)."""
+    :class:`TransferSegError` (cheap: call it before a long run, not only when writing).
+
+    With ``input_path``, also refuse a folder where one of ``names`` (the files the run writes,
+    relative to ``folder``) is the input file itself."""
     folder = Path(folder).expanduser()
+    if input_path is not None:
+        source = Path(input_path).expanduser().resolve()
+        for name in names:
+            if (folder / name).resolve() == source:
+                raise TransferSegError(
+                    f"the output {folder / name} would overwrite the input; choose another output folder")
     if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
         raise TransferSegError(
             f"the output folder {folder} is an existing file; give the name of a folder (it is created if "

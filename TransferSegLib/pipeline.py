@@ -20,10 +20,37 @@ from .models import DEFAULT_SEGMENTATION_MODEL, LoadedModel, load_model
 from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from .volume import TransferSegError, Volume, label_counts
 
-__all__ = ["VIEW_NAMES", "Result", "run", "postprocess"]
+__all__ = ["VIEW_NAMES", "Result", "output_names", "run", "postprocess"]
 
 
 VIEW_NAMES = ("axial", "coronal", "sagittal")
+
+
+def output_names(task: str, views=VIEW_NAMES, disagreement: bool = True) -> list:
+    """The files a run of ``task`` writes, relative to its folder, in a fixed order (result.json last):
+    :meth:`Result.outputs` for a result with ``views`` and a ``disagreement``.  The defaults name
+    every file a run of ``task`` may write, before the run says which (a multi-view method writes
+    the views and their disagreement, a single network neither).
+
+    Segmentation: segmentation.seg.nrrd, labelmap.nii.gz; heatmap task: heatmap.nii.gz,
+    detections.json, detections.csv; then views/axial|coronal|sagittal.nii.gz and
+    disagreement.nii.gz, overview.png, views.png when there are views, result.json.
+    """
+    unknown = set(views) - set(VIEW_NAMES)
+    if unknown:
+        raise ValueError(f"views must be named {', '.join(VIEW_NAMES)}; got {sorted(unknown)}")
+    if task == "heatmap":
+        names = ["heatmap.nii.gz", "detections.json", "detections.csv"]
+    else:
+        names = ["segmentation.seg.nrrd", "labelmap.nii.gz"]
+    names += [f"views/{view}.nii.gz" for view in VIEW_NAMES if view in views]
+    if disagreement:
+        names.append("disagreement.nii.gz")
+    names.append("overview.png")
+    if views:
+        names.append("views.png")
+    names.append("result.json")
+    return names
 
 
 @dataclass
@@ -66,27 +93,9 @@ class Result:
         return {seg["name"]: round(float(counts[seg["label"]]) * voxel_ml, 3) for seg in self.segments}
 
     def outputs(self) -> list:
-        """Every file :meth:`write` writes, relative to its folder, in a fixed order (result.json last).
-
-        Segmentation: segmentation.seg.nrrd, labelmap.nii.gz; heatmap task: heatmap.nii.gz,
-        detections.json, detections.csv; then views/axial|coronal|sagittal.nii.gz and
-        disagreement.nii.gz when set, overview.png, views.png when there are views, result.json.
-        """
-        unknown = set(self.views) - set(VIEW_NAMES)
-        if unknown:
-            raise ValueError(f"views must be named {', '.join(VIEW_NAMES)}; got {sorted(unknown)}")
-        if self.task == "heatmap":
-            names = ["heatmap.nii.gz", "detections.json", "detections.csv"]
-        else:
-            names = ["segmentation.seg.nrrd", "labelmap.nii.gz"]
-        names += [f"views/{view}.nii.gz" for view in VIEW_NAMES if view in self.views]
-        if self.disagreement is not None:
-            names.append("disagreement.nii.gz")
-        names.append("overview.png")
-        if self.views:
-            names.append("views.png")
-        names.append("result.json")
-        return names
+        """Every file :meth:`write` writes, relative to its folder, in a fixed order (result.json last):
+        :func:`output_names` of this result's task, views and disagreement."""
+        return output_names(self.task, self.views, self.disagreement is not None)
 
     def summary(self) -> dict:
         card = self.card
@@ -114,14 +123,8 @@ class Result:
         """
         from .io import atomic_output_folder, check_output_folder
 
-        folder = check_output_folder(folder)
         names = self.outputs()
-        if input_path is not None:
-            source = Path(input_path).resolve()
-            for name in names:
-                if (folder / name).resolve() == source:
-                    raise TransferSegError(
-                        f"the output {folder / name} would overwrite the input; choose another output folder")
+        folder = check_output_folder(folder, names, input_path)
         with atomic_output_folder(folder, names) as staging:
             self._write_files(staging)
         return {name: folder / name for name in names}
