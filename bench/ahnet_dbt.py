@@ -3,9 +3,11 @@
 What runs, all with the one trainer (``TransferSegLib.training.train``) and the configs in
 ``Resources/configs/``:
 
-1. the MC-GCN (``dbt-lesion-mcgcn.json``: ResNet18, 3-slice stacks, heatmap regression);
-2. the AH-Net whose encoder is that MC-GCN's (``dbt-lesion-ahnet.json``, ``init_weights.transfer_from``
-   pointed at step 1's model): decoder only with the encoder locked, then jointly;
+1. and 2. the shipped detector's ``transfer`` recipe (``dbt-lesion-ahnet.json``, through
+   ``training.recipes.run_recipe``): its ``source``, the MC-GCN (ResNet18, 3-slice stacks, heatmap
+   regression), then its ``target``, the AH-Net whose encoder is that MC-GCN's: decoder only with the
+   encoder locked, then jointly; the table scores the two parts' models (OUT/source/model and
+   OUT/target/model of the recipe's folder);
 3. the 2D U-Net on 3-slice stacks (``dbt-lesion-unet2d.json``) and 4. the 3D U-Net (``dbt-lesion-unet3d.json``).
 
 Data: synthetic DBT phantoms (``phantoms.dbt_phantom``), training seeds 1000-1119 (120 volumes,
@@ -15,10 +17,10 @@ grids drawn at 0.085-0.6 mm pixels, resampled to their 1 × 0.5 × 0.5 mm workin
 Held-out test seeds 5000-5019 (20 volumes, 33 lesions: masses and calcification clusters) at
 the U-Nets' 0.8 mm grid (:data:`TEST_OPTIONS`), which the working-spacing networks resample.
 Targets: AH-Net eq. (5) heatmaps.
-Sizes and steps are the configs' (batches of 2 patches: MC-GCN and 2D U-Net 800 steps on
-8×64×64, AH-Net 200 decoder-only + 500 joint and 3D U-Net 300 on 32×64×64), about 15-20
+Sizes and steps are the configs' (batches of 2 patches: MC-GCN 1000 and 2D U-Net 800 steps on
+8×64×64, AH-Net 200 decoder-only + 800 joint and 3D U-Net 300 on 32×64×64), about 15-20
 minutes on two otherwise idle CPU cores; ``--quick`` trains 4 steps per stage on 4 volumes
-and tests on 3 (a smoke test of the whole chain, 2-5 minutes).
+and tests on 3 (a smoke test of the whole run, 2-5 minutes).
 
 Evaluation: every network runs through ``pipeline.run`` (the product path: the card's
 preprocessing and the sliding-window inferer) with one window covering the whole 32×128×96
@@ -30,12 +32,12 @@ input grid: ``real_size.evaluation_model``); FROC by
 ``metrics.froc`` as in the paper (a peak inside a lesion's 3D box is a true positive, once per
 box; others are false positives).
 
-Outputs in ``--out`` (default runs/ahnet_dbt): one training run folder per network (a rerun
-resumes or reuses them), ``froc.json``, ``froc.png`` (the curves, matplotlib Agg) and the
-Table-4-style table on stdout. ``--ship DIR`` writes the trained AH-Net as
-``DIR/dbt-lesion-ahnet.safetensors`` + ``.json`` with its held-out FROC in the card's ``metrics``
-and the evaluation's window (32×128×96) as the card's ``patch_size``, so that
-``pipeline.run`` with the shipped card is the evaluated path.
+Outputs in ``--out`` (default runs/ahnet_dbt): the recipe's folder ``dbt-lesion-ahnet/`` and one
+training run folder per U-Net (a rerun resumes or reuses them), ``froc.json``, ``froc.png`` (the
+curves, matplotlib Agg) and the Table-4-style table on stdout. ``--ship DIR`` writes the recipe's
+fp16 AH-Net (the target's weights) as ``DIR/dbt-lesion-ahnet.safetensors`` + ``.json`` with its
+held-out FROC in the card's ``metrics`` and the evaluation's window (32×128×96) as the card's
+``patch_size``, so that ``pipeline.run`` with the shipped card is the evaluated path.
 
     .venv/bin/python bench/ahnet_dbt.py --quick
     .venv/bin/python bench/ahnet_dbt.py --ship /tmp/ship
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import os
 import sys
@@ -61,15 +64,11 @@ from TransferSegLib.metrics import FROC_RATES, froc  # noqa: E402
 from TransferSegLib.models import Component, LoadedModel, component_specs, load_model, save_model  # noqa: E402
 from TransferSegLib.pipeline import run  # noqa: E402
 
-from chain import train_chain  # noqa: E402
 from real_size import evaluation_model  # noqa: E402
 
-NETWORKS = [  # (table name, config file), in training order: the AH-Net needs the MC-GCN's model
-    ("MC-GCN", "dbt-lesion-mcgcn.json"),
-    ("AH-Net", "dbt-lesion-ahnet.json"),
-    ("2D U-Net", "dbt-lesion-unet2d.json"),
-    ("3D U-Net", "dbt-lesion-unet3d.json"),
-]
+CONFIGS = ROOT / "Resources" / "configs"
+RECIPE = ("dbt-lesion-ahnet.json", {"source": "MC-GCN", "target": "AH-Net"})  # the recipe's parts as table rows
+BASELINES = [("2D U-Net", "dbt-lesion-unet2d.json"), ("3D U-Net", "dbt-lesion-unet3d.json")]
 TEST_SEED = 5000
 TEST_OPTIONS = {"shape": [32, 128, 96], "pixel_mm": 0.8}  # the grid the U-Nets train on
 PAPER_TABLE_4 = {  # AH-Net paper, Table 4 (TPR at 0.01 … 0.25 FP per volume), real DBT
@@ -78,6 +77,62 @@ PAPER_TABLE_4 = {  # AH-Net paper, Table 4 (TPR at 0.01 … 0.25 FP per volume),
     "MC-GCN": [0.3385, 0.6727, 0.6727, 0.6909, 0.7018, 0.7272],
     "AH-Net": [0.4931, 0.6000, 0.7272, 0.7454, 0.7818, 0.7818],
 }
+
+
+def shrink(config: dict) -> None:
+    """--quick: 4 steps per stage, a loss switch after 2 steps without progress, no checkpoints."""
+    for stage in config["stages"]:
+        stage["steps"] = 4
+        switch = stage["loss"].get("switch")
+        if switch and "on_plateau" in switch:
+            switch["on_plateau"] = {"patience": 2, "min_delta": 0.0, "window": 1}
+    config["checkpoint_every"] = 1000
+
+
+def trained_run(name: str, run_dir: Path, card_path: Path, steps: list) -> tuple:
+    """(card path, training seconds over all sessions: the run log's cumulative ``elapsed_s``, steps)."""
+    with (run_dir / "log.csv").open(encoding="utf-8", newline="") as log:
+        rows = list(csv.DictReader(log))
+    seconds = float(rows[-1]["elapsed_s"]) if rows else 0.0
+    loss = float(rows[-1]["loss"]) if rows else float("nan")
+    print(f"  trained {name:<9} {'+'.join(map(str, steps)):>8} steps in {seconds:6.0f} s "
+          f"(final loss {loss:.4g}) -> {card_path}", flush=True)
+    return card_path, seconds, steps
+
+
+def train_all(out: Path, threads: int, is_quick: bool) -> tuple:
+    """Train the recipe (MC-GCN, then the AH-Net from it) and the U-Nets; a rerun with the same
+    ``out`` resumes unfinished runs and reuses finished ones.  Returns ({table name: (card path,
+    seconds, steps per stage)}, the recipe's shipped card)."""
+    from TransferSegLib.training import load_config, train
+    from TransferSegLib.training.recipes import run_recipe
+
+    file, parts = RECIPE
+    config = load_config(CONFIGS / file)
+    if is_quick:
+        config["data"]["count"] = 4
+    config["threads"] = threads
+    for part in parts:
+        if is_quick:
+            shrink(config[part])
+        config[part]["progress_bar"] = False
+    recipe_dir = out / config["name"]
+    shipped = run_recipe(config, recipe_dir)
+    trained = {name: trained_run(name, recipe_dir / part,
+                                 recipe_dir / part / "model" / f"{config['name']}-{part}.json",
+                                 [s["steps"] for s in config[part]["stages"]])
+               for part, name in parts.items()}
+    for name, file in BASELINES:
+        config = load_config(CONFIGS / file)
+        if is_quick:
+            config["data"]["count"] = 4
+            shrink(config)
+        config["threads"] = threads
+        config["progress_bar"] = False
+        result = train(config, out / config["name"])
+        trained[name] = trained_run(name, out / config["name"], result.card_path,
+                                    [s["steps"] for s in config["stages"]])
+    return trained, shipped
 
 
 def evaluate(card_path: Path, boxes, volumes, window) -> dict:
@@ -120,17 +175,27 @@ def draw_froc(curves: dict, path: Path, title: str) -> None:
     fig.savefig(path, format="png")
 
 
+def relative(value):
+    """Absolute paths in a card's training record (the recipe's parts, its case cache, the
+    transferred model) made relative to the repository, or cut to their last name outside it."""
+    if isinstance(value, dict):
+        return {key: relative(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [relative(v) for v in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        path = Path(value)
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+    return value
+
+
 def ship(card_path: Path, curve: dict, test_spec: dict, window, folder: Path) -> Path:
-    """Write the AH-Net as a model with its held-out FROC in ``metrics`` and the evaluated
-    inference window as ``patch_size``; local paths made relative."""
+    """Write the recipe's fp16 AH-Net as a model with its held-out FROC in ``metrics`` and the
+    evaluated inference window as ``patch_size``; local paths made relative."""
     loaded = load_model(card_path)
     card = copy.deepcopy(loaded.card)
     card.pop("weights", None)
     card["patch_size"] = list(window)
-    init = card["training"]["config"].get("init_weights") or {}
-    if "transfer_from" in init:
-        path = Path(init["transfer_from"])
-        init["transfer_from"] = path.name if not path.is_relative_to(ROOT) else str(path.relative_to(ROOT))
+    card["training"] = relative(card["training"])
     card["metrics"] = {
         "froc_heldout": {
             "tpr_at_fp_per_volume": {f"{rate:g}": curve["tpr_at"][rate] for rate in FROC_RATES},
@@ -139,7 +204,7 @@ def ship(card_path: Path, curve: dict, test_spec: dict, window, folder: Path) ->
             "protocol": "AH-Net sec. 4.1: a peak inside a lesion's 3D box is a true positive (once per box)",
         }
     }
-    return save_model(loaded.network, card, folder)
+    return save_model(loaded.network, card, folder, storage_dtype="float16")
 
 
 def main(argv=None) -> int:
@@ -157,7 +222,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     print(f"training on {args.threads} thread(s) into {args.out}", flush=True)
-    trained = train_chain(NETWORKS, args.out, args.threads, args.quick)
+    trained, shipped = train_all(args.out, args.threads, args.quick)
 
     count = args.test_count or (3 if args.quick else 20)
     test_spec = {"phantom": "dbt", "count": count, "seed": TEST_SEED, "options": TEST_OPTIONS}
@@ -197,7 +262,7 @@ def main(argv=None) -> int:
     print(f"curves: {args.out / 'froc.png'}; numbers: {args.out / 'froc.json'}; "
           f"total {time.perf_counter() - started:.0f} s")
     if args.ship:
-        card = ship(trained["AH-Net"][0], curves["AH-Net"], test_spec, window, args.ship)
+        card = ship(shipped, curves["AH-Net"], test_spec, window, args.ship)
         print(f"shipped the AH-Net: {card} and {card.with_suffix('.safetensors')}")
     return 0
 
