@@ -89,30 +89,40 @@ def _peak_rss_bytes() -> int:
 
 
 def _child(spec: dict) -> dict:
-    """Runs in the subprocess: load → pipeline.run → Result.write, timed, with the peak RSS."""
+    """Runs in the subprocess: read the input → pipeline.run (the model load inside, its time in
+    ``timings_s["load_model"]``) → Result.write, each timed, with the peak RSS (and, on a GPU, the
+    peak memory torch allocated there)."""
     import torch
 
     torch.set_num_threads(int(spec["threads"]))
     from TransferSegLib.io import load_volume
     from TransferSegLib.pipeline import run
 
+    device = spec.get("device", "cpu")
+    if device.startswith("cuda"):
+        torch.zeros(1, device=device)  # the CUDA context is made before the clock starts
     start = time.perf_counter()
     volume = load_volume(spec["input"])
     loaded = time.perf_counter() - start
-    result = run(volume, spec["model"], device="cpu")
+    result = run(volume, spec["model"], device=device)
+    ran = time.perf_counter()
     result.write(spec["output"], input_path=spec["input"])
     seconds = time.perf_counter() - start
-    out = {"seconds": seconds, "load_input_s": loaded, "timings_s": result.timings,
+    out = {"seconds": seconds, "load_input_s": loaded, "run_s": ran - start - loaded,
+           "write_s": seconds - (ran - start), "timings_s": result.timings, "device": str(result.device),
            "peak_rss_gib": _peak_rss_bytes() / GIB,
            "warnings": result.warnings, "shape": list(volume.shape)}
+    if device.startswith("cuda"):
+        out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(torch.device(device)) / GIB
     if result.task == "heatmap":
         out["detections"] = [d.to_dict() for d in result.detections]
     return out
 
 
-def measure(input_path: Path, model, output: Path, threads: int, timeout: float = None) -> dict:
-    """One end-to-end run in a fresh subprocess; ``None`` when it ran past ``timeout`` seconds."""
-    spec = {"input": str(input_path), "model": str(model), "output": str(output), "threads": threads}
+def measure(input_path: Path, model, output: Path, threads: int, timeout: float = None, device: str = "cpu") -> dict:
+    """One end-to-end run in a fresh subprocess (:func:`_child`); ``None`` when it ran past ``timeout`` seconds."""
+    spec = {"input": str(input_path), "model": str(model), "output": str(output), "threads": threads,
+            "device": device}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     try:
         done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
@@ -274,15 +284,34 @@ def _spacing(path: Path) -> list:
 
 # --- speed and memory ------------------------------------------------------------------------
 SPEED_CASES = ("dbt", "ct100", "ct300")
+# the clinical-size inputs of the speed runs: (seed, phantom options); tiny ones with --quick
+SPEED_INPUTS = {"ct": (5200, {"shape": (100, 512, 512)}), "dbt": (5300, {"shape": (40, 1024, 768), "pixel_mm": 0.1})}
+QUICK_SPEED_INPUTS = {"ct": (5200, {"shape": (20, 128, 128)}), "dbt": (5300, {"shape": (8, 256, 192), "pixel_mm": 0.4})}
+
+
+def phantom_file(kind: str, path: Path, seed: int, **options) -> tuple:
+    """A ``ct_phantom`` (written as int16) or ``dbt_phantom`` (float32) written to ``path``:
+    ``(volume, truth, path)``, truth being the label map or the lesion boxes."""
+    from TransferSegLib.phantoms import ct_phantom, dbt_phantom
+
+    volume, truth = (ct_phantom if kind == "ct" else dbt_phantom)(seed, **options)
+    return volume, truth, (write_ct if kind == "ct" else write_float)(volume, path)
+
+
+def speed_input(kind: str, work: Path, quick: bool = False, name: str = None) -> tuple:
+    """The speed runs' clinical-size input (:data:`SPEED_INPUTS`): a 512×512×100 CT (seed 5200,
+    0.63 mm pixels, 1.87 mm slices) or a 40×1024×768 DBT at 0.1 mm (seed 5300), written into
+    ``work``: ``(volume, truth, path)``."""
+    seed, options = (QUICK_SPEED_INPUTS if quick else SPEED_INPUTS)[kind]
+    return phantom_file(kind, work / f"{name or kind + '-speed'}.nii.gz", seed, **options)
 
 
 def speed_part(ct_model, dbt_model, work: Path, threads: int, quick: bool, no_ws_limit: float,
                rows: dict, save=lambda: None, cases=SPEED_CASES) -> dict:
     """The speed and memory measurements named in ``cases``, into ``rows`` (``save()`` after each)."""
-    from TransferSegLib.phantoms import ct_phantom, dbt_phantom
+    from TransferSegLib.phantoms import ct_phantom
 
-    sizes = {"ct100": (20, 128, 128), "ct300": (30, 128, 128), "dbt": (8, 256, 192)} if quick else \
-        {"ct100": (100, 512, 512), "ct300": (300, 512, 512), "dbt": (40, 1024, 768)}
+    sizes = {"ct300": (30, 128, 128)} if quick else {"ct300": (300, 512, 512)}
 
     def report(name, what, run, goal=None):
         rows[name] = {"what": what, **{k: run[k] for k in ("seconds", "peak_rss_gib", "timings_s", "shape")}, "goal": goal}
@@ -293,13 +322,12 @@ def speed_part(ct_model, dbt_model, work: Path, threads: int, quick: bool, no_ws
         save()
 
     if "dbt" in cases:
-        options = {"shape": sizes["dbt"], "pixel_mm": 0.4 if quick else 0.1}
-        volume, boxes = dbt_phantom(5300, **options)
-        dbt = write_float(volume, work / "dbt.nii.gz")
+        volume, boxes, dbt = speed_input("dbt", work, quick, name="dbt")
         del volume
         run = measure(dbt, dbt_model, work / "out-dbt", threads)
         hits = sum(any(_inside(d["position_kji"], b["box_kji"]) for d in run["detections"]) for b in boxes)
-        report("dbt", f"DBT {'×'.join(map(str, sizes['dbt']))} at {options['pixel_mm']} mm", run, "< 60 s")
+        options = (QUICK_SPEED_INPUTS if quick else SPEED_INPUTS)["dbt"][1]
+        report("dbt", f"DBT {'×'.join(map(str, options['shape']))} at {options['pixel_mm']} mm", run, "< 60 s")
         rows["dbt"].update({"lesions": len(boxes), "lesions_hit_by_a_detection": hits,
                             "detections": len(run["detections"]), "overview": str(work / "out-dbt" / "overview.png")})
         print(f"      {len(run['detections'])} detection(s) above the card's threshold; {hits} of {len(boxes)} "
@@ -308,10 +336,9 @@ def speed_part(ct_model, dbt_model, work: Path, threads: int, quick: bool, no_ws
         dbt.unlink()
 
     if "ct100" in cases:
-        volume, _ = ct_phantom(5200, shape=sizes["ct100"])
-        ct100 = write_ct(volume, work / "ct100.nii.gz")
+        volume, _, ct100 = speed_input("ct", work, quick, name="ct100")
         spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
-        report("ct100", f"CT {'×'.join(map(str, sizes['ct100']))} ({spacing} mm)",
+        report("ct100", f"CT {'×'.join(map(str, volume.shape))} ({spacing} mm)",
                measure(ct100, ct_model, work / "out-ct100", threads), "< 60 s, < 3 GiB")
         card = load_model(ct_model).card
         if card.get("working_spacing_mm"):
@@ -463,13 +490,10 @@ def ship_detector(card_path, froc_results: dict, label: str, training_time: dict
 
 
 def ct100_side_by_side(models: dict, threads: int, quick: bool, work: Path, out: dict, save=lambda: None) -> tuple:
-    """A 512×512×100 CT (seed 5200, ~0.7 mm pixels) end to end in a fresh process per model
+    """The 512×512×100 CT of :func:`speed_input` end to end in a fresh process per model
     ({name: model}), each into ``out[name]``; returns ``(volume, path of the CT file)``."""
-    from TransferSegLib.phantoms import ct_phantom
-
-    shape = (20, 128, 128) if quick else (100, 512, 512)
-    volume, _ = ct_phantom(5200, shape=shape)
-    path = write_ct(volume, work / "ct100.nii.gz")
+    volume, _, path = speed_input("ct", work, quick, name="ct100")
+    shape = volume.shape
     spacing = "×".join(f"{s:.2f}" for s in volume.spacing)
     for name, which in models.items():
         run = measure(path, which, work / f"out-{name}", threads)
