@@ -30,18 +30,13 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import numpy as np  # noqa: E402
-
-from real_size import (ct100_side_by_side, ct_cases, ct_part, dice_summary, merge_parts,  # noqa: E402
-                       part_arguments, print_dice_table, ship_card, stored_as)
-from TransferSegLib.metrics import dice  # noqa: E402
+from real_size import compare_part, ct100_side_by_side, ct_part, merge_parts, part_arguments, ship_card  # noqa: E402
 
 PARTS = ("table2", "quality", "speed")
 NAME = "ct-liver-tumor-hdenseunet"
@@ -64,43 +59,14 @@ def variants(run: Path, work: Path) -> dict:
 
 
 def table2_part(run: Path, work: Path, threads: int, quick: bool, count: int, out: dict, save=lambda: None) -> dict:
-    import torch
-
     from TransferSegLib import pipeline
     from TransferSegLib.methods.cascade import nested_threshold_labels
-    from TransferSegLib.models import load_model
-    from TransferSegLib.phantoms import ct_phantom
 
-    torch.set_num_threads(threads)
-    models = {name: load_model(card) for name, card in variants(run, work).items()}
-    rows = out.setdefault("cases", [])
-    for seed, shape, storage in ct_cases(quick)[:count]:
-        volume, labels = ct_phantom(seed, shape=shape)
-        volume, labels = stored_as(volume, labels, storage)
-        row = {"seed": seed, "shape": list(volume.shape), "storage": storage, "dice": {}, "seconds": {}}
-        for name, model in models.items():
-            tic = time.perf_counter()
-            result = pipeline.run(volume, model, device="cpu", return_probabilities=True)
-            row["seconds"][name] = time.perf_counter() - tic
-            # the same probabilities at the tumor threshold 0.5 (the paper's: 0.9)
-            lower = pipeline.postprocess(nested_threshold_labels(result.probabilities, [0.5, 0.5]).numpy(),
-                                         model.card.get("postprocessing"))
-            for key, predicted in ((name, result.labels), (f"{name}, tumor ≥ 0.5", lower)):
-                truth, tumor = labels == 2, predicted == 2
-                row["dice"][key] = {"liver": float(dice(predicted > 0, labels > 0)),
-                                    "tumor_overlap2": 2 * int((tumor & truth).sum()),
-                                    "tumor_voxels": int(tumor.sum() + truth.sum())}
-        rows.append(row)
-        save()
-        print(f"  seed {seed} {'×'.join(map(str, row['shape'])):>12} {storage:<24} " + "  ".join(
-            f"{name} {row['dice'][name]['liver']:.3f} ({row['seconds'][name]:.1f} s)" for name in models), flush=True)
-    summary = dice_summary(rows, rows[0]["dice"])
-    for name in models:
-        summary[name]["seconds_mean"] = float(np.mean([r["seconds"][name] for r in rows]))
-    out["summary"] = summary
-    save()
-    print_dice_table(summary, "s / volume", lambda s: f"{s['seconds_mean']:.1f}" if "seconds_mean" in s else "")
-    return out
+    def tumor_at_half(name, model, result):  # the same probabilities at the tumor threshold 0.5 (the paper's: 0.9)
+        lower = nested_threshold_labels(result.probabilities, [0.5, 0.5]).numpy()
+        return {f"{name}, tumor ≥ 0.5": pipeline.postprocess(lower, model.card.get("postprocessing"))}
+
+    return compare_part(variants(run, work), threads, quick, count, out, save, extra=tumor_at_half)
 
 
 def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lambda: None) -> dict:

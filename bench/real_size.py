@@ -525,6 +525,58 @@ def print_dice_table(summary: dict, column: str, cell) -> None:
               f"{s['tumor_dice_global']:>20.3f} {cell(s):>14}", flush=True)
 
 
+def compare_part(models: dict, threads: int, quick: bool, count: int, out: dict, save=lambda: None,
+                 extra=None, figure=None) -> dict:
+    """Several models ({row name: model}) on the first ``count`` clinical grids of :func:`ct_cases`,
+    in this process (each model loaded once, the same pipeline for all), Dice on the input grid:
+    liver (1 ∪ 2) per case, tumor (2) global, and seconds per volume.  ``extra(name, model,
+    result)`` may give more {row name: labels} from the same run (e.g. another threshold).
+    ``figure``: a PNG of the first case, the truth and each model's labels, one row each."""
+    import torch
+
+    from TransferSegLib import pipeline
+    from TransferSegLib.models import load_model
+    from TransferSegLib.phantoms import ct_phantom
+
+    torch.set_num_threads(threads)
+    loaded = {name: load_model(model) for name, model in models.items()}
+    rows = out.setdefault("cases", [])
+    for seed, shape, storage in ct_cases(quick)[:count]:
+        volume, labels = ct_phantom(seed, shape=shape)
+        volume, labels = stored_as(volume, labels, storage)
+        row = {"seed": seed, "shape": list(volume.shape), "storage": storage, "dice": {}, "seconds": {}}
+        for name, model in loaded.items():
+            tic = time.perf_counter()
+            result = pipeline.run(volume, model, device="cpu", return_probabilities=extra is not None)
+            row["seconds"][name] = time.perf_counter() - tic
+            for key, predicted in {name: result.labels, **(extra(name, model, result) if extra else {})}.items():
+                truth, tumor = labels == 2, predicted == 2
+                row["dice"][key] = {"liver": float(dice(predicted > 0, labels > 0)),
+                                    "tumor_overlap2": 2 * int((tumor & truth).sum()),
+                                    "tumor_voxels": int(tumor.sum() + truth.sum())}
+            if figure and not rows:
+                panels = [dict(volume=volume, labels=labels, title=f"truth (seed {seed}, {storage})")] \
+                    if name == next(iter(loaded)) else panels
+                panels.append(dict(volume=volume, labels=result.labels,
+                                   title=f"{name}: liver Dice {row['dice'][name]['liver']:.3f}"))
+        if figure and not rows:
+            from TransferSegLib.render import save_gallery_png
+
+            focus = tuple(int(v) for v in np.argwhere(labels == 2).mean(0)) if (labels == 2).any() else None
+            save_gallery_png([dict(p, focus=focus) for p in panels], figure)
+        rows.append(row)
+        save()
+        print(f"  seed {seed} {'×'.join(map(str, row['shape'])):>12} {storage:<24} " + "  ".join(
+            f"{name} {row['dice'][name]['liver']:.3f} ({row['seconds'][name]:.1f} s)" for name in loaded), flush=True)
+    summary = dice_summary(rows, rows[0]["dice"])
+    for name in loaded:
+        summary[name]["seconds_mean"] = float(np.mean([r["seconds"][name] for r in rows]))
+    out["summary"] = summary
+    save()
+    print_dice_table(summary, "s / volume", lambda s: f"{s['seconds_mean']:.1f}" if "seconds_mean" in s else "")
+    return out
+
+
 def part_arguments(parser, parts) -> None:
     """The options every part-structured benchmark takes: --parts, --threads, --quick, --json,
     --ship and --merge."""
