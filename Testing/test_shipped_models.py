@@ -211,3 +211,36 @@ def test_the_hdenseunet_model_segments_a_new_phantom_inside_its_liver_box():
     assert metrics.dice(result.labels > 0, reference > 0) > 0.85
     k0, j0, i0, k1, j1, i1 = result.method_summary["liver_box_kji"]
     assert k1 > k0 and j1 > j0 and i1 > i0
+
+
+def test_every_shipped_model_is_fp16_and_all_fit_the_size_budget():
+    """Issue budget: every shipped model stores half-precision weights; together < 60 MB in git."""
+    cards = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(SHIPPED.glob("*.json"))]
+    assert all(card["weights"]["dtype"] == "float16" for card in cards), [c["name"] for c in cards]
+    total = sum((SHIPPED / card["weights"]["file"]).stat().st_size for card in cards)
+    assert total == sum(card["weights"]["bytes"] for card in cards)
+    assert total < 60e6, total
+
+
+TRANSFER_MODELS = {"ct-liver-tumor-ahnet": ("ahnet", "MC-GCN (2D)", "AH-Net (3D)"),
+                   "ct-liver-tumor-acs": ("converted", "2D U-Net", "ACS U-Net (3D)")}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFER_MODELS))
+def test_the_transfer_models_carry_the_2d_against_3d_comparison_and_segment_a_new_phantom(name):
+    """The 2D → 3D transfer models: one network at the default's working grid, trained by the transfer
+    recipe (its card names both parts), scored 2D against 3D and end to end on held-out clinical grids."""
+    architecture, row_2d, row_3d = TRANSFER_MODELS[name]
+    card = json.loads((SHIPPED / f"{name}.json").read_text(encoding="utf-8"))
+    assert card["architecture"]["name"] == architecture
+    assert card["working_spacing_mm"] == [3.0, 2.0, 2.0] and card["working_orientation"] == "LPS"
+    assert set(card["training"]["recipe"]["seconds"]) == {"source_s", "target_s"}
+    table = card["metrics"]["heldout_clinical_2d_vs_3d"]
+    for row in (row_2d, row_3d, "3D U-Net (default)"):
+        assert 0 < table[row]["liver_dice_mean"] <= 1 and table[row]["seconds_mean"] > 0
+    clinical = card["metrics"]["heldout_clinical"]
+    assert clinical["cases"] >= 10 and clinical["all_on_input_grid"] is True
+    assert card["metrics"]["training_time"]["cpu_minutes"] > 0
+    volume, reference = ct_phantom(seed=782, shape=(40, 256, 256))
+    result = run(volume, load_model(name), device="cpu")
+    assert metrics.dice(result.labels > 0, reference > 0) > 0.85
