@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_size import compare_part, ct100_side_by_side, ct_part, merge_parts, part_arguments, ship_card  # noqa: E402
+from real_size import (compare_part, ct100_side_by_side, ct_part, json_saver, merge_parts,  # noqa: E402
+                       part_arguments, ship_card)
 
 PARTS = ("table2", "quality", "speed")
 NAME = "ct-liver-tumor-hdenseunet"
@@ -105,9 +106,7 @@ def main(argv=None) -> int:
     parts = [p for p in args.parts.split(",") if p in PARTS]
     results = {"run": str(run), "threads": args.threads, "quick": args.quick}
 
-    def save():
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    save = json_saver(results, args.json)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

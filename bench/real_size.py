@@ -577,6 +577,15 @@ def compare_part(models: dict, threads: int, quick: bool, count: int, out: dict,
     return out
 
 
+def json_saver(results: dict, path):
+    """``save()`` for a bench's ``--json PATH`` (a no-op without one): every number so far, rewritten."""
+    def save():
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    return save
+
+
 def part_arguments(parser, parts) -> None:
     """The options every part-structured benchmark takes: --parts, --threads, --quick, --json,
     --ship and --merge."""
@@ -688,10 +697,7 @@ def main(argv=None) -> int:
     print(f"real-size bench{' — QUICK: a smoke test, not a result' if args.quick else ''}: {args.threads} "
           f"thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; work folder {work}", flush=True)
 
-    def save():
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    save = json_saver(results, args.json)
 
     if "dbt" in parts:
         print("DBT FROC (held out)", flush=True)

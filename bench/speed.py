@@ -50,7 +50,6 @@ included.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -66,7 +65,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from real_size import QUICK_SPEED_INPUTS, SPEED_INPUTS, measure, phantom_file, speed_input  # noqa: E402
+from real_size import (QUICK_SPEED_INPUTS, SPEED_INPUTS, json_saver, measure, phantom_file,  # noqa: E402
+                       speed_input)
 from TransferSegLib.models import list_models, method_of, model_dirs  # noqa: E402
 from TransferSegLib.resample import grid_shape  # noqa: E402
 
@@ -321,10 +321,7 @@ def main(argv=None) -> int:
           + (f", GPU {m.get('gpu')}" if "gpu" in m else ""), flush=True)
     print(f"models: {', '.join(card['name'] for card in cards)}; work folder {work}", flush=True)
 
-    def save():
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    save = json_saver(results, args.json)
 
     inputs = Inputs(work, args.quick)
     for card in cards:

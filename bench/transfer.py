@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real_size import (compare_part, ct100_side_by_side, ct_part, merge_parts, part_arguments,  # noqa: E402
-                       ship_card)
+from real_size import (compare_part, ct100_side_by_side, ct_part, json_saver, merge_parts,  # noqa: E402
+                       part_arguments, ship_card)
 
 PARTS = ("table", "quality", "speed")
 MODELS = {"ahnet": ("ct-liver-tumor-ahnet", "MC-GCN (2D)", "AH-Net (3D)"),
@@ -63,9 +63,7 @@ def main(argv=None) -> int:
     parts = [p for p in args.parts.split(",") if p in PARTS]
     results = {"run": str(run), "threads": args.threads, "quick": args.quick}
 
-    def save():
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    save = json_saver(results, args.json)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 
-from real_size import (ct100_side_by_side, ct_cases, ct_part, dice_summary, merge_parts,  # noqa: E402
+from real_size import (ct100_side_by_side, ct_cases, ct_part, dice_summary, json_saver, merge_parts,  # noqa: E402
                        part_arguments, print_dice_table, ship_card, stored_as)
 from TransferSegLib.metrics import dice  # noqa: E402
 
@@ -176,9 +176,7 @@ def main(argv=None) -> int:
     parts = [p for p in args.parts.split(",") if p in PARTS]  # "none": only --merge and --ship
     results = {"model": args.model, "threads": args.threads, "quick": args.quick}
 
-    def save():
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    save = json_saver(results, args.json)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -79,11 +79,29 @@ def _sub_config(config: dict, part: dict, **changes) -> dict:
     return sub
 
 
-def _view_config(config: dict, view: str, names: list, out: Path, suffix: str = "") -> dict:
-    data = dict(config["data"], select=list(names))
+def _checked_copy(config: dict, recipe: str, keys: tuple, required: tuple) -> dict:
+    """A copy of ``config`` without its "_" comments, after checking its keys against ``keys``."""
+    unknown = sorted(set(config) - set(keys) - {k for k in config if k.startswith("_")})
+    if unknown:
+        _fail(unknown[0], f"unknown key; a {recipe} recipe has {', '.join(keys)}")
+    for key in required:
+        if key not in config:
+            _fail(key, "required")
+    return copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def _part_config(config: dict, part: str, out: Path, data: dict = None, **changes) -> dict:
+    """The trainer config of a recipe's ``part``: the shared keys, the part's own, its data (the
+    shared data changed by the part's, e.g. the count) cached in OUT/cases, named NAME-part."""
+    data = dict(config["data"], **config[part].get("data", {})) if data is None else data
     if "stacks" not in data and data.get("cache") is not False:
         data["cache"] = str(out / "cases")
-    return _sub_config(config, config["views"], name=f"{config['name']}-{view}{suffix}", view=view, data=data)
+    return _sub_config(config, config[part], **{"name": f"{config['name']}-{part}", "data": data, **changes})
+
+
+def _view_config(config: dict, view: str, names: list, out: Path, suffix: str = "") -> dict:
+    return _part_config(config, "views", out, data=dict(config["data"], select=list(names)),
+                        name=f"{config['name']}-{view}{suffix}", view=view)
 
 
 def _fusion_config(config: dict, out: Path, num_classes: int, image: bool) -> dict:
@@ -106,13 +124,7 @@ def fusion_channels(num_classes: int) -> int:
 
 def validate_multiview(config: dict) -> dict:
     """A checked copy of a multiview recipe config; every sub-config is checked by the trainer."""
-    unknown = sorted(set(config) - set(MULTIVIEW_KEYS) - {k for k in config if k.startswith("_")})
-    if unknown:
-        _fail(unknown[0], f"unknown key; a multiview recipe has {', '.join(MULTIVIEW_KEYS)}")
-    for key in ("name", "labels", "data", "views", "fusion"):
-        if key not in config:
-            _fail(key, "required")
-    c = copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")})
+    c = _checked_copy(config, "multiview", MULTIVIEW_KEYS, ("name", "labels", "data", "views", "fusion"))
     if c.get("working_orientation") is None:
         _fail("working_orientation", "views are anatomical: name the working orientation, e.g. \"LPS\"")
     fd = c.setdefault("fusion_data", {"split": 0.33})
@@ -265,10 +277,7 @@ CASCADE_KEYS = COMMON + ("recipe", "method") + CASCADE_PARTS
 
 
 def _cascade_config(config: dict, part: str, out: Path) -> dict:
-    data = dict(config["data"], **config[part].get("data", {}))  # a part may change e.g. the count
-    if "stacks" not in data and data.get("cache") is not False:
-        data["cache"] = str(out / "cases")
-    sub = _sub_config(config, config[part], name=f"{config['name']}-{part}", data=data)
+    sub = _part_config(config, part, out)
     if part == "hybrid":  # the 2D network of stage 1 goes into the H-DenseUNet's net2d
         sub["init_weights"] = {"path": str(out / "net2d" / "model" / f"{config['name']}-net2d.json"),
                                "prefix": "net2d.", "source_prefix": "net.", "strict": True}
@@ -277,13 +286,7 @@ def _cascade_config(config: dict, part: str, out: Path) -> dict:
 
 def validate_cascade(config: dict) -> dict:
     """A checked copy of a cascade recipe config; every part is checked by the trainer."""
-    unknown = sorted(set(config) - set(CASCADE_KEYS) - {k for k in config if k.startswith("_")})
-    if unknown:
-        _fail(unknown[0], f"unknown key; a cascade recipe has {', '.join(CASCADE_KEYS)}")
-    for key in ("name", "labels", "data", "coarse", "net2d", "hybrid"):
-        if key not in config:
-            _fail(key, "required")
-    c = copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")})
+    c = _checked_copy(config, "cascade", CASCADE_KEYS, ("name", "labels", "data", "coarse", "net2d", "hybrid"))
     from ..methods.cascade import DEFAULTS
 
     if not isinstance(c.setdefault("method", {}), dict):
@@ -351,10 +354,7 @@ TRANSFER_INIT = {"ahnet": "transfer_from", "converted": "convert_from"}
 
 
 def _transfer_config(config: dict, part: str, out: Path) -> dict:
-    data = dict(config["data"], **config[part].get("data", {}))
-    if "stacks" not in data and data.get("cache") is not False:
-        data["cache"] = str(out / "cases")
-    sub = _sub_config(config, config[part], name=f"{config['name']}-{part}", data=data)
+    sub = _part_config(config, part, out)
     if part == "target":
         key = TRANSFER_INIT.get(sub.get("architecture", {}).get("name"))
         if key is None:
@@ -365,13 +365,7 @@ def _transfer_config(config: dict, part: str, out: Path) -> dict:
 
 def validate_transfer(config: dict) -> dict:
     """A checked copy of a transfer recipe config; both parts are checked by the trainer."""
-    unknown = sorted(set(config) - set(TRANSFER_KEYS) - {k for k in config if k.startswith("_")})
-    if unknown:
-        _fail(unknown[0], f"unknown key; a transfer recipe has {', '.join(TRANSFER_KEYS)}")
-    for key in ("name", "labels", "data", "source", "target"):
-        if key not in config:
-            _fail(key, "required")
-    c = copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")})
+    c = _checked_copy(config, "transfer", TRANSFER_KEYS, ("name", "labels", "data", "source", "target"))
     for part in TRANSFER_PARTS:
         if not isinstance(c[part], dict):
             _fail(part, "must be a JSON object of trainer keys")

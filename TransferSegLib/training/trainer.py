@@ -357,6 +357,11 @@ TOP_LEVEL = ("name", "version", "task", "description", "seed", "architecture", "
              "peaks", "threads", "workers", "device", "deterministic", "progress_bar", "storage_dtype")
 
 
+#: init_weights key -> (the 2D model it reads, the architecture it fills, the verb for messages)
+TRANSFER_INITS = {"transfer_from": ("an MC-GCN model", "ahnet", "transfers"),
+                  "convert_from": ("a 2D model", "converted", "converts")}
+
+
 def validate_config(config: dict) -> dict:
     """A checked deep copy of ``config`` with every default filled in (schema: module docstring).
 
@@ -385,20 +390,14 @@ def validate_config(config: dict) -> dict:
     init = c.setdefault("init_weights", None)
     if init is not None:
         init = {"path": init} if isinstance(init, str) else init
-        if isinstance(init, dict) and "transfer_from" in init:
-            _section(init, "init_weights", ("transfer_from",))
-            if not isinstance(init["transfer_from"], str) or not init["transfer_from"]:
-                _fail("init_weights.transfer_from", f"must be an MC-GCN model (card path or name); got {init!r}")
-            if arch["name"] != "ahnet":
-                _fail("init_weights.transfer_from", f"transfers an MC-GCN into an 'ahnet' architecture, "
-                      f"not {arch['name']!r}")
-        elif isinstance(init, dict) and "convert_from" in init:
-            _section(init, "init_weights", ("convert_from",))
-            if not isinstance(init["convert_from"], str) or not init["convert_from"]:
-                _fail("init_weights.convert_from", f"must be a 2D model (card path or name); got {init!r}")
-            if arch["name"] != "converted":
-                _fail("init_weights.convert_from", f"converts a 2D model into a 'converted' architecture, "
-                      f"not {arch['name']!r}")
+        key = next((k for k in TRANSFER_INITS if isinstance(init, dict) and k in init), None)
+        if key:  # a 2D model carried into the 3D network it becomes
+            source, target, verb = TRANSFER_INITS[key]
+            _section(init, "init_weights", (key,))
+            if not isinstance(init[key], str) or not init[key]:
+                _fail(f"init_weights.{key}", f"must be {source} (card path or name); got {init!r}")
+            if arch["name"] != target:
+                _fail(f"init_weights.{key}", f"{verb} {source} into a {target!r} architecture, not {arch['name']!r}")
         else:
             _section(init, "init_weights", ("path", "strict", "prefix", "source_prefix"), required=("path",))
             init.setdefault("strict", True)
@@ -622,7 +621,7 @@ def load_config(path) -> dict:
         if isinstance(data, dict) and isinstance(data.get(key), str):
             data[key] = str((base / Path(data[key]).expanduser()).resolve())
     init = config.get("init_weights")
-    key = next((k for k in ("transfer_from", "convert_from") if isinstance(init, dict) and k in init), "path")
+    key = next((k for k in TRANSFER_INITS if isinstance(init, dict) and k in init), "path")
     init_path = init.get(key) if isinstance(init, dict) else init
     if isinstance(init_path, str) and (os.sep in init_path or init_path.endswith((".json", ".safetensors"))):
         resolved = str((base / Path(init_path).expanduser()).resolve())
