@@ -139,7 +139,7 @@ def test_transfer_recipe_refuses_what_it_cannot_run(tmp_path):
     config = tiny_acs()
     with pytest.raises(TransferSegError, match="target.init_weights: is set by the recipe"):
         validate_recipe(dict(config, target={**config["target"], "init_weights": "x.json"}))
-    with pytest.raises(TransferSegError, match="must be one the 2D network transfers into"):
+    with pytest.raises(TransferSegError, match="must be an architecture the 2D network transfers into"):
         validate_recipe(dict(config, target={**config["target"], "architecture": {"name": "unet3d", "config": {}}}))
     with pytest.raises(TransferSegError, match="unknown key; a transfer recipe has"):
         validate_recipe(dict(config, fusion={}))
