@@ -358,7 +358,8 @@ def _transfer_config(config: dict, part: str, out: Path) -> dict:
     if part == "target":
         key = TRANSFER_INIT.get(sub.get("architecture", {}).get("name"))
         if key is None:
-            _fail("target.architecture.name", f"must be an architecture the 2D network transfers into: {', '.join(TRANSFER_INIT)}")
+            _fail("target.architecture.name",
+                  f"must be an architecture the 2D network transfers into: {', '.join(TRANSFER_INIT)}")
         sub["init_weights"] = {key: str(out / "source" / "model" / f"{config['name']}-source.json")}
     return sub
 
