@@ -596,7 +596,8 @@ def validate_config(config: dict) -> dict:
         if not isinstance(c.setdefault(name, True), bool):
             _fail(name, f"must be true or false; got {c[name]!r}")
     if c.setdefault("storage_dtype", None) not in (None, "float16"):
-        _fail("storage_dtype", f"must be null (float32) or \"float16\" (half the file size); got {c['storage_dtype']!r}")
+        _fail("storage_dtype",
+              f"must be null (float32) or \"float16\" (half the file size); got {c['storage_dtype']!r}")
     return c
 
 
