@@ -16,6 +16,7 @@ from TransferSegLib.models import load_model
 from TransferSegLib.phantoms import ct_phantom
 from TransferSegLib.pipeline import postprocess, run
 from TransferSegLib.progress import CancelToken, Cancelled
+from TransferSegLib.volume import TransferSegError
 
 @pytest.fixture(scope="module")
 def phantom_dir(tmp_path_factory):
@@ -222,3 +223,56 @@ def test_postprocess_in_the_bounding_box_equals_the_whole_volume():
     expected[(expected == 2) & ~region] = 0
     np.testing.assert_array_equal(postprocess(labels, spec), expected)
     assert count > 1 and (expected != labels).any()
+
+
+def test_postprocess_min_volume_relabels_small_components_with_their_surroundings():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(6)
+    labels = np.zeros((20, 30, 30), np.uint8)
+    labels[2:18, 3:27, 3:27] = 1
+    blobs = ndimage.gaussian_filter(rng.random(labels.shape), 1.5) > 0.53
+    labels[blobs & (labels == 1)] = 2  # tumors of many sizes inside the liver
+    labels[0, 0, :2] = 2  # a speck in the background, outside the liver
+    spacing = (2.0, 0.8, 0.8)
+    below = 0.02  # mL: 15.6 voxels of 1.28 mm³
+    # independently: over the whole volume, one component at a time, its 6-neighbours outside it
+    expected = labels.copy()
+    components, count = ndimage.label(labels == 2, structure=np.ones((3, 3, 3), bool))
+    for index in range(1, count + 1):
+        component = components == index
+        if component.sum() * np.prod(spacing) / 1000.0 >= below:
+            continue
+        around = labels[ndimage.binary_dilation(component) & ~component]
+        around = around[around != 2]
+        expected[component] = np.bincount(around).argmax() if around.size else 0
+    before = labels.copy()
+    cleaned = postprocess(labels, {"min_volume_ml": {"2": below}}, spacing)
+    np.testing.assert_array_equal(cleaned, expected)
+    np.testing.assert_array_equal(labels, before)  # input untouched
+    sizes = np.bincount(components.ravel())[1:] * np.prod(spacing) / 1000.0
+    assert (sizes < below).sum() >= 3 and (sizes >= below).sum() >= 1  # some removed, some kept
+    assert cleaned[0, 0, 0] == 0 and (cleaned[(labels == 2) & (cleaned != 2)] == 1).sum() > 0
+    with pytest.raises(TransferSegError, match="spacing"):
+        postprocess(labels, {"min_volume_ml": {"2": below}})
+
+
+@pytest.mark.parametrize("postprocessing, message", [
+    ({"largest_componnet": [1, 2]}, "largest_componnet is not a post-processing step"),
+    ({"min_volume_ml": {"2": -1}}, "min_volume_ml must look like"),
+    ({"min_volume_ml": {"tumor": 0.5}}, "min_volume_ml must look like"),
+    ({"inside": {"2": []}}, "inside must look like"),
+    ({"fill_holes": [0]}, "fill_holes must look like"),
+    ([1, 2], "postprocessing must be an object"),
+])
+def test_a_card_with_a_bad_postprocessing_step_is_refused_when_read(tmp_path, tiny_model, postprocessing, message):
+    from TransferSegLib.models import read_card
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    card = json.loads(tiny_model.read_text(encoding="utf-8"))
+    card["postprocessing"] = postprocessing
+    (folder / tiny_model.name).write_text(json.dumps(card), encoding="utf-8")
+    (folder / card["weights"]["file"]).symlink_to(tiny_model.parent / card["weights"]["file"])
+    with pytest.raises(TransferSegError, match=message):
+        read_card(folder / tiny_model.name)

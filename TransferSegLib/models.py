@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -169,6 +170,7 @@ def _check_card(card, where: str) -> None:
     if not isinstance(card["weights"], dict):
         raise TransferSegError(f"{where}: weights must be {{\"file\": \"NAME.safetensors\", \"sha256\": ...}}, "
                                f"not {json.dumps(card['weights'], default=str)[:120]}")
+    _check_postprocessing(card.get("postprocessing"), where)
     if not composed:
         arch = card["architecture"]
         if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) \
@@ -192,6 +194,40 @@ def _check_card(card, where: str) -> None:
                 or not isinstance(spec["architecture"].get("name"), str):
             raise TransferSegError(f"{where}: component {name!r} needs \"architecture\": "
                                    "{\"name\": ..., \"config\": {...}}")
+
+
+_POSTPROCESSING_FORMS = {"largest_component": "[1, 2]", "fill_holes": "[1, 2]", "inside": "{\"2\": [1, 2]}",
+                         "min_volume_ml": "{\"2\": 0.25}"}
+
+
+def _is_label(value) -> bool:
+    return type(value) is int and 1 <= value <= 255
+
+
+def _check_postprocessing(spec, where: str) -> None:
+    """The card's ``postprocessing`` (see ``pipeline.postprocess``): known steps, each well formed,
+    so a misspelt step is refused when the model loads instead of silently skipped."""
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise TransferSegError(f"{where}: postprocessing must be an object, e.g. {{\"largest_component\": [1, 2]}}")
+    for key, value in spec.items():
+        if key not in _POSTPROCESSING_FORMS:
+            raise TransferSegError(f"{where}: postprocessing.{key} is not a post-processing step; there are "
+                                   f"{', '.join(_POSTPROCESSING_FORMS)}")
+        if key in ("largest_component", "fill_holes"):
+            ok = isinstance(value, list) and value and all(_is_label(v) for v in value)
+        elif key == "inside":
+            ok = isinstance(value, dict) and all(
+                k.isdigit() and _is_label(int(k)) and isinstance(v, list) and v and all(_is_label(x) for x in v)
+                for k, v in value.items())
+        else:
+            ok = isinstance(value, dict) and all(
+                k.isdigit() and _is_label(int(k)) and type(v) in (int, float) and math.isfinite(v) and v >= 0
+                for k, v in value.items())
+        if not ok:
+            raise TransferSegError(f"{where}: postprocessing.{key} must look like {_POSTPROCESSING_FORMS[key]} "
+                                   f"(labels 1…255), not {json.dumps(value, default=str)[:80]}")
 
 
 def method_of(card: dict) -> dict:

@@ -188,7 +188,7 @@ class Result:
             tmp.write_text(json.dumps(self.summary(), indent=2) + "\n", encoding="utf-8")
 
 
-def postprocess(labels: np.ndarray, spec: Optional[dict]) -> np.ndarray:
+def postprocess(labels: np.ndarray, spec: Optional[dict], spacing=None) -> np.ndarray:
     """Card-driven clean-up of a label map (in place on a copy), in this order:
 
     ``{"largest_component": [1, 2]}`` keeps only the largest 26-connected component of the union
@@ -197,7 +197,10 @@ def postprocess(labels: np.ndarray, spec: Optional[dict]) -> np.ndarray:
     enclosed by it, as ``scipy.ndimage.binary_fill_holes``; a cavity open to the volume's edge
     is no hole) with the first listed label, the liver; other labels enclosed are kept;
     ``{"inside": {"2": [1, 2]}}`` keeps label 2 only where it lies inside the filled region of
-    labels {1, 2}.
+    labels {1, 2};
+    ``{"min_volume_ml": {"2": 0.25}}`` relabels every 26-connected component of label 2 smaller
+    than 0.25 mL (needs ``spacing``, the label map's voxel size in mm) with the label that most
+    of its face neighbours outside it hold (a speck inside the liver becomes liver).
 
     Each works inside the bounding box of the labels concerned (with a one-voxel margin, so
     filling holes sees the same outside), never on int32 component maps of the whole volume.
@@ -229,7 +232,34 @@ def postprocess(labels: np.ndarray, spec: Optional[dict]) -> np.ndarray:
         if box is not None:
             region[box] = ndimage.binary_fill_holes(region[box])
         labels[(labels == int(inner)) & ~region] = 0
+    smallest = spec.get("min_volume_ml") or {}
+    if smallest and spacing is None:
+        raise TransferSegError("postprocessing.min_volume_ml needs the label map's spacing")
+    for label, below_ml in smallest.items():
+        _drop_small_components(labels, int(label), float(below_ml) * 1000.0 / float(np.prod(spacing)))
     return labels
+
+
+def _drop_small_components(labels: np.ndarray, label: int, below_voxels: float) -> None:
+    """In place: each 26-connected component of ``label`` with fewer than ``below_voxels``
+    voxels takes the commonest label among its face neighbours outside it (0 if it has none)."""
+    mask = labels == label
+    box = _bounding_box(mask, margin=1)
+    if box is None:
+        return
+    inside = labels[box]  # a view: relabelling it relabels labels
+    components, count = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    cross = ndimage.generate_binary_structure(3, 1)
+    for index, where in enumerate(ndimage.find_objects(components), start=1):
+        if sizes[index] >= below_voxels:
+            continue
+        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in where)
+        component = components[grown] == index
+        shell = ndimage.binary_dilation(component, cross) & ~component
+        around = inside[grown][shell]
+        around = around[around != label]
+        inside[grown][component] = int(np.bincount(around).argmax()) if around.size else 0
 
 
 def _bounding_box(mask: np.ndarray, margin: int):
@@ -313,7 +343,7 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
 
     start = time.perf_counter()
     report(0.95, "post-processing")
-    labels = postprocess(labels, card.get("postprocessing"))
+    labels = postprocess(labels, card.get("postprocessing"), volume.spacing)
     detections = []
     if task == "heatmap":
         from .heatmaps import find_peaks
