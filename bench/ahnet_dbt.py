@@ -17,9 +17,9 @@ grids drawn at 0.085-0.6 mm pixels, resampled to their 1 × 0.5 × 0.5 mm workin
 Held-out test seeds 5000-5019 (20 volumes, 33 lesions: masses and calcification clusters) at
 the U-Nets' 0.8 mm grid (:data:`TEST_OPTIONS`), which the working-spacing networks resample.
 Targets: AH-Net eq. (5) heatmaps.
-Sizes and steps are the configs' (batches of 2 patches: MC-GCN 1000 and 2D U-Net 800 steps on
-8×64×64, AH-Net 200 decoder-only + 800 joint and 3D U-Net 300 on 32×64×64), about 15-20
-minutes on two otherwise idle CPU cores; ``--quick`` trains 4 steps per stage on 4 volumes
+Sizes and steps are the configs' (batches of 2 patches: MC-GCN 3000 and 2D U-Net 800 steps on
+8×64×64, AH-Net 300 decoder-only + 2000 joint and 3D U-Net 300 on 32×64×64; the recipe's 240
+phantoms), about an hour on two otherwise idle CPU cores; ``--quick`` trains 4 steps per stage on 4 volumes
 and tests on 3 (a smoke test of the whole run, 2-5 minutes).
 
 Evaluation: every network runs through ``pipeline.run`` (the product path: the card's
