@@ -103,3 +103,27 @@ def test_froc_brute_force_on_random_cases():
 def test_froc_refuses_mismatched_lists():
     with pytest.raises(TransferSegError, match="one detection list per volume"):
         froc([[]], [[], []])
+
+
+def test_found_by_kind_counts_the_lesions_of_the_froc_operating_point():
+    from TransferSegLib.metrics import found_by_kind
+
+    mass = {"kind": "mass", "box_kji": [0, 0, 0, 4, 4, 4]}
+    cluster = {"kind": "calcification_cluster", "box_kji": [10, 10, 10, 14, 14, 14]}
+    boxes = [[mass, cluster], [dict(mass)], [dict(cluster)], []]
+    detections = [
+        [_det([1, 1, 1], 0.9), _det([20, 20, 20], 0.8), _det([11, 11, 11], 0.4)],
+        [_det([2, 2, 2], 0.7)],
+        [_det([30, 30, 30], 0.6), _det([12, 12, 12], 0.5)],
+        [],
+    ]
+    # peaks by confidence: 0.9 mass (TP), 0.8 FP (0.25/vol), 0.7 mass (TP), 0.6 FP (0.5/vol), ...
+    result = found_by_kind(detections, boxes, rate=0.25)
+    assert result["threshold"] == pytest.approx(0.7)
+    assert result["kinds"] == {"mass": {"found": 2, "lesions": 2}, "calcification_cluster": {"found": 0, "lesions": 2}}
+    curve = froc(detections, boxes, rates=(0.25, 1.0))
+    found = sum(k["found"] for k in result["kinds"].values())
+    assert found / 4 == pytest.approx(curve["tpr_at"][0.25])  # the same operating point as the FROC's
+    everything = found_by_kind(detections, boxes, rate=1.0)["kinds"]
+    assert everything["calcification_cluster"] == {"found": 2, "lesions": 2}
+    assert found_by_kind([[_det([1, 1, 1], 0.9)]], [[[0, 0, 0, 2, 2, 2]]])["kinds"] == {"lesion": {"found": 1, "lesions": 1}}

@@ -356,3 +356,28 @@ def froc(detections_per_volume, boxes_per_volume, rates=FROC_RATES) -> dict:
         tpr_at[float(rate)] = max(allowed) if allowed else 0.0
     return {"fp_per_volume": fps, "tpr": tprs, "thresholds": thresholds, "tpr_at": tpr_at,
             "lesions": n_lesions, "volumes": n_volumes}
+
+
+def found_by_kind(detections_per_volume, boxes_per_volume, rate: float = 0.25) -> dict:
+    """Which lesions the FROC's operating point at ``rate`` FP per volume finds, by kind.
+
+    The operating point is the curve's last one with at most ``rate`` false positives per
+    volume (the one whose TPR is :func:`froc`'s ``tpr_at[rate]``); a lesion is found when a peak
+    at or above its threshold lies in its box.  A box's kind is its dict's ``"kind"`` (a plain
+    box is a ``"lesion"``).  Returns ``{"threshold": t, "kinds": {kind: {"found": n, "lesions": m}}}``.
+    """
+    from .heatmaps import box_contains
+
+    curve = froc(detections_per_volume, boxes_per_volume, rates=(rate,))
+    last = max(n for n, fp in enumerate(curve["fp_per_volume"]) if fp <= rate + 1e-12)
+    threshold = curve["thresholds"][last]
+    kinds = {}
+    for detections, boxes in zip(detections_per_volume, boxes_per_volume):
+        kept = [det["position_kji"] if isinstance(det, dict) else det.position_kji for det in detections
+                if (det["confidence"] if isinstance(det, dict) else det.confidence) >= threshold]
+        for box in boxes:
+            kind = box.get("kind", "lesion") if isinstance(box, dict) else "lesion"
+            counts = kinds.setdefault(kind, {"found": 0, "lesions": 0})
+            counts["lesions"] += 1
+            counts["found"] += int(any(box_contains(box, position) for position in kept))
+    return {"threshold": threshold, "kinds": kinds}

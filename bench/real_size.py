@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from TransferSegLib.metrics import FROC_RATES, dice, froc  # noqa: E402
+from TransferSegLib.metrics import FROC_RATES, dice, found_by_kind, froc  # noqa: E402
 from TransferSegLib.models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL, find_model, load_model  # noqa: E402
 
 PARTS = ("ct", "speed", "dbt")
@@ -435,7 +435,9 @@ def dbt_froc(models: dict, grid: str, count: int, seed: int, quick: bool = False
 
 def _froc_entry(detections, boxes, seed, options, peaks) -> dict:
     curve = froc(detections, boxes)
+    by_kind = found_by_kind(detections, boxes, rate=FROC_RATES[-1])["kinds"]
     return {"tpr_at_fp_per_volume": {f"{rate:g}": curve["tpr_at"][rate] for rate in FROC_RATES},
+            f"found_by_kind_at_{FROC_RATES[-1]:g}": by_kind,
             "lesions": curve["lesions"], "volumes": curve["volumes"],
             "data": {"phantom": "dbt", "count": len(boxes), "seed": seed, "options": options},
             "peaks": peaks, "protocol": FROC_PROTOCOL, "fp_per_volume": curve["fp_per_volume"], "tpr": curve["tpr"]}
@@ -450,10 +452,13 @@ def dbt_part(models: dict, counts: dict, quick: bool, keep: bool = False) -> dic
         print(f"  {grid} grid ({shape} at {first['data']['options'].get('pixel_mm', 0.4)} mm), {first['volumes']} "
               f"held-out phantoms (seeds 5000-{5000 + first['volumes'] - 1}), {first['lesions']} lesions; "
               "TPR at FP/volume:", flush=True)
-        print(f"    {'model':<44}" + "".join(f"{rate:>7g}" for rate in FROC_RATES) + "   s/volume")
+        print(f"    {'model':<44}" + "".join(f"{rate:>7g}" for rate in FROC_RATES) + "   s/volume   found at "
+              f"{FROC_RATES[-1]:g} FP/volume")
         for label, curve in out[grid].items():
+            kinds = curve[f"found_by_kind_at_{FROC_RATES[-1]:g}"]
             print(f"    {label:<44}" + "".join(f"{v:>7.3f}" for v in curve["tpr_at_fp_per_volume"].values())
-                  + f"   {curve['seconds_per_volume']:7.1f}", flush=True)
+                  + f"   {curve['seconds_per_volume']:7.1f}   "
+                  + ", ".join(f"{k} {v['found']}/{v['lesions']}" for k, v in sorted(kinds.items())), flush=True)
     for curves in out.values():  # the per-volume detections stay out of the JSON (kept for --ship)
         for curve in curves.values():
             if not keep:
@@ -479,7 +484,8 @@ def ship_detector(card_path, froc_results: dict, label: str, training_time: dict
     if "transfer_from" in init:  # no local absolute paths in a shipped card
         path = Path(init["transfer_from"])
         init["transfer_from"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
-    compact = ("tpr_at_fp_per_volume", "lesions", "volumes", "data", "peaks", "protocol")
+    compact = ("tpr_at_fp_per_volume", f"found_by_kind_at_{FROC_RATES[-1]:g}", "lesions", "volumes", "data", "peaks",
+               "protocol")
     default, clinical = froc_results["default"][label], froc_results["clinical"][label]
     check = _froc_entry(default["_detections"][:check_count], default["_boxes"][:check_count],
                         default["data"]["seed"], default["data"]["options"], default["peaks"])
