@@ -130,6 +130,9 @@ def test_default_detection_model_reproduces_its_heldout_froc():
     for rate, tpr in test["tpr_at_fp_per_volume"].items():
         assert abs(curve["tpr_at"][float(rate)] - tpr) <= 1.0 / test["lesions"] + 1e-9, (rate, curve["tpr_at"])
     assert curve["tpr_at"][0.25] > 0  # it does find lesions
+    kinds = metrics.found_by_kind(detections, boxes, rate=0.25)["kinds"]
+    for kind, counts in test["found_by_kind_at_0.25"].items():  # the card's per-kind counts, to one lesion
+        assert kinds[kind]["lesions"] == counts["lesions"] and abs(kinds[kind]["found"] - counts["found"]) <= 1, kinds
 
 
 def test_detect_command_uses_the_shipped_default(tmp_path):
