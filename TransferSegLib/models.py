@@ -213,7 +213,7 @@ def _check_postprocessing(spec, where: str) -> None:
         raise TransferSegError(f"{where}: postprocessing must be an object, e.g. {{\"largest_component\": [1, 2]}}")
     for key, value in spec.items():
         if key not in _POSTPROCESSING_FORMS:
-            raise TransferSegError(f"{where}: postprocessing.{key} is not a post-processing step; there are "
+            raise TransferSegError(f"{where}: postprocessing.{key} is not a post-processing step; the steps are "
                                    f"{', '.join(_POSTPROCESSING_FORMS)}")
         if key in ("largest_component", "fill_holes"):
             ok = isinstance(value, list) and value and all(_is_label(v) for v in value)
