@@ -299,6 +299,13 @@ def tumor_burden_rmse(
 FROC_RATES = (0.01, 0.05, 0.10, 0.15, 0.20, 0.25)
 
 
+def _peak(detection) -> tuple:
+    """``(position_kji, confidence)`` of a detection given as a dict or as a ``Detection``."""
+    if isinstance(detection, dict):
+        return detection["position_kji"], float(detection["confidence"])
+    return detection.position_kji, float(detection.confidence)
+
+
 def froc(detections_per_volume, boxes_per_volume, rates=FROC_RATES) -> dict:
     """Free-response ROC as in the AH-Net paper (Sec. 4.1).
 
@@ -333,10 +340,9 @@ def froc(detections_per_volume, boxes_per_volume, rates=FROC_RATES) -> dict:
     for v, (detections, boxes) in enumerate(zip(detections_per_volume, boxes_per_volume)):
         lesion_ids += [(v, b) for b in range(len(boxes))]
         for det in detections:
-            position = det["position_kji"] if isinstance(det, dict) else det.position_kji
-            confidence = det["confidence"] if isinstance(det, dict) else det.confidence
+            position, confidence = _peak(det)
             hits = [b for b, box in enumerate(boxes) if box_contains(box, position)]
-            peaks.append((float(confidence), v, hits))
+            peaks.append((confidence, v, hits))
     peaks.sort(key=lambda p: -p[0])
     n_lesions = len(lesion_ids)
     detected, false_positives = set(), 0
@@ -373,8 +379,7 @@ def found_by_kind(detections_per_volume, boxes_per_volume, rate: float = 0.25) -
     threshold = curve["thresholds"][last]
     kinds = {}
     for detections, boxes in zip(detections_per_volume, boxes_per_volume):
-        kept = [det["position_kji"] if isinstance(det, dict) else det.position_kji for det in detections
-                if (det["confidence"] if isinstance(det, dict) else det.confidence) >= threshold]
+        kept = [position for position, confidence in map(_peak, detections) if confidence >= threshold]
         for box in boxes:
             kind = box.get("kind", "lesion") if isinstance(box, dict) else "lesion"
             counts = kinds.setdefault(kind, {"found": 0, "lesions": 0})
