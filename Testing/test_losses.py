@@ -71,6 +71,32 @@ def test_focal_l2_is_eq4_by_hand_and_numpy():
         (math.log(9) / math.log(100)) ** 2 * 9, rel=1e-5)
 
 
+def test_normalise_by_target_divides_each_item_by_its_target_sum():
+    """Two items: a big target (sum 40) and a small one (sum 2.5), the same error per target voxel.
+    By the mean over voxels the big item dominates; normalised, each item is its missed share."""
+    pred = torch.zeros(2, 1, 4, 10)
+    target = torch.zeros(2, 1, 4, 10)
+    target[0, 0] = 1.0                         # sum 40, all missed: squared error sum 40
+    target[1, 0, 0, :5] = 0.5                  # sum 2.5, all missed: squared error sum 1.25
+    pred[1, 0, 3, 9] = 2.0                     # and a false positive of squared error 4
+    plain = L2()(pred, target).item()
+    assert plain == pytest.approx((40 + 1.25 + 4) / 80)
+    balanced = L2(normalise_by_target=1.0)(pred, target).item()
+    assert balanced == pytest.approx((40 / 40 + (1.25 + 4) / 2.5) / 2)
+    floored = L2(normalise_by_target=10.0)(pred, target).item()  # the small item's sum is below the floor
+    assert floored == pytest.approx((40 / 40 + 5.25 / 10) / 2)
+    empty = torch.zeros(1, 1, 4, 10)                # an item without lesions: its error ÷ the floor
+    assert L2(normalise_by_target=8.0)(empty + 0.5, empty).item() == pytest.approx(40 * 0.25 / 8)
+    # focal L2 reduces the same way: γ = 0 with errors ≥ 1 is the normalised L2
+    big = torch.full((1, 1, 3), 3.0)
+    goal = torch.tensor([[[0.0, 1.0, 1.0]]])
+    assert FocalLossL2(gamma=0.0, d_max=50.0, normalise_by_target=1.0)(big, goal).item() == pytest.approx(
+        (9 + 4 + 4) / 2)
+    for bad in (0, -1.0, "64", True):
+        with pytest.raises(TransferSegError, match="normalise_by_target"):
+            build_loss({"name": "l2", "normalise_by_target": bad})
+
+
 def test_regression_losses_one_hot_integer_labels():
     logits, labels = _logits_and_labels(2)
     one_hot = F.one_hot(labels, 3).movedim(-1, 1).float()
@@ -92,7 +118,7 @@ def test_dice_loss_zero_for_perfect_prediction_and_near_one_for_wrong():
 def test_gradients_flow_and_batches_decompose(name):
     spec = {"name": name}
     if name == "focal_l2":
-        spec.update(d_max=10.0, scale=20.0, activation="sigmoid")
+        spec.update(d_max=10.0, scale=20.0, activation="sigmoid", normalise_by_target=4.0)
     loss_fn = build_loss(spec)
     logits, labels = _logits_and_labels(4)
     logits.requires_grad_(True)

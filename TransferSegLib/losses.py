@@ -20,6 +20,7 @@ cross-entropy divides by the number of voxels, not by the sum of the weights as
     {"name": "focal", "gamma": 2.0, "alpha": [0.25, 0.75, 0.75]}     # or "alpha": 0.25 (Lin's binary α)
     {"name": "focal_l2", "gamma": 2.0, "d_max": 100.0, "scale": 1.0, "activation": "none"}
     {"name": "l2", "activation": "none"}                              # or "softmax" / "sigmoid"
+    {"name": "l2", "normalise_by_target": 64}   # (focal_l2 too) each item ÷ max(Σ target, 64)
     {"name": "dice", "include_background": false, "smooth": 1e-5}
     {"name": "ce+dice", "class_weights": null, "ce_weight": 1.0, "dice_weight": 1.0}
 """
@@ -139,18 +140,45 @@ class FocalLossCE(nn.Module):
         return losses.mean()
 
 
-class L2(nn.Module):
-    """Mean squared error between ``activation(output)`` and the target map (one-hot labels)."""
+def _check_floor(value) -> Optional[float]:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise TransferSegError(f"normalise_by_target must be null or a number of voxels > 0; got {value!r}")
+    return float(value)
 
-    def __init__(self, activation: str = "none"):
+
+def _reduce(per_voxel: torch.Tensor, target: torch.Tensor, floor: Optional[float]) -> torch.Tensor:
+    """The mean over voxels; with ``floor``, each item's summed loss ÷ max(Σ target, floor), then
+    the mean over items: an item weighs by its lesions' share of the error, not their volume."""
+    if floor is None:
+        return per_voxel.mean()
+    axes = tuple(range(1, per_voxel.ndim))
+    return (per_voxel.sum(dim=axes) / target.sum(dim=axes).clamp(min=floor)).mean()
+
+
+class L2(nn.Module):
+    """Squared error between ``activation(output)`` and the target map (one-hot labels): its mean
+    over voxels, or with ``normalise_by_target`` = F each item's sum ÷ max(Σ target, F).
+
+    A heatmap's L2 grows with the lesion's volume: in a batch with a 10 mL mass, a
+    calcification cluster's few hundred target voxels barely move the weights (the AH-Net
+    detector's output stayed near 0.1 at clusters on its own training volumes).  Dividing
+    each item by its target's sum weighs a patch by how much of its lesions it misses; F (e.g.
+    the sum of one speck's Gaussian, ~60 voxels) bounds the weight of a patch without lesions.
+    """
+
+    def __init__(self, activation: str = "none", normalise_by_target: Optional[float] = None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise TransferSegError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
-        self.activation = activation
+        self.activation, self.floor = activation, _check_floor(normalise_by_target)
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = _regression_target(output, target)
-        return F.mse_loss(_activate(output, self.activation), target)
+        if self.floor is None:
+            return F.mse_loss(_activate(output, self.activation), target)
+        return _reduce((_activate(output, self.activation) - target) ** 2, target, self.floor)
 
 
 class FocalLossL2(nn.Module):
@@ -169,10 +197,13 @@ class FocalLossL2(nn.Module):
     D ≤ 1 everywhere, so either scale the heatmap up or set ``scale`` (e.g. 100: errors above
     0.1 count) so that the errors worth learning exceed 1.  The paper switches from L2 to this
     loss "when the L2 loss barely decreases" (a loss switch on a plateau in the trainer).
+    ``normalise_by_target`` reduces as in :class:`L2`.
     """
 
-    def __init__(self, gamma: float = 2.0, d_max: float = 100.0, scale: float = 1.0, activation: str = "none"):
+    def __init__(self, gamma: float = 2.0, d_max: float = 100.0, scale: float = 1.0, activation: str = "none",
+                 normalise_by_target: Optional[float] = None):
         super().__init__()
+        self.floor = _check_floor(normalise_by_target)
         if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma < 0:
             raise TransferSegError(f"focal_l2 gamma must be a number ≥ 0; got {gamma!r}")
         if not isinstance(d_max, (int, float)) or isinstance(d_max, bool) or not d_max > 1:
@@ -187,7 +218,7 @@ class FocalLossL2(nn.Module):
         target = _regression_target(output, target)
         d = self.scale * (_activate(output, self.activation) - target) ** 2
         weight = (torch.log(d.clamp(min=1.0)) / math.log(self.d_max)) ** self.gamma
-        return (weight * d).mean()
+        return _reduce(weight * d, target, self.floor)
 
 
 class DiceLoss(nn.Module):
