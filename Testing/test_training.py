@@ -29,6 +29,7 @@ from TransferSegLib.nets import register
 from TransferSegLib.progress import CancelToken, Cancelled
 from TransferSegLib.training import (PatchSampler, PlateauTracker, TrainingCase, _build_network, learning_rate_factor,
                                      load_config, main, rotations90, train, validate_config)
+from TransferSegLib.training.trainer import _load_case
 from TransferSegLib.volume import TransferSegError, Volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,6 +285,33 @@ def test_positive_fraction_with_a_tiny_lesion_in_a_big_volume():
     assert share(1.0) == 1.0
 
 
+def test_component_sampling_draws_every_connected_region_equally_often():
+    """One 9,000-voxel object and one 18-voxel speck in a case, a 1,000-voxel object in another: per
+    voxel the speck is almost never the centre; per region each of the three is a third of the draws."""
+    big = np.zeros((32, 64, 64), np.uint8)
+    big[10:20, 10:40, 10:40] = 1
+    big[24:26, 50:53, 50:53] = 1
+    other = np.zeros((32, 64, 64), np.uint8)
+    other[12:22, 20:30, 20:30] = 1
+    region_id = [np.where(big > 0, 0, -1), np.where(other > 0, 0, -1)]
+    region_id[0][24:26, 50:53, 50:53] = 1
+    region_id[1][other > 0] = 2
+    cfg = config(positive_fraction=1.0, positive_jitter=0.0, patch_size=[4, 4, 4], augmentation={})
+
+    def shares(sampling):
+        c = validate_config(dict(cfg, positive_sampling=sampling))
+        cases = [_load_case(Case(f"c{n}"), c, (ids.astype(np.float32), t, (1.0, 1.0, 1.0)))
+                 for n, (ids, t) in enumerate(zip(region_id, (big, other)))]
+        sampler = PatchSampler(cases, c)
+        centres = [int(sampler.item(step, 0)[0][2, 2, 2]) for step in range(900)]  # the patch's centre voxel
+        return np.bincount(centres, minlength=3) / len(centres)
+
+    by_voxel, by_region = shares("voxel"), shares("component")
+    assert by_voxel[1] < 0.01 and 0.45 < by_voxel[2] < 0.55  # a case at a time, then a voxel: the speck is lost
+    assert np.all(np.abs(by_region - 1 / 3) < 0.06), by_region
+    assert validate_config(config())["positive_sampling"] == "voxel"  # the default is unchanged
+
+
 def test_rotations90_group_sizes():
     assert len(rotations90([])) == 0
     assert len(rotations90([[1, 2]])) == 4
@@ -518,6 +546,7 @@ def test_heatmap_task_trains_with_l2_then_focal_l2(tmp_path):
     (lambda c: c.update(labels=[{"name": "a", "label": 2}]), "labels"),
     (lambda c: c.update(batch_size=0), "batch_size"),
     (lambda c: c.update(positive_fraction=1.5), "positive_fraction"),
+    (lambda c: c.update(positive_sampling="lesion"), "positive_sampling"),
     (lambda c: c.update(data={"phantom": "mri", "count": 2}), "data.phantom"),
     (lambda c: c.update(preprocessing={"hu_window": [100, -100]}), "preprocessing"),
 ])

@@ -82,6 +82,10 @@ comments)::
     positive_threshold  0.5: heatmap task only, target ≥ this is positive
     positive_jitter  0.5: a positive patch's centre is the chosen voxel moved by up to
                      ±jitter · patch / 2 per axis (then clipped to the volume)
+    positive_sampling  "voxel": a positive patch is centred on a random positive voxel of a random
+                     positive case (large objects dominate) | "component": on a random voxel of a
+                     random connected positive region of all cases, every region equally often
+                     (e.g. a 0.3 mL calcification cluster as often as a 10 mL mass)
     augmentation     {"flip_axes": [1, 2],        axes (k=0, j=1, i=2) each flipped with p = 0.5
                       "rot90_axes": [[1, 2]],    planes generating the 90° rotations drawn from
                                                  (all three planes of a cube patch: the 24 rotations;
@@ -181,6 +185,7 @@ CHECKPOINT_FORMAT = "transferseg-checkpoint-1"
 RUNTIME_KEYS = ("threads", "workers", "device", "progress_bar", "checkpoint_every", "keep_checkpoints", "log_every")
 OPTIMIZERS = {"adam": ("lr", "betas", "eps", "weight_decay", "amsgrad"),
               "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
+POSITIVE_SAMPLING = ("voxel", "component")
 SCHEDULES = {"constant": (), "step": ("step_size", "gamma"), "poly": ("power",), "multistep": ("milestones", "gamma")}
 
 
@@ -352,7 +357,7 @@ def _check_stage(stage, n: int) -> dict:
 TOP_LEVEL = ("name", "version", "task", "description", "seed", "architecture", "init_weights", "labels", "data",
              "validation", "preprocessing", "expected_spacing_mm", "working_spacing_mm", "working_orientation",
              "patch_size", "view", "batch_size", "positive_fraction",
-             "positive_labels", "positive_threshold", "positive_jitter", "augmentation", "stages", "steps_per_epoch",
+             "positive_labels", "positive_threshold", "positive_jitter", "positive_sampling", "augmentation", "stages", "steps_per_epoch",
              "checkpoint_every", "keep_checkpoints", "log_every", "inference", "postprocessing", "evaluation",
              "peaks", "threads", "workers", "device", "deterministic", "progress_bar", "storage_dtype")
 
@@ -530,6 +535,9 @@ def validate_config(config: dict) -> dict:
             _fail("positive_labels", f"names label value(s) {unknown} that are not in labels")
     c["positive_threshold"] = _number(c.get("positive_threshold", 0.5), "positive_threshold")
     c["positive_jitter"] = _number(c.get("positive_jitter", 0.5), "positive_jitter", 0.0, 1.0)
+    c["positive_sampling"] = c.get("positive_sampling", "voxel")
+    if c["positive_sampling"] not in POSITIVE_SAMPLING:
+        _fail("positive_sampling", f"must be {' or '.join(map(repr, POSITIVE_SAMPLING))}; got {c['positive_sampling']!r}")
 
     aug = c.setdefault("augmentation", {})
     _section(aug, "augmentation", ("flip_axes", "rot90_axes", "rotate_deg", "rotate_axes", "scale", "probability",
@@ -648,8 +656,9 @@ class TrainingCase:
     image: np.ndarray  # float32 (k, j, i), preprocessed, padded to at least the patch
     target: np.ndarray  # uint8 labels, or float32 heatmap, same shape
     pad_value: float
-    positives: np.ndarray  # flat indices of the positive voxels
+    positives: np.ndarray  # flat indices of the positive voxels (grouped by connected region)
     source_spacing: tuple = ()  # the case's own spacing (working orientation), before resampling
+    regions: np.ndarray = None  # start of each connected positive region in ``positives``, then its end
 
 
 @dataclass
@@ -829,8 +838,22 @@ def _load_case(case, config: dict, loaded=None) -> TrainingCase:
         image = np.pad(image, [(0, 0)] * (image.ndim - 3) + padding, constant_values=pad_value)
         target = np.pad(target, padding)
         is_positive = np.pad(is_positive, padding)
+    positives, regions = _positive_voxels(is_positive, config.get("positive_sampling", "voxel") == "component")
     return TrainingCase(case.name, np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(target),
-                        pad_value, np.flatnonzero(is_positive), tuple(float(v) for v in loaded[2]))
+                        pad_value, positives, tuple(float(v) for v in loaded[2]), regions)
+
+
+def _positive_voxels(is_positive: np.ndarray, by_region: bool) -> tuple:
+    """(flat indices of the positive voxels, region bounds): with ``by_region`` the indices are
+    grouped by 26-connected region and ``bounds[r]:bounds[r + 1]`` are region r's; else None."""
+    if not by_region:
+        return np.flatnonzero(is_positive), None
+    regions, count = ndimage.label(is_positive, structure=np.ones((3, 3, 3), bool))
+    flat = regions.ravel()
+    positives = np.flatnonzero(flat)
+    order = np.argsort(flat[positives], kind="stable")
+    sizes = np.bincount(flat[positives], minlength=count + 1)[1:]
+    return positives[order], np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
 def _crop_to_foreground(image: np.ndarray, target: np.ndarray, margin: int) -> tuple:
@@ -885,7 +908,8 @@ class PatchSampler:
     (seed, step, index), so any process can draw any share of a global batch.
 
     A patch is positive with probability ``positive_fraction`` (if any case has positive voxels):
-    it is centred on a random positive voxel of a random positive case, moved by a uniform jitter
+    it is centred on a random positive voxel of a random positive case (``positive_sampling``
+    "voxel") or of a random connected positive region of all cases ("component"), moved by a uniform jitter
     of up to ± ``positive_jitter`` · patch / 2 per axis (the voxel stays inside the patch) and
     clipped to the volume; otherwise it lies uniformly at random in a random case.  Then, in
     this order: a small rotation and isotropic zoom about the patch centre (one affine resampling
@@ -903,6 +927,10 @@ class PatchSampler:
         self.heatmap = config["task"] == "heatmap"
         self.rot90 = rotations90(self.aug["rot90_axes"])
         self.positive_cases = [n for n, c in enumerate(cases) if c.positives.size]
+        self.regions = None  # with positive_sampling "component": (case, first, end) of every region
+        if config.get("positive_sampling", "voxel") == "component":
+            self.regions = [(n, int(a), int(b)) for n, c in enumerate(cases) if c.regions is not None
+                            for a, b in zip(c.regions[:-1], c.regions[1:])]
         self.pool = ThreadPoolExecutor(workers) if workers else None
 
     def item(self, step: int, index: int):
@@ -910,8 +938,13 @@ class PatchSampler:
         rng = np.random.default_rng([self.seed, step, index])
         patch = self.patch
         if self.positive_cases and rng.random() < self.positive_fraction:
-            case = self.cases[self.positive_cases[rng.integers(len(self.positive_cases))]]
-            voxel = np.array(np.unravel_index(case.positives[rng.integers(case.positives.size)], case.target.shape))
+            if self.regions:
+                n, first, end = self.regions[rng.integers(len(self.regions))]
+                case, flat = self.cases[n], self.cases[n].positives[rng.integers(first, end)]
+            else:
+                case = self.cases[self.positive_cases[rng.integers(len(self.positive_cases))]]
+                flat = case.positives[rng.integers(case.positives.size)]
+            voxel = np.array(np.unravel_index(flat, case.target.shape))
             half = patch // 2
             jitter = np.round(rng.uniform(-1.0, 1.0, 3) * self.jitter * patch / 2).astype(int)
             jitter = np.clip(jitter, half - patch + 1, half)  # keep the voxel inside the patch
