@@ -161,11 +161,11 @@ class L2(nn.Module):
     """Squared error between ``activation(output)`` and the target map (one-hot labels): its mean
     over voxels, or with ``normalise_by_target`` = F each item's sum ÷ max(Σ target, F).
 
-    A heatmap's L2 grows with the lesion's volume: in a batch with a 10 mL mass, a
-    calcification cluster's few hundred target voxels barely move the weights (the AH-Net
-    detector's output stayed near 0.1 at clusters on its own training volumes).  Dividing
-    each item by its target's sum weighs a patch by how much of its lesions it misses; F (e.g.
-    the sum of one speck's Gaussian, ~60 voxels) bounds the weight of a patch without lesions.
+    A heatmap's plain L2 grows with the lesion's volume, so a 10 mL mass outweighs a
+    calcification cluster's few hundred target voxels.  Dividing each item by its target's sum
+    weighs a patch by the share of its lesions it misses; F (e.g. the sum of one speck's
+    Gaussian, ~60 voxels) bounds the weight of a patch without lesions.  (On the DBT detector
+    it did not help: README, Reproduction.)
     """
 
     def __init__(self, activation: str = "none", normalise_by_target: Optional[float] = None):

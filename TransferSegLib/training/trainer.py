@@ -356,8 +356,8 @@ def _check_stage(stage, n: int) -> dict:
 
 TOP_LEVEL = ("name", "version", "task", "description", "seed", "architecture", "init_weights", "labels", "data",
              "validation", "preprocessing", "expected_spacing_mm", "working_spacing_mm", "working_orientation",
-             "patch_size", "view", "batch_size", "positive_fraction",
-             "positive_labels", "positive_threshold", "positive_jitter", "positive_sampling", "augmentation", "stages", "steps_per_epoch",
+             "patch_size", "view", "batch_size", "positive_fraction", "positive_labels", "positive_threshold",
+             "positive_jitter", "positive_sampling", "augmentation", "stages", "steps_per_epoch",
              "checkpoint_every", "keep_checkpoints", "log_every", "inference", "postprocessing", "evaluation",
              "peaks", "threads", "workers", "device", "deterministic", "progress_bar", "storage_dtype")
 
@@ -537,7 +537,8 @@ def validate_config(config: dict) -> dict:
     c["positive_jitter"] = _number(c.get("positive_jitter", 0.5), "positive_jitter", 0.0, 1.0)
     c["positive_sampling"] = c.get("positive_sampling", "voxel")
     if c["positive_sampling"] not in POSITIVE_SAMPLING:
-        _fail("positive_sampling", f"must be {' or '.join(map(repr, POSITIVE_SAMPLING))}; got {c['positive_sampling']!r}")
+        _fail("positive_sampling",
+              f"must be {' or '.join(map(repr, POSITIVE_SAMPLING))}; got {c['positive_sampling']!r}")
 
     aug = c.setdefault("augmentation", {})
     _section(aug, "augmentation", ("flip_axes", "rot90_axes", "rotate_deg", "rotate_axes", "scale", "probability",
@@ -909,12 +910,13 @@ class PatchSampler:
 
     A patch is positive with probability ``positive_fraction`` (if any case has positive voxels):
     it is centred on a random positive voxel of a random positive case (``positive_sampling``
-    "voxel") or of a random connected positive region of all cases ("component"), moved by a uniform jitter
-    of up to ± ``positive_jitter`` · patch / 2 per axis (the voxel stays inside the patch) and
-    clipped to the volume; otherwise it lies uniformly at random in a random case.  Then, in
-    this order: a small rotation and isotropic zoom about the patch centre (one affine resampling
-    straight from the volume: image with ``image_order``, labels nearest, outside the volume the
-    image's minimum and label 0), a random 90° rotation from :func:`rotations90`, and flips.
+    "voxel") or of a random connected positive region of all cases ("component"), moved by a
+    uniform jitter of up to ± ``positive_jitter`` · patch / 2 per axis (the voxel stays inside
+    the patch) and clipped to the volume; otherwise it lies uniformly at random in a random
+    case.  Then, in this order: a small rotation and isotropic zoom about the patch centre (one
+    affine resampling straight from the volume: image with ``image_order``, labels nearest,
+    outside the volume the image's minimum and label 0), a random 90° rotation from
+    :func:`rotations90`, and flips.
     """
 
     def __init__(self, cases: list, config: dict, workers: int = 0):
