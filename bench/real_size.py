@@ -475,7 +475,6 @@ def ship_detector(card_path, froc_results: dict, label: str, training_time: dict
     import copy
 
     from TransferSegLib.models import save_model
-    from TransferSegLib.weights import read_header
 
     loaded = load_model(card_path)
     card = copy.deepcopy(loaded.card)
@@ -493,10 +492,8 @@ def ship_detector(card_path, froc_results: dict, label: str, training_time: dict
                        "froc_heldout_clinical": {k: clinical[k] for k in compact},
                        "froc_heldout_check": {k: check[k] for k in compact},
                        "training_time": training_time}
-    # stored as the run stored it (an fp16 detector stays fp16: the weights, not a float32 copy)
-    weights = Path(loaded.path).parent / loaded.card["weights"]["file"]
-    half = any(dtype == "F16" for dtype, _ in read_header(weights).values())
-    return save_model(loaded.network, card, folder, storage_dtype="float16" if half else None)
+    # stored as the run stored it (an fp16 detector stays fp16: the card's weights.dtype says so)
+    return save_model(loaded.network, card, folder, storage_dtype=loaded.card["weights"].get("dtype"))
 
 
 def ct100_side_by_side(models: dict, threads: int, quick: bool, work: Path, out: dict, save=lambda: None) -> tuple:
