@@ -16,20 +16,25 @@ the direction matrix and the first two origin coordinates, which is exact in flo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 import re
 import secrets
 import shutil
+import signal
+import socket
 import struct
 import sys
+import threading
 import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import SimpleITK as sitk
 
-from .volume import TransferSegError, Volume, _check_geometry, _describe_shape, label_counts
+from .volume import (TransferSegError, Volume, _as_float32, _check_geometry, _describe_shape,
+                     _direction_problem, label_counts)
 
 __all__ = [
     "READ_SUFFIXES",
@@ -38,8 +43,10 @@ __all__ = [
     "atomic_output_folder",
     "available_memory_bytes",
     "check_output_folder",
+    "check_path_encoding",
     "load_volume",
     "native_stderr_silenced",
+    "remove_stale_temporaries",
     "save_labelmap",
     "save_scalar",
     "save_segmentation",
@@ -63,6 +70,63 @@ def full_suffix(path) -> str:
     return Path(name).suffix
 
 
+# Temporary names carry their writer (process id and host) so that a later run can tell the leftovers
+# of a killed run (SIGKILL, power loss) from a run still writing beside it, and remove only those.
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+_STAGING = ".transferseg.tmp-"
+_OWNED = re.compile(r"(?:\.transferseg\.tmp-|\..*\.tmp-|\..*\.partial-)(\d+)@([0-9a-f]{8})-[0-9a-f]{8}(?:\..*)?")
+
+
+def _owned_token() -> str:
+    return f"{os.getpid()}@{_HOST}-{secrets.token_hex(4)}"
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there: keep whatever we cannot check
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, prefix: str = "") -> list:
+    """Remove the staging folders and partial files that a killed run of this host left in ``folder``
+    (names ``.transferseg.tmp-PID@HOST-…``, ``.NAME.tmp-PID@HOST-…``, ``.NAME.partial-PID@HOST-…``
+    whose process is gone), only those whose name starts with ``prefix`` when given; a live run's
+    own are kept.  Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _OWNED.fullmatch(entry.name) if entry.name.startswith(prefix) else None
+        if not match or match.group(2) != _HOST or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def check_path_encoding(path, what: str = "the file") -> None:
+    """Refuse a path with a name that is not valid UTF-8 (Python holds its bytes as surrogates):
+    SimpleITK's native code aborts the whole process on such a name, with nothing on stderr."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+        raise TransferSegError(f"{shown}: the name of {what} is not valid UTF-8 (its bytes are shown escaped); "
+                               "rename it") from None
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
@@ -76,7 +140,7 @@ def atomic_output(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = full_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    tmp = path.with_name(f".{stem}.partial-{secrets.token_hex(4)}{suffix}")
+    tmp = path.with_name(f".{stem}.partial-{_owned_token()}{suffix}")
     try:
         yield tmp
         if not tmp.exists():
@@ -89,12 +153,18 @@ def atomic_output(path):
 
 
 def check_output_folder(folder, names=(), input_path=None) -> Path:
-    """Return ``folder`` as a Path if it is a folder or can be created as one; else raise
-    :class:`TransferSegError` (cheap: call it before a long run, not only when writing).
+    """Return ``folder`` as a Path if it is a folder or can be created as one, and each of ``names``
+    (the files a run writes, relative paths such as ``views/axial.nii.gz``) can be written inside
+    it; else raise :class:`TransferSegError`.  Cheap: call it before a long run, not only when
+    writing.
 
-    With ``input_path``, also refuse a folder where one of ``names`` (the files the run writes,
-    relative to ``folder``) is the input file itself."""
+    Refused: a name that is not valid UTF-8, a file where the folder or one of its parents should
+    be, a folder without write permission, a file or folder in the way of a name, a name whose
+    folder is a link leading outside ``folder`` (every write must land inside it), and with
+    ``input_path``, a name that is the input file itself."""
     folder = Path(folder).expanduser()
+    check_path_encoding(folder, "the output folder")
+    names = _relative_names(names)
     if input_path is not None:
         source = Path(input_path).expanduser().resolve()
         for name in names:
@@ -114,7 +184,24 @@ def check_output_folder(folder, names=(), input_path=None) -> Path:
                 raise TransferSegError(f"cannot write the output folder {folder}: permission denied in {nearest}; "
                                        "choose a folder you may write to")
             break
+    if folder.is_dir():
+        _check_targets(folder, names)
     return folder
+
+
+def _check_targets(folder: Path, names) -> None:
+    """Nothing in the way of any of ``names`` in the existing ``folder``, and none of them lands outside it."""
+    inside = folder.resolve()
+    for name in names:
+        target = folder / name
+        blocked = [folder / p for p in name.parents[:-1] if (folder / p).exists() and not (folder / p).is_dir()]
+        blocked += [target] if target.is_dir() else []
+        if blocked:
+            raise TransferSegError(f"cannot write {target}: {blocked[0]} is in the way; move it away")
+        holder = target.parent.resolve()
+        if holder != inside and inside not in holder.parents:
+            raise TransferSegError(f"cannot write {target}: {target.parent} is a link that leads outside the output "
+                                   f"folder (to {holder}); remove the link or choose another output folder")
 
 
 def _relative_names(names) -> list:
@@ -128,30 +215,86 @@ def _relative_names(names) -> list:
 
 
 @contextlib.contextmanager
+def _signals_held():
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done, then reach their handlers: a second
+    Ctrl-C cannot stop a replace half way.  Python runs signal handlers in the main thread only, so
+    elsewhere nothing can interrupt the block and nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    held = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {sig: signal.getsignal(sig) for sig in held}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # not ours to replace
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught:  # now, in the order they came
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+def _move_in(staging: Path, folder: Path, names) -> None:
+    """Move the staged files over ``folder``'s, all of them or none: a file being replaced is first set
+    aside in the staging folder, so a failure half way puts every earlier file back."""
+    aside = staging / ".replaced"
+    steps = []  # ("made", folder) | ("aside", name) | ("in", name), in the order done
+    with _signals_held():
+        try:
+            for name in names:
+                holder = (folder / name).parent
+                if not holder.exists():
+                    holder.mkdir(parents=True)
+                    steps.append(("made", holder))
+                if os.path.lexists(folder / name):
+                    (aside / name).parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(folder / name, aside / name)
+                    steps.append(("aside", name))
+                os.rename(staging / name, folder / name)
+                steps.append(("in", name))
+        except BaseException:
+            for step, what in reversed(steps):
+                with contextlib.suppress(OSError):
+                    if step == "in":
+                        os.rename(folder / what, staging / what)
+                    elif step == "aside":
+                        os.rename(aside / what, folder / what)
+                    else:
+                        what.rmdir()
+            raise
+
+
+@contextlib.contextmanager
 def atomic_output_folder(folder, names):
     """Yield an empty staging folder; move the files ``names`` (relative paths, e.g.
     ``views/axial.nii.gz``) from it into ``folder`` only when the block has written every one.
 
     A new ``folder`` is staged beside it and renamed into place in one step.  An existing one
     is staged in a hidden subfolder (the same filesystem even if ``folder`` is a mount point,
-    and no need to write in its parent) and the files are moved in one by one with
-    ``os.replace``; its other files are never touched.  On any exception (including
-    KeyboardInterrupt and cancellation), or if the block wrote other files than ``names``,
-    the staging folder is removed and ``folder`` is left exactly as it was.
+    and no need to write in its parent) and its files are replaced all together or not at all
+    (:func:`_move_in`: SIGINT and SIGTERM wait for the end, a failure rolls back); its other
+    files are never touched.  On any exception (including KeyboardInterrupt and cancellation),
+    or if the block wrote other files than ``names``, the staging folder is removed and
+    ``folder`` is left exactly as it was.  Staging folders that a killed run left behind (its
+    process gone) are removed first.
     """
-    folder = check_output_folder(folder)
+    folder = check_output_folder(folder, names)
     names = _relative_names(names)
     existed = folder.is_dir()
-    for name in names:  # before any writing: nothing a rename at the end would trip over
-        target = folder / name
-        blocked = [folder / p for p in name.parents[:-1] if (folder / p).exists() and not (folder / p).is_dir()]
-        blocked += [target] if target.is_dir() else []
-        if blocked:
-            raise TransferSegError(f"cannot write {target}: {blocked[0]} is in the way; move it away")
     created = [p for p in folder.parents if not p.exists()]  # deepest first
-    token = secrets.token_hex(4)
+    if not created:
+        remove_stale_temporaries(folder.parent, prefix=f".{folder.name}.tmp-")
+    token = _owned_token()
     if existed:
-        staging = folder / f".transferseg.tmp-{token}"
+        remove_stale_temporaries(folder)
+        staging = folder / f"{_STAGING}{token}"
     else:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = folder.parent / f".{folder.name}.tmp-{token}"
@@ -167,22 +310,25 @@ def atomic_output_folder(folder, names):
             try:
                 os.rename(staging, folder)
                 moved = True
-            except OSError:  # the folder appeared meanwhile: move file by file as below
+            except OSError:  # the folder appeared meanwhile: replace file by file as below
                 if not folder.is_dir():
                     raise
         if not moved:
-            # Safe: every file is complete before the first rename, and os.replace swaps a whole file on one filesystem.
-            for name in names:
-                (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            for name in names:
-                os.replace(staging / name, folder / name)
-    except BaseException:
+            _move_in(staging, folder, names)
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         for parent in created:  # folders made only to hold the staging folder
             with contextlib.suppress(OSError):
                 parent.rmdir()
+        # the user knows the output folder, not its staging folder: name what failed by where it was going
+        if isinstance(error, OSError):
+            where = str(error.filename).replace(str(staging), str(folder)) if error.filename else str(folder)
+            text = error.strerror or str(error)
+            raise OSError(error.errno, text if error.filename else f"{text} while writing into", where) from None
+        if isinstance(error, TransferSegError) and str(staging) in str(error):
+            raise TransferSegError(str(error).replace(str(staging), str(folder))) from None
         raise
-    shutil.rmtree(staging, ignore_errors=True)  # what is left of it: empty subfolders
+    shutil.rmtree(staging, ignore_errors=True)  # what is left of it: the replaced files, empty subfolders
 
 
 def available_memory_bytes() -> int:
@@ -228,7 +374,29 @@ def native_stderr_silenced():
         os.close(devnull)
 
 
+def _shown(name) -> str:
+    """A file name fit for a message: bytes that are not UTF-8 appear as \\x escapes."""
+    return os.fsencode(os.fspath(name)).decode("utf-8", "backslashreplace")
+
+
+def _special_kind(path: Path) -> str | None:
+    """What a path is when it is neither a regular file nor a folder (after links): reading one blocks or
+    never ends."""
+    if path.is_fifo():
+        return "a FIFO (named pipe)"
+    if path.is_socket():
+        return "a socket"
+    if path.is_char_device() or path.is_block_device():
+        return "a device"
+    return None
+
+
 def _dicom_series_files(folder: Path) -> list[str]:
+    for entry in os.scandir(folder):  # GDCM opens every file in the folder: a FIFO would block it for ever
+        kind = None if entry.is_file() or entry.is_dir() else _special_kind(Path(entry.path))
+        if kind:
+            raise TransferSegError(f"{folder}: {_shown(entry.name)} in the folder is {kind}, not a file; "
+                                   "move it out of the DICOM folder")
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not ids and (full_suffix(folder) in READ_SUFFIXES or folder.name.lower().endswith(".dcm")):
         raise TransferSegError(f"{folder}: this is a folder, not an image file; give the image file itself "
@@ -240,7 +408,91 @@ def _dicom_series_files(folder: Path) -> list[str]:
         )
     # Several series in one folder (e.g. scout + axial): take the one with the most slices.
     files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids), key=len)
+    for file in files:  # SimpleITK aborts the process on a name that is not UTF-8
+        check_path_encoding(file, "a DICOM file of the series")
     return list(files)
+
+
+def _check_slice_positions(name: str, files: list) -> None:
+    """ITK stacks a series' slices at their average spacing (its warning goes unseen), so a missing slice, a
+    change of slice spacing, a slice given twice or slices offset sideways (a tilted gantry) would misplace
+    the slices without a word.  Checked from each file's ImagePositionPatient and ImageOrientationPatient;
+    a series without them is left to ITK."""
+    positions, normals = [], []
+    reader = sitk.ImageFileReader()
+    for file in files:
+        reader.SetFileName(file)
+        try:
+            reader.ReadImageInformation()
+            position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+            cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+        except (RuntimeError, ValueError):
+            return
+        if len(position) != 3 or len(cosines) != 6 or not np.all(np.isfinite(position + cosines)):
+            return
+        positions.append(position)
+        normals.append(np.cross(cosines[:3], cosines[3:]))
+    normals = np.array(normals)
+    lengths = np.linalg.norm(normals, axis=1)
+    if np.any(lengths < 1e-6):
+        return  # degenerate orientation: the direction check after reading says so
+    normals /= lengths[:, None]
+    count, normal = len(files), normals[0]
+    turned = np.flatnonzero(np.linalg.norm(normals - normal, axis=1) > 1e-3)
+    if turned.size:
+        k = int(turned[0])
+        raise TransferSegError(f"{name}: slice {k + 1} of {count} ({_shown(Path(files[k]).name)}) is oriented "
+                               f"differently from slice 1 ({_shown(Path(files[0]).name)}) (ImageOrientationPatient); "
+                               "export the slices of one orientation as their own series")
+    positions = np.array(positions)
+    along = positions @ normal  # mm along the slice normal
+    steps = np.diff(along)
+    if not steps.size:
+        return
+    same = np.flatnonzero(np.abs(steps) <= 0.01)
+    if same.size:
+        k = int(same[0])
+        raise TransferSegError(
+            f"{name}: slices {k + 1} and {k + 2} of {count} ({_shown(Path(files[k]).name)}, "
+            f"{_shown(Path(files[k + 1]).name)}) lie at the same position ({along[k]:g} mm along the slice normal): "
+            "the series holds a slice twice, or two acquisitions share its series UID; remove the duplicates or "
+            "export the series again"
+        )
+    step = float(np.median(steps))
+    tolerance = max(0.01, 0.01 * abs(step))
+    odd = np.flatnonzero(np.abs(steps - step) > tolerance)
+    if odd.size:
+        raise TransferSegError(f"{name}: {_uneven_slices(along, steps, step, tolerance, odd)}; ITK would stack the "
+                               "slices at one average spacing and misplace them: export the complete series, or "
+                               "resample it onto one slice spacing first (e.g. in 3D Slicer)")
+    sideways = np.linalg.norm(np.diff(positions, axis=0) - np.outer(steps, normal), axis=1)
+    if np.any(sideways > tolerance):
+        raise TransferSegError(
+            f"{name}: each slice is offset {float(sideways.max()):.3g} mm sideways from the one before (a tilted "
+            "gantry or a sheared stack), which ITK would stack straight; resample the series onto a regular grid "
+            "first (e.g. in 3D Slicer)"
+        )
+
+
+def _uneven_slices(along: np.ndarray, steps: np.ndarray, step: float, tolerance: float, odd: np.ndarray) -> str:
+    """Where the slice positions ``along`` the normal stop being evenly ``step`` apart, in words."""
+    count = len(along)
+    multiples = np.round(steps / step)
+    odd_set = set(odd.tolist())
+    isolated = [k for k in odd_set if k - 1 not in odd_set and k + 1 not in odd_set]
+    gaps = [k for k in isolated
+            if multiples[k] >= 2 and abs(steps[k] - multiples[k] * step) <= tolerance * multiples[k]]
+    if len(gaps) == len(odd):  # isolated gaps that are whole steps: slices left out
+        k = min(gaps)
+        missing = int(multiples[k]) - 1
+        what = "a slice is" if missing == 1 else f"{missing} slices are"
+        more = f" (and {len(gaps) - 1} more gap(s))" if len(gaps) > 1 else ""
+        return (f"{what} missing between positions {along[k]:g} mm and {along[k + 1]:g} mm (slices {k + 1} and "
+                f"{k + 2} of {count}, {abs(steps[k]):g} mm apart where the others are {abs(step):g} mm){more}")
+    changes = np.flatnonzero(np.abs(np.diff(steps)) > tolerance)
+    k = int(changes[0]) + 1 if changes.size else int(odd[0])
+    return (f"the slice spacing changes from {abs(steps[k - 1]):g} mm to {abs(steps[k]):g} mm after slice {k + 1} "
+            f"of {count} (at {along[k]:g} mm)")
 
 
 def _check_header(name: str, dim: int, ncomp: int, size: tuple, pixel_bytes: int,
@@ -302,6 +554,7 @@ def _read_image(path: Path) -> sitk.Image:
         slice_size = reader.GetSize()
         size = (slice_size[0], slice_size[1], len(files))
         _check_header(name, 3, reader.GetNumberOfComponents(), size, _pixel_bytes(reader.GetPixelID()))
+        _check_slice_positions(name, files)
         series = sitk.ImageSeriesReader()
         series.SetFileNames(files)
         return _execute(series, name)
@@ -317,6 +570,9 @@ def _read_image(path: Path) -> sitk.Image:
     if path.stat().st_size == 0:
         raise TransferSegError(f"{name}: the file is empty (0 bytes)")
     _check_detached_data_file(path, suffix)
+    nifti = _nifti_header(path, suffix) if suffix in (".nii", ".nii.gz") else None
+    if nifti:
+        _check_nifti_header(name, nifti)
     reader = sitk.ImageFileReader()
     reader.SetFileName(name)
     try:
@@ -331,13 +587,7 @@ def _read_image(path: Path) -> sitk.Image:
     _check_header(name, reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(),
                   _pixel_bytes(reader.GetPixelID()), reader.GetSpacing(), reader.GetDirection())
     if suffix in (".nii", ".nii.gz"):
-        chunks = _gzip_chunks(path) if suffix == ".nii.gz" else _file_chunks(path)
-        bad = _nonfinite_nifti_voxels(chunks)
-        if bad:
-            raise TransferSegError(
-                f"{name}: the volume has {bad} voxel(s) that are NaN or infinite; repair or mask them (e.g. set "
-                "them to the background value) and try again"
-            )
+        _check_nifti_voxels(name, _gzip_chunks(path) if suffix == ".nii.gz" else _file_chunks(path), nifti)
     return _execute(reader, name)
 
 
@@ -358,25 +608,93 @@ def _refuse_single_dicom_file(path: Path) -> None:
     raise TransferSegError(f"{path}: this is a single DICOM file; give the folder that holds the whole series instead")
 
 
+# A text header longer than this is not one we can check for the files it names.
+_HEADER_LIMIT = 1 << 20
+# NRRD's "data file:" (teem takes the key in any case, with or without the space) and MetaImage's
+# "ElementDataFile =" (MetaIO: this case only, "=" or ":"; matched in any case here, to be safe).
+_NRRD_DATA_FILE = re.compile(r"\s*data\s?file\s*: (.*)", re.I)
+_META_DATA_FILE = re.compile(r"\s*ElementDataFile\s*[=:]\s*(.*?)\s*", re.I)
+
+
 def _check_detached_data_file(path: Path, suffix: str) -> None:
-    """A detached header (NRRD ``data file:``, MetaImage ``ElementDataFile =``) whose voxel file is missing
-    gets its own message: ITK reports it as a damaged header or a corrupt file."""
+    """The voxel data file that a detached header (NRRD ``data file:``, MetaImage ``ElementDataFile =``)
+    names must be a regular file in the header's folder or below it.  ITK would read any file the header
+    names (``/etc/passwd``, ``../../x``, a link out of the folder) as voxels, block for ever on a FIFO, and
+    call a missing file a damaged header.  The multi-file forms (``LIST``, a ``%d`` pattern, whose pattern
+    is also handed to the readers' sprintf) are refused outright."""
     if suffix not in (".nhdr", ".nrrd", ".mhd", ".mha"):
         return
     with open(path, "rb") as f:
-        head = f.read(1 << 16).decode("latin-1")
-    if suffix in (".nhdr", ".nrrd"):
-        match = re.search(r"^data ?file: *(\S+) *$", head.split("\n\n", 1)[0], re.M)
-    else:
-        match = re.search(r"^ElementDataFile *= *(\S+) *$", head, re.M)
-    data = match.group(1) if match else None
-    if data is None or data in ("LOCAL", "LIST") or "%" in data:  # inline data, or a list of slice files
-        return
-    if not (path.parent / data).is_file():
+        head = f.read(_HEADER_LIMIT)
+    lines = head.decode("latin-1").split("\n")  # latin-1: each byte of a file name survives as it is
+    nrrd = suffix in (".nhdr", ".nrrd")
+    if nrrd and not lines[0].startswith("NRRD"):
+        return  # not a NRRD header: ITK says so
+    names, ended = [], False
+    for line in lines[1:] if nrrd else lines:
+        line = line.rstrip("\r")
+        if nrrd and not line:  # the header ends at the first blank line
+            ended = True
+            break
+        match = (_NRRD_DATA_FILE if nrrd else _META_DATA_FILE).fullmatch(line)
+        if match:
+            names.append(match.group(1).lstrip(" \t") if nrrd else match.group(1))
+        if not nrrd and re.match(r"\s*ElementDataFile\s*[=:]", line):  # MetaIO's header ends with it
+            ended = True
+            break
+    if not ended and len(head) == _HEADER_LIMIT:
+        raise TransferSegError(f"{path}: the header runs on past {_HEADER_LIMIT >> 20} MiB; it is damaged or not "
+                               "an image header: export the image again")
+    for data in names:
+        if not nrrd and data in ("LOCAL", "Local", "local"):  # the voxels follow the header in the file itself
+            continue
+        if data.startswith("LIST") or "%" in data:
+            raise TransferSegError(
+                f"{path}: the header spreads the voxel data over several files ({_shown(data.encode('latin-1'))}); "
+                "TransferSeg reads an image in one file or a header with one data file: export it as one file "
+                "(.nrrd, .nii.gz)"
+            )
+        # The readers hold the name as a C string: it ends at a NUL byte.
+        _check_data_file(path, os.fsdecode(data.encode("latin-1").split(b"\0", 1)[0]))
+
+
+def _check_data_file(header: Path, data: str) -> None:
+    """One data file named by a detached header: inside the header's folder, there, a regular file, readable."""
+    folder, shown = header.parent, _shown(data)
+    inside = folder.resolve()
+    # The name as the reader takes it (quotes and spaces included), and as a person may have meant it.
+    for name in dict.fromkeys([data, data.strip(), data.strip().strip("\"'")]):
+        target = folder / name
+        try:
+            resolved = target.resolve()
+        except (OSError, RuntimeError):  # a loop of links
+            raise TransferSegError(f"{header}: the header's voxel data file, {_shown(name)}, is a loop of symbolic "
+                                   "links; export the image as one file (.nrrd, .nii.gz)") from None
+        # teem reads "-" as standard input and a name with ":" second as a path of its own (a Windows drive)
+        if name == "-" or name[1:2] == ":" or (resolved != inside and inside not in resolved.parents):
+            lexical = Path(os.path.abspath(target))
+            via = (f", a link to {_shown(resolved)}" if lexical.is_relative_to(os.path.abspath(folder))
+                   and name != "-" and name[1:2] != ":" else "")
+            raise TransferSegError(
+                f"{header}: the header names a voxel data file outside its own folder ({_shown(name)}{via}); "
+                "TransferSeg reads a detached header's voxels only from the header's folder or below it: move the "
+                "data file beside the header, or export the image as one file (.nrrd, .nii.gz)"
+            )
+    target = folder / data
+    if not target.exists():
+        literal = any((folder / n).is_file() for n in {data.strip(), data.strip().strip("\"'")} - {data})
+        hint = " (the reader takes the name literally, quotes and spaces included: write it bare)" if literal else ""
         raise TransferSegError(
-            f"{path}: the header names a separate voxel data file, {data}, and it is missing; copy it beside "
-            "the header (such an image is two files), or export the image as one file (.nrrd, .nii.gz)"
+            f"{header}: the header names a separate voxel data file, {shown}, and it is missing{hint}; copy it "
+            "beside the header (such an image is two files), or export the image as one file (.nrrd, .nii.gz)"
         )
+    kind = _special_kind(target) or ("a folder" if target.is_dir() else None)
+    if kind:
+        raise TransferSegError(f"{header}: the header's voxel data file, {shown}, is {kind}, not a regular file; "
+                               "export the image as one file (.nrrd, .nii.gz)")
+    if not os.access(target, os.R_OK):
+        raise TransferSegError(f"{header}: permission denied for its voxel data file, {shown}; check that you may "
+                               "read it")
 
 
 def _itk_reason(error: Exception) -> str:
@@ -417,56 +735,116 @@ def _gzip_chunks(path: Path):
         )
 
 
-def _nifti_float_layout(head: bytes):
-    """``(dtype, data offset, voxel count)`` from a NIfTI-1 or NIfTI-2 header of float data; None otherwise."""
-    for endian in "<>":
-        if len(head) >= 348 and struct.unpack_from(endian + "i", head, 0)[0] == 348:
-            datatype = struct.unpack_from(endian + "h", head, 70)[0]
-            dims = struct.unpack_from(endian + "8h", head, 40)
-            offset = int(struct.unpack_from(endian + "f", head, 108)[0])
-            break
-        if len(head) >= 540 and struct.unpack_from(endian + "i", head, 0)[0] == 540:
-            datatype = struct.unpack_from(endian + "h", head, 12)[0]
-            dims = struct.unpack_from(endian + "8q", head, 16)
-            offset = struct.unpack_from(endian + "q", head, 168)[0]
-            break
-    else:
-        return None
-    kind = {16: "f4", 64: "f8"}.get(datatype)
-    if kind is None or not 1 <= dims[0] <= 7:
-        return None
-    count = int(np.prod([max(int(n), 1) for n in dims[1:dims[0] + 1]], dtype=np.int64))
-    return np.dtype(endian + kind), offset, count
+# header size → field → (struct format, byte offset): the NIfTI-1 and NIfTI-2 fields checked here.
+_NIFTI_FIELDS = {
+    348: {"dims": ("8h", 40), "datatype": ("h", 70), "bitpix": ("h", 72), "pixdim": ("8f", 76),
+          "vox_offset": ("f", 108), "sform_code": ("h", 254), "srow": ("12f", 280), "magic": ("4s", 344)},
+    540: {"magic": ("8s", 4), "datatype": ("h", 12), "bitpix": ("h", 14), "dims": ("8q", 16),
+          "pixdim": ("8d", 104), "vox_offset": ("q", 168), "sform_code": ("i", 348), "srow": ("12d", 400)},
+}
+_NIFTI_ONE_FILE = (b"n+1\0", b"n+2\0\r\n\x1a\n")  # magic of a .nii that holds its own voxels
 
 
-def _nonfinite_nifti_voxels(chunks) -> int:
-    """NaN and ±inf voxels of a single-file NIfTI given as byte chunks (read to the end), 0 for integer
-    data: ITK's NIfTI reader turns them into 0 without a word, so they are counted in the file itself."""
-    chunks = iter(chunks)
-    head = b""
-    for chunk in chunks:
-        head += chunk
-        if len(head) >= 540:
-            break
-    layout = _nifti_float_layout(head)
+def _nifti_header(path: Path, suffix: str) -> dict | None:
+    """The fields of a NIfTI-1 or NIfTI-2 header that are checked here (plus ``size``, the header's length);
+    None if the file does not start with one (ITK then says what it is)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if suffix == ".nii.gz":
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(head, 540)
+        except zlib.error:
+            return None
+    for endian, size in itertools.product("<>", _NIFTI_FIELDS):
+        if len(head) >= size and struct.unpack_from(endian + "i", head, 0)[0] == size:
+            fields = {key: struct.unpack_from(endian + fmt, head, offset)
+                      for key, (fmt, offset) in _NIFTI_FIELDS[size].items()}
+            header = {key: value if len(value) > 1 else value[0] for key, value in fields.items()}
+            return {**header, "size": size, "endian": endian}
+    return None
+
+
+def _check_nifti_header(name: str, header: dict) -> None:
+    """What ITK's NIfTI reader would otherwise replace without a word (measured, ITK 5.4): a pixdim that is 0
+    or not a number becomes 1 mm, a negative one flips its axis; a sform that is not a rotation times pixdim
+    gives way to the qform; a vox_offset that is not a number or points into the header reads the voxels
+    from byte 348."""
+    dims = header["dims"]
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or min(dims[1:ndim + 1]) < 0:
+        raise TransferSegError(f"{name}: the NIfTI header is damaged (its dim field reads {list(dims)}); export "
+                               "the image again")
+    if 0 in dims[1:ndim + 1]:
+        raise TransferSegError(f"{name}: the image has a zero-size axis ({_describe_shape(dims[1:ndim + 1][::-1])}); "
+                               "it holds no voxels")
+    offset = header["vox_offset"]
+    if header["magic"] in _NIFTI_ONE_FILE and not (np.isfinite(offset) and offset >= header["size"] + 4):
+        where = ("is not a number" if not np.isfinite(offset)
+                 else f"points into the header (before byte {header['size'] + 4})")
+        raise TransferSegError(f"{name}: the NIfTI header's vox_offset ({offset:g}) {where}, so its voxels cannot be "
+                               "found; the header is damaged: export the image again")
+    if ndim < 3:
+        return  # 2D: the header check says so
+    pixdim = np.array(header["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise TransferSegError(
+            f"{name}: the voxel spacing in the NIfTI header (pixdim {', '.join(f'{p:g}' for p in pixdim)} mm) is "
+            "zero, negative or not a number, which ITK would replace by a guess; fix the spacing in the image "
+            "header and save it again"
+        )
+    if header["sform_code"] > 0:
+        problem = _direction_problem(np.array(header["srow"], dtype=np.float64).reshape(3, 4)[:, :3] / pixdim)
+        if problem:
+            raise TransferSegError(
+                f"{name}: the NIfTI sform (voxel-to-world matrix) is not a rotation times the voxel spacing "
+                f"(pixdim): {problem}; ITK would read another geometry instead: resample the image onto a "
+                "regular grid or fix its header"
+            )
+
+
+def _check_nifti_voxels(name: str, chunks, header: dict | None) -> None:
+    """Read a single-file NIfTI given as byte chunks to its end (a .gz stream is checked there): voxel data
+    that would run past the end (ITK zero-fills it) or float voxels that are NaN or ±inf (ITK turns them into
+    0 without a word) are refused."""
+    layout = _nifti_voxel_layout(header)
     if layout is None:
-        for _ in chunks:  # to the end all the same: a .gz stream is checked there
+        for _ in chunks:
             pass
-        return 0
-    dtype, start, count = layout
-    stop = start + count * dtype.itemsize
+        return
+    start, stop, dtype = layout
     position, carry, bad = 0, b"", 0
-    for chunk in itertools.chain([head], chunks):
+    for chunk in chunks:
         lo, hi = max(start - position, 0), min(stop - position, len(chunk))
         position += len(chunk)
-        if hi <= lo:
+        if dtype is None or hi <= lo:
             continue
         data = carry + chunk[lo:hi]
         usable = len(data) - len(data) % dtype.itemsize
         values = np.frombuffer(data, dtype, count=usable // dtype.itemsize)
         bad += values.size - int(np.count_nonzero(np.isfinite(values)))
         carry = data[usable:]
-    return bad
+    if position < stop:
+        raise TransferSegError(
+            f"{name}: the file is truncated: its header says the voxels run to byte {stop:,} but there are only "
+            f"{position:,} bytes (e.g. an interrupted copy or download); copy or export it again"
+        )
+    if bad:
+        raise TransferSegError(
+            f"{name}: the volume has {bad} voxel(s) that are NaN or infinite; repair or mask them (e.g. set "
+            "them to the background value) and try again"
+        )
+
+
+def _nifti_voxel_layout(header: dict | None):
+    """``(first byte, end byte, dtype or None)`` of a single-file NIfTI's voxels (the dtype for float data, whose
+    NaN are counted); None if the file does not hold its voxels itself."""
+    if header is None or header["magic"] not in _NIFTI_ONE_FILE or header["bitpix"] <= 0 or header["bitpix"] % 8:
+        return None
+    ndim = header["dims"][0]
+    count = int(np.prod([int(n) for n in header["dims"][1:ndim + 1]], dtype=object))  # Python ints: no overflow
+    start = int(header["vox_offset"])
+    kind = {16: "f4", 64: "f8"}.get(header["datatype"])
+    return start, start + count * header["bitpix"] // 8, np.dtype(header["endian"] + kind) if kind else None
 
 
 def _execute(reader, name: str) -> sitk.Image:
@@ -493,18 +871,23 @@ def _volume_from_image(image: sitk.Image, name: str) -> Volume:
     spacing_ijk = np.array(image.GetSpacing(), dtype=np.float64)
     direction_lps = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     origin_lps = np.array(image.GetOrigin(), dtype=np.float64)
-    # A real copy: a view would point into memory that SimpleITK frees with `image`.
-    array = np.array(sitk.GetArrayViewFromImage(image), dtype=np.float32, copy=True)
     try:
+        # A real copy: a view would point into memory that SimpleITK frees with `image`.
+        array = _as_float32(sitk.GetArrayViewFromImage(image), copy=True)
         volume = Volume(array, spacing=tuple(spacing_ijk[::-1]), directions=_LPS[:, None] * direction_lps,
                         origin=_LPS * origin_lps)
-    except TransferSegError as e:
-        raise TransferSegError(f"{name}: {e}") from None
-    try:
         volume.check_finite()
     except TransferSegError as e:
         raise TransferSegError(f"{name}: {e}") from None
     return volume
+
+
+def _check_path_names(path: Path) -> None:
+    """Every name along ``path``, the folders' as much as the file's, must be valid UTF-8 before SimpleITK
+    sees it (see :func:`check_path_encoding`)."""
+    for n in range(1, len(path.parts) + 1):
+        part = Path(*path.parts[:n])
+        check_path_encoding(part, "the file" if n == len(path.parts) and not path.is_dir() else "the folder")
 
 
 def load_volume(path) -> Volume:
@@ -515,14 +898,21 @@ def load_volume(path) -> Volume:
     CT intensities stay in HU (DICOM rescale slope/intercept applied by SimpleITK).
 
     Raises :class:`TransferSegError` with an actionable message for a missing, unreadable,
-    truncated or non-image file; a 2D, 4D or multi-component image; a zero-size axis; NaN or
-    infinite voxels; zero, negative or non-finite spacing; a singular direction matrix; and
-    a volume too large for the memory available (estimated from the header, before reading
-    the voxels).  The input file is only read, never modified.
+    truncated or non-image file; a file name that is not UTF-8; a detached header whose data file
+    lies outside its folder, is missing or is not a regular file; a 2D, 4D or multi-component
+    image; a zero-size axis; NaN or infinite voxels, or finite ones beyond float32's range; zero,
+    negative or non-finite spacing; a singular, sheared or scaled direction matrix (a NIfTI sform
+    included); a DICOM series with a missing, repeated or unevenly spaced slice; and a volume too
+    large for the memory available (estimated from the header, before reading the voxels).  The
+    input file is only read, never modified.
     """
     path = Path(path).expanduser()
+    _check_path_names(path)
     if not path.exists():
         raise TransferSegError(f"{path}: no such file or folder")
+    kind = _special_kind(path)
+    if kind:
+        raise TransferSegError(f"{path}: this is {kind}, not an image file")
     if not os.access(path, os.R_OK):
         raise TransferSegError(f"{path}: permission denied; check that you may read this file")
     with native_stderr_silenced():
@@ -562,10 +952,30 @@ def _write_image(image: sitk.Image, path) -> Path:
     _check_suffix(path, WRITE_SUFFIXES)
     with atomic_output(path) as tmp:
         try:
-            sitk.WriteImage(image, str(tmp), useCompression=full_suffix(path) != ".nii")
+            with native_stderr_silenced():  # e.g. the NIfTI writer's own "** ERROR: NWAD" on a full disk
+                sitk.WriteImage(image, str(tmp), useCompression=full_suffix(path) != ".nii")
         except RuntimeError as e:
             raise TransferSegError(f"{path}: could not write the file ({_itk_reason(e)})") from None
+        if full_suffix(path) in (".nii", ".nii.gz") and not _nifti_complete(tmp, image):
+            raise TransferSegError(f"{path}: the file could not be written whole (is the disk full?); free some space "
+                                   "and run again")
     return path
+
+
+def _nifti_complete(path: Path, image: sitk.Image) -> bool:
+    """Whether the NIfTI writer wrote every byte: on a full disk it may stop short without an error
+    (a .nii.gz then ends mid-stream).  Cheap: the file size, or the gzip trailer's length field."""
+    voxels = int(np.prod(image.GetSize(), dtype=np.int64)) * image.GetNumberOfComponentsPerPixel()
+    data = voxels * image.GetSizeOfPixelComponent()
+    sizes = {data + 352, data + 544}  # NIfTI-1 or NIfTI-2 header, with the 4-byte extension flag
+    if full_suffix(path) == ".nii":
+        return path.stat().st_size in sizes
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return False
+        f.seek(-4, os.SEEK_END)
+        length = int.from_bytes(f.read(4), "little")  # gzip's ISIZE: the data's length modulo 2**32
+    return length in {n % 2**32 for n in sizes}
 
 
 def _as_labels(labels: np.ndarray) -> np.ndarray:

@@ -30,6 +30,29 @@ def _describe_shape(shape) -> str:
     return "×".join(str(int(s)) for s in shape)
 
 
+# On DᵀD − I: far above float32 rounding and headers' 6-digit direction cosines, far below a real shear or scale.
+_ORTHONORMAL_TOLERANCE = 1e-4
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _direction_problem(directions: np.ndarray) -> str | None:
+    """What keeps a 3×3 matrix (column n = IJK axis n) from being a rotation or reflection, in words; None if
+    it is one.  A shear or a scale in a direction matrix is silently wrong geometry for every voxel."""
+    d = np.asarray(directions, dtype=np.float64)
+    if not np.all(np.isfinite(d)):
+        return "it holds values that are not finite numbers"
+    gram = d.T @ d
+    lengths = np.sqrt(np.diag(gram))
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        if abs(gram[a, b]) > _ORTHONORMAL_TOLERANCE * max(lengths[a] * lengths[b], 1.0):
+            angle = np.degrees(np.arccos(np.clip(gram[a, b] / max(lengths[a] * lengths[b], 1e-300), -1.0, 1.0)))
+            return f"its {'ijk'[a]} and {'ijk'[b]} axes are {angle:.4g}° apart, not 90° (a shear)"
+    for n in range(3):
+        if abs(gram[n, n] - 1.0) > _ORTHONORMAL_TOLERANCE:
+            return f"its {'ijk'[n]} axis has length {lengths[n]:.6g}, not 1 (a scale)"
+    return None
+
+
 def _check_geometry(spacing: np.ndarray, directions: np.ndarray, origin: np.ndarray) -> None:
     if spacing.shape != (3,):
         raise TransferSegError(f"spacing must have 3 values (k, j, i); got {spacing.tolist()}")
@@ -45,8 +68,33 @@ def _check_geometry(spacing: np.ndarray, directions: np.ndarray, origin: np.ndar
             "the direction (orientation) matrix is singular: two image axes point the same way; "
             "fix the orientation in the image header"
         )
+    problem = _direction_problem(directions)
+    if problem:
+        raise TransferSegError(
+            f"the direction (orientation) matrix is not orthonormal: {problem}; TransferSeg needs perpendicular "
+            "unit axes: resample the image onto a regular grid (e.g. in 3D Slicer) or fix the orientation in the "
+            "image header"
+        )
     if origin.shape != (3,) or not np.all(np.isfinite(origin)):
         raise TransferSegError("the image origin is not three finite numbers; fix the image header")
+
+
+def _as_float32(array: np.ndarray, copy: bool = False) -> np.ndarray:
+    """A 3D ``array`` as float32 (always a new array when ``copy``).  Finite values beyond float32's range
+    are refused rather than cast to ±inf, which a later check would call infinite."""
+    array = np.asarray(array)
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
+        beyond = 0
+        for k in range(0, array.shape[0], 16):  # slab by slab: no full-size temporary
+            slab = array[k:k + 16]
+            beyond += int(np.count_nonzero(np.isfinite(slab) & (np.abs(slab) > _FLOAT32_MAX)))
+        if beyond:
+            raise TransferSegError(
+                f"{beyond} voxel(s) are beyond ±3.4e38, outside the float32 range TransferSeg computes in; "
+                "rescale the image (e.g. to HU or to 0–1) and try again"
+            )
+    with np.errstate(over="ignore"):
+        return array.astype(np.float32, copy=copy)
 
 
 @dataclass(eq=False)
@@ -75,9 +123,7 @@ class Volume:
             )
         if 0 in array.shape:
             raise TransferSegError(f"the volume has a zero-size axis ({_describe_shape(array.shape)}); it holds no voxels")
-        if array.dtype != np.float32:
-            array = array.astype(np.float32)
-        self.array = array
+        self.array = _as_float32(array)
         spacing = np.asarray(self.spacing, dtype=np.float64).reshape(-1)
         directions = np.asarray(self.directions, dtype=np.float64)
         origin = np.asarray(self.origin, dtype=np.float64).reshape(-1)
@@ -96,6 +142,12 @@ class Volume:
         norms_ijk = np.linalg.norm(m[:3, :3], axis=0)
         if np.any(norms_ijk == 0) or not np.all(np.isfinite(norms_ijk)):
             raise TransferSegError("IJK→RAS has a zero or non-finite column: the voxel spacing is zero")
+        problem = _direction_problem(m[:3, :3] / norms_ijk)
+        if problem:
+            raise TransferSegError(
+                f"IJK→RAS is not a rotation times the voxel spacing: {problem}; TransferSeg needs a volume on a "
+                "regular grid: harden the transform and resample the volume first (e.g. in 3D Slicer)"
+            )
         return cls(array, spacing=tuple(norms_ijk[::-1]), directions=m[:3, :3] / norms_ijk, origin=m[:3, 3])
 
     @property
