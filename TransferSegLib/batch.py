@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .progress import Cancelled, CancelToken, ProgressCallback, StageProgress, check_cancel
+from .progress import Cancelled, CancelToken, ProgressCallback, StageProgress, check_cancel, one_line
 from .volume import TransferSegError
 
-__all__ = ["Case", "SUMMARY_NAME", "find_cases", "run_batch", "summary_columns"]
+__all__ = ["Case", "SUMMARY_NAME", "case_folder", "find_cases", "run_batch", "summary_columns"]
 
 SUMMARY_NAME = "summary.csv"
 
@@ -50,8 +50,42 @@ def _holds_dicom_series(folder: Path) -> bool:
 
     from .io import native_stderr_silenced
 
+    if not _utf8(folder):  # SimpleITK's native code aborts on such a name; the case fails on its own
+        return False
     with native_stderr_silenced():  # GDCM complains on stderr about every file that is not DICOM
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def _utf8(path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def case_folder(output: Path, case: Case) -> Path:
+    """``output/<case name>``, proven to be a folder directly inside ``output``: a case name derived
+    from a hostile file name (``..``, a separator, a newline, bytes that are not UTF-8, our own
+    staging prefix) is refused with :class:`TransferSegError` instead of writing anywhere else."""
+    name, shown = case.name, one_line(case.name)
+    problem = None
+    if name in ("", ".", ".."):
+        problem = f"'{shown}' is not a folder name"
+    elif "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        problem = "it holds a path separator"
+    elif shown != name:
+        problem = "it holds control characters or bytes that are not UTF-8"
+    elif name.startswith(".transferseg"):
+        problem = "it starts with '.transferseg', the name of TransferSeg's own staging folders"
+    if problem:
+        raise TransferSegError(f"{one_line(case.path)}: the case name '{shown}' (from the file name) cannot be an output "
+                               f"folder: {problem}; rename the input")
+    folder = output / name
+    if folder.resolve().parent != output.resolve():
+        raise TransferSegError(f"{folder} leads outside the output folder {output} (it is a link to "
+                               f"{folder.resolve()}); remove the link")
+    return folder
 
 
 def _case_name(path: Path) -> str:
@@ -118,28 +152,30 @@ def _one_line(error: BaseException) -> str:
         text = f"{error.strerror or error}{where}"
     else:
         text = str(error)
-    return " ".join(text.split()) or type(error).__name__
+    return one_line(" ".join(text.split()) or type(error).__name__)
 
 
 def _run_case(case: Case, index: int, output: Path, loaded, device, progress, cancel, method_options, rank) -> dict:
     from .io import load_volume
     from .pipeline import run
 
-    row = {"case": case.name, "input": str(case.path), "status": "ok", "error": "", "output": "", "seconds": 0.0,
-           "warnings": "", "rank": rank, "_index": index}
+    # the summary and the lines printed show a hostile name escaped, never raw
+    row = {"case": one_line(case.name), "input": one_line(case.path), "status": "ok", "error": "", "output": "",
+           "seconds": 0.0, "warnings": "", "rank": rank, "_index": index}
     start = time.perf_counter()
     try:
+        folder = case_folder(output, case)
         volume = load_volume(case.path)
         result = run(volume, model=loaded, device=device, progress=progress, cancel=cancel,
                      method_options=method_options)
-        result.write(output / case.name, input_path=case.path)
+        result.write(folder, input_path=case.path)
     except Cancelled:
         raise
     except (TransferSegError, OSError) as e:
         row.update(status="failed", error=_one_line(e))
     else:
-        row["output"] = str(output / case.name)
-        row["warnings"] = "; ".join(result.warnings + result.fallbacks)
+        row["output"] = one_line(folder)
+        row["warnings"] = one_line("; ".join(result.warnings + result.fallbacks))
         if result.task == "heatmap":
             row["detections"] = len(result.detections)
         else:
@@ -206,13 +242,17 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
     for case in cases:
         if case.name.casefold() == SUMMARY_NAME:
             raise TransferSegError(f"{case.path}: a case named {case.name} would take the summary's place; rename it")
-        if case.path.is_dir() and (output / case.name).resolve() == case.path.resolve():
+        if case.path.is_dir() and _utf8(case.path) and (output / case.name).resolve() == case.path.resolve():
             raise TransferSegError(f"the output folder {output / case.name} would be the input series {case.path} "
                                    "itself; choose another output folder")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
     names = output_names(loaded.card["task"])
     for case in cases:  # an input where a case's output goes: refused before any case runs
-        check_output_folder(output / case.name, names, input_path=case.path)
+        try:
+            folder = case_folder(output, case)
+        except TransferSegError:
+            continue  # a name that cannot be a folder: that case fails in its turn, the others run
+        check_output_folder(folder, names, input_path=case.path)
     output.mkdir(parents=True, exist_ok=True)  # once, before the ranks write beside each other in it
 
     mine = list(enumerate(cases))[rank::world]

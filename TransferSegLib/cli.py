@@ -12,11 +12,17 @@ from pathlib import Path
 
 from . import __version__
 from .models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL
-from .progress import CancelToken, Cancelled
+from .progress import CancelToken, Cancelled, one_line
 from .volume import TransferSegError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+def _say(text="", file=None, flush=True) -> None:
+    """Print one line: a file name or a card's string in it cannot break it in two (nor forge a
+    ``PROGRESS`` line), its control characters are shown escaped."""
+    print(one_line(text), file=file if file is not None else sys.stdout, flush=flush)
 
 
 def _cmd_info(args) -> int:
@@ -30,15 +36,15 @@ def _cmd_info(args) -> int:
     k, j, i = summary["shape_kji"]
     sk, sj, si = summary["spacing_kji_mm"]
     ek, ej, ei = summary["extent_kji_mm"]
-    print(f"file:         {args.input}")
-    print(f"shape:        {i} × {j} × {k} voxels (i × j × k; array axes (k, j, i) = {k}, {j}, {i})")
-    print(f"spacing:      {si:g} × {sj:g} × {sk:g} mm (i × j × k)")
-    print(f"extent:       {ei:g} × {ej:g} × {ek:g} mm")
-    print(f"orientation:  {summary['orientation']}")
-    print("origin:       RAS ({:g}, {:g}, {:g}) mm".format(*summary["origin_ras_mm"]))
-    print(f"intensity:    {summary['intensity_min']:g} … {summary['intensity_max']:g} "
+    _say(f"file:         {args.input}")
+    _say(f"shape:        {i} × {j} × {k} voxels (i × j × k; array axes (k, j, i) = {k}, {j}, {i})")
+    _say(f"spacing:      {si:g} × {sj:g} × {sk:g} mm (i × j × k)")
+    _say(f"extent:       {ei:g} × {ej:g} × {ek:g} mm")
+    _say(f"orientation:  {summary['orientation']}")
+    _say("origin:       RAS ({:g}, {:g}, {:g}) mm".format(*summary["origin_ras_mm"]))
+    _say(f"intensity:    {summary['intensity_min']:g} … {summary['intensity_max']:g} "
           f"(mean {summary['intensity_mean']:.4g})")
-    print(f"memory:       {summary['memory_mib']:.1f} MiB as float32")
+    _say(f"memory:       {summary['memory_mib']:.1f} MiB as float32")
     return 0
 
 
@@ -50,7 +56,7 @@ class _ProgressPrinter:
 
     def __call__(self, fraction: float, stage: str) -> None:
         if self.lines:
-            print(f"PROGRESS {fraction:.4f} {stage}", flush=True)
+            _say(f"PROGRESS {fraction:.4f} {stage}", flush=True)
             return
         if self.bar is None:
             from tqdm import tqdm
@@ -58,16 +64,16 @@ class _ProgressPrinter:
             self.bar = tqdm(total=1000, unit="‰", file=sys.stderr, leave=False, disable=not sys.stderr.isatty(),
                             bar_format="{desc:<16} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         if stage != self.stage:
-            self.bar.set_description_str(stage)
+            self.bar.set_description_str(one_line(stage))
             self.stage = stage
         self.bar.update(int(round(fraction * 1000)) - self.bar.n)
 
     def write(self, line: str) -> None:
         """Print a line on stdout without breaking the bar."""
         if self.bar is not None and not self.bar.disable:
-            self.bar.write(line, file=sys.stdout)
+            self.bar.write(one_line(line), file=sys.stdout)
         else:
-            print(line, flush=True)
+            _say(line, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -160,22 +166,22 @@ def _segment_one(args, source, output: Path) -> int:
     finally:
         printer.close()
     for warning in result.warnings + result.fallbacks:
-        print(f"transferseg: warning: {warning}", file=sys.stderr)
+        _say(f"transferseg: warning: {warning}", file=sys.stderr)
     if result.task == "heatmap":
-        print(f"{len(result.detections)} detection(s)")
+        _say(f"{len(result.detections)} detection(s)")
         for n, d in enumerate(result.detections[:10], 1):
             ras = ", ".join(f"{v:.1f}" for v in d.position_ras)
-            print(f"  {n:2d}. confidence {d.confidence:.3f} at IJK (k, j, i) {tuple(d.position_kji)}, RAS ({ras}) mm")
+            _say(f"  {n:2d}. confidence {d.confidence:.3f} at IJK (k, j, i) {tuple(d.position_kji)}, RAS ({ras}) mm")
     else:
         for name, ml in result.volumes_ml().items():
-            print(f"{name}: {ml:.1f} mL")
+            _say(f"{name}: {ml:.1f} mL")
         summary = result.method_summary
         if "share_views_differ" in summary:
-            print(f"views ({summary['fusion']} fusion): they disagree on {100 * summary['share_views_differ']:.1f} % "
+            _say(f"views ({summary['fusion']} fusion): they disagree on {100 * summary['share_views_differ']:.1f} % "
                   f"of the segmentation (mean disagreement {summary['mean_disagreement']:.3f})")
-    print(f"device: {result.device}; " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    _say(f"device: {result.device}; " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     for name in result.outputs():
-        print(output / name)
+        _say(output / name)
     return 0
 
 
@@ -200,7 +206,7 @@ def _segment_batch(args, cases) -> int:
             if printer is not None:
                 printer.write(line)
             else:
-                print(line, flush=True)
+                _say(line, flush=True)
 
         try:
             rows = run_batch(cases, args.output, model=args.model, device=procs.device, progress=printer,
@@ -213,9 +219,9 @@ def _segment_batch(args, cases) -> int:
         if procs.rank == 0:
             summary = Path(args.output) / SUMMARY_NAME
             if failed:
-                print(f"{failed} of {len(rows)} cases failed; see {summary}", file=sys.stderr)
+                _say(f"{failed} of {len(rows)} cases failed; see {summary}", file=sys.stderr)
             else:
-                print(f"{len(rows)} case(s) done; see {summary}")
+                _say(f"{len(rows)} case(s) done; see {summary}")
     return EXIT_USER_ERROR if failed else 0
 
 
@@ -253,7 +259,7 @@ def _cmd_evaluate(args) -> int:
         printer.close()
     print(format_table(table))
     if args.output:
-        print(f"wrote {args.output}")
+        _say(f"wrote {args.output}")
     return 0
 
 
@@ -265,7 +271,7 @@ def _cmd_models(args) -> int:
         print(json.dumps(cards, indent=2))
         return 0
     if not cards:
-        print("no models installed; looked in: " + ", ".join(str(d) for d in model_dirs()))
+        _say("no models installed; looked in: " + ", ".join(str(d) for d in model_dirs()))
         return 0
     from .models import component_specs, method_of
 
@@ -275,11 +281,11 @@ def _cmd_models(args) -> int:
                           for name, spec in component_specs(card).items())
         spacing = card.get("working_spacing_mm")
         grid = f"working spacing {' × '.join(f'{v:g}' for v in spacing)} mm" if spacing else "runs on the input grid"
-        print(f"{card['name']}  v{card['version']}  {card['task']}  [{labels}]  {method_of(card)['name']} ({parts})  "
+        _say(f"{card['name']}  v{card['version']}  {card['task']}  [{labels}]  {method_of(card)['name']} ({parts})  "
               f"{grid}")
         for key, value in (card.get("metrics") or {}).items():
-            print(f"    {key}: {value}")
-        print(f"    {card['_path']}")
+            _say(f"    {key}: {value}")
+        _say(f"    {card['_path']}")
     return 0
 
 
@@ -291,9 +297,9 @@ def _cmd_convert(args) -> int:
     model, info = convert_from_source(args.source, to=args.to, num_classes=args.num_classes,
                                       weights_path=args.weights, architecture=args.architecture, config=config)
     sidecar = save_converted(model, args.output, info)
-    print(f"converted {args.source} to {args.to}: {info['parameters_2d']:,} parameters in 2D, "
+    _say(f"converted {args.source} to {args.to}: {info['parameters_2d']:,} parameters in 2D, "
           f"{info['parameters_3d']:,} in 3D")
-    print(f"wrote {args.output} and {sidecar}")
+    _say(f"wrote {args.output} and {sidecar}")
     return 0
 
 
@@ -316,14 +322,14 @@ def _cmd_compose(args) -> int:
     card_path = compose_models(components, args.output, name=args.name, method=args.method,
                                method_config=method_config, labels_from=args.labels_from, version=args.model_version)
     card = json.loads(card_path.read_text(encoding="utf-8"))
-    print(f"composed {card['name']} v{card['version']} ({card['method']['name']}, {card['task']}) from "
+    _say(f"composed {card['name']} v{card['version']} ({card['method']['name']}, {card['task']}) from "
           f"{len(components)} model(s):")
     for component, source in card["training"]["composed_from"].items():
         spec = card["components"][component]
-        print(f"  {component}: {spec['architecture']['name']} from {source['model']} "
+        _say(f"  {component}: {spec['architecture']['name']} from {source['model']} "
               f"(sha256 {source['sha256'][:12]}…)")
-    print(f"weights sha256 {card['weights']['sha256']}")
-    print(f"wrote {card_path.with_name(card['weights']['file'])} and {card_path}")
+    _say(f"weights sha256 {card['weights']['sha256']}")
+    _say(f"wrote {card_path.with_name(card['weights']['file'])} and {card_path}")
     return 0
 
 
@@ -332,7 +338,7 @@ def _cmd_phantom(args) -> int:
 
     paths = write_phantoms(args.kind, args.output, seed=args.seed, count=args.count)
     for path in paths:
-        print(path)
+        _say(path)
     return 0
 
 
@@ -470,17 +476,18 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except Cancelled as e:
-        print(f"transferseg: {e}", file=sys.stderr)
+        _say(f"transferseg: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TransferSegError as e:
-        print(f"transferseg: error: {e}", file=sys.stderr)
+        _say(f"transferseg: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("transferseg: interrupted; no partial output was kept", file=sys.stderr)
+        _say("transferseg: interrupted; no half-written file was kept (each output folder is complete or as it "
+             "was before)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:  # disk full, permission denied, …: the system's reason and the file, no traceback
         where = f": {e.filename}" if e.filename else ""
-        print(f"transferseg: error: {e.strerror or e}{where}", file=sys.stderr)
+        _say(f"transferseg: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -29,7 +29,7 @@ from . import metrics
 from .datasets import find_cases
 from .models import load_model
 from .pipeline import run
-from .progress import CancelToken, StageProgress, check_cancel
+from .progress import CancelToken, StageProgress, check_cancel, one_line
 from .volume import TransferSegError
 
 COLUMNS = ["case", "region", "dice", "voe", "rvd", "asd_mm", "rmsd_mm", "ref_ml", "pred_ml",
@@ -179,7 +179,7 @@ def format_table(table: dict) -> str:
              f"{'case':<22}{'region':<14}{'Dice':>7}{'VOE':>7}{'RVD':>8}{'ASD mm':>9}{'RMSD mm':>9}"
              + (f"{'burden ref':>12}{'pred':>8}" if burden else "")]
     for r in table["rows"]:
-        line = (f"{r['case']:<22}{r['region']:<14}{r['dice']:7.3f}{r['voe']:7.3f}{r['rvd']:8.3f}"
+        line = (f"{one_line(r['case']):<22}{r['region']:<14}{r['dice']:7.3f}{r['voe']:7.3f}{r['rvd']:8.3f}"
                 f"{r['asd_mm']:9.2f}{r['rmsd_mm']:9.2f}")
         if r.get("ref_burden") is not None:
             line += f"{r['ref_burden']:12.4f}{r['pred_burden']:8.4f}"

@@ -326,14 +326,22 @@ def roi_from_ras(volume: Volume, ras_min, ras_max) -> tuple:
     if lo.shape != (3,) or hi.shape != (3,) or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
         raise TransferSegError(f"a RAS box needs two finite (R, A, S) points; got {ras_min!r} and {ras_max!r}")
     lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
-    corners = np.array([[(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]]
+    # a box far larger than the volume (1e20 mm) is the volume's own bounding box: the same voxels,
+    # and indices that stay finite integers
+    grid = np.array([[k, j, i] for k in (-1, volume.shape[0]) for j in (-1, volume.shape[1])
+                     for i in (-1, volume.shape[2])], float)
+    extent = volume.ijk_to_ras_points(grid)
+    low, high = extent.min(axis=0), extent.max(axis=0)
+    outside = np.any(hi < low) or np.any(lo > high)
+    box_lo, box_hi = np.clip(lo, low, high), np.clip(hi, low, high)
+    corners = np.array([[(box_lo, box_hi)[a][0], (box_lo, box_hi)[b][1], (box_lo, box_hi)[c][2]]
                         for a in (0, 1) for b in (0, 1) for c in (0, 1)])
     kji = volume.ras_to_ijk_points(corners)
     start = np.floor(kji.min(axis=0) + 1e-6).astype(np.int64)  # 1e-6: corners exactly on a voxel centre
     stop = np.ceil(kji.max(axis=0) - 1e-6).astype(np.int64) + 1
     shape = np.asarray(volume.shape)
     start, stop = np.clip(start, 0, shape), np.clip(stop, 0, shape)
-    if np.any(stop <= start):
+    if outside or np.any(stop <= start):
         raise TransferSegError(
             f"the RAS box from ({', '.join(f'{v:g}' for v in lo)}) to ({', '.join(f'{v:g}' for v in hi)}) mm does not "
             "overlap the volume; place the region of interest over the image"

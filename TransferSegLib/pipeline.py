@@ -20,7 +20,7 @@ from .models import DEFAULT_SEGMENTATION_MODEL, LoadedModel, load_model
 from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from .volume import TransferSegError, Volume, label_counts
 
-__all__ = ["VIEW_NAMES", "Result", "output_names", "run", "postprocess"]
+__all__ = ["VIEW_NAMES", "Result", "check_working_grid", "output_names", "run", "postprocess"]
 
 
 VIEW_NAMES = ("axial", "coronal", "sagittal")
@@ -312,6 +312,7 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     region = _crop(volume, box) if box is not None else volume
     warnings = spacing_warnings(region, card) + _constant_warning(region)
 
+    check_working_grid(region, card)
     start = time.perf_counter()
     report(0.02, "resampling")
     oriented, turn = to_orientation(region, card.get("working_orientation"))
@@ -357,6 +358,36 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
                   roi_kji=tuple(int(v) for v in box) if box is not None else None,
                   detections=detections, fallbacks=list(output.fallbacks), warnings=warnings,
                   views=views, disagreement=disagreement, method_summary=dict(output.summary))
+
+
+# float32 bytes per working voxel while a method runs: the image, each class's probability and the
+# sliding window's weighted sums of them, and one more for temporaries
+def _bytes_per_working_voxel(card: dict) -> int:
+    return 4 * (3 + 2 * max(len(card["labels"]) + 1, 1))
+
+
+def check_working_grid(volume: Volume, card: dict) -> tuple:
+    """The shape of ``volume`` on the card's working grid, refused with :class:`TransferSegError` when it
+    would not fit in the memory free now: from the header alone, before anything is resampled or
+    allocated (an absurd spacing, e.g. 1e9 mm or 200 mm voxels, would otherwise die in the allocator)."""
+    from .io import available_memory_bytes
+    from .resample import grid_shape, to_orientation
+
+    spacing = card.get("working_spacing_mm")
+    header = Volume(np.zeros((1, 1, 1), np.float32), volume.spacing, volume.directions)
+    oriented, turn = to_orientation(header, card.get("working_orientation"))
+    shape = tuple(volume.shape[a] for a in turn.perm)
+    working = grid_shape(shape, oriented.spacing, spacing) if spacing else shape
+    needed = float(np.prod([float(n) for n in working])) * _bytes_per_working_voxel(card)
+    available = available_memory_bytes()
+    if needed > available:
+        shown = "×".join(str(n) for n in working)
+        raise TransferSegError(
+            f"on the model's working grid ({' × '.join(f'{v:g}' for v in spacing or oriented.spacing)} mm) this "
+            f"volume becomes {shown} voxels, which needs about {needed / 2**30:.3g} GiB but only "
+            f"{available / 2**30:.1f} GiB of memory is free; check the voxel spacing in the header "
+            f"({' × '.join(f'{v:g}' for v in volume.spacing)} mm, k × j × i), or crop the volume")
+    return working
 
 
 def spacing_warnings(volume: Volume, card: dict) -> list:

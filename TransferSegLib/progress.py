@@ -6,12 +6,31 @@ raises :class:`Cancelled` and leaves no output file behind.
 """
 from __future__ import annotations
 
+import re
 import threading
 from typing import Callable, Optional
 
 from .volume import TransferSegError
 
 ProgressCallback = Callable[[float, str], None]
+
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: what can end or rewrite a line
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text) -> str:
+    """``text`` with every character that could break or rewrite a line escaped (``\\n``, ``\\x1b``, …),
+    and undecodable file-name bytes shown as ``\\xff``: what we print that carries a user's string
+    (a file name, a card's label) stays one line, so a name cannot forge a ``PROGRESS`` line."""
+    text = str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (Python holds its bytes as surrogates)
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class Cancelled(TransferSegError):
