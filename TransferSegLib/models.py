@@ -33,8 +33,11 @@ have no prefix, so cards written before compositions load unchanged.  The method
 only stored here; the methods themselves are looked up by name in a registry, and a card
 never names code to import.
 
-:func:`load_model` verifies the sha256 before it reads a tensor and refuses, with an error a
-user can act on: a checksum mismatch, a pickle / ``.pt`` / ``.pth`` file (never unpickled),
+Every card is checked when it is read (:func:`TransferSegLib.cards.check_card`: every value the
+pipeline uses later, before any volume is read), and a card file far larger or deeper than a
+card is refused before it is parsed.  :func:`load_model` verifies the sha256 before it reads a
+tensor and refuses, with an error a user can act on: a checksum mismatch, a malformed
+safetensors header, a pickle / ``.pt`` / ``.pth`` file (never unpickled),
 a card naming an unknown architecture, weights that do not fit the architecture (checked
 against the file's header before any network is allocated, so an absurd config is refused
 at once), tensors that belong to no component, and a truncated file.  Models are looked up
@@ -46,14 +49,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cards import COMPONENT_NAME, VIEWS, check_card, is_composed
 from .volume import TransferSegError
-from .weights import read_header, read_state_dict, refuse_pickle_suffix, save_state_dict, sha256_file
+from .weights import read_header, read_state_dict, refuse_pickle_suffix, save_state_dict
 
 __all__ = ["Component", "LoadedModel", "DEFAULT_DETECTION_MODEL", "DEFAULT_SEGMENTATION_MODEL", "component_specs",
            "compose_models", "find_model", "list_models", "load_model", "method_of", "model_dirs", "read_card",
@@ -61,15 +63,12 @@ __all__ = ["Component", "LoadedModel", "DEFAULT_DETECTION_MODEL", "DEFAULT_SEGME
 
 DEFAULT_SEGMENTATION_MODEL = "ct-liver-tumor-unet3d"
 DEFAULT_DETECTION_MODEL = "dbt-lesion-ahnet"
-_SINGLE_CARD_KEYS = ("name", "version", "task", "labels", "architecture", "preprocessing", "patch_size", "weights")
-_COMPOSED_CARD_KEYS = ("name", "version", "task", "labels", "method", "components", "weights")
 #: the keys of a card that describe one network (a component's spec); also every ``patch_…`` key
 _SPEC_KEYS = ("architecture", "preprocessing", "patch_size", "expected_spacing_mm", "working_spacing_mm",
               "inference", "view")
-_VIEWS = ("axial", "coronal", "sagittal")
 _SINGLE_COMPONENT = "network"
-# no "." in a component name: a weight key's first dotted part names its component
-_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+#: a card is a few KB of JSON; anything far larger is not a card, and is refused before it is parsed
+_MAX_CARD_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -145,91 +144,7 @@ def find_model(name_or_path) -> Path:
     raise TransferSegError(f"no model named {text!r}; installed models: {known} (see `transferseg models`)")
 
 
-# --- cards: one network, or method + components -----------------------------------------------
-def _is_composed(card: dict) -> bool:
-    return "method" in card or "components" in card
-
-
-def _check_card(card, where: str) -> None:
-    """Every key the card's form needs, and a well-formed method and components."""
-    if not isinstance(card, dict):
-        raise TransferSegError(f"{where}: the model card must be a JSON object")
-    composed = _is_composed(card)
-    missing = [k for k in (_COMPOSED_CARD_KEYS if composed else _SINGLE_CARD_KEYS) if k not in card]
-    if missing:
-        form = "a composed model card (with method and components)" if composed else "the model card"
-        raise TransferSegError(f"{where}: {form} lacks {', '.join(missing)}")
-    if card["task"] not in ("segmentation", "heatmap"):
-        raise TransferSegError(f"{where}: task must be \"segmentation\" or \"heatmap\", not {card['task']!r}")
-    labels = card["labels"]
-    if not isinstance(labels, list) or not all(
-            isinstance(seg, dict) and isinstance(seg.get("name"), str) and type(seg.get("label")) is int
-            and 1 <= seg["label"] <= 255 for seg in labels):
-        raise TransferSegError(f"{where}: labels must be a list of {{\"name\": ..., \"label\": 1…255, "
-                               f"\"color\": [r, g, b]}}, not {json.dumps(labels, default=str)[:120]}")
-    if not isinstance(card["weights"], dict):
-        raise TransferSegError(f"{where}: weights must be {{\"file\": \"NAME.safetensors\", \"sha256\": ...}}, "
-                               f"not {json.dumps(card['weights'], default=str)[:120]}")
-    _check_postprocessing(card.get("postprocessing"), where)
-    if not composed:
-        arch = card["architecture"]
-        if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) \
-                or not isinstance(arch.get("config", {}), dict):
-            raise TransferSegError(f"{where}: architecture must be {{\"name\": ..., \"config\": {{...}}}}, "
-                                   f"not {json.dumps(arch, default=str)[:120]}")
-        return
-    method = card["method"]
-    if not isinstance(method, dict) or not isinstance(method.get("name"), str) or not method["name"] \
-            or not isinstance(method.get("config", {}), dict):
-        raise TransferSegError(f"{where}: method must be {{\"name\": \"single\" | \"multiview\" | …, "
-                               f"\"config\": {{…}}}}, not {json.dumps(method, default=str)}")
-    components = card["components"]
-    if not isinstance(components, dict) or not components:
-        raise TransferSegError(f"{where}: components must name at least one network, e.g. {{\"axial\": {{…}}}}")
-    for name, spec in components.items():
-        if not _COMPONENT_NAME.fullmatch(name):
-            raise TransferSegError(f"{where}: component name {name!r} may hold only letters, digits, '_' and '-' "
-                                   "(its weights are the keys that start with NAME.)")
-        if not isinstance(spec, dict) or not isinstance(spec.get("architecture"), dict) \
-                or not isinstance(spec["architecture"].get("name"), str):
-            raise TransferSegError(f"{where}: component {name!r} needs \"architecture\": "
-                                   "{\"name\": ..., \"config\": {...}}")
-
-
-_POSTPROCESSING_FORMS = {"largest_component": "[1, 2]", "fill_holes": "[1, 2]", "inside": "{\"2\": [1, 2]}",
-                         "min_volume_ml": "{\"2\": 0.25}"}
-
-
-def _is_label(value) -> bool:
-    return type(value) is int and 1 <= value <= 255
-
-
-def _check_postprocessing(spec, where: str) -> None:
-    """The card's ``postprocessing`` (see ``pipeline.postprocess``): known steps, each well formed,
-    so a misspelt step is refused when the model loads instead of silently skipped."""
-    if spec is None:
-        return
-    if not isinstance(spec, dict):
-        raise TransferSegError(f"{where}: postprocessing must be an object, e.g. {{\"largest_component\": [1, 2]}}")
-    for key, value in spec.items():
-        if key not in _POSTPROCESSING_FORMS:
-            raise TransferSegError(f"{where}: postprocessing.{key} is not a post-processing step; the steps are "
-                                   f"{', '.join(_POSTPROCESSING_FORMS)}")
-        if key in ("largest_component", "fill_holes"):
-            ok = isinstance(value, list) and value and all(_is_label(v) for v in value)
-        elif key == "inside":
-            ok = isinstance(value, dict) and all(
-                k.isdigit() and _is_label(int(k)) and isinstance(v, list) and v and all(_is_label(x) for x in v)
-                for k, v in value.items())
-        else:
-            ok = isinstance(value, dict) and all(
-                k.isdigit() and _is_label(int(k)) and type(v) in (int, float) and math.isfinite(v) and v >= 0
-                for k, v in value.items())
-        if not ok:
-            raise TransferSegError(f"{where}: postprocessing.{key} must look like {_POSTPROCESSING_FORMS[key]} "
-                                   f"(labels 1…255), not {json.dumps(value, default=str)[:80]}")
-
-
+# --- cards: one network, or method + components (checked by cards.check_card) ------------------
 def method_of(card: dict) -> dict:
     """``{"name", "config"}`` of a card; a card without ``method`` is ``single``."""
     method = card.get("method") or {"name": "single"}
@@ -244,20 +159,27 @@ def _spec_of(card: dict) -> dict:
 def component_specs(card: dict) -> dict:
     """Component name -> spec.  A card without ``method`` has one component, ``network``,
     whose spec is the card's top-level architecture, preprocessing, patch_size, inference, …"""
-    if _is_composed(card):
+    if is_composed(card):
         return copy.deepcopy(card["components"])
     return {_SINGLE_COMPONENT: _spec_of(card)}
 
 
 def _read_card(card_path: Path) -> dict:
     try:
+        size = card_path.stat().st_size
+        if size > _MAX_CARD_BYTES:
+            raise TransferSegError(f"{card_path}: the model card is {size / 2**20:.0f} MiB; a card is a few KB of "
+                                   "JSON (give the model's NAME.json, or install the model again)")
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TransferSegError(f"{card_path}: the model card is missing; a model is NAME.safetensors with its "
                                "card NAME.json beside it (give the card, or install the model again)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TransferSegError(f"{card_path}: the model card is not valid JSON ({e})") from None
-    _check_card(card, str(card_path))
+    except RecursionError:  # lists in lists, thousands deep: no card looks like that
+        raise TransferSegError(f"{card_path}: the model card is nested too deeply to be a model card; give the "
+                               "model's NAME.json, or install the model again") from None
+    check_card(card, str(card_path))
     return card
 
 
@@ -269,12 +191,12 @@ def read_card(name_or_path) -> dict:
 
 # --- loading ----------------------------------------------------------------------------------
 def _key_prefix(card: dict, component: str) -> str:
-    return f"{component}." if _is_composed(card) else ""
+    return f"{component}." if is_composed(card) else ""
 
 
 def _split_keys(card: dict, header: dict, weights_path: Path) -> dict:
     """Component name -> {key in the network: key in the file}; every file key in exactly one."""
-    if not _is_composed(card):
+    if not is_composed(card):
         return {_SINGLE_COMPONENT: {key: key for key in header}}
     groups = {name: {} for name in card["components"]}
     leftover = []
@@ -349,17 +271,11 @@ def load_model(name_or_path, device="cpu") -> LoadedModel:
     if not isinstance(expected, str) or not expected:
         raise TransferSegError(f"{card_path}: the card has no weights.sha256, so its weights cannot be verified; "
                                "reinstall the model (or write it again with save_model)")
-    actual = sha256_file(weights_path)
-    if expected != actual:
-        raise TransferSegError(
-            f"{weights_path}: checksum mismatch (card says {str(expected)[:12]}…, file is {actual[:12]}…); "
-            "the file is damaged or not the one this card describes — reinstall the model"
-        )
+    state = read_state_dict(weights_path, sha256=expected)  # the bytes verified are the bytes loaded
     specs = component_specs(card)
     groups = _split_keys(card, header, weights_path)
     for name, spec in specs.items():
         _check_fits(name, spec, groups[name], header, weights_path, _key_prefix(card, name))
-    state = read_state_dict(weights_path)
     target = torch.device(device) if isinstance(device, str) else device
     components = {}
     for name, spec in specs.items():
@@ -394,16 +310,16 @@ def save_model(network_or_components, card: dict, folder, storage_dtype: str | N
     name = card.get("name")
     if not name or "/" in name:
         raise TransferSegError(f"a model needs a plain name; got {name!r}")
-    _check_card({**card, "weights": {}}, f"model card for {name}")
+    check_card({**card, "weights": {}}, f"model card for {name}")
     if isinstance(network_or_components, dict):
-        if not _is_composed(card) or set(network_or_components) != set(card["components"]):
+        if not is_composed(card) or set(network_or_components) != set(card["components"]):
             given = ", ".join(network_or_components)
             raise TransferSegError(f"model {name}: networks {given} need a composed card whose components are "
                                    f"exactly {given}; the card has {', '.join(card.get('components') or []) or 'none'}")
         state = {f"{component}.{key}": tensor for component, network in network_or_components.items()
                  for key, tensor in network.state_dict().items()}
     else:
-        if _is_composed(card):
+        if is_composed(card):
             raise TransferSegError(f"model {name}: a composed card takes a dict of networks, one per component "
                                    f"({', '.join(card['components'])})")
         state = network_or_components.state_dict()
@@ -440,7 +356,7 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
     if not components:
         raise TransferSegError("compose needs at least one component, e.g. axial=MODEL")
     for component in components:
-        if not _COMPONENT_NAME.fullmatch(str(component)):
+        if not COMPONENT_NAME.fullmatch(str(component)):
             raise TransferSegError(f"component name {component!r} may hold only letters, digits, '_' and '-'")
     if not isinstance(method, str) or not method:
         raise TransferSegError("compose needs a method name, e.g. multiview")
@@ -458,7 +374,7 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
             raise TransferSegError(f"{loaded.path}: {loaded.name} is itself composed ({', '.join(loaded.components)}); "
                                    "compose takes models of one network")
         spec = copy.deepcopy(next(iter(loaded.components.values())).spec)
-        if component in _VIEWS:
+        if component in VIEWS:
             if spec.get("view", component) != component:
                 raise TransferSegError(f"{loaded.path}: {loaded.name} was made for the {spec['view']} view, "
                                        f"not {component}")

@@ -8,7 +8,10 @@ not safetensors at all, and every checksum is computed by one function.
 A safetensors file is an 8-byte little-endian header length, that much JSON (each tensor's
 dtype, shape and byte range, plus ``__metadata__``), then the raw data.  :func:`read_header`
 reads only the JSON, so a card's architecture can be checked against the file's shapes
-before a single tensor (or network) is allocated.
+before a single tensor (or network) is allocated.  It checks the whole header as the format
+requires (known dtypes, byte ranges that fit their shapes and tile the data exactly), so a
+forged file is one clear error, even when a card's sha256 vouches for it, never a traceback
+from inside safetensors or torch.
 
 Imports nothing above :mod:`TransferSegLib.volume` (``nets/`` imports this module).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from .volume import TransferSegError
@@ -26,6 +30,11 @@ __all__ = ["PICKLE_SUFFIXES", "read_header", "read_state_dict", "refuse_pickle_s
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 
 _MAX_HEADER_BYTES = 100 * 2**20
+#: bytes per element of each dtype safetensors stores that torch can load
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
+               "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
+               "U64": 8, "I64": 8, "F64": 8, "C64": 8}
+_REWRITE = "the file is damaged or was not written by safetensors; install the model again"
 
 
 def sha256_file(path) -> str:
@@ -48,7 +57,8 @@ def refuse_pickle_suffix(path) -> None:
 
 
 def _read_raw_header(path: Path) -> dict:
-    """The header JSON of a safetensors file; pickles, non-safetensors and truncated files refused."""
+    """The header JSON of a safetensors file; pickles, non-safetensors, truncated files and malformed
+    headers refused."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -70,18 +80,61 @@ def _read_raw_header(path: Path) -> dict:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise TransferSegError(f"{path}: not a safetensors file (unreadable header)") from None
+    except RecursionError:  # a forged header of lists in lists, thousands deep
+        raise TransferSegError(f"{path}: not a safetensors file (its header is nested too deeply); "
+                               f"{_REWRITE}") from None
     if not isinstance(header, dict):
         raise TransferSegError(f"{path}: not a safetensors file (unreadable header)")
-    try:
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (AttributeError, KeyError, TypeError, IndexError):
-        raise TransferSegError(f"{path}: not a safetensors file (unreadable header)") from None
-    if 8 + header_len + end > size:
-        raise TransferSegError(
-            f"{path}: the weights file is truncated ({size} bytes, needs {8 + header_len + end}); "
-            "copy or download it again"
-        )
+    _check_entries(header, size, header_len, path)
     return header
+
+
+def _check_entry(key: str, entry, path: Path) -> tuple:
+    """``(begin, end)`` of one tensor's header entry, after checking its dtype, shape and byte range."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise TransferSegError(f"{path}: tensor {key!r} needs dtype, shape and data_offsets in the header, e.g. "
+                               f"{{\"dtype\": \"F32\", \"shape\": [16, 8], \"data_offsets\": [0, 512]}}; {_REWRITE}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ITEM_BYTES:
+        raise TransferSegError(f"{path}: tensor {key!r} has unknown dtype {str(dtype)[:20]!r}, e.g. F32, F16, I64 "
+                               f"({', '.join(_ITEM_BYTES)}); {_REWRITE}")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise TransferSegError(f"{path}: tensor {key!r} has shape {json.dumps(shape)[:60]}; a shape is a list of "
+                               f"whole numbers ≥ 0, e.g. [16, 8]; {_REWRITE}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise TransferSegError(f"{path}: tensor {key!r} has data_offsets {json.dumps(offsets)[:60]}; they must be "
+                               f"[begin, end] whole numbers with 0 ≤ begin ≤ end, e.g. [0, 512]; {_REWRITE}")
+    needs = math.prod(shape) * _ITEM_BYTES[dtype]
+    if offsets[1] - offsets[0] != needs:
+        raise TransferSegError(f"{path}: tensor {key!r} is {dtype} of shape {shape} ({needs} bytes), but its "
+                               f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes; {_REWRITE}")
+    return offsets[0], offsets[1]
+
+
+def _check_entries(header: dict, size: int, header_len: int, path: Path) -> None:
+    """Every tensor entry well formed, and their byte ranges tile the data buffer from 0 to its end
+    without gaps or overlaps (as the safetensors format requires); ``__metadata__`` flat str → str."""
+    data_bytes = size - 8 - header_len
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise TransferSegError(f"{path}: the header's __metadata__ must map names to strings, e.g. "
+                               f"{{\"format\": \"pt\"}}; {_REWRITE}")
+    ranges = sorted((*_check_entry(key, entry, path), key) for key, entry in header.items() if key != "__metadata__")
+    end, last = 0, None
+    for begin, stop, key in ranges:
+        if begin != end:
+            where = f"after tensor {last!r}" if last else "at the start of the data"
+            problem = f"overlaps tensor {last!r}" if begin < end else f"leaves {begin - end} unused bytes {where}"
+            raise TransferSegError(f"{path}: tensor {key!r} at bytes {begin}–{stop} {problem}; the tensors must "
+                                   f"fill the data exactly, one after another; {_REWRITE}")
+        end, last = stop, key
+    if end > data_bytes:
+        raise TransferSegError(f"{path}: the weights file is truncated ({size} bytes, needs "
+                               f"{size - data_bytes + end}); copy or download it again")
+    if end < data_bytes:
+        raise TransferSegError(f"{path}: the last {data_bytes - end} bytes of the data belong to no tensor (the "
+                               f"tensors must fill the data exactly); {_REWRITE}")
 
 
 def read_header(path) -> dict:
@@ -94,22 +147,29 @@ def read_header(path) -> dict:
     refuse_pickle_suffix(path)
     if not path.is_file():
         raise TransferSegError(f"{path}: no such weights file")
-    header = _read_raw_header(path)
-    try:
-        return {key: (entry["dtype"], tuple(int(n) for n in entry["shape"]))
-                for key, entry in header.items() if key != "__metadata__"}
-    except (KeyError, TypeError, ValueError):
-        raise TransferSegError(f"{path}: not a safetensors file (unreadable header)") from None
+    header = _read_raw_header(path)  # every entry checked
+    return {key: (entry["dtype"], tuple(entry["shape"])) for key, entry in header.items() if key != "__metadata__"}
 
 
-def read_state_dict(path) -> dict:
+def read_state_dict(path, sha256: str | None = None) -> dict:
     """A state dict from a safetensors file: pickles are refused by name and by content, never
-    unpickled; a truncated file is refused before safetensors reads it."""
-    from safetensors.torch import load_file
+    unpickled; a truncated or forged file is refused before safetensors reads it.
+
+    The file is read once and loaded from memory, so any file name works and, with ``sha256``,
+    the bytes loaded are exactly the bytes verified (no second read for a swapped file to slip into)."""
+    from safetensors.torch import load
 
     path = Path(path).expanduser()
     read_header(path)
-    return load_file(str(path), device="cpu")
+    data = path.read_bytes()
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise TransferSegError(
+                f"{path}: checksum mismatch (card says {sha256[:12]}…, file is {actual[:12]}…); "
+                "the file is damaged or not the one this card describes — reinstall the model"
+            )
+    return load(data)
 
 
 def save_state_dict(state: dict, path, metadata: dict | None = None) -> str:
