@@ -26,7 +26,7 @@ import pytest
 from conftest import write_image
 from test_hostile_inputs import Case, _snapshot, ct_source  # noqa: F401  (ct_source is a fixture)
 
-from TransferSegLib import io as tio
+from TransferSegLib import atomic as tio
 from TransferSegLib import pipeline
 from TransferSegLib.cli import main
 from TransferSegLib.io import atomic_output_folder
@@ -198,6 +198,19 @@ def test_an_output_folder_whose_name_is_not_utf8_is_refused_in_one_line(where, c
     assert sorted(os.listdir(tmp_path)) == ["in"]  # no output, no staging folder
 
 
+@pytest.mark.skipif(not POSIX, reason="file names that are not UTF-8 are a POSIX thing")
+def test_a_model_in_a_folder_whose_name_is_not_utf8_still_runs(case, tmp_path):
+    """Weights are read by Python and loaded from the verified bytes: no native reader sees the name."""
+    folder = os.fsencode(tmp_path) + b"/models\xff"
+    os.mkdir(folder)
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(Path(case.model).with_suffix(suffix), folder + b"/" + os.fsencode(Path(case.model).stem + suffix))
+    model = os.fsdecode(folder + b"/" + os.fsencode(Path(case.model).name))
+    result = _cli("segment", case.ct(), "-o", case.out, "--model", model, "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (case.out / "labelmap.nii.gz").is_file()
+
+
 # --- 3. a working grid too large: refused from the header, before anything is allocated ----------
 HUGE_GRIDS = {
     "1e9 mm slices": (1e9, 0.8, 0.8),
@@ -266,7 +279,8 @@ FORGING_NAMES = ["a\nPROGRESS 1.0000 done", "b\rPROGRESS 0.9999 done", "c\u2028P
 
 
 def test_no_case_name_forges_a_progress_line(case, capfd, tmp_path):
-    from TransferSeg.TransferSegModuleLib.logic import parse_progress_line
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "TransferSeg"))  # as test_slicer_logic does
+    from TransferSegModuleLib.logic import parse_progress_line
 
     sources = [case.ct(name + ".nii.gz") for name in FORGING_NAMES] + [case.ct("good.nii.gz")]
     status, out, lines, _ = _run(_batch(case, *sources) + ["--progress-lines"], capfd, tmp_path)

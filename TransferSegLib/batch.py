@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .atomic import is_utf8
 from .progress import Cancelled, CancelToken, ProgressCallback, StageProgress, check_cancel, one_line
 from .volume import TransferSegError
 
@@ -50,18 +51,10 @@ def _holds_dicom_series(folder: Path) -> bool:
 
     from .io import native_stderr_silenced
 
-    if not _utf8(folder):  # SimpleITK's native code aborts on such a name; the case fails on its own
+    if not is_utf8(folder):  # SimpleITK's native code aborts on such a name; the case fails on its own
         return False
     with native_stderr_silenced():  # GDCM complains on stderr about every file that is not DICOM
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-
-
-def _utf8(path) -> bool:
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def case_folder(output: Path, case: Case) -> Path:
@@ -195,7 +188,7 @@ def _gather(rows: list, world: int) -> list:
 
 
 def _write_summary(path: Path, rows: list, columns: list) -> Path:
-    from .io import atomic_output
+    from .atomic import atomic_output
 
     with atomic_output(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -230,7 +223,7 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
     disk, …) gets status ``failed`` and its one-line error; the others still run.  Rows are
     dicts with the summary's columns (and ``rank``), in the order of the cases.
     """
-    from .io import check_output_folder
+    from .atomic import check_output_folder
     from .models import LoadedModel, load_model
     from .pipeline import output_names
 
@@ -242,7 +235,7 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
     for case in cases:
         if case.name.casefold() == SUMMARY_NAME:
             raise TransferSegError(f"{case.path}: a case named {case.name} would take the summary's place; rename it")
-        if case.path.is_dir() and _utf8(case.path) and (output / case.name).resolve() == case.path.resolve():
+        if case.path.is_dir() and is_utf8(case.path) and (output / case.name).resolve() == case.path.resolve():
             raise TransferSegError(f"the output folder {output / case.name} would be the input series {case.path} "
                                    "itself; choose another output folder")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")

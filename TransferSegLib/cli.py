@@ -132,7 +132,7 @@ def _cmd_segment(args) -> int:
     it; run_batch checks each case's folder so before any case runs), then the model's task."""
     from .batch import find_cases
     from .distributed import torchrun_world_size
-    from .io import check_output_folder
+    from .atomic import check_output_folder
     from .pipeline import output_names
 
     cases = find_cases(args.input)

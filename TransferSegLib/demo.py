@@ -89,7 +89,7 @@ def _focus(truth: np.ndarray, labels: np.ndarray) -> Optional[list]:
 
 
 def _write_json(path: Path, data) -> Path:
-    from .io import atomic_output
+    from .atomic import atomic_output
 
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -147,7 +147,7 @@ def run_demo(output_dir, seed: int = 0, device: str = "auto", progress: Optional
     A model that is not installed skips its step (said through ``log`` and in the summary's
     ``skipped``); the phantoms are always made.
     """
-    from .io import atomic_output, check_output_folder
+    from .atomic import atomic_output, check_output_folder
 
     out = check_output_folder(output_dir)
     if isinstance(dbt_volumes, bool) or int(dbt_volumes) != dbt_volumes or dbt_volumes < 1:

@@ -82,7 +82,7 @@ def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise TransferSegError(f"limit is the number of cases to evaluate (1 or more); got {limit!r}")
     if csv_path:  # before the run: a wrong table path must not cost the whole evaluation
-        from .io import check_output_folder
+        from .atomic import check_output_folder
 
         csv_path = Path(csv_path).expanduser()
         if csv_path.is_dir():
@@ -153,7 +153,7 @@ def _finite_mean(values) -> float:
 
 
 def _write_csv(table: dict, path: Path) -> None:
-    from .io import atomic_output
+    from .atomic import atomic_output
 
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)

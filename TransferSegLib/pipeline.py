@@ -121,7 +121,7 @@ class Result:
         ``folder`` as it was, other files in it are never touched, and files of an earlier run
         with the same names are replaced.  Refuses to overwrite ``input_path``.
         """
-        from .io import atomic_output_folder, check_output_folder
+        from .atomic import atomic_output_folder, check_output_folder
 
         names = self.outputs()
         folder = check_output_folder(folder, names, input_path)
@@ -370,7 +370,7 @@ def check_working_grid(volume: Volume, card: dict) -> tuple:
     """The shape of ``volume`` on the card's working grid, refused with :class:`TransferSegError` when it
     would not fit in the memory free now: from the header alone, before anything is resampled or
     allocated (an absurd spacing, e.g. 1e9 mm or 200 mm voxels, would otherwise die in the allocator)."""
-    from .io import available_memory_bytes
+    from .atomic import available_memory_bytes
     from .resample import grid_shape, to_orientation
 
     spacing = card.get("working_spacing_mm")

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from .io import atomic_output
+from .atomic import atomic_output
 from .phantoms import CT_LABEL_NAMES
 from .volume import TransferSegError, Volume, anatomical_axes, label_counts
 

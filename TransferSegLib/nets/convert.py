@@ -896,7 +896,7 @@ def save_converted(model3d: nn.Module, path, info: dict | None = None) -> Path:
     set by :func:`convert` / :func:`convert_from_source`: source, architecture, mode, …) plus
     ``weights``: file name, sha256 and size.  Returns the sidecar's path.
     """
-    from ..io import atomic_output
+    from ..atomic import atomic_output
 
     path = Path(path)
     if path.suffix != ".safetensors":

@@ -50,7 +50,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..io import check_output_folder
+from ..atomic import check_output_folder
 from ..progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from ..volume import TransferSegError
 from .trainer import _cached_working_case, _cases_from_spec, train, validate_config, write_stack
@@ -265,7 +265,7 @@ def multiview(config: dict, output_dir, progress: Optional[ProgressCallback] = N
     stored = json.loads(card.read_text(encoding="utf-8"))
     stored["training"]["recipe"] = {"config": c, "splits": [{"views": t, "fusion": f} for t, f, _ in groups],
                                     "seconds": {k: round(v, 1) for k, v in timings.items()}}
-    from ..io import atomic_output
+    from ..atomic import atomic_output
 
     with atomic_output(card) as tmp:
         tmp.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
@@ -340,7 +340,7 @@ def cascade(config: dict, output_dir, progress: Optional[ProgressCallback] = Non
                           storage_dtype="float16")
     stored = json.loads(card.read_text(encoding="utf-8"))
     stored["training"]["recipe"] = {"config": c, "seconds": {k: round(v, 1) for k, v in timings.items()}}
-    from ..io import atomic_output
+    from ..atomic import atomic_output
 
     with atomic_output(card) as tmp:
         tmp.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")

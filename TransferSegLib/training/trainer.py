@@ -171,7 +171,7 @@ from scipy import ndimage
 from torch import nn
 
 from ..distributed import Processes
-from ..io import atomic_output, check_output_folder
+from ..atomic import atomic_output, check_output_folder
 from ..losses import LOSSES, REGRESSION_LOSSES, build_loss
 from ..progress import CancelToken, ProgressCallback, check_cancel
 from ..volume import TransferSegError
@@ -763,7 +763,7 @@ def _cached_working_case(case, config: dict, cache: Optional[Path]):
     image, target, spacing = _working_case(case, config["working_spacing_mm"], config["working_orientation"],
                                            config["task"] == "heatmap")
     if path is not None:
-        from ..io import atomic_output
+        from ..atomic import atomic_output
 
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:
