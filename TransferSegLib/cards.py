@@ -107,12 +107,34 @@ def _color(value) -> bool:
 def _terminology(value) -> bool:
     """A Slicer TerminologyEntry string, or a dict of [coding scheme, code value, code meaning]
     triples with at least category and type (as io.save_segmentation reads it)."""
-    if isinstance(value, str):
-        return value.count("~") >= 2
+    if isinstance(value, str):  # context~category~type~…, each code "scheme^value^meaning" (what slicerio parses)
+        parts = value.split("~")
+        return len(parts) >= 3 and all(part.count("^") == 2 and part.split("^")[1] for part in parts[1:3])
     triple = lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(x, str) for x in v)  # noqa: E731
     return isinstance(value, dict) and {"category", "type"} <= set(value) and all(
         triple(value[k]) for k in ("category", "type", "typeModifier", "anatomicRegion", "anatomicRegionModifier")
         if k in value)
+
+
+_ORGAN_KEYS = {"name", "labels", "min_ml", "min_ml_per_cm", "min_body_cm2", "side", "min_offset_mm"}
+
+
+def _expects(value) -> bool:
+    """What the model expects of a scan (see :mod:`TransferSegLib.scope`)."""
+    if not isinstance(value, dict) or set(value) - {"modality", "region", "organ", "lesion"}:
+        return False
+    organ, lesion = value.get("organ"), value.get("lesion")
+    return (value.get("modality") in (None, "CT") and isinstance(value.get("region", ""), str)
+            and (organ is None or isinstance(organ, dict) and set(organ) <= _ORGAN_KEYS
+                 and _text(organ.get("name")) and isinstance(organ.get("labels"), list) and organ["labels"]
+                 and all(_is_label(v) for v in organ["labels"])
+                 and all(_is_number(organ.get(k, 0)) and organ.get(k, 0) >= 0
+                         for k in ("min_ml", "min_ml_per_cm", "min_body_cm2", "min_offset_mm"))
+                 and organ.get("side", "right") in ("right", "left"))
+            and (lesion is None or organ is not None and isinstance(lesion, dict)
+                 and set(lesion) == {"name", "label", "max_fraction"} and _text(lesion["name"])
+                 and _is_label(lesion["label"]) and _is_number(lesion["max_fraction"])
+                 and 0 < lesion["max_fraction"] <= 1))
 
 
 # --- key -> (checker, the form it should take) ----------------------------------------------------
@@ -137,6 +159,10 @@ _MODEL_VALUES = {
     "working_spacing_mm": _SPACING,
     "working_orientation": (_or_null(_orientation), 'null or three letters from R/L, A/P, S/I, one per axis, '
                                                     'e.g. "LPS"'),
+    "expects": (_or_null(_expects), '{"modality": "CT", "region": TEXT, "organ": {"name", "labels", "min_ml", '
+                                    '"min_ml_per_cm", "min_body_cm2", "side", "min_offset_mm"}, "lesion": '
+                                    '{"name", "label", "max_fraction"}}, e.g. {"modality": "CT", "organ": '
+                                    '{"name": "liver", "labels": [1, 2], "min_ml": 150}}'),
     "trained_spacing_mm": (_or_null(_spacing_range), '{"min": [k, j, i], "max": [k, j, i]} of positive mm with '
                                                      'min ≤ max, e.g. {"min": [1, 0.7, 0.7], "max": [5, 1, 1]}'),
 }

