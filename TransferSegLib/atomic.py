@@ -31,7 +31,7 @@ from .progress import one_line
 from .volume import TransferSegError
 
 __all__ = ["atomic_output", "atomic_output_folder", "available_memory_bytes", "check_output_folder",
-           "check_path_encoding", "full_suffix", "is_utf8", "remove_stale_temporaries"]
+           "check_path_encoding", "full_suffix", "is_utf8", "remove_stale_temporaries", "resolved"]
 
 
 def full_suffix(path) -> str:
@@ -89,6 +89,21 @@ def remove_stale_temporaries(folder, prefix: str = "") -> list:
     return removed
 
 
+def resolved(path) -> Path:
+    """``path`` with its links followed; a loop of links is refused in one line (Python raises)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError: Python < 3.13's "Symlink loop"
+        raise TransferSegError(f"{one_line(path)}: cannot follow its links ({one_line(e)}); is it a loop of "
+                               "symbolic links? Fix or remove the link") from None
+
+
+def _short(name: str) -> str:
+    """The start of a name, for the temporary names made from it: a legal 250-character name plus
+    ".partial-PID@HOST-TOKEN" would pass the file system's 255-byte limit."""
+    return name[:64]
+
+
 def is_utf8(path) -> bool:
     """Whether ``path``'s name is valid UTF-8 (Python holds the bytes of one that is not as surrogates)."""
     try:
@@ -115,11 +130,12 @@ def atomic_output(path):
     """
     path = Path(path)
     if path.is_dir():
-        raise TransferSegError(f"cannot write {path}: it is an existing folder; give a file name, or move the folder away")
+        raise TransferSegError(f"cannot write {path}: it is an existing folder; give a file name, or move the folder "
+                               "away")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = full_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    tmp = path.with_name(f".{stem}.partial-{_owned_token()}{suffix}")
+    tmp = path.with_name(f".{_short(stem)}.partial-{_owned_token()}{suffix}")
     try:
         yield tmp
         if not tmp.exists():
@@ -145,11 +161,14 @@ def check_output_folder(folder, names=(), input_path=None) -> Path:
     check_path_encoding(folder, "the output folder")
     names = _relative_names(names)
     if input_path is not None:
-        source = Path(input_path).expanduser().resolve()
+        source = resolved(input_path)
         for name in names:
-            if (folder / name).resolve() == source:
+            if resolved(folder / name) == source:
                 raise TransferSegError(
                     f"the output {folder / name} would overwrite the input; choose another output folder")
+    if folder.is_symlink() and not folder.exists():
+        raise TransferSegError(f"the output folder {folder} is a link to {os.readlink(folder)}, which does not exist; "
+                               "create that folder or remove the link")
     if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
         raise TransferSegError(
             f"the output folder {folder} is an existing file; give the name of a folder (it is created if "
@@ -170,14 +189,14 @@ def check_output_folder(folder, names=(), input_path=None) -> Path:
 
 def _check_targets(folder: Path, names) -> None:
     """Nothing in the way of any of ``names`` in the existing ``folder``, and none of them lands outside it."""
-    inside = folder.resolve()
+    inside = resolved(folder)
     for name in names:
         target = folder / name
         blocked = [folder / p for p in name.parents[:-1] if (folder / p).exists() and not (folder / p).is_dir()]
         blocked += [target] if target.is_dir() else []
         if blocked:
             raise TransferSegError(f"cannot write {target}: {blocked[0]} is in the way; move it away")
-        holder = target.parent.resolve()
+        holder = resolved(target.parent)
         if holder != inside and inside not in holder.parents:
             raise TransferSegError(f"cannot write {target}: {target.parent} is a link that leads outside the output "
                                    f"folder (to {holder}); remove the link or choose another output folder")
@@ -269,14 +288,14 @@ def atomic_output_folder(folder, names):
     existed = folder.is_dir()
     created = [p for p in folder.parents if not p.exists()]  # deepest first
     if not created:
-        remove_stale_temporaries(folder.parent, prefix=f".{folder.name}.tmp-")
+        remove_stale_temporaries(folder.parent, prefix=f".{_short(folder.name)}.tmp-")
     token = _owned_token()
     if existed:
         remove_stale_temporaries(folder)
         staging = folder / f"{_STAGING}{token}"
     else:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = folder.parent / f".{folder.name}.tmp-{token}"
+        staging = folder.parent / f".{_short(folder.name)}.tmp-{token}"
     staging.mkdir()
     try:
         yield staging

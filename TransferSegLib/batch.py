@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .atomic import is_utf8
+from .atomic import is_utf8, resolved
 from .progress import Cancelled, CancelToken, ProgressCallback, StageProgress, check_cancel, one_line
 from .volume import TransferSegError
 
@@ -72,12 +72,12 @@ def case_folder(output: Path, case: Case) -> Path:
     elif name.startswith(".transferseg"):
         problem = "it starts with '.transferseg', the name of TransferSeg's own staging folders"
     if problem:
-        raise TransferSegError(f"{one_line(case.path)}: the case name '{shown}' (from the file name) cannot be an output "
-                               f"folder: {problem}; rename the input")
+        raise TransferSegError(f"{one_line(case.path)}: the case name '{shown}' (from the file name) cannot be an "
+                               f"output folder: {problem}; rename the input")
     folder = output / name
-    if folder.resolve().parent != output.resolve():
+    if resolved(folder).parent != resolved(output):
         raise TransferSegError(f"{folder} leads outside the output folder {output} (it is a link to "
-                               f"{folder.resolve()}); remove the link")
+                               f"{resolved(folder)}); remove the link")
     return folder
 
 
@@ -235,7 +235,7 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
     for case in cases:
         if case.name.casefold() == SUMMARY_NAME:
             raise TransferSegError(f"{case.path}: a case named {case.name} would take the summary's place; rename it")
-        if case.path.is_dir() and is_utf8(case.path) and (output / case.name).resolve() == case.path.resolve():
+        if case.path.is_dir() and is_utf8(case.path) and resolved(output / case.name) == resolved(case.path):
             raise TransferSegError(f"the output folder {output / case.name} would be the input series {case.path} "
                                    "itself; choose another output folder")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")

@@ -150,9 +150,9 @@ def _segment_one(args, source, output: Path) -> int:
 
     volume = load_volume(source)
     roi = None
-    if args.roi:
+    if args.roi is not None:
         roi = _parse_box(args.roi, "--roi")  # whole, finite voxel indices: checked by the pipeline
-    elif args.roi_ras:
+    elif args.roi_ras is not None:
         from .inference import roi_from_ras
 
         box = _parse_box(args.roi_ras, "--roi-ras")
@@ -190,7 +190,7 @@ def _segment_batch(args, cases) -> int:
     from .batch import SUMMARY_NAME, run_batch
     from .distributed import processes
 
-    if args.roi or args.roi_ras:
+    if args.roi is not None or args.roi_ras is not None:
         raise TransferSegError("--roi and --roi-ras apply to one volume; run the cases that need a box one by one")
     cancel = _cancel_on_signals()
     with processes(args.device) as procs:
@@ -317,8 +317,9 @@ def _cmd_compose(args) -> int:
         components[component] = model
     try:
         method_config = json.loads(args.method_config) if args.method_config else None
-    except json.JSONDecodeError as e:
-        raise TransferSegError(f"--method-config is not valid JSON ({e.msg}): {args.method_config}") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: lists thousands deep
+        reason = getattr(e, "msg", None) or ("nested too deeply" if isinstance(e, RecursionError) else str(e))
+        raise TransferSegError(f"--method-config is not valid JSON ({reason}): {args.method_config[:80]}") from None
     card_path = compose_models(components, args.output, name=args.name, method=args.method,
                                method_config=method_config, labels_from=args.labels_from, version=args.model_version)
     card = json.loads(card_path.read_text(encoding="utf-8"))
@@ -368,24 +369,41 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a wrong argument is one line on stderr like every other error (not a usage block)."""
+
+    def error(self, message):
+        _say(f"transferseg: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _named(text: str) -> str:
+    """A path argument: an empty one would silently mean the working folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names nothing; give a file or folder name")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="transferseg",
         description="2D-to-3D transfer segmentation (AH-Net, ACS, H-DenseUNet, VFN) for CT and DBT volumes.",
     )
     parser.add_argument("--version", action="version", version=f"transferseg {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
 
     p = sub.add_parser("info", help="print a volume's shape, spacing, orientation, intensity range and size")
-    p.add_argument("input", help="NIfTI / NRRD / MetaImage file or DICOM series folder")
+    p.add_argument("input", type=_named, help="NIfTI / NRRD / MetaImage file or DICOM series folder")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_info)
 
     def add_run_arguments(p, default_model):
-        p.add_argument("input", nargs="+", help="NIfTI / NRRD / MetaImage file or DICOM series folder; or a folder "
+        p.add_argument("input", nargs="+", type=_named,
+                       help="NIfTI / NRRD / MetaImage file or DICOM series folder; or a folder "
                        "of them, or several: each case goes to OUTPUT/<case name>, with OUTPUT/summary.csv")
-        p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
-        p.add_argument("--model", default=default_model, help=f"model name or path (default {default_model})")
+        p.add_argument("-o", "--output", required=True, type=_named, help="output folder (created if missing)")
+        p.add_argument("--model", default=default_model, type=_named,
+                       help=f"model name or path (default {default_model})")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
         p.add_argument("--roi", help="voxel box k0,j0,i0,k1,j1,i1 (array order, half-open)")
         p.add_argument("--roi-ras", help="RAS box x0,y0,z0,x1,y1,z1 in mm")
@@ -402,16 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_DETECTION_MODEL)
 
     p = sub.add_parser("train", help="train a model from a JSON config (resumes from the last checkpoint)")
-    p.add_argument("config", help="training config (JSON); see Resources/configs/")
-    p.add_argument("-o", "--output", default=None, help="run folder (default: runs/<name>)")
+    p.add_argument("config", type=_named, help="training config (JSON); see Resources/configs/")
+    p.add_argument("-o", "--output", default=None, type=_named, help="run folder (default: runs/<name>)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for a quick try)")
     p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a labelled data folder (MSD, LiTS or phantoms)")
-    p.add_argument("--model", required=True, help="model name or path")
-    p.add_argument("--data", required=True, help="data folder: MSD (dataset.json), LiTS or phantom layout")
-    p.add_argument("-o", "--output", default=None, help="CSV file for the metrics table")
+    p.add_argument("--model", required=True, type=_named, help="model name or path")
+    p.add_argument("--data", required=True, type=_named,
+                   help="data folder: MSD (dataset.json), LiTS or phantom layout")
+    p.add_argument("-o", "--output", default=None, type=_named, help="CSV file for the metrics table")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
     p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
@@ -422,8 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchvision:NAME, transferseg:NAME, or a 2D .safetensors checkpoint")
     p.add_argument("--to", default="acs", choices=["acs", "mean_acs", "soft_acs", "2.5d", "3d"],
                    help="conversion (default acs)")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors (a .json sidecar is written beside it)")
-    p.add_argument("--weights", default=None, help="local 2D weights (.safetensors) for a torchvision: source")
+    p.add_argument("-o", "--output", required=True, type=_named,
+                   help="output .safetensors (a .json sidecar is written beside it)")
+    p.add_argument("--weights", default=None, type=_named,
+                   help="local 2D weights (.safetensors) for a torchvision: source")
     p.add_argument("--architecture", default=None, help="architecture of a .safetensors source without a card")
     p.add_argument("--config", default=None, help="JSON config of a transferseg: architecture")
     p.add_argument("--num-classes", type=int, default=None, help="classifier / output size")
@@ -431,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compose", help="assemble separately trained models into one composed model "
                                        "(method + components, one weights file)")
-    p.add_argument("-o", "--output", required=True, help="output folder: NAME.safetensors + NAME.json")
+    p.add_argument("-o", "--output", required=True, type=_named, help="output folder: NAME.safetensors + NAME.json")
     p.add_argument("--name", required=True, help="the composed model's name")
     p.add_argument("--method", required=True, help="how the components run together: single | multiview | cascade")
     p.add_argument("--component", action="append", required=True, metavar="NAME=MODEL",
@@ -450,14 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantom", help="write seed-deterministic synthetic volumes and a PNG gallery")
     p.add_argument("kind", choices=["ct", "dbt", "shapes"], help="CT abdomen, DBT breast, or ACS shapes")
-    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    p.add_argument("-o", "--output", required=True, type=_named, help="output folder (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--count", type=int, default=1, help="number of cases (default 1)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("demo", help="the main job on phantoms: a clinical-grid CT through the default and the "
                        "multi-view model, DBT lesion detection and its FROC, scored against the phantoms' truth")
-    p.add_argument("-o", "--output", default="demo-output", help="output folder (default demo-output)")
+    p.add_argument("-o", "--output", default="demo-output", type=_named,
+                   help="output folder (default demo-output)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.set_defaults(func=_cmd_demo)

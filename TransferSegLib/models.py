@@ -50,10 +50,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import resolved
 from .cards import COMPONENT_NAME, VIEWS, check_card, is_composed
+from .progress import one_line
 from .volume import TransferSegError
 from .weights import read_header, read_state_dict, refuse_pickle_suffix, save_state_dict
 
@@ -166,16 +169,20 @@ def component_specs(card: dict) -> dict:
 
 def _read_card(card_path: Path) -> dict:
     try:
-        size = card_path.stat().st_size
+        info = card_path.stat()
+        size = info.st_size
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would hang the read, /dev/zero would fill the memory
+            raise TransferSegError(f"{card_path}: the model card is not a regular file (a pipe, a device or a "
+                                   "folder); give the model's NAME.json")
         if size > _MAX_CARD_BYTES:
             raise TransferSegError(f"{card_path}: the model card is {size / 2**20:.0f} MiB; a card is a few KB of "
                                    "JSON (give the model's NAME.json, or install the model again)")
-        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card = json.loads(card_path.read_text(encoding="utf-8-sig"))  # a byte-order mark is no reason to refuse
     except FileNotFoundError:
         raise TransferSegError(f"{card_path}: the model card is missing; a model is NAME.safetensors with its "
                                "card NAME.json beside it (give the card, or install the model again)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TransferSegError(f"{card_path}: the model card is not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, an integer of 5,000 digits
+        raise TransferSegError(f"{card_path}: the model card is not valid JSON ({one_line(e)})") from None
     except RecursionError:  # lists in lists, thousands deep: no card looks like that
         raise TransferSegError(f"{card_path}: the model card is nested too deeply to be a model card; give the "
                                "model's NAME.json, or install the model again") from None
@@ -266,6 +273,10 @@ def load_model(name_or_path, device="cpu") -> LoadedModel:
     weights_path = card_path.parent / file_name
     if not weights_path.exists():
         raise TransferSegError(f"{card_path}: the weights file {weights_path.name} is missing beside the card")
+    if resolved(weights_path).parent != resolved(card_path).parent:  # a link beside the card leading elsewhere
+        raise TransferSegError(f"{card_path}: the weights file {weights_path.name} is a link to "
+                               f"{resolved(weights_path)}, outside the card's folder; put the weights file itself "
+                               "beside the card")
     header = read_header(weights_path)  # refuses pickles and truncated files before hashing
     expected = card["weights"].get("sha256")
     if not isinstance(expected, str) or not expected:
@@ -360,6 +371,12 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
             raise TransferSegError(f"component name {component!r} may hold only letters, digits, '_' and '-'")
     if not isinstance(method, str) or not method:
         raise TransferSegError("compose needs a method name, e.g. multiview")
+    from .methods import METHODS, get_method  # the registry; methods import this module, so not at the top
+
+    try:
+        get_method(method)
+    except TransferSegError:
+        raise TransferSegError(f"method {method!r} is not one of the methods: {', '.join(sorted(METHODS))}") from None
     if method_config is not None and not isinstance(method_config, dict):
         raise TransferSegError(f"the method config must be a JSON object, not "
                                f"{json.dumps(method_config, default=str)}")
@@ -380,6 +397,12 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
                                        f"not {component}")
             spec["view"] = component
         sources[component], specs[component] = loaded, spec
+    written = [Path(folder) / f"{name}.json", Path(folder) / f"{name}.safetensors"]
+    for loaded in sources.values():
+        weights = loaded.card["weights"].get("file", f"{loaded.path.stem}.safetensors")
+        if any(_same_file(a, b) for a in written for b in (loaded.path, loaded.path.with_name(weights))):
+            raise TransferSegError(f"composing {name} into {folder} would overwrite its component {loaded.path}; "
+                                   "choose another output folder or name")
     tasks = {component: loaded.card["task"] for component, loaded in sources.items()}
     if len(set(tasks.values())) > 1:
         raise TransferSegError("the components disagree on the task (" + ", ".join(
@@ -392,7 +415,7 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
     card["components"] = specs
     # the pipeline resamples once, to the model's grid: that of the labels' source (a method may
     # resample further for a component whose spec names its own working spacing)
-    for key in ("evaluation", "postprocessing", "peaks", "working_spacing_mm", "working_orientation",
+    for key in ("evaluation", "postprocessing", "peaks", "expects", "working_spacing_mm", "working_orientation",
                 "trained_spacing_mm", "expected_spacing_mm"):
         if first.get(key) is not None:
             card[key] = copy.deepcopy(first[key])
@@ -402,6 +425,10 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
         for component, loaded in sources.items()}}
     return save_model({component: loaded.network for component, loaded in sources.items()}, card, folder,
                       storage_dtype=storage_dtype)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and os.path.samefile(a, b) or resolved(a) == resolved(b)
 
 
 def list_models() -> list[dict]:

@@ -24,6 +24,7 @@ from matplotlib.colors import ListedColormap, hsv_to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.text import Text
 
 from .atomic import atomic_output
 from .phantoms import CT_LABEL_NAMES
@@ -257,6 +258,8 @@ def _draw_case(axes_row, volume: Volume, labels=None, heatmap=None, boxes=None, 
 
 def _save(fig: Figure, path) -> Path:
     FigureCanvasAgg(fig)
+    for text in fig.findobj(Text):  # a "$" in a card's name or a file name is a dollar, not TeX to parse
+        text.set_parse_math(False)
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
     return Path(path)

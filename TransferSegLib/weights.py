@@ -146,7 +146,8 @@ def read_header(path) -> dict:
     path = Path(path).expanduser()
     refuse_pickle_suffix(path)
     if not path.is_file():
-        raise TransferSegError(f"{path}: no such weights file")
+        what = "is not a regular file (a pipe, a device or a folder)" if path.exists() else "no such weights file"
+        raise TransferSegError(f"{path}: {what}")
     header = _read_raw_header(path)  # every entry checked
     return {key: (entry["dtype"], tuple(entry["shape"])) for key, entry in header.items() if key != "__metadata__"}
 
