@@ -25,10 +25,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import DIRECTIONS_LPS, write_image
+from conftest import DIRECTIONS_LPS, write_dicom_series, write_image
 from test_hostile_inputs import SMALL, Case, _nrrd_header, _signal_handlers_restored, ct_source  # noqa: F401 (fixtures)
 
 from TransferSegLib.cli import main
@@ -37,6 +38,7 @@ from TransferSegLib.volume import TransferSegError, Volume
 
 NOT_UTF8 = b"\xff\xfe"  # bytes that no UTF-8 name holds
 CAN_NAME_NOT_UTF8 = sys.platform.startswith("linux")  # macOS and Windows refuse such names themselves
+REAL_DICOM = Path.home() / ".cache/transferseg/real-ct/totalsegmentator/example_ct_dicom"
 
 
 def _state(*roots) -> dict:
@@ -169,6 +171,65 @@ def _along_z(zs) -> list:
     return [(0.0, 0.0, float(z)) for z in zs]
 
 
+def _nifti_pair_as_nii(c: Case, name: str) -> Path:
+    """The 348-byte header of a NIfTI-1 .hdr/.img pair (magic 'ni1') under a single-file name, the .img beside it."""
+    nib.save(nib.Nifti1Pair(SMALL.transpose(2, 1, 0), np.diag([0.8, 0.8, 3.0, 1.0])), c.path("pair.hdr"))
+    header = c.path("pair.hdr").read_bytes()
+    c.path(Path(name.removesuffix(".gz")).with_suffix(".img").name).write_bytes(c.path("pair.img").read_bytes())
+    c.path(name).write_bytes(gzip.compress(header) if name.endswith(".gz") else header)
+    return c.path(name)
+
+
+def _mhd_header_size(c: Case, header_size, data: bytes = b"J" * 28 + SMALL.tobytes()) -> Path:
+    """A detached MetaImage of SMALL whose HeaderSize is ``header_size`` and whose data file holds ``data``."""
+    c.path("scan.raw").write_bytes(data)
+    path = _mhd(c, "scan.raw")
+    text = path.read_text(encoding="latin-1")
+    if header_size is not None:
+        text = text.replace("ElementDataFile", f"HeaderSize = {header_size}\nElementDataFile")
+    path.write_text(text, encoding="latin-1")
+    return path
+
+
+def _mha_field(c: Case, name: str, old: bytes, new: bytes) -> Path:
+    """An inline MetaImage of SMALL (spacing 1, origin 0, identity matrix) with header text ``old`` replaced."""
+    path = write_image(SMALL, c.path(name), spacing_ijk=(1, 1, 1), origin_lps=(0, 0, 0), compress=False)
+    raw = path.read_bytes()
+    assert raw.count(old) == 1
+    path.write_bytes(raw.replace(old, new))
+    return path
+
+
+def _mha_header_size(c: Case, name: str, header_size: str) -> Path:
+    return _mha_field(c, name, b"ElementDataFile = LOCAL", f"HeaderSize = {header_size}\nElementDataFile = LOCAL".encode())
+
+
+def _dicom_tag(folder: Path, tag: str, value: str | None = None, slices=None) -> Path:
+    """Each slice file (or those numbered in ``slices``) of a series written by write_dicom_series (implicit VR
+    little endian) with ``tag``'s value replaced by ``value``, or, for None, the tag renumbered to a retired one
+    that no reader takes for it (0020|0030 for 0020|0032, ...): the tag is gone."""
+    group, element = (int(x, 16) for x in tag.split("|"))
+    key = struct.pack("<HH", group, element)
+    for k, file in enumerate(sorted(folder.iterdir())):
+        if slices is not None and k not in slices:
+            continue
+        raw = bytearray(file.read_bytes())
+        at = raw.index(key)
+        length = struct.unpack_from("<I", raw, at + 4)[0]
+        if value is None:
+            struct.pack_into("<HH", raw, at, group, element - 2)
+        else:
+            text = value.encode() + b" " * (len(value) % 2)
+            raw[at + 4:at + 8 + length] = struct.pack("<I", len(text)) + text
+        file.write_bytes(bytes(raw))
+    return folder
+
+
+def _series(c: Case) -> Path:
+    return write_dicom_series((SMALL * 100).astype(np.int16), c.path("series"), spacing_ijk=(0.8, 0.8, 3.0),
+                              origin_lps=(5.0, 6.0, 7.0))
+
+
 # --- (3) names that are not UTF-8 ---------------------------------------------------------------
 def _not_utf8(c: Case, name: bytes, folder: bytes | None = None) -> Path:
     """A copy of the good CT under a name (and optionally in a folder) whose bytes are not UTF-8."""
@@ -181,6 +242,15 @@ def _dicom_with_a_not_utf8_file(c: Case) -> Path:
     folder = _dicom_series(c.path("series"), _along_z(3.0 * k for k in range(12)))
     (folder / "IM0005.dcm").rename(folder / os.fsdecode(NOT_UTF8 + b"IM0005.dcm"))
     return folder
+
+
+def _nrrd_spacings(c: Case, spacings: str) -> Path:
+    """An attached NRRD of SMALL with per-axis ``spacings`` and no space directions."""
+    path = write_image(SMALL, c.path("spacings.nrrd"), spacing_ijk=(1, 1, 1), origin_lps=(0, 0, 0), compress=False)
+    head, data = path.read_bytes().split(b"\n\n", 1)
+    lines = [ln for ln in head.split(b"\n") if not ln.startswith((b"space", b"space directions", b"space origin"))]
+    path.write_bytes(b"\n".join(lines) + f"\nspacings: {spacings}\n\n".encode() + data)
+    return path
 
 
 def info(source) -> list:
@@ -316,6 +386,85 @@ CASES = {
     "float64 voxels at -1e300 (NIfTI)": (
         lambda c: info(write_image(np.where(SMALL < -1.5, -1e300, SMALL.astype(np.float64)), c.path("big.nii.gz"))),
         rf"{int((SMALL < -1.5).sum())} voxel\(s\) are beyond ±3\.4e38"),
+    # (6) headers whose geometry or voxels ITK silently replaces
+    "NIfTI pair header as .nii": (lambda c: info(_nifti_pair_as_nii(c, "scan.nii")),
+                                  r"header of a two-file NIfTI pair \(magic 'ni1'\), whose voxels are in a separate"),
+    "NIfTI pair header as .nii.gz": (lambda c: c.segment(_nifti_pair_as_nii(c, "scan.nii.gz")),
+                                     r"scan\.nii\.gz: the file is the header of a two-file NIfTI pair"),
+    "NIfTI magic neither n+1 nor ni1": (lambda c: info(_nifti(c, "nomagic.nii", o344=("4s", (b"abc\0",)))),
+                                        r"not a single-file NIfTI \(its magic is b'abc\\x00'"),
+    "NIfTI-2 file": (lambda c: info((nib.save(nib.Nifti2Image(SMALL.transpose(2, 1, 0), np.eye(4)), c.path("n2.nii")),
+                                     c.path("n2.nii"))[1]),
+                     r"NIfTI-2 files are not supported by the reader; save it as NIfTI-1"),
+    "NIfTI-2 file (.gz, segment)": (
+        lambda c: c.segment((nib.save(nib.Nifti2Image(SMALL.transpose(2, 1, 0), np.eye(4)), c.path("n2.nii.gz")),
+                             c.path("n2.nii.gz"))[1]), r"NIfTI-2 files are not supported"),
+    "NIfTI-2 pair header as .nii": (
+        lambda c: info((nib.save(nib.Nifti2Pair(SMALL.transpose(2, 1, 0), np.eye(4)), c.path("p2.hdr")),
+                        shutil.copy(c.path("p2.hdr"), c.path("p2.nii")))[1]), r"NIfTI-2 files are not supported"),
+    "MetaImage HeaderSize beyond the data file": (lambda c: info(_mhd_header_size(c, 10**12)),
+                                                  r"HeaderSize \(1,000,000,000,000 bytes\) leaves no room for the voxels: "
+                                                  r"its data file, scan\.raw, holds 2,908 bytes and the voxels need 2,880"),
+    "MetaImage HeaderSize negative": (lambda c: c.segment(_mhd_header_size(c, -5)),
+                                      r"HeaderSize \(-5\) is negative \(only -1"),
+    "MetaImage HeaderSize 2^63": (lambda c: info(_mhd_header_size(c, 2**63)), r"HeaderSize \(9,223,372,036,854,775,808"),
+    "MetaImage HeaderSize not whole": (lambda c: info(_mhd_header_size(c, "28.5")), r"HeaderSize \(28\.5\) is not a whole"),
+    "MetaImage data file too short": (lambda c: c.segment(_mhd_header_size(c, None, SMALL.tobytes()[:-4]), command="detect"),
+                                      r"truncated: its data file, scan\.raw, holds 2,876 bytes but the voxels need 2,880"),
+    "MetaImage HeaderSize -1, data file too short": (lambda c: info(_mhd_header_size(c, -1, SMALL.tobytes()[:100])),
+                                                     r"truncated: its data file, scan\.raw, holds 100 bytes"),
+    "MetaImage .mha HeaderSize into its header": (lambda c: info(_mha_header_size(c, "into.mha", "10")),
+                                                  r"HeaderSize \(10\) points into the header, which ends at byte"),
+    "MetaImage .mha truncated": (lambda c: c.segment(_mha_field(c, "short.mha", b"DimSize = 10 9 8", b"DimSize = 10 9 9")),
+                                 r"short\.mha: the file is truncated: the file holds [\d,]+ bytes but the voxels need "
+                                 r"3,240 bytes after its"),
+    "MetaImage .mha HeaderSize past the end": (lambda c: info(_mha_header_size(c, "far.mha", "100000")),
+                                               r"HeaderSize \(100,000 bytes\) leaves no room"),
+    "NRRD origin 1e300": (lambda c: info(_nrrd_header(c, "far.nrrd", {"space origin: (0,0,0)": "space origin: (1e300,0,0)"})),
+                          r"space origin \(\(1e300,0,0\)\) holds 1e\+300 mm, beyond ±1e\+30 mm"),
+    "NRRD spacing 1e300 (ITK: 1 mm)": (
+        lambda c: c.segment(_nrrd_header(c, "wide.nrrd", {"(1,0,0)": "(1e300,0,0)"})),
+        r"space directions \(\(1e300,0,0\) .*\) holds 1e\+300 mm, beyond"),
+    "NRRD spacings NaN (ITK: 1 mm)": (lambda c: info(_nrrd_spacings(c, "nan 1 1")), r"spacings \(nan 1 1\) holds nan"),
+    "MetaImage origin 1.7e308": (lambda c: c.segment(_mha_field(c, "far.mha", b"Offset = 0 0 0", b"Offset = 1.7e308 0 0"),
+                                                     command="detect"), r"Offset \(1\.7e308 0 0\) holds 1\.7e\+308 mm"),
+    "MetaImage spacing 1e300": (lambda c: info(_mha_field(c, "wide.mha", b"ElementSpacing = 1 1 1",
+                                                          b"ElementSpacing = 1 1e300 1")),
+                                r"ElementSpacing \(1 1e300 1\) holds 1e\+300 mm"),
+    "MetaImage Offset NaN": (lambda c: info(_mha_field(c, "nan.mha", b"Offset = 0 0 0", b"Offset = nan 0 0")),
+                             r"Offset \(nan 0 0\) holds nan, not a finite number; ITK would read 0 for the whole field"),
+    "MetaImage Origin inf": (lambda c: c.segment(_mha_field(c, "inf.mha", b"Offset = 0 0 0", b"Origin = 0 inf 0")),
+                             r"Origin \(0 inf 0\) holds inf"),
+    "MetaImage Offset 1e400": (lambda c: info(_mha_field(c, "big.mha", b"Offset = 0 0 0", b"Offset = 0 0 1e400")),
+                               r"Offset \(0 0 1e400\) holds 1e400, not a finite number"),
+    "MetaImage ElementSpacing NaN": (lambda c: info(_mha_field(c, "nansp.mha", b"ElementSpacing = 1 1 1",
+                                                               b"ElementSpacing = nan 1 1")),
+                                     r"ElementSpacing \(nan 1 1\) holds nan, a voxel spacing that is zero, negative or "
+                                     r"not a number"),
+    "MetaImage ElementSpacing -inf": (lambda c: c.segment(_mha_field(c, "infsp.mha", b"ElementSpacing = 1 1 1",
+                                                                     b"ElementSpacing = 1 1 -inf"), command="detect"),
+                                      r"ElementSpacing \(1 1 -inf\) holds -inf"),
+    "MetaImage TransformMatrix NaN": (lambda c: info(_mha_with_matrix(c, "nanm.mha", "1 0 0 0 nan 0 0 0 1")),
+                                      r"TransformMatrix \(1 0 0 0 nan 0 0 0 1\) holds nan"),
+    "DICOM series PixelSpacing 0\\0": (lambda c: info(_dicom_tag(_series(c), "0028|0030", "0\\0")),
+                                       r"PixelSpacing \(0028\|0030\) of IM0000\.dcm reads '0\\0', not two positive"),
+    "DICOM series PixelSpacing negative": (lambda c: c.segment(_dicom_tag(_series(c), "0028|0030", "-0.8\\0.8")),
+                                           r"PixelSpacing \(0028\|0030\) .* reads '-0\.8\\0\.8'"),
+    "DICOM series PixelSpacing one number": (lambda c: info(_dicom_tag(_series(c), "0028|0030", "0.8")),
+                                             r"PixelSpacing \(0028\|0030\) of IM0000\.dcm reads '0\.8', not 2 finite"),
+    "DICOM series without PixelSpacing": (lambda c: info(_dicom_tag(_series(c), "0028|0030")),
+                                          r"PixelSpacing \(0028\|0030\) of IM0000\.dcm is missing"),
+    "DICOM series without ImagePositionPatient": (
+        lambda c: c.segment(_dicom_tag(_series(c), "0020|0032"), command="detect"),
+        r"ImagePositionPatient \(0020\|0032\) of IM0000\.dcm is missing"),
+    "DICOM series, one slice without ImagePositionPatient": (
+        lambda c: info(_dicom_tag(_series(c), "0020|0032", slices=[3])),
+        r"ImagePositionPatient \(0020\|0032\) of IM0003\.dcm is missing"),
+    "DICOM series without ImageOrientationPatient": (lambda c: info(_dicom_tag(_series(c), "0020|0037")),
+                                                     r"ImageOrientationPatient \(0020\|0037\) of IM0000\.dcm is missing"),
+    "DICOM series ImageOrientationPatient zero": (
+        lambda c: c.segment(_dicom_tag(_series(c), "0020|0037", "0\\0\\0\\0\\0\\0")),
+        r"ImageOrientationPatient \(0020\|0037\) .* its row and column directions are zero or parallel"),
     "float64 voxels at 1e39 (MetaImage)": (
         lambda c: c.segment(write_image(np.where(SMALL > 2.0, 1e39, SMALL.astype(np.float64)), c.path("big.mha")),
                             command="detect"), r"voxel\(s\) are beyond ±3\.4e38"),
@@ -378,7 +527,10 @@ def test_a_hostile_volume_gets_one_clear_line_and_exit_2(name, tmp_path, tiny_mo
 def test_each_kind_has_at_least_three_cases():
     kinds = {"detached": ("data file", "ElementDataFile"), "names": ("UTF-8",), "range": ("float64",),
              "geometry": ("sform", "pixdim", "DICOM series", "sheared", "TransformMatrix"),
-             "offsets": ("vox_offset", "negative dim", "declared")}
+             "offsets": ("vox_offset", "negative dim", "declared"), "pair": ("pair header", "magic"),
+             "nifti2": ("NIfTI-2",), "header size": ("HeaderSize", "too short", "truncated"),
+             "far geometry": ("1e300", "1.7e308"), "non-finite header": ("NaN", "inf", "1e400"),
+             "DICOM geometry tags": ("PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")}
     for kind, words in kinds.items():
         assert sum(any(w in name for w in words) for name in CASES) >= 3, kind
 
@@ -478,3 +630,57 @@ def test_slicer_ijk_to_ras_with_float_rounding_passes_and_a_shear_is_named():
         Volume.from_ijk_to_ras(np.zeros((2, 3, 4)), sheared)
     with pytest.raises(TransferSegError, match=r"not orthonormal: its j axis has length 1\.5, not 1 \(a scale\)"):
         Volume(np.zeros((2, 3, 4)), directions=np.diag([1.0, 1.5, 1.0]))
+
+
+def test_metaimage_header_sizes_that_are_right_still_load(tmp_path):
+    """HeaderSize skips bytes of a detached data file, -1 takes its last bytes, and in an .mha it is the byte
+    offset of the voxels from the start of the file (measured with ITK 5.4): each reads SMALL exactly."""
+    c = Case(tmp_path, None, None, None)
+    for header_size, data in ((28, b"J" * 28 + SMALL.tobytes()), (-1, b"J" * 28 + SMALL.tobytes()),
+                              (0, SMALL.tobytes() + b"tail"), (None, SMALL.tobytes())):
+        np.testing.assert_array_equal(load_volume(_mhd_header_size(c, header_size, data)).array, SMALL)
+    inline = write_image(SMALL, tmp_path / "inline.mha", compress=False).read_bytes()
+    end = inline.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+    line = b"HeaderSize = %d\n"
+    offset = end + len(line % 999) + 4  # the voxels after the header and 4 junk bytes
+    (tmp_path / "skip.mha").write_bytes(inline[:end - 24] + line % offset + inline[end - 24:end] + b"JJJJ" + inline[end:])
+    np.testing.assert_array_equal(load_volume(tmp_path / "skip.mha").array, SMALL)
+
+
+def test_nrrd_spacings_and_far_but_finite_geometry_load(tmp_path):
+    """Per-axis spacings load as given; a NaN spacing on a non-spatial axis (teem's "unknown") is no problem;
+    an origin of 1e29 mm is within what a file stores."""
+    c = Case(tmp_path, None, None, None)
+    assert load_volume(_nrrd_spacings(c, "0.7 0.8 3.3")).spacing == pytest.approx((3.3, 0.8, 0.7))
+    four = write_image(SMALL[None], tmp_path / "four.nrrd", compress=False)  # (1, 8, 9, 10): a 4D of one volume
+    head, data = four.read_bytes().split(b"\n\n", 1)
+    lines = [ln for ln in head.split(b"\n") if not ln.startswith((b"space", b"kinds"))]
+    (tmp_path / "four.nrrd").write_bytes(b"\n".join(lines) + b"\nspacings: 1 1 2 nan\nkinds: domain domain domain list\n\n"
+                                         + data)
+    volume = load_volume(tmp_path / "four.nrrd")
+    assert volume.shape == (8, 9, 10) and volume.spacing == pytest.approx((2.0, 1.0, 1.0))
+    far = load_volume(write_image(SMALL, tmp_path / "far.nrrd", origin_lps=(1e29, 0, 0)))
+    assert far.origin[0] == pytest.approx(-1e29)
+    with pytest.raises(TransferSegError, match=r"origin \(2e\+30, 0\.0, 0\.0\) mm is beyond ±1e\+30 mm"):
+        Volume(np.zeros((2, 3, 4)), origin=(2e30, 0, 0))  # the same check for an array given to Volume directly
+    with pytest.raises(TransferSegError, match=r"spacing \(1e\+31, 1\.0, 1\.0\) mm \(k, j, i\) is beyond 1e\+30"):
+        Volume(np.zeros((2, 3, 4)), spacing=(1e31, 1, 1))
+
+
+def test_a_dicom_series_with_its_geometry_tags_loads(tmp_path):
+    """The series write_dicom_series writes (as a scanner does) loads with its pixel spacing, slice spacing and
+    origin; so does the real 20-slice CT series where the cache holds it."""
+    folder = write_dicom_series((SMALL * 100).astype(np.int16), tmp_path / "series", spacing_ijk=(0.7, 0.9, 2.5),
+                                origin_lps=(5.0, 6.0, 7.0))
+    volume = load_volume(folder)
+    assert volume.shape == (8, 9, 10)
+    assert volume.spacing == pytest.approx((2.5, 0.9, 0.7))
+    np.testing.assert_allclose(volume.origin, [-5.0, -6.0, 7.0])
+    np.testing.assert_array_equal(volume.array, (SMALL * 100).astype(np.int16))
+
+
+@pytest.mark.skipif(not REAL_DICOM.is_dir(), reason="the real CT cache is absent (e.g. in CI)")
+def test_the_real_dicom_series_still_loads():
+    volume = load_volume(REAL_DICOM)
+    assert volume.shape == (20, 512, 512)
+    assert volume.spacing == pytest.approx((2.0, 0.9765625, 0.9765625), rel=1e-6)

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 
 from .atomic import (atomic_output, atomic_output_folder, available_memory_bytes, check_output_folder,
                      check_path_encoding, full_suffix, remove_stale_temporaries)
-from .volume import (TransferSegError, Volume, _as_float32, _check_geometry, _describe_shape,
+from .volume import (GEOMETRY_LIMIT_MM, TransferSegError, Volume, _as_float32, _check_geometry, _describe_shape,
                      _direction_problem, label_counts)
 
 __all__ = [
@@ -122,30 +122,59 @@ def _dicom_series_files(folder: Path) -> list[str]:
     return list(files)
 
 
+# tag → (keyword, how many numbers): the geometry each slice of a series must state.  Without one, GDCM (ITK 5.4,
+# measured) puts a guess in its place: PixelSpacing missing, 0\\0 or NaN → 1 mm, a negative one flips its axis;
+# ImagePositionPatient missing → 1 mm slices from origin 0; ImageOrientationPatient missing or zero → axial.
+_DICOM_GEOMETRY = {"0020|0032": ("ImagePositionPatient", 3), "0020|0037": ("ImageOrientationPatient", 6),
+                   "0028|0030": ("PixelSpacing", 2)}
+
+
+def _dicom_numbers(name: str, file: str, reader, tag: str) -> np.ndarray:
+    """The numbers of geometry ``tag`` in one slice file (read by ``reader``); a missing tag or one that does not
+    hold its count of finite numbers is refused."""
+    keyword, count = _DICOM_GEOMETRY[tag]
+    text = reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+    try:
+        values = np.array([float(v) for v in text.split("\\")])
+    except ValueError:
+        values = np.array([])
+    if values.size != count or not np.all(np.isfinite(values)):
+        what = f"reads '{text}', not {count} finite numbers" if text else "is missing"
+        raise TransferSegError(f"{name}: the {keyword} ({tag}) of {_shown(Path(file).name)} {what}, so ITK would guess "
+                               "the geometry; export the series again with its geometry tags")
+    return values
+
+
 def _check_slice_positions(name: str, files: list) -> None:
     """ITK stacks a series' slices at their average spacing (its warning goes unseen), so a missing slice, a
     change of slice spacing, a slice given twice or slices offset sideways (a tilted gantry) would misplace
-    the slices without a word.  Checked from each file's ImagePositionPatient and ImageOrientationPatient;
-    a series without them is left to ITK."""
+    the slices without a word.  Checked from each file's ImagePositionPatient, ImageOrientationPatient and
+    PixelSpacing, which every slice must state (see _DICOM_GEOMETRY); a multi-frame file is left to ITK."""
     positions, normals = [], []
     reader = sitk.ImageFileReader()
     for file in files:
         reader.SetFileName(file)
         try:
             reader.ReadImageInformation()
-            position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
-            cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
-        except (RuntimeError, ValueError):
-            return
-        if len(position) != 3 or len(cosines) != 6 or not np.all(np.isfinite(position + cosines)):
-            return
+        except RuntimeError as e:
+            raise TransferSegError(f"{name}: {_shown(Path(file).name)} cannot be read ({_itk_reason(e)})") from None
+        if len(reader.GetSize()) > 2 and reader.GetSize()[2] > 1:
+            return  # its geometry is stated per frame, which GDCM reads itself
+        position, cosines, pixel = (_dicom_numbers(name, file, reader, tag) for tag in _DICOM_GEOMETRY)
+        if np.any(pixel <= 0):
+            raise TransferSegError(f"{name}: the PixelSpacing (0028|0030) of {_shown(Path(file).name)} reads "
+                                   f"'{reader.GetMetaData('0028|0030').strip()}', not two positive numbers of mm (ITK "
+                                   "would take 1 mm for a 0 and flip the axis of a negative one); export the series "
+                                   "again")
+        normal = np.cross(cosines[:3], cosines[3:])
+        if np.linalg.norm(normal) < 1e-6:
+            raise TransferSegError(f"{name}: the ImageOrientationPatient (0020|0037) of {_shown(Path(file).name)} "
+                                   f"reads '{reader.GetMetaData('0020|0037').strip()}': its row and column directions "
+                                   "are zero or parallel, so ITK would guess the orientation; export the series again")
         positions.append(position)
-        normals.append(np.cross(cosines[:3], cosines[3:]))
+        normals.append(normal)
     normals = np.array(normals)
-    lengths = np.linalg.norm(normals, axis=1)
-    if np.any(lengths < 1e-6):
-        return  # degenerate orientation: the direction check after reading says so
-    normals /= lengths[:, None]
+    normals /= np.linalg.norm(normals, axis=1)[:, None]
     count, normal = len(files), normals[0]
     turned = np.flatnonzero(np.linalg.norm(normals - normal, axis=1) > 1e-3)
     if turned.size:
@@ -205,7 +234,8 @@ def _uneven_slices(along: np.ndarray, steps: np.ndarray, step: float, tolerance:
 
 
 def _check_header(name: str, dim: int, ncomp: int, size: tuple, pixel_bytes: int,
-                  spacing_ijk: tuple = (1.0, 1.0, 1.0), direction_lps: tuple = tuple(np.eye(3).ravel())) -> None:
+                  spacing_ijk: tuple = (1.0, 1.0, 1.0), direction_lps: tuple = tuple(np.eye(3).ravel()),
+                  origin_lps: tuple = (0.0, 0.0, 0.0)) -> None:
     """Everything that can be checked from the header alone, before any voxel is allocated."""
     if ncomp > 1:
         raise TransferSegError(
@@ -229,7 +259,7 @@ def _check_header(name: str, dim: int, ncomp: int, size: tuple, pixel_bytes: int
     direction = np.array(direction_lps, dtype=np.float64).reshape(n, n)[:3, :3]
     try:
         _check_geometry(np.array(spacing_ijk[:3], dtype=np.float64)[::-1], _LPS[:, None] * direction,
-                        np.zeros(3))
+                        _LPS * np.array(origin_lps[:3], dtype=np.float64))
     except TransferSegError as e:
         raise TransferSegError(f"{name}: {e}") from None
     voxels = int(np.prod(size[:3], dtype=np.int64))
@@ -278,7 +308,10 @@ def _read_image(path: Path) -> sitk.Image:
         )
     if path.stat().st_size == 0:
         raise TransferSegError(f"{name}: the file is empty (0 bytes)")
-    _check_detached_data_file(path, suffix)
+    header_lines = _text_header(path, suffix)
+    if header_lines is not None:
+        _check_detached_data_file(path, suffix, header_lines)
+        _check_header_numbers(path, suffix, header_lines)
     nifti = _nifti_header(path, suffix) if suffix in (".nii", ".nii.gz") else None
     if nifti:
         _check_nifti_header(name, nifti)
@@ -294,7 +327,10 @@ def _read_image(path: Path) -> sitk.Image:
             f"{_itk_reason(e)})"
         ) from None
     _check_header(name, reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(),
-                  _pixel_bytes(reader.GetPixelID()), reader.GetSpacing(), reader.GetDirection())
+                  _pixel_bytes(reader.GetPixelID()), reader.GetSpacing(), reader.GetDirection(), reader.GetOrigin())
+    if header_lines is not None and suffix in (".mha", ".mhd"):
+        _check_meta_data_size(path, header_lines, int(np.prod(reader.GetSize(), dtype=np.int64))
+                              * reader.GetNumberOfComponents() * _pixel_bytes(reader.GetPixelID()))
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_voxels(name, _gzip_chunks(path) if suffix == ".nii.gz" else _file_chunks(path), nifti)
     return _execute(reader, name)
@@ -325,35 +361,42 @@ _NRRD_DATA_FILE = re.compile(r"\s*data\s?file\s*: (.*)", re.I)
 _META_DATA_FILE = re.compile(r"\s*ElementDataFile\s*[=:]\s*(.*?)\s*", re.I)
 
 
-def _check_detached_data_file(path: Path, suffix: str) -> None:
+def _text_header(path: Path, suffix: str) -> list[str] | None:
+    """The lines of a NRRD or MetaImage text header (latin-1, so that each byte of a file name survives as it
+    is; ``"\r"`` kept), the NRRD magic line first; None for another kind of file, or a .nrrd that is not NRRD
+    (ITK says what it is).  A NRRD header ends at its first blank line, a MetaImage header with its
+    ElementDataFile line (an .mha's voxels follow that line's end)."""
+    if suffix not in (".nhdr", ".nrrd", ".mhd", ".mha"):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_LIMIT)
+    lines = head.decode("latin-1").split("\n")
+    nrrd = suffix in (".nhdr", ".nrrd")
+    if nrrd and not lines[0].startswith("NRRD"):
+        return None
+    for n, line in enumerate(lines[1:] if nrrd else lines, start=1 if nrrd else 0):
+        if nrrd and not line.rstrip("\r"):
+            return lines[:n]
+        if not nrrd and re.match(r"\s*ElementDataFile\s*[=:]", line):  # MetaIO's header ends with it
+            return lines[:n + 1]
+    if len(head) == _HEADER_LIMIT:
+        raise TransferSegError(f"{path}: the header runs on past {_HEADER_LIMIT >> 20} MiB; it is damaged or not "
+                               "an image header: export the image again")
+    return lines
+
+
+def _check_detached_data_file(path: Path, suffix: str, lines: list[str]) -> None:
     """The voxel data file that a detached header (NRRD ``data file:``, MetaImage ``ElementDataFile =``)
     names must be a regular file in the header's folder or below it.  ITK would read any file the header
     names (``/etc/passwd``, ``../../x``, a link out of the folder) as voxels, block for ever on a FIFO, and
     call a missing file a damaged header.  The multi-file forms (``LIST``, a ``%d`` pattern, whose pattern
     is also handed to the readers' sprintf) are refused outright."""
-    if suffix not in (".nhdr", ".nrrd", ".mhd", ".mha"):
-        return
-    with open(path, "rb") as f:
-        head = f.read(_HEADER_LIMIT)
-    lines = head.decode("latin-1").split("\n")  # latin-1: each byte of a file name survives as it is
     nrrd = suffix in (".nhdr", ".nrrd")
-    if nrrd and not lines[0].startswith("NRRD"):
-        return  # not a NRRD header: ITK says so
-    names, ended = [], False
+    names = []
     for line in lines[1:] if nrrd else lines:
-        line = line.rstrip("\r")
-        if nrrd and not line:  # the header ends at the first blank line
-            ended = True
-            break
-        match = (_NRRD_DATA_FILE if nrrd else _META_DATA_FILE).fullmatch(line)
+        match = (_NRRD_DATA_FILE if nrrd else _META_DATA_FILE).fullmatch(line.rstrip("\r"))
         if match:
             names.append(match.group(1).lstrip(" \t") if nrrd else match.group(1))
-        if not nrrd and re.match(r"\s*ElementDataFile\s*[=:]", line):  # MetaIO's header ends with it
-            ended = True
-            break
-    if not ended and len(head) == _HEADER_LIMIT:
-        raise TransferSegError(f"{path}: the header runs on past {_HEADER_LIMIT >> 20} MiB; it is damaged or not "
-                               "an image header: export the image again")
     for data in names:
         if not nrrd and data in ("LOCAL", "Local", "local"):  # the voxels follow the header in the file itself
             continue
@@ -363,8 +406,12 @@ def _check_detached_data_file(path: Path, suffix: str) -> None:
                 "TransferSeg reads an image in one file or a header with one data file: export it as one file "
                 "(.nrrd, .nii.gz)"
             )
-        # The readers hold the name as a C string: it ends at a NUL byte.
-        _check_data_file(path, os.fsdecode(data.encode("latin-1").split(b"\0", 1)[0]))
+        _check_data_file(path, _data_file_name(data))
+
+
+def _data_file_name(data: str) -> str:
+    """A data file's name as the readers take it: they hold it as a C string, which ends at a NUL byte."""
+    return os.fsdecode(data.encode("latin-1").split(b"\0", 1)[0])
 
 
 def _check_data_file(header: Path, data: str) -> None:
@@ -404,6 +451,95 @@ def _check_data_file(header: Path, data: str) -> None:
     if not os.access(target, os.R_OK):
         raise TransferSegError(f"{header}: permission denied for its voxel data file, {shown}; check that you may "
                                "read it")
+
+
+# The geometry fields of the text headers.  What ITK 5.4 makes of a value that is not a finite number (measured):
+# MetaIO reads the whole field as 0 (an origin of 0, a spacing of 0, a matrix of 0); teem takes a NaN spacing
+# as "unknown", ITK as 1 mm; and a NRRD space direction longer than ~1e154 mm becomes a 1 mm spacing.
+_META_GEOMETRY = re.compile(r"\s*(Offset|Origin|Position|ElementSpacing|ElementSize|TransformMatrix|Rotation"
+                            r"|Orientation)\s*[=:](.*)", re.I)
+_NRRD_GEOMETRY = re.compile(r"(space directions|space origin|spacings|kinds)\s*:(?!=)(.*)", re.I)
+_MILLIMETRES = ("offset", "origin", "position", "elementspacing", "elementsize", "space directions", "space origin",
+                "spacings")
+
+
+def _check_header_numbers(path: Path, suffix: str, lines: list[str]) -> None:
+    """Each number of a NRRD or MetaImage header's geometry fields must be finite, and a length in mm within
+    ±GEOMETRY_LIMIT_MM; ITK would put a guess in the place of what is not (see above).  A NRRD axis whose
+    kind is not spatial (a list, a time axis) may have a NaN spacing: teem's "unknown"."""
+    nrrd = suffix in (".nhdr", ".nrrd")
+    fields = [m.groups() for m in map((_NRRD_GEOMETRY if nrrd else _META_GEOMETRY).fullmatch,
+                                      (ln.rstrip("\r") for ln in lines)) if m]
+    kinds = next((value.split() for key, value in fields if key.lower() == "kinds"), [])
+    for key, value in fields:
+        if key.lower() == "kinds":
+            continue
+        for axis, token in enumerate(t for t in re.split(r"[\s(),]+", value) if t):
+            try:
+                number = float(token)
+            except ValueError:
+                continue  # "none" (a NRRD axis without a direction) or a word ITK refuses itself
+            if (key.lower() == "spacings" and np.isnan(number) and axis < len(kinds)
+                    and kinds[axis].lower() not in ("domain", "space")):
+                continue
+            header = f"{path}: the {'NRRD' if nrrd else 'MetaImage'} header's {key} ({' '.join(value.split())})"
+            if not np.isfinite(number):
+                replaced = ("a guess (1 mm, or 0)" if nrrd else "0 for the whole field")
+                what = ("a voxel spacing that is zero, negative or not a number" if "spac" in key.lower()
+                        or "size" in key.lower() or "directions" in key.lower() else "not a finite number")
+                raise TransferSegError(f"{header} holds {token}, {what}; ITK would read {replaced} without a "
+                                       "word: fix the header or export the image again")
+            if key.lower() in _MILLIMETRES and abs(number) > GEOMETRY_LIMIT_MM:
+                raise TransferSegError(f"{header} holds {number:g} mm, beyond ±{GEOMETRY_LIMIT_MM:g} mm: that "
+                                       "describes no scan, and a NIfTI file cannot store it; fix the header or "
+                                       "export the image again")
+
+
+def _check_meta_data_size(path: Path, lines: list[str], voxel_bytes: int) -> None:
+    """An uncompressed MetaImage's voxels must lie inside its data file.  MetaIO (ITK 5.4, measured) reads from
+    byte 0 of a separate data file when HeaderSize is beyond the file or negative (other than -1, "the voxels
+    end the file"), reads an .mha's own header text as voxels when HeaderSize (there a byte offset from the
+    start of the file) points into it, and calls a data file too short for the voxels missing."""
+    fields = {}
+    for line in lines:
+        match = re.fullmatch(r"\s*(\w+)\s*[=:]\s*(.*?)\s*", line.rstrip("\r"))
+        if match:
+            fields.setdefault(match.group(1).lower(), match.group(2))
+    if fields.get("compresseddata", "False").lower() in ("true", "1") or "elementdatafile" not in fields:
+        return  # a compressed stream's length is zlib's to check
+    data = fields["elementdatafile"]
+    local = data in ("LOCAL", "Local", "local")
+    target = path if local else path.parent / _data_file_name(data)
+    header_end = sum(len(line) + 1 for line in lines) if local else 0
+    try:
+        size = target.stat().st_size
+    except OSError:
+        return  # the data file check above said what is wrong with it
+    text = fields.get("headersize", "0")
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise TransferSegError(f"{path}: the MetaImage HeaderSize ({text}) is not a whole number of bytes; fix the "
+                               "header or export the image again")
+    skip = int(text)
+    where = "the file" if local else f"its data file, {_shown(target.name)},"
+    if skip < -1:
+        raise TransferSegError(f"{path}: the MetaImage HeaderSize ({skip}) is negative (only -1, \"the voxels end "
+                               "the file\", is allowed), and ITK would read the voxels from the wrong place; fix "
+                               "the header or export the image again")
+    if local and 0 < skip < header_end:
+        raise TransferSegError(f"{path}: the MetaImage HeaderSize ({skip}) points into the header, which ends at "
+                               f"byte {header_end}, so ITK would read header text as voxels; fix the header or "
+                               "export the image again")
+    start = {-1: size - voxel_bytes, 0: header_end}.get(skip, skip)
+    if skip > 0 and start + voxel_bytes > size:
+        raise TransferSegError(
+            f"{path}: the MetaImage HeaderSize ({skip:,} bytes) leaves no room for the voxels: {where} holds "
+            f"{size:,} bytes and the voxels need {voxel_bytes:,} after the header, so ITK would read them from the "
+            "wrong place; fix the HeaderSize or export the image again")
+    if start < header_end or start + voxel_bytes > size:
+        raise TransferSegError(
+            f"{path}: the file is truncated: {where} holds {size:,} bytes but the voxels need {voxel_bytes:,} "
+            f"bytes{f' after its {header_end:,}-byte header' if local else ''} (e.g. an interrupted copy or "
+            "download); copy or export it again")
 
 
 def _itk_reason(error: Exception) -> str:
@@ -478,6 +614,16 @@ def _check_nifti_header(name: str, header: dict) -> None:
     or not a number becomes 1 mm, a negative one flips its axis; a sform that is not a rotation times pixdim
     gives way to the qform; a vox_offset that is not a number or points into the header reads the voxels
     from byte 348."""
+    if header["size"] == 540:  # ITK 5.4's NIfTI reader takes NIfTI-1 only (measured: "not recognized as a NIFTI file")
+        raise TransferSegError(f"{name}: NIfTI-2 files are not supported by the reader; save it as NIfTI-1 (e.g. "
+                               "nibabel.Nifti1Image) or NRRD")
+    magic = header["magic"]
+    if magic not in _NIFTI_ONE_FILE:  # ITK reads such a .nii's own bytes (header included) as voxels, zero-filled
+        what = ("the header of a two-file NIfTI pair (magic 'ni1'), whose voxels are in a separate .img file"
+                if magic == b"ni1\0" else f"not a single-file NIfTI (its magic is {magic!r}, not b'n+1\\x00')")
+        raise TransferSegError(f"{name}: the file is {what}; TransferSeg reads single-file NIfTI (.nii, .nii.gz): "
+                               "save the .hdr/.img pair as one .nii file (e.g. nibabel.save(nibabel.load('x.hdr'), "
+                               "'x.nii'))")
     dims = header["dims"]
     ndim = dims[0]
     if not 1 <= ndim <= 7 or min(dims[1:ndim + 1]) < 0:

@@ -33,6 +33,8 @@ def _describe_shape(shape) -> str:
 # On DᵀD − I: far above float32 rounding and headers' 6-digit direction cosines, far below a real shear or scale.
 _ORTHONORMAL_TOLERANCE = 1e-4
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# No scan is a light-year across; beyond this a spacing or origin overflows a NIfTI's float32 fields (and ±inf mL).
+GEOMETRY_LIMIT_MM = 1e30
 
 
 def _direction_problem(directions: np.ndarray) -> str | None:
@@ -75,8 +77,18 @@ def _check_geometry(spacing: np.ndarray, directions: np.ndarray, origin: np.ndar
             "unit axes: resample the image onto a regular grid (e.g. in 3D Slicer) or fix the orientation in the "
             "image header"
         )
+    if np.any(spacing > GEOMETRY_LIMIT_MM):
+        raise TransferSegError(
+            f"voxel spacing {tuple(float(s) for s in spacing)} mm (k, j, i) is beyond {GEOMETRY_LIMIT_MM:g} mm: "
+            "that describes no scan, and a NIfTI file cannot store it; fix the spacing in the image header"
+        )
     if origin.shape != (3,) or not np.all(np.isfinite(origin)):
         raise TransferSegError("the image origin is not three finite numbers; fix the image header")
+    if np.any(np.abs(origin) > GEOMETRY_LIMIT_MM):
+        raise TransferSegError(
+            f"the image origin {tuple(float(o) for o in origin)} mm is beyond ±{GEOMETRY_LIMIT_MM:g} mm: that "
+            "describes no scan, and a NIfTI file cannot store it; fix the origin in the image header"
+        )
 
 
 def _as_float32(array: np.ndarray, copy: bool = False) -> np.ndarray:
