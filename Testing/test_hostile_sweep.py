@@ -117,6 +117,9 @@ REFUSED = {
     "--count not a number": (lambda c: ["phantom", "ct", "-o", str(c.out), "--count", "abc"],
                              r"argument --count: invalid int value: 'abc'"),
     "unknown --fusion": (lambda c: c.segment(c.ct(), "--fusion", "mean"), r"argument --fusion: invalid choice"),
+    "phantom with an output in the way": (lambda c: ((c.out / "gallery.png").mkdir(parents=True),
+                                                     ["phantom", "ct", "-o", str(c.out), "--count", "2"])[1],
+                                         r"gallery\.png is in the way"),
     # links
     "input a loop of links": (lambda c: c.segment(_loop(c)), r"loop1: cannot follow its links"),
     "-o inside a loop of links": (lambda c: c.segment(c.ct())[:2] + ["-o", str(_loop(c) / "sub")]
@@ -172,7 +175,7 @@ def test_a_sweep_case_gets_one_clear_line_and_exit_2(name, case, capfd, tmp_path
 
 
 def test_there_are_three_cases_or_more_of_each_kind():
-    kinds = {"arguments": 7, "links": 4, "special files": 3, "card strings": 3, "compose": 3}
+    kinds = {"arguments": 8, "links": 4, "special files": 3, "card strings": 3, "compose": 3}
     assert len(REFUSED) == sum(kinds.values()) and min(kinds.values()) >= 3
 
 
@@ -210,3 +213,29 @@ def test_compose_writes_beside_its_component_under_another_name(case, capfd):
     assert main(["compose", "-o", str(card.parent), "--name", "renamed", "--method", "single",
                  "--component", f"network={card}"]) == 0, capfd.readouterr().err
     assert json.loads((card.parent / "renamed.json").read_text(encoding="utf-8"))["name"] == "renamed"
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGTERM to a child process is POSIX")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_phantoms_are_written_leaves_no_folder_and_one_line(sig, tmp_path):
+    import subprocess
+    import time
+
+    out = tmp_path / "ph"
+    process = subprocess.Popen([sys.executable, "-m", "TransferSegLib.cli", "phantom", "ct", "-o", str(out),
+                                "--count", "40"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # some cases written into the staging folder
+        process.send_signal(getattr(signal, sig))
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = err.decode("utf-8").splitlines()
+    assert process.returncode == 130, err
+    assert len(lines) == 1 and "interrupted" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no staging

@@ -6,6 +6,7 @@ A :class:`TransferSegError` becomes one line on stderr and exit status 2, never 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -94,6 +95,18 @@ def _cancel_on_signals() -> CancelToken:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
     return token
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM stops a command as Ctrl-C does (one line, exit 130, every atomic write undone) instead of
+    killing it silently; commands that cancel between windows install their own handler over this one."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError, AttributeError):  # ValueError: not the main thread
+        signal.signal(signal.SIGTERM, stop)
 
 
 def _parse_box(text: str, name: str) -> tuple:
@@ -490,6 +503,7 @@ def main(argv=None) -> int:
     for stream in (sys.stdout, sys.stderr):  # "×", "…" must not crash a C/POSIX-locale terminal
         if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
             stream.reconfigure(errors="backslashreplace")
+    _terminate_as_interrupt()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1137,11 +1137,11 @@ def write_phantoms(kind: str, out_dir, seed: int, count: int = 1, progress=None)
       the array as stored.
 
     ``gallery.png`` shows three orthogonal slices of each case (the first 12) with its labels
-    or boxes.  Every file is written atomically.  ``progress(fraction, stage)`` is called
-    after each case.  Returns the written paths.
+    or boxes.  The files are written all together or not at all
+    (:func:`~TransferSegLib.atomic.atomic_output_folder`: an interrupted run leaves ``out_dir`` as
+    it was).  ``progress(fraction, stage)`` is called after each case.  Returns the written paths.
     """
-    from .io import atomic_output, save_labelmap, save_volume
-    from .render import save_gallery_png
+    from .atomic import atomic_output_folder
 
     if kind not in PHANTOM_KINDS:
         raise TransferSegError(f"unknown phantom kind {kind!r}; choose one of {', '.join(PHANTOM_KINDS)}")
@@ -1149,8 +1149,27 @@ def write_phantoms(kind: str, out_dir, seed: int, count: int = 1, progress=None)
     if isinstance(count, bool) or int(count) != count or count < 1:
         raise TransferSegError(f"count must be a whole number ≥ 1; got {count!r}")
     count = int(count)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_output_folder(out_dir, _phantom_names(kind, count)) as staging:
+        written = _write_phantom_files(kind, staging, seed, count, progress)
+    return [Path(out_dir) / path.relative_to(staging) for path in written]
+
+
+def _phantom_names(kind: str, count: int) -> list:
+    """The files :func:`write_phantoms` writes, in its order."""
+    per_case = {"ct": ("ct_{:03d}.nii.gz", "ct_{:03d}_label.nii.gz"),
+                "dbt": ("dbt_{:03d}.nii.gz", "dbt_{:03d}_boxes.json"),
+                "shapes": ("shapes3d_{:03d}.nii.gz", "shapes3d_{:03d}_label.nii.gz")}[kind]
+    names = [pattern.format(n) for n in range(count) for pattern in per_case]
+    if kind == "shapes":
+        names += ["shapes2d.nii.gz", "shapes2d_label.nii.gz", "shapes_classes.json"]
+    return names + ["gallery.png"]
+
+
+def _write_phantom_files(kind: str, out: Path, seed: int, count: int, progress) -> list:
+    from .atomic import atomic_output
+    from .io import save_labelmap, save_volume
+    from .render import save_gallery_png  # render imports this module
+
     written, cases = [], []
 
     def report(done: int, stage: str) -> None:
