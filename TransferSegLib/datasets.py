@@ -9,17 +9,22 @@
   or DBT volumes with their AH-Net eq. (5) lesion heatmaps and boxes).
 
 A :class:`Case` loads lazily, so a 131-volume LiTS folder costs nothing until a case is used.
+Every file of a case is a regular file inside ROOT once its links are followed (:func:`_data_file`):
+nothing outside the folder the user named is read.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from .atomic import is_utf8, resolved
 from .volume import TransferSegError, Volume
 
 __all__ = ["CTPhantomCase", "Case", "DBTPhantomCase", "find_cases", "phantom_cases", "split_cases"]
@@ -60,11 +65,63 @@ def _natural_key(text: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def _msd_cases(root: Path) -> list[Case]:
+_MAX_DESCRIPTION_BYTES = 64 << 20  # Task03_Liver's dataset.json is 25 KB; more is not a description
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+def _data_file(root: Path, path, what: str) -> Path:
+    """``path`` with its links followed, if it is a regular file inside the data folder ``root``; else
+    a TransferSegError that starts with ``what``.
+
+    Every file of a data set goes through here, so nothing outside the folder the user named is
+    read (``../secret``, an absolute path, a link out of the folder), and nothing that blocks a
+    read for ever (a FIFO) or never ends (a device) is opened."""
+    if "\x00" in str(path):
+        raise TransferSegError(f"{what}: the path holds a NUL character, so it names no file")
+    if not is_utf8(path):  # SimpleITK aborts the process on such a name
+        raise TransferSegError(f"{what}: the name is not valid UTF-8 (its bytes are shown escaped); rename the file")
+    folder, full = resolved(root), resolved(path)
+    if full != folder and folder not in full.parents:
+        raise TransferSegError(f"{what}: leads outside the data folder {root} (to {full}); only files inside "
+                               "the data folder are read, so copy the file into it")
     try:
-        meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        mode = os.stat(full).st_mode
+    except FileNotFoundError:
+        raise TransferSegError(f"{what}: the file {full} is missing") from None
+    except OSError as e:
+        raise TransferSegError(f"{what}: cannot read {full} ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise TransferSegError(f"{what}: this is {_kind(mode)}, not a regular file")
+    return full
+
+
+def _read_description(root: Path) -> dict:
+    """``root/dataset.json`` parsed, if it is a regular file inside ``root`` of a sensible size."""
+    path = _data_file(root, root / "dataset.json", str(root / "dataset.json"))
+    try:
+        size = os.stat(path).st_size
+        if size > _MAX_DESCRIPTION_BYTES:
+            raise TransferSegError(f"{root}/dataset.json is {size / 2**20:.0f} MiB; a Decathlon dataset description "
+                                   "is a few KB of JSON")
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, an integer of 5,000 digits
         raise TransferSegError(f"{root}/dataset.json: not a readable Decathlon dataset description ({e})") from None
+    except RecursionError:  # lists in lists, thousands deep
+        raise TransferSegError(f"{root}/dataset.json is nested too deeply to be a Decathlon dataset "
+                               "description") from None
+
+
+def _msd_cases(root: Path) -> list[Case]:
+    meta = _read_description(root)
     training = meta.get("training", []) if isinstance(meta, dict) else None
     if not isinstance(training, list) or not all(
             isinstance(entry, dict) and isinstance(entry.get("image"), str)
@@ -73,29 +130,44 @@ def _msd_cases(root: Path) -> list[Case]:
                                "{\"image\": \"./imagesTr/NAME.nii.gz\", \"label\": \"./labelsTr/NAME.nii.gz\"}")
     cases = []
     for entry in training:
-        image = (root / entry["image"]).resolve()
-        label = (root / entry["label"]).resolve() if entry.get("label") else None
-        name = image.name.split(".")[0]
-        if not image.exists():
-            raise TransferSegError(f"{root}/dataset.json lists {entry['image']} but the file is missing")
-        cases.append(Case(name, image, label))
+        listed = f"{root / 'dataset.json'}: the training"
+        image = _data_file(root, root / entry["image"], f"{listed} image {entry['image']!r}")
+        label = _data_file(root, root / entry["label"], f"{listed} label {entry['label']!r}") if entry.get("label") else None
+        cases.append(Case(image.name.split(".")[0], image, label))
     if not cases:  # dataset.json without a training list: pair the folders by name
         for image in sorted((root / "imagesTr").glob("*.nii*"), key=lambda p: _natural_key(p.name)):
             if image.name.startswith("._"):
                 continue
             label = root / "labelsTr" / image.name
-            cases.append(Case(image.name.split(".")[0], image, label if label.exists() else None))
+            cases.append(Case(image.name.split(".")[0], _data_file(root, image, str(image)),
+                              _data_file(root, label, str(label)) if os.path.lexists(label) else None))
     return cases
 
 
+_LITS_VOLUME, _LITS_LABEL = re.compile(r"volume-(\d+)\.nii"), re.compile(r"segmentation-(\d+)\.nii")
+
+
 def _lits_cases(root: Path) -> list[Case]:
+    labels = {}  # case number -> its segmentation files anywhere under root (never above it)
+    for label in root.rglob("segmentation-*.nii*"):
+        match = _LITS_LABEL.match(label.name)
+        if match:
+            labels.setdefault(match.group(1), []).append(label)
     cases = []
     for image in sorted(root.rglob("volume-*.nii*"), key=lambda p: _natural_key(p.name)):
         if image.name.startswith("._"):
             continue
-        number = re.match(r"volume-(\d+)\.nii", image.name).group(1)
-        labels = [p for p in image.parent.parent.rglob(f"segmentation-{number}.nii*")]
-        cases.append(Case(f"lits-{number}", image, labels[0] if labels else None))
+        match = _LITS_VOLUME.match(image.name)
+        if not match:
+            raise TransferSegError(f"{image}: a LiTS volume is named volume-N.nii or volume-N.nii.gz, N its case "
+                                   "number, with its label map segmentation-N.nii(.gz); rename the file or move it "
+                                   "out of the data folder")
+        number = match.group(1)
+        found = labels.get(number, [])
+        # the one in the volume's own folder, else the nearest (e.g. volumes/ and segmentations/ side by side)
+        label = min(found, key=lambda p: (-len(os.path.commonpath([p, image])), _natural_key(str(p))), default=None)
+        cases.append(Case(f"lits-{number}", _data_file(root, image, str(image)),
+                          _data_file(root, label, str(label)) if label else None))
     return cases
 
 
@@ -103,8 +175,9 @@ def _phantom_folder_cases(root: Path) -> list[Case]:
     cases = []
     for label in sorted(root.glob("*_label.nii.gz"), key=lambda p: _natural_key(p.name)):
         image = label.with_name(label.name.replace("_label.nii.gz", ".nii.gz"))
-        if image.exists():
-            cases.append(Case(image.name.replace(".nii.gz", ""), image, label))
+        if os.path.lexists(image):
+            cases.append(Case(image.name.replace(".nii.gz", ""), _data_file(root, image, str(image)),
+                              _data_file(root, label, str(label))))
     return cases
 
 
@@ -115,7 +188,7 @@ def find_cases(root) -> list[Case]:
         raise TransferSegError(f"{root}: this is a file, not a data folder; give the folder that holds the cases")
     if not root.is_dir():
         raise TransferSegError(f"{root}: no such data folder")
-    if (root / "dataset.json").exists():
+    if os.path.lexists(root / "dataset.json"):
         cases = _msd_cases(root)
     elif any(root.rglob("volume-*.nii*")):
         cases = _lits_cases(root)

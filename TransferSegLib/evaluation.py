@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from . import metrics
+from .atomic import same_file
 from .datasets import find_cases
 from .models import load_model
 from .pipeline import run
@@ -93,6 +94,8 @@ def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
     cases = find_cases(data)
     if limit:
         cases = cases[:limit]
+    if csv_path:
+        _check_not_an_input(csv_path, loaded, data, cases)
     unlabelled = [case.name for case in cases if case._make is None and case.label_path is None]
     if unlabelled:
         raise TransferSegError(f"{data}: {len(unlabelled)} case(s) have no label map ({', '.join(unlabelled[:3])}"
@@ -147,6 +150,18 @@ def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
     return table
 
 
+def _check_not_an_input(csv_path: Path, loaded, data, cases) -> None:
+    """Refuse a metrics table that is one of the inputs (the model's card or weights, the data set's
+    dataset.json, an image or a label map), by name, through links, or as a hard link of one."""
+    weights = loaded.card["weights"].get("file", f"{loaded.path.stem}.safetensors")
+    inputs = [loaded.path, loaded.path.with_name(weights), Path(data).expanduser() / "dataset.json"]
+    inputs += [path for case in cases for path in (case.image_path, case.label_path) if path is not None]
+    for path in inputs:
+        if same_file(csv_path, Path(path)):
+            raise TransferSegError(f"the metrics table {csv_path} would overwrite the input {path}; "
+                                   "give another file name")
+
+
 def _finite_mean(values) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
@@ -175,11 +190,11 @@ def _write_csv(table: dict, path: Path) -> None:
 def format_table(table: dict) -> str:
     """The per-case rows, then the LiTS group and the 3DIRCADb group, each labelled."""
     burden = table.get("tumor_burden")
-    lines = [f"model {table['model']}",
+    lines = [f"model {one_line(table['model'])}",
              f"{'case':<22}{'region':<14}{'Dice':>7}{'VOE':>7}{'RVD':>8}{'ASD mm':>9}{'RMSD mm':>9}"
              + (f"{'burden ref':>12}{'pred':>8}" if burden else "")]
     for r in table["rows"]:
-        line = (f"{one_line(r['case']):<22}{r['region']:<14}{r['dice']:7.3f}{r['voe']:7.3f}{r['rvd']:8.3f}"
+        line = (f"{one_line(r['case']):<22}{one_line(r['region']):<14}{r['dice']:7.3f}{r['voe']:7.3f}{r['rvd']:8.3f}"
                 f"{r['asd_mm']:9.2f}{r['rmsd_mm']:9.2f}")
         if r.get("ref_burden") is not None:
             line += f"{r['ref_burden']:12.4f}{r['pred_burden']:8.4f}"
@@ -189,17 +204,17 @@ def format_table(table: dict) -> str:
     lines += ["", f"LiTS: Dice per case, Dice global, tumor burden RMSE ({cases} cases)",
               f"{'region':<14}{'Dice per case':>15}{'Dice global':>13}"]
     for s in table["summary"]:
-        lines.append(f"{s['region']:<14}{s['dice_per_case']:15.3f}{s['dice_global']:13.3f}")
+        lines.append(f"{one_line(s['region']):<14}{s['dice_per_case']:15.3f}{s['dice_global']:13.3f}")
     if burden:
         lines.append(f"tumor burden RMSE {table['tumor_burden_rmse']:.4f}"
-                     f"   ({burden['tumor']} / {burden['liver']}, as fractions)")
+                     f"   ({one_line(burden['tumor'])} / {one_line(burden['liver'])}, as fractions)")
     else:
         lines.append("tumor burden RMSE: not computed (the card names no tumor and liver regions)")
 
     lines += ["", f"3DIRCADb: VOE, RVD, ASD, RMSD, Dice (means over {cases} cases; VOE and RVD as fractions)",
               f"{'region':<14}{'VOE':>7}{'RVD':>8}{'ASD mm':>9}{'RMSD mm':>9}{'Dice':>7}"]
     for s in table["summary"]:
-        lines.append(f"{s['region']:<14}{s['mean_voe']:7.3f}{s['mean_rvd']:8.3f}{s['mean_asd_mm']:9.2f}"
+        lines.append(f"{one_line(s['region']):<14}{s['mean_voe']:7.3f}{s['mean_rvd']:8.3f}{s['mean_asd_mm']:9.2f}"
                      f"{s['mean_rmsd_mm']:9.2f}{s['dice_per_case']:7.3f}"
                      f"   (distances over {s['distance_cases']} cases)")
     return "\n".join(lines)
