@@ -89,7 +89,7 @@ def ct_volume():
     from TransferSegLib.phantoms import ct_phantom
 
     volume, _ = ct_phantom(5, shape=(24, 80, 80))
-    return oblique(volume, spacing=(4.0, 2.2, 1.9))
+    return oblique(volume, spacing=(4.0, 4.4, 3.8))  # an adult-sized body: 35 × 30 cm
 
 
 def geometry_of(node) -> tuple:
@@ -221,6 +221,17 @@ def ct_run(tmp_path_factory, ct_volume):
     path = save_volume(L.volume_from_node(node), folder / "ct.nrrd")
     result = cli("segment", path, folder / "out", CT_MODEL)
     yield scene, node, study, job, folder, result, seconds
+    scene.Clear(1)
+
+
+def test_a_scan_without_a_liver_gives_an_empty_segmentation_and_says_why_in_the_status(tmp_path):
+    from test_scope import _head_ct
+
+    scene = new_scene()
+    node, _ = add_input(scene, _head_ct(), "head")
+    job = run_job(TransferSegLogic(scene), node, CT_MODEL)
+    assert job.status.startswith(("Done: no liver found", "Done: no plausible liver found")), job.status
+    assert job.result["volumes_ml"] == {"liver": 0.0, "liver tumor": 0.0}
     scene.Clear(1)
 
 

@@ -31,7 +31,8 @@ from .progress import one_line
 from .volume import TransferSegError
 
 __all__ = ["atomic_output", "atomic_output_folder", "available_memory_bytes", "check_output_folder",
-           "check_path_encoding", "full_suffix", "is_utf8", "remove_stale_temporaries", "resolved"]
+           "check_path_encoding", "full_suffix", "is_utf8", "remove_stale_temporaries", "resolved",
+           "same_file"]
 
 
 def full_suffix(path) -> str:
@@ -96,6 +97,12 @@ def resolved(path) -> Path:
     except (RuntimeError, OSError) as e:  # RuntimeError: Python < 3.13's "Symlink loop"
         raise TransferSegError(f"{one_line(path)}: cannot follow its links ({one_line(e)}); is it a loop of "
                                "symbolic links? Fix or remove the link") from None
+
+
+def same_file(a, b) -> bool:
+    """Whether writing ``a`` would replace ``b``: the same path once links are followed, or a hard link."""
+    a, b = Path(a), Path(b)
+    return a.exists() and b.exists() and os.path.samefile(a, b) or resolved(a) == resolved(b)
 
 
 def _short(name: str) -> str:

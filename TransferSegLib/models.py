@@ -54,7 +54,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import resolved
+from .atomic import same_file
 from .cards import COMPONENT_NAME, VIEWS, check_card, is_composed
 from .progress import one_line
 from .volume import TransferSegError
@@ -273,10 +273,6 @@ def load_model(name_or_path, device="cpu") -> LoadedModel:
     weights_path = card_path.parent / file_name
     if not weights_path.exists():
         raise TransferSegError(f"{card_path}: the weights file {weights_path.name} is missing beside the card")
-    if resolved(weights_path).parent != resolved(card_path).parent:  # a link beside the card leading elsewhere
-        raise TransferSegError(f"{card_path}: the weights file {weights_path.name} is a link to "
-                               f"{resolved(weights_path)}, outside the card's folder; put the weights file itself "
-                               "beside the card")
     header = read_header(weights_path)  # refuses pickles and truncated files before hashing
     expected = card["weights"].get("sha256")
     if not isinstance(expected, str) or not expected:
@@ -400,7 +396,7 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
     written = [Path(folder) / f"{name}.json", Path(folder) / f"{name}.safetensors"]
     for loaded in sources.values():
         weights = loaded.card["weights"].get("file", f"{loaded.path.stem}.safetensors")
-        if any(_same_file(a, b) for a in written for b in (loaded.path, loaded.path.with_name(weights))):
+        if any(same_file(a, b) for a in written for b in (loaded.path, loaded.path.with_name(weights))):
             raise TransferSegError(f"composing {name} into {folder} would overwrite its component {loaded.path}; "
                                    "choose another output folder or name")
     tasks = {component: loaded.card["task"] for component, loaded in sources.items()}
@@ -425,10 +421,6 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
         for component, loaded in sources.items()}}
     return save_model({component: loaded.network for component, loaded in sources.items()}, card, folder,
                       storage_dtype=storage_dtype)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    return a.exists() and b.exists() and os.path.samefile(a, b) or resolved(a) == resolved(b)
 
 
 def list_models() -> list[dict]:

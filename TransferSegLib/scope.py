@@ -135,8 +135,8 @@ def check_result(labels: np.ndarray, volume: Volume, card: dict) -> tuple:
         across = _body_area_cm2(volume, labels, organ["labels"])
         if across < organ["min_body_cm2"]:
             why = (f"no {organ['name']} found: where the {organ['name']} labels lie the body is {across:.0f} cm² "
-                   f"across, less than the {organ['min_body_cm2']:g} cm² of {region}; the scan does not seem to cover "
-                   f"{region} (a head or a limb?)")
+                   f"across, less than the {organ['min_body_cm2']:g} cm² of an adult's {region.removeprefix('the ')}; "
+                   f"the scan does not seem to cover {region} (a head, a limb, or a small child?)")
     if why is None and found_ml > 0 and organ.get("side"):
         offset = _offset_mm(volume, labels, organ["labels"], organ["side"])
         if offset < organ.get("min_offset_mm", 0.0):

@@ -421,13 +421,14 @@ class SegmentJob:
             self.result = json.loads((out / "result.json").read_text(encoding="utf-8"))
             self.outputs = self.logic.importResult(self.input_node, out, self.result, self.card)
             self.fraction = 1.0
-            self._finish(self.DONE, "Done")
+            warnings = self.result.get("warnings") or []  # e.g. "no liver found: …": the status line says it
+            self._finish(self.DONE, "Done: " + "; ".join(warnings) if warnings else "Done")
         except Exception as e:
             self._finish(self.FAILED, f"importing the result failed: {e}")
 
     def _finish(self, state: str, message: str) -> None:
         self.state, self.message = state, message
-        self.status = state if state != self.FAILED else f"Failed: {message}"
+        self.status = f"Failed: {message}" if state == self.FAILED else message if state == self.DONE else state
         self._cleanup()
 
     def _cleanup(self) -> None:
