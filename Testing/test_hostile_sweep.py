@@ -78,6 +78,10 @@ def _fifo_card(c: Case) -> Path:
     return path
 
 
+def _batch_argv(c: Case, *sources) -> list:
+    return ["segment", *map(str, sources), "-o", str(c.out), "--model", c.model, "--device", "cpu"]
+
+
 def _fifo_weights(c: Case) -> Path:
     card = c.model_copy()
     card.with_suffix(".safetensors").unlink()
@@ -108,6 +112,9 @@ REFUSED = {
     "--count not a number": (lambda c: ["phantom", "ct", "-o", str(c.out), "--count", "abc"],
                              r"argument --count: invalid int value: 'abc'"),
     "unknown --fusion": (lambda c: c.segment(c.ct(), "--fusion", "mean"), r"argument --fusion: invalid choice"),
+    "two cases whose names differ only in Unicode normalisation": (
+        lambda c: _batch_argv(c, c.ct("caf\u00e9.nii.gz"), c.ct("cafe\u0301.nii.gz")),
+        r"would both be written to the output folder"),
     "phantom with an output in the way": (lambda c: ((c.out / "gallery.png").mkdir(parents=True),
                                                      ["phantom", "ct", "-o", str(c.out), "--count", "2"])[1],
                                          r"gallery\.png is in the way"),
@@ -164,7 +171,7 @@ def test_a_sweep_case_gets_one_clear_line_and_exit_2(name, case, capfd, tmp_path
 
 
 def test_there_are_three_cases_or_more_of_each_kind():
-    kinds = {"arguments": 8, "links": 3, "special files": 3, "card strings": 3, "compose": 3}
+    kinds = {"arguments": 9, "links": 3, "special files": 3, "card strings": 3, "compose": 3}
     assert len(REFUSED) == sum(kinds.values()) and min(kinds.values()) >= 3
 
 

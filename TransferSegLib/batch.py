@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -117,7 +118,7 @@ def find_cases(inputs) -> list:
         found += [Case(_case_name(p), p) for p in (_folder_cases(path) if path.is_dir() else [path])]
     cases, seen = [], {}
     for case in found:
-        key = case.name.casefold()  # a clash on a case-insensitive disk too
+        key = unicodedata.normalize("NFC", case.name).casefold()  # a clash on a case-insensitive or normalising disk
         if key in seen:
             raise TransferSegError(
                 f"{seen[key].path} and {case.path} would both be written to the output folder '{case.name}'; "
