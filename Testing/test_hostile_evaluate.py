@@ -24,6 +24,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from test_hostile_inputs import _signal_handlers_restored, assert_one_clear_line  # noqa: F401 (a fixture)
 
 from TransferSegLib import evaluation, io
 from TransferSegLib.cli import main
@@ -286,11 +287,7 @@ def test_a_hostile_evaluation_gets_one_clear_line_and_exit_2(name, tmp_path, tin
     capfd.readouterr()
     status = main(argv)
     out, err = capfd.readouterr()
-    lines = err.splitlines()
-    assert status == 2, f"{name}: exit {status}\n{err}"
-    assert len(lines) == 1 and lines[0].startswith("transferseg: error: "), f"{name}: stderr was\n{err}"
-    assert re.search(fragment, lines[0]), f"{name}: {fragment!r} not in {lines[0]!r}"
-    assert "Traceback" not in out + err
+    assert_one_clear_line(name, status, out, err, fragment)
     assert not read and not evaluated, f"{name}: read {read} before refusing"
     after = _snapshot(tmp_path)
     changed = sorted(set(before.items()) ^ set(after.items()))

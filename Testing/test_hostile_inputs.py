@@ -60,6 +60,17 @@ def _snapshot(*roots) -> dict:
     return state
 
 
+def assert_one_clear_line(name: str, status, out: str, err: str, fragment: str) -> list:
+    """What every refused case must give: exit 2, exactly one stderr line ``transferseg: error: …``
+    that names the problem (``fragment``, a regular expression), no traceback; returns the lines."""
+    lines = err.splitlines()
+    assert status == 2, f"{name}: exit {status}\n{err}"
+    assert len(lines) == 1 and lines[0].startswith("transferseg: error: "), f"{name}: stderr was\n{err}"
+    assert re.search(fragment, lines[0]), f"{name}: {fragment!r} not in {lines[0]!r}"
+    assert "Traceback" not in out + err
+    return lines
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers_restored():
     """The CLI turns SIGINT/SIGTERM into a cancel token; in-process that must not outlive the case."""
@@ -475,11 +486,7 @@ def test_a_hostile_input_gets_one_clear_line_and_exit_2(name, tmp_path, tiny_mod
     capfd.readouterr()
     status = main(argv)
     out, err = capfd.readouterr()
-    lines = err.splitlines()
-    assert status == 2, f"{name}: exit {status}\n{err}"
-    assert len(lines) == 1 and lines[0].startswith("transferseg: error: "), f"{name}: stderr was\n{err}"
-    assert re.search(fragment, lines[0]), f"{name}: {fragment!r} not in {lines[0]!r}"
-    assert "Traceback" not in out + err
+    assert_one_clear_line(name, status, out, err, fragment)
     after = _snapshot(*watched)
     changed = sorted(set(before.items()) ^ set(after.items()))
     assert not changed, f"{name}: files created, changed or removed: {changed}"

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_image
-from test_hostile_inputs import Case, _snapshot, ct_source  # noqa: F401  (ct_source is a fixture)
+from test_hostile_inputs import (Case, _signal_handlers_restored, _snapshot, assert_one_clear_line,  # noqa: F401
+                                 ct_source)
 
 from TransferSegLib import atomic as tio
 from TransferSegLib import pipeline
@@ -34,14 +35,6 @@ from TransferSegLib.progress import one_line
 
 POSIX = sys.platform != "win32"
 BAD_BYTES = os.fsdecode(b"\xffcase")  # a name that is not UTF-8, as Python holds it
-
-
-@pytest.fixture(autouse=True)
-def _signal_handlers_restored():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 @pytest.fixture
@@ -70,9 +63,7 @@ def _batch(case, *sources) -> list:
 
 
 def _one_error(status, lines, fragment):
-    assert status == 2, lines
-    assert len(lines) == 1 and lines[0].startswith("transferseg: error: "), lines
-    assert re.search(fragment, lines[0]), (fragment, lines[0])
+    assert_one_clear_line("case", status, "", "\n".join(lines), fragment)
 
 
 def _summary(out: Path) -> list:

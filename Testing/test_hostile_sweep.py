@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 from pathlib import Path
 
 import pytest
-from test_hostile_inputs import Case, ct_source  # noqa: F401  (ct_source is a fixture)
+from test_hostile_inputs import Case, _signal_handlers_restored, assert_one_clear_line, ct_source  # noqa: F401
 
 from TransferSegLib.cli import main
 
 POSIX = sys.platform != "win32"
-
-
-@pytest.fixture(autouse=True)
-def _signal_handlers_restored():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 @pytest.fixture
@@ -162,11 +153,7 @@ def test_a_sweep_case_gets_one_clear_line_and_exit_2(name, case, capfd, tmp_path
     except SystemExit as exit_:  # argparse's errors leave through SystemExit, as they do from the command
         status = exit_.code
     out, err = capfd.readouterr()
-    lines = err.splitlines()
-    assert status == 2, f"{name}: exit {status}\n{err}"
-    assert len(lines) == 1 and lines[0].startswith("transferseg: error: "), f"{name}: stderr was\n{err}"
-    assert re.search(fragment, lines[0]), f"{name}: {fragment!r} not in {lines[0]!r}"
-    assert "Traceback" not in out + err
+    assert_one_clear_line(name, status, out, err, fragment)
     assert snapshot(tmp_path) == before, f"{name}: files created, changed or removed"
 
 
