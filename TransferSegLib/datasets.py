@@ -132,7 +132,8 @@ def _msd_cases(root: Path) -> list[Case]:
     for entry in training:
         listed = f"{root / 'dataset.json'}: the training"
         image = _data_file(root, root / entry["image"], f"{listed} image {entry['image']!r}")
-        label = _data_file(root, root / entry["label"], f"{listed} label {entry['label']!r}") if entry.get("label") else None
+        label = (_data_file(root, root / entry["label"], f"{listed} label {entry['label']!r}")
+                 if entry.get("label") else None)
         cases.append(Case(image.name.split(".")[0], image, label))
     if not cases:  # dataset.json without a training list: pair the folders by name
         for image in sorted((root / "imagesTr").glob("*.nii*"), key=lambda p: _natural_key(p.name)):

