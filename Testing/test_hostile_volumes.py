@@ -319,6 +319,15 @@ CASES = {
         lambda c: c.segment(_nifti(c, "sform_only.nii", o252=("<hh", (0, 1)),
                                    o296=("<4f", (0.3, -0.83, 0.0, -33.25))), command="detect"),
         r"NIfTI sform .*a shear"),
+    "NIfTI qform and sform 1000 mm apart": (
+        lambda c: c.segment(_nifti(c, "two_origins.nii", o292=("<f", (1012.5,)))),
+        r"gives two geometries that disagree \(qform and sform: their origins lie 1e\+03 mm apart\)"),
+    "NIfTI qform and sform 5 mm apart, gzipped": (
+        lambda c: info(_nifti(c, "five_mm.nii.gz", o308=("<f", (-28.25,)), gz=True)),
+        r"qform and sform: their origins lie 5 mm apart"),
+    "NIfTI sform with its k axis reversed from the qform's": (
+        lambda c: c.segment(_nifti(c, "reversed.nii", o312=("<4f", (0.0, 0.0, -3.3, 101.1))), command="detect"),
+        r"qform and sform: their axes point different ways"),
     "NIfTI pixdim 0, no qform or sform": (
         lambda c: c.segment(_nifti(c, "pixdim0.nii", o252=NO_QFORM_NO_SFORM, o80=("<f", (0.0,)))),
         r"\(pixdim 0, 0\.83, 3\.3 mm\) is zero, negative or not a number"),
@@ -524,6 +533,7 @@ def test_a_hostile_volume_gets_one_clear_line_and_exit_2(name, tmp_path, tiny_mo
 def test_each_kind_has_at_least_three_cases():
     kinds = {"detached": ("data file", "ElementDataFile"), "names": ("UTF-8",), "range": ("float64",),
              "geometry": ("sform", "pixdim", "DICOM series", "sheared", "TransformMatrix"),
+             "two geometries": ("qform and sform", "from the qform"),
              "offsets": ("vox_offset", "negative dim", "declared"), "pair": ("pair header", "magic"),
              "nifti2": ("NIfTI-2",), "header size": ("HeaderSize", "too short", "truncated"),
              "far geometry": ("1e300", "1.7e308"), "non-finite header": ("NaN", "inf", "1e400"),

@@ -583,7 +583,8 @@ def _gzip_chunks(path: Path):
 # header size → field → (struct format, byte offset): the NIfTI-1 and NIfTI-2 fields checked here.
 _NIFTI_FIELDS = {
     348: {"dims": ("8h", 40), "datatype": ("h", 70), "bitpix": ("h", 72), "pixdim": ("8f", 76),
-          "vox_offset": ("f", 108), "sform_code": ("h", 254), "srow": ("12f", 280), "magic": ("4s", 344)},
+          "vox_offset": ("f", 108), "qform_code": ("h", 252), "sform_code": ("h", 254), "quatern": ("6f", 256),
+          "srow": ("12f", 280), "magic": ("4s", 344)},
     540: {"magic": ("8s", 4), "datatype": ("h", 12), "bitpix": ("h", 14), "dims": ("8q", 16),
           "pixdim": ("8d", 104), "vox_offset": ("q", 168), "sform_code": ("i", 348), "srow": ("12d", 400)},
 }
@@ -655,6 +656,29 @@ def _check_nifti_header(name: str, header: dict) -> None:
                 f"(pixdim): {problem}; ITK would read another geometry instead: resample the image onto a "
                 "regular grid or fix its header"
             )
+        if header.get("qform_code", 0) > 0:
+            _check_qform_matches_sform(name, header, pixdim)
+
+
+def _check_qform_matches_sform(name: str, header: dict, pixdim: np.ndarray) -> None:
+    """A NIfTI-1 with both a qform and an sform says where its voxels are twice; ITK takes one of them
+    without a word (measured: the qform), so two that disagree are refused: which one is right is the
+    user's to say."""
+    b, c, d, *offset = (float(v) for v in header["quatern"])
+    a = np.sqrt(max(1.0 - (b * b + c * c + d * d), 0.0))
+    rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                         [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                         [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - b * b - c * c]])
+    qfac = -1.0 if header["pixdim"][0] < 0 else 1.0  # NIfTI-1: the sign of pixdim[0] flips the k axis
+    qform = np.column_stack([rotation * (pixdim * [1.0, 1.0, qfac]), offset])
+    sform = np.array(header["srow"], dtype=np.float64).reshape(3, 4)
+    moved = float(np.linalg.norm(qform[:, 3] - sform[:, 3]))
+    turned = float(np.abs(qform[:, :3] - sform[:, :3]).max() / pixdim.max())
+    if moved > 0.1 or turned > 1e-3:
+        what = f"their origins lie {moved:.3g} mm apart" if moved > 0.1 else "their axes point different ways"
+        raise TransferSegError(f"{name}: the NIfTI header gives two geometries that disagree (qform and sform: {what}) "
+                               "and a reader takes one of them silently; save the image again with the right one "
+                               "(e.g. in 3D Slicer, or nibabel with set_qform/set_sform)")
 
 
 def _check_nifti_voxels(name: str, chunks, header: dict | None) -> None:
