@@ -69,6 +69,13 @@ def _fifo_card(c: Case) -> Path:
     return path
 
 
+def _long_axis(c: Case, length: int) -> Path:
+    import numpy as np
+    from conftest import write_image
+
+    return write_image(np.zeros((length, 1, 1), np.int16), c.path("long.nrrd"), spacing_ijk=(1, 1, 1))
+
+
 def _batch_argv(c: Case, *sources) -> list:
     return ["segment", *map(str, sources), "-o", str(c.out), "--model", c.model, "--device", "cpu"]
 
@@ -106,6 +113,8 @@ REFUSED = {
     "two cases whose names differ only in Unicode normalisation": (
         lambda c: _batch_argv(c, c.ct("caf\u00e9.nii.gz"), c.ct("cafe\u0301.nii.gz")),
         r"would both be written to the output folder"),
+    "an axis longer than a NIfTI holds": (lambda c: c.segment(_long_axis(c, 40_000)), r"40000×1×1 voxels .* at most "
+                                                                                       r"32,767 voxels along an axis"),
     "phantom with an output in the way": (lambda c: ((c.out / "gallery.png").mkdir(parents=True),
                                                      ["phantom", "ct", "-o", str(c.out), "--count", "2"])[1],
                                          r"gallery\.png is in the way"),
@@ -158,7 +167,7 @@ def test_a_sweep_case_gets_one_clear_line_and_exit_2(name, case, capfd, tmp_path
 
 
 def test_there_are_three_cases_or_more_of_each_kind():
-    kinds = {"arguments": 9, "links": 3, "special files": 3, "card strings": 3, "compose": 3}
+    kinds = {"arguments": 10, "links": 3, "special files": 3, "card strings": 3, "compose": 3}
     assert len(REFUSED) == sum(kinds.values()) and min(kinds.values()) >= 3
 
 

@@ -151,7 +151,7 @@ def _one_line(error: BaseException) -> str:
 
 def _run_case(case: Case, index: int, output: Path, loaded, device, progress, cancel, method_options, rank) -> dict:
     from .io import load_volume
-    from .pipeline import run
+    from .pipeline import check_writable, run
 
     # the summary and the lines printed show a hostile name escaped, never raw
     row = {"case": one_line(case.name), "input": one_line(case.path), "status": "ok", "error": "", "output": "",
@@ -160,6 +160,7 @@ def _run_case(case: Case, index: int, output: Path, loaded, device, progress, ca
     try:
         folder = case_folder(output, case)
         volume = load_volume(case.path)
+        check_writable(volume)
         result = run(volume, model=loaded, device=device, progress=progress, cancel=cancel,
                      method_options=method_options)
         result.write(folder, input_path=case.path)

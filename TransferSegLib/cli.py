@@ -159,9 +159,10 @@ def _cmd_segment(args) -> int:
 
 def _segment_one(args, source, output: Path) -> int:
     from .io import load_volume
-    from .pipeline import run
+    from .pipeline import check_writable, run
 
     volume = load_volume(source)
+    check_writable(volume)
     roi = None
     if args.roi is not None:
         roi = _parse_box(args.roi, "--roi")  # whole, finite voxel indices: checked by the pipeline

@@ -21,7 +21,7 @@ from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from .scope import check_input, check_result
 from .volume import TransferSegError, Volume, label_counts
 
-__all__ = ["VIEW_NAMES", "Result", "check_working_grid", "output_names", "run", "postprocess"]
+__all__ = ["VIEW_NAMES", "Result", "check_working_grid", "check_writable", "output_names", "run", "postprocess"]
 
 
 VIEW_NAMES = ("axial", "coronal", "sagittal")
@@ -52,6 +52,18 @@ def output_names(task: str, views=VIEW_NAMES, disagreement: bool = True) -> list
         names.append("views.png")
     names.append("result.json")
     return names
+
+
+_NIFTI_MAX_AXIS = 32767  # NIfTI-1 stores each axis's size in a 16-bit integer
+
+
+def check_writable(volume: Volume) -> None:
+    """Refuse, before any inference, a volume whose outputs could not be written: the label map and
+    the overlays are NIfTI-1 files, which hold at most 32,767 voxels along an axis."""
+    if max(volume.shape) > _NIFTI_MAX_AXIS:
+        shape = "×".join(str(n) for n in volume.shape)
+        raise TransferSegError(f"the volume is {shape} voxels (k, j, i): its outputs are NIfTI files, which hold at "
+                               f"most {_NIFTI_MAX_AXIS:,} voxels along an axis; crop or downsample it first")
 
 
 @dataclass
@@ -125,6 +137,7 @@ class Result:
         from .atomic import atomic_output_folder, check_output_folder
 
         names = self.outputs()
+        check_writable(self.volume)
         folder = check_output_folder(folder, names, input_path)
         with atomic_output_folder(folder, names) as staging:
             self._write_files(staging)
