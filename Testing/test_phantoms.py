@@ -199,6 +199,34 @@ def test_ct_a_single_hu_interval_does_not_segment_the_liver(ct_cases):
         assert _best_interval_dice(volume.array, labels == 1) < 0.85
 
 
+@pytest.mark.parametrize("phase", list(phantoms.CT_PHASES))
+def test_ct_contrast_phases_enhance_the_liver_and_vessels_together(phase):
+    """The liver's own HU (median of its parenchyma, noise included) and the aorta's follow the phase."""
+    ranges = phantoms.CT_PHASES[phase]
+    for seed in (11, 12):
+        volume, labels, tissues = phantoms.ct_phantom(seed, shape=(24, 128, 128), phase=phase, with_tissues=True)
+        liver = np.median(volume.array[(tissues == phantoms.LIVER) & (labels == 1)])
+        aorta = np.median(volume.array[tissues == phantoms.AORTA])
+        low, high = ranges[phantoms.LIVER]
+        assert low - 8 <= liver <= high + 8, (phase, seed, liver)  # a median of noisy, partial-volume voxels
+        low, high = ranges[phantoms.AORTA]
+        assert low - 15 <= aorta <= high + 15, (phase, seed, aorta)
+
+
+def test_ct_phase_random_is_one_phase_per_seed_and_a_bad_phase_is_refused():
+    first = phantoms.ct_phantom(21, shape=(12, 64, 64), phase="random")[0].array
+    assert np.array_equal(first, phantoms.ct_phantom(21, shape=(12, 64, 64), phase="random")[0].array)
+    drawn = {phantoms._phase_of(seed, "random") for seed in range(40)}
+    assert drawn == set(phantoms.CT_PHASES)
+    with pytest.raises(TransferSegError, match="phase must be one of non-contrast, arterial, portal, delayed"):
+        phantoms.ct_phantom(1, shape=(12, 64, 64), phase="venous")
+
+
+def test_ct_phase_none_leaves_the_unenhanced_liver_of_the_older_phantoms():
+    volume, labels, tissues = phantoms.ct_phantom(11, shape=(24, 128, 128), with_tissues=True)
+    assert 45 <= np.median(volume.array[(tissues == phantoms.LIVER) & (labels == 1)]) <= 72
+
+
 def test_ct_rejects_bad_arguments():
     with pytest.raises(TransferSegError, match="shape"):
         phantoms.ct_phantom(0, (10, 8, 8))

@@ -33,6 +33,7 @@ from .volume import TransferSegError, Volume
 __all__ = [
     "CT_DEFAULT_SHAPE",
     "CT_LABEL_NAMES",
+    "CT_PHASES",
     "CT_TISSUE_NAMES",
     "DBT_DEFAULT_SHAPE",
     "PHANTOM_KINDS",
@@ -300,8 +301,37 @@ def _ct_scan(rng, nk: int, nj: int, ni: int) -> SimpleNamespace:
                            spacing=(s_k, s_ip, s_ip), origin=origin, body_centre=body_centre)
 
 
+#: contrast phase -> tissue -> HU range it is drawn from (portal-venous and arterial values as reported for
+#: abdominal CT: liver about 55–65 HU unenhanced, 100–130 HU in the portal venous phase)
+CT_PHASES = {
+    "non-contrast": {LIVER: (55, 65), SPLEEN: (45, 55), KIDNEY_CORTEX: (30, 40), AORTA: (35, 50), VEIN: (35, 50),
+                     PORTAL: (35, 50), LIVER_PORTAL: (35, 50), LIVER_HEPATIC: (35, 50), BLOOD: (35, 50)},
+    "arterial": {LIVER: (70, 85), SPLEEN: (90, 120), KIDNEY_CORTEX: (150, 200), AORTA: (250, 350), VEIN: (50, 80),
+                 PORTAL: (100, 150), LIVER_PORTAL: (90, 140), LIVER_HEPATIC: (45, 70), BLOOD: (250, 350)},
+    "portal": {LIVER: (100, 130), SPLEEN: (110, 130), KIDNEY_CORTEX: (150, 190), AORTA: (150, 200), VEIN: (130, 170),
+               PORTAL: (160, 200), LIVER_PORTAL: (150, 200), LIVER_HEPATIC: (150, 190), BLOOD: (150, 200)},
+    "delayed": {LIVER: (85, 105), SPLEEN: (90, 110), KIDNEY_CORTEX: (110, 140), AORTA: (110, 140), VEIN: (110, 140),
+                PORTAL: (110, 140), LIVER_PORTAL: (110, 140), LIVER_HEPATIC: (110, 140), BLOOD: (110, 140)},
+}
+
+
+def _phase_of(seed: int, phase: str) -> str:
+    """``phase`` itself, or for ``"random"`` one drawn from the seed (its own stream)."""
+    if phase == "random":
+        return str(_rng(seed, 4).choice(list(CT_PHASES)))
+    if phase not in CT_PHASES:
+        raise TransferSegError(f"phase must be one of {', '.join(CT_PHASES)} or random; got {phase!r}")
+    return phase
+
+
+def _enhance(hu: np.ndarray, phase: str, rng) -> None:
+    """Set the enhancing tissues' HU (in place) to one draw of ``phase``'s ranges."""
+    for tissue, (low, high) in CT_PHASES[phase].items():
+        hu[tissue] = rng.uniform(low, high)
+
+
 def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_diameter_mm=(4.0, 40.0),
-               with_tissues: bool = False):
+               with_tissues: bool = False, phase=None):
     """A synthetic axial abdominal CT (HU) with liver and liver-tumor labels.
 
     Args:
@@ -322,6 +352,13 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
         with_tissues: also return a uint8 map of the tissue at each voxel's centre (values
             and names in :data:`CT_TISSUE_NAMES`; every tumor is 64), e.g. to find the spleen
             and kidneys or to make multi-organ labels.
+        phase: the contrast phase, as real scans have them (:data:`CT_PHASES`): ``"non-contrast"``
+            (liver 55–65 HU), ``"arterial"`` (aorta 250–350, liver 70–85), ``"portal"`` (liver
+            100–130, portal and hepatic veins 150–200) or ``"delayed"`` (liver 85–105), the
+            liver, spleen, kidneys and vessels enhancing together; ``"random"`` draws one per seed.
+            None (the default) keeps the older phantoms bit for bit: vessels enhanced by a random
+            amount in an unenhanced liver, which no real scan shows.  Tumors keep their contrast
+            relative to the liver they sit in.
 
     Returns:
         ``(volume, labels)``: a :class:`Volume` in HU (air −1000, clipped to [−1024, 3071],
@@ -360,6 +397,8 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
 
     hu, tex_fine, tex_coarse = _paint_ct_anatomy(grid, rng, scan.a, scan.b, scan.fat, scan.muscle_w, scan.organ,
                                                  scan.fov, s_ip)
+    if phase is not None:  # after the anatomy's own draws, from a stream of its own: phase=None is unchanged
+        _enhance(hu, _phase_of(seed, phase), _rng(seed, 3))
 
     # --- tumors: centres drawn from the liver as the output grid sees it ---------------------
     trng = _rng(seed, 1)
