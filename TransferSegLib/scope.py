@@ -75,16 +75,23 @@ def _organ_floor_ml(volume: Volume, organ: dict) -> float:
     return min(float(organ.get("min_ml", 0.0)), float(organ.get("min_ml_per_cm", 0.0)) * length_cm)
 
 
-def _body_area_cm2(volume: Volume, labels: np.ndarray, organ_labels) -> float:
-    """The median cross-section of the body (voxels above −300 HU: not air, not lung) in the
-    head-to-foot slices that hold the organ's labels."""
+def _organ_in_slices(volume: Volume, labels: np.ndarray, organ_labels) -> tuple:
+    """``(axis, others, organ mask, held)``: the array axis closest to head-to-foot, the other two, where
+    the organ's labels are, and which head-to-foot slices hold them (a boolean per slice)."""
     from .volume import anatomical_axes
 
     axis = anatomical_axes(volume.directions)["S"]
     others = tuple(a for a in range(3) if a != axis)
+    organ = np.isin(labels, organ_labels)
+    return axis, others, organ, organ.any(axis=others)
+
+
+def _body_area_cm2(volume: Volume, where: tuple) -> float:
+    """The median cross-section of the body (voxels above −300 HU: not air, not lung) in the
+    head-to-foot slices that hold the organ's labels."""
+    axis, others, _, held = where
     pixel_cm2 = float(np.prod([volume.spacing[a] for a in others])) / 100.0
-    held = np.flatnonzero(np.isin(labels, organ_labels).any(axis=others))
-    body = np.take(volume.array, held, axis=axis) > -300.0
+    body = np.take(volume.array, np.flatnonzero(held), axis=axis) > -300.0
     return float(np.median(body.sum(axis=others))) * pixel_cm2
 
 
@@ -95,16 +102,10 @@ def _mean_index(mask: np.ndarray) -> np.ndarray:
                      for a in range(3)])
 
 
-def _offset_mm(volume: Volume, labels: np.ndarray, organ_labels, side: str) -> float:
+def _offset_mm(volume: Volume, where: tuple, side: str) -> float:
     """How far (mm) the organ's centre lies towards the patient's ``side`` ("right" or "left") of the
     body's centre (voxels above −300 HU) in the same head-to-foot slices."""
-    from .volume import anatomical_axes
-
-    axis = anatomical_axes(volume.directions)["S"]
-    others = tuple(a for a in range(3) if a != axis)
-    organ = np.isin(labels, organ_labels)
-    held = np.zeros(volume.shape[axis], bool)
-    held[np.flatnonzero(organ.any(axis=others))] = True
+    axis, _, organ, held = where
     shape = [1, 1, 1]
     shape[axis] = -1
     body = (volume.array > -300.0) & held.reshape(shape)
@@ -131,14 +132,15 @@ def check_result(labels: np.ndarray, volume: Volume, card: dict) -> tuple:
     if found_ml < floor:
         why = (f"no {organ['name']} found: the scan does not seem to cover {region} (the {organ['name']} labels "
                f"add up to {found_ml:.0f} mL, less than the {floor:.0f} mL a scan of this length would hold)")
-    if why is None and found_ml > 0 and organ.get("min_body_cm2"):
-        across = _body_area_cm2(volume, labels, organ["labels"])
+    where = _organ_in_slices(volume, labels, organ["labels"]) if why is None and found_ml > 0 else None
+    if where is not None and organ.get("min_body_cm2"):
+        across = _body_area_cm2(volume, where)
         if across < organ["min_body_cm2"]:
             why = (f"no {organ['name']} found: where the {organ['name']} labels lie the body is {across:.0f} cm² "
                    f"across, less than the {organ['min_body_cm2']:g} cm² of an adult's {region.removeprefix('the ')}; "
                    f"the scan does not seem to cover {region} (a head, a limb, or a small child?)")
-    if why is None and found_ml > 0 and organ.get("side"):
-        offset = _offset_mm(volume, labels, organ["labels"], organ["side"])
+    if why is None and where is not None and organ.get("side"):
+        offset = _offset_mm(volume, where, organ["side"])
         if offset < organ.get("min_offset_mm", 0.0):
             why = (f"no {organ['name']} found: the {organ['name']} labels lie {offset:.0f} mm towards the patient's "
                    f"{organ['side']} of the body's middle, where the {organ['name']} lies at least "
