@@ -122,6 +122,7 @@ def _block_mean(fine: np.ndarray, factors) -> np.ndarray:
  DISC, CSF, CARTILAGE, BOWEL_WALL, FLUID, GAS, STOOL, BILE, MYOCARDIUM, BLOOD, PANCREAS,
  TABLE_SHELL, TABLE_FOAM) = range(31)
 _TUMOR0 = 64  # tumor n is class _TUMOR0 + n
+_RIM0 = 128   # the enhancing rim or capsule of tumor n is class _RIM0 + n (labelled tumor too)
 _LIVER_TISSUE = (LIVER, LIVER_PORTAL, LIVER_HEPATIC)
 #: Names of the values in the tissue map that ``ct_phantom(..., with_tissues=True)`` returns.
 CT_TISSUE_NAMES = {
@@ -174,6 +175,18 @@ class _FineGrid:
             allowed[list(into)] = True
             mask = mask & allowed[sub]
         sub[mask] = cls
+
+    def fraction(self, inside, lo, hi, classes) -> float:
+        """The share of the voxels where ``inside`` holds that are one of ``classes`` now (0 if none)."""
+        sk = self._range(self.z, lo[2], hi[2])
+        sj = self._range(self.y, lo[1], hi[1])
+        si = self._range(self.x, lo[0], hi[0])
+        mask = np.broadcast_to(inside(self.x[si][None, None, :], self.y[sj][None, :, None], self.z[sk][:, None, None]),
+                               (sk.stop - sk.start, sj.stop - sj.start, si.stop - si.start))
+        total = int(mask.sum())
+        if total == 0:
+            return 0.0
+        return float(np.isin(self.cls[sk, sj, si][mask], list(classes)).sum()) / total
 
 
 class _Ellipsoid:
@@ -330,8 +343,97 @@ def _enhance(hu: np.ndarray, phase: str, rng) -> None:
         hu[tissue] = rng.uniform(low, high)
 
 
+#: tumor kind -> (weight, phase -> (low, high) HU relative to the liver of that phase), as liver lesions
+#: look on CT: hypodense metastases (a third with an enhancing rim), arterially hyperenhancing tumors
+#: that wash out later (with a capsule), cysts near water (absolute HU) and subtle hypodense ones.
+TUMOR_KINDS = {
+    "metastasis": (0.45, {"non-contrast": (-30, -12), "arterial": (-60, -25), "portal": (-70, -30), "delayed": (-55, -25)}),
+    "hyperenhancing": (0.2, {"non-contrast": (-20, -6), "arterial": (30, 70), "portal": (-25, -6), "delayed": (-30, -10)}),
+    "cyst": (0.2, None),
+    "subtle": (0.15, {"non-contrast": (-20, -10), "arterial": (-20, -10), "portal": (-22, -10), "delayed": (-20, -10)}),
+}
+#: how far the scan reaches, in body-frame mm (z = 0 the right diaphragm's dome): (top, bottom) ranges
+#: and the share of cases; "chest" and the neck/head/legs have no liver and are scope-test phantoms.
+CT_COVERAGE = {
+    "liver": (0.4, None),                                # dome of the diaphragm to the kidneys, as before
+    "abdomen": (0.3, ((-5.0, 40.0), (-260.0, -200.0))),
+    "chest-abdomen": (0.3, ((70.0, 160.0), (-250.0, -120.0))),
+}
+
+
+def _draw_tumor(rng, phase: str, liver_hu: float) -> dict:
+    """One tumor of a random kind (:data:`TUMOR_KINDS`): its core HU and, for some, a rim's HU and width."""
+    names = list(TUMOR_KINDS)
+    weights = np.array([TUMOR_KINDS[n][0] for n in names])
+    kind = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    out = {"kind": kind, "rim": None, "texture": (5.0, 3.0), "waves": 0.06, "elongation": 0.1}
+    if kind == "cyst":
+        out.update(hu=rng.uniform(0.0, 20.0), texture=(1.5, 0.0), waves=0.02, elongation=0.05)
+        return out
+    low, high = TUMOR_KINDS[kind][1][phase]
+    out["hu"] = liver_hu + rng.uniform(low, high)
+    enhancing = phase in ("arterial", "portal", "delayed")
+    if kind == "metastasis" and enhancing and rng.uniform() < 0.35:          # a viable enhancing rim
+        out["rim"] = (liver_hu + rng.uniform(-5.0, 30.0), rng.uniform(0.12, 0.25))
+        out["texture"] = (7.0, 5.0)
+    elif kind == "hyperenhancing" and phase in ("portal", "delayed") and rng.uniform() < 0.5:   # capsule
+        out["rim"] = (liver_hu + rng.uniform(10.0, 25.0), rng.uniform(0.06, 0.12))
+    return out
+
+
+def _coverage(seed: int, coverage, scan, nk: int) -> None:
+    """Move the scan's z range (in place) to one of :data:`CT_COVERAGE`, drawn from its own stream."""
+    if coverage is None:
+        return
+    rng = _rng(seed, 7)
+    if coverage == "random":
+        names = list(CT_COVERAGE)
+        weights = np.array([CT_COVERAGE[n][0] for n in names])
+        coverage = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    if coverage not in CT_COVERAGE:
+        raise TransferSegError(f"coverage must be one of {', '.join(CT_COVERAGE)} or random; got {coverage!r}")
+    ranges = CT_COVERAGE[coverage][1]
+    if ranges is None:
+        return
+    top, bottom = (rng.uniform(*r) for r in ranges)
+    s_k = float(np.clip((top - bottom) / nk, 1.0, 5.0))
+    cx, cy, _ = scan.body_centre
+    scan.spacing = (s_k, scan.spacing[1], scan.spacing[2])
+    scan.body_centre = (cx, cy, scan.origin[2] + (nk - 1) * s_k - top)
+
+
+def _randomise_intensities(seed: int, hu: np.ndarray) -> None:
+    """SynthSeg-style: every tissue's HU moved by a random amount within bounds (in place).
+
+    Air, gas, lung and the table keep theirs (the HU window clips them anyway); soft tissue moves
+    by up to ±12 HU, bone by up to ±15 %.
+    """
+    rng = _rng(seed, 8)
+    fixed = {AIR, GAS, LUNG, TABLE_SHELL, TABLE_FOAM}
+    for tissue in range(_TUMOR0):
+        if tissue in fixed:
+            continue
+        bound = 0.15 * abs(float(hu[tissue])) if hu[tissue] > 300 else 12.0
+        hu[tissue] += rng.uniform(-bound, bound)
+
+
+def _reconstruct(seed: int, array: np.ndarray, kernel: bool, bias: bool) -> None:
+    """What a scanner's reconstruction adds (in place): with ``kernel`` a soft kernel's in-plane blur,
+    with ``bias`` a smooth additive field (beam hardening, scatter) of up to ±15 HU."""
+    rng = _rng(seed, 6)
+    blur = rng.uniform(0.0, 0.9)                # pixels
+    if kernel and blur > 0.05:
+        array[...] = ndimage.gaussian_filter(array, (0.0, blur, blur))
+    if bias:
+        amplitude = rng.uniform(0.0, 15.0)
+        field = _unit_noise(rng, tuple(max(1, n // 8) for n in array.shape), (1.0, 2.0, 2.0))
+        zoom = [n / m for n, m in zip(array.shape, field.shape)]
+        array += amplitude * ndimage.zoom(field, zoom, order=1)[tuple(slice(0, n) for n in array.shape)]
+
+
 def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_diameter_mm=(4.0, 40.0),
-               with_tissues: bool = False, phase=None):
+               with_tissues: bool = False, phase=None, tumor_kinds=None, coverage=None, reconstruction=None,
+               randomise: bool = False):
     """A synthetic axial abdominal CT (HU) with liver and liver-tumor labels.
 
     Args:
@@ -379,8 +481,15 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
     if not 0 < d_lo <= d_hi:
         raise TransferSegError(f"tumor_diameter_mm must be (low, high) with 0 < low ≤ high; got {tumor_diameter_mm}")
 
+    if tumor_kinds not in (None, "mixed"):
+        raise TransferSegError(f"tumor_kinds must be None or 'mixed'; got {tumor_kinds!r}")
+    if reconstruction not in (None, "random"):
+        raise TransferSegError(f"reconstruction must be None or 'random'; got {reconstruction!r}")
+    phase_name = None if phase is None else _phase_of(seed, phase)
+
     rng = _rng(seed, 0)
     scan = _ct_scan(rng, nk, nj, ni)
+    _coverage(seed, coverage, scan, nk)
     s_k, s_ip, origin = scan.spacing[0], scan.spacing[2], scan.origin
 
     # --- fine grid -----------------------------------------------------------------------
@@ -397,12 +506,21 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
 
     hu, tex_fine, tex_coarse = _paint_ct_anatomy(grid, rng, scan.a, scan.b, scan.fat, scan.muscle_w, scan.organ,
                                                  scan.fov, s_ip)
-    if phase is not None:  # after the anatomy's own draws, from a stream of its own: phase=None is unchanged
-        _enhance(hu, _phase_of(seed, phase), _rng(seed, 3))
+    if phase_name is not None:  # after the anatomy's own draws, from a stream of its own: phase=None is unchanged
+        _enhance(hu, phase_name, _rng(seed, 3))
+    if randomise:
+        _randomise_intensities(seed, hu)
 
     # --- tumors: centres drawn from the liver as the output grid sees it ---------------------
     trng = _rng(seed, 1)
     n_tumors = int(trng.choice(6, p=[0.15, 0.25, 0.25, 0.15, 0.1, 0.1])) if tumors is None else int(tumors)
+    kinds = None
+    if tumor_kinds == "mixed":
+        krng = _rng(seed, 5)
+        if tumors is None and krng.uniform() < 0.2:       # many small ones (miliary metastases)
+            n_tumors = int(krng.integers(4, 11))
+            d_hi = min(d_hi, max(d_lo, 15.0))
+        kinds = [_draw_tumor(krng, phase_name or "non-contrast", float(hu[LIVER])) for _ in range(n_tumors)]
     factors = (ss_k, ss_ip, ss_ip)
     is_liver = np.zeros(256, dtype=np.float32)
     is_liver[list(_LIVER_TISSUE)] = 1.0
@@ -410,7 +528,7 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
     d_lo = max(d_lo, 1.5 * max(s_k, s_ip))
     d_hi = max(d_hi, d_lo)
     placed = _place_tumors(grid, factors, trng, n_tumors, liver_frac >= 0.5, (s_k, s_ip, s_ip), (d_lo, d_hi),
-                           hu, tex_fine, tex_coarse)
+                           hu, tex_fine, tex_coarse, kinds)
 
     # --- average each output voxel, add texture and noise -----------------------------------
     cls = grid.cls
@@ -420,12 +538,20 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
     array += _block_mean(tex_coarse[cls], factors) * _unit_noise(nrng, array.shape, (1.0, 6.0 / s_ip, 6.0 / s_ip))
     sigma = nrng.uniform(11.0, 20.0) if noise_sigma is None else float(noise_sigma)
     corr = nrng.uniform(0.6, 1.1)  # noise correlation length in pixels, in-plane only (per-slice reconstruction)
+    if reconstruction == "random" or randomise:
+        _reconstruct(seed, array, reconstruction == "random", randomise)
+    if reconstruction == "random":   # kernels and doses: sharp and noisy to smooth and quiet
+        drng = _rng(seed, 9)
+        corr = drng.uniform(0.5, 1.8)
+        if noise_sigma is None:
+            sigma = drng.uniform(6.0, 32.0)
     array += sigma * _unit_noise(nrng, array.shape, (0.0, corr, corr))
     array = np.clip(np.round(array), -1024, 3071).astype(np.float32)
 
     is_tumor = np.zeros(256, dtype=np.float32)
-    is_tumor[_TUMOR0:_TUMOR0 + placed] = 1.0
-    is_liver[_TUMOR0:_TUMOR0 + placed] = 1.0
+    for first in (_TUMOR0, _RIM0):
+        is_tumor[first:first + placed] = 1.0
+        is_liver[first:first + placed] = 1.0
     tumor_frac = _block_mean(is_tumor[cls], factors)
     liver_frac = _block_mean(is_liver[cls], factors)
     labels = np.where(tumor_frac >= 0.5, 2, np.where(liver_frac >= 0.5, 1, 0)).astype(np.uint8)
@@ -713,11 +839,14 @@ def _paint_ct_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm):
     return hu, tex_f, tex_c
 
 
-def _place_tumors(grid, factors, rng, count, liver_mask, spacing, diameter_range, hu, tex_f, tex_c) -> int:
+def _place_tumors(grid, factors, rng, count, liver_mask, spacing, diameter_range, hu, tex_f, tex_c, kinds=None) -> int:
     """Paint up to ``count`` non-overlapping tumors inside the liver; return how many fit.
 
     Centres are drawn from the output-grid liver mask: about a third at the edge (centre
     0.3–0.6 radii inside the surface, so the liver cuts the tumor), the rest inside.
+    ``kinds`` (one :func:`_draw_tumor` per tumor, or None for the older hypo/hyper-dense tumors)
+    sets each one's HU, rim and texture; such tumors are also kept off the large vessels (at most
+    5 % of a tumor may be vessel), as Hu et al. (CVPR 2023) place synthetic tumors.
     """
     if count == 0 or not liver_mask.any():
         return 0
@@ -730,7 +859,7 @@ def _place_tumors(grid, factors, rng, count, liver_mask, spacing, diameter_range
     voxel = max(spacing)
     liver_hu = float(hu[LIVER])
     centres, placed = [], 0
-    for _ in range(count):
+    for n in range(count):
         diameter = math.exp(rng.uniform(math.log(d_lo), math.log(d_hi)))
         edge = rng.uniform() < 0.33
         sign = -1.0 if rng.uniform() < 0.65 else 1.0
@@ -738,7 +867,10 @@ def _place_tumors(grid, factors, rng, count, liver_mask, spacing, diameter_range
         axes = np.exp(rng.normal(0.0, 0.1, size=3))
         axes /= np.prod(axes) ** (1.0 / 3.0)                  # equal volume to a sphere of this diameter
         rot = _rotation(rng, 180.0)
-        waves = _Waves(rng, 5, (diameter, 3.0 * diameter), 0.06)
+        kind = None if kinds is None else kinds[n]
+        if kind is not None and kind["elongation"] != 0.1:   # cysts: rounder, smoother
+            axes = np.exp(np.log(axes) * kind["elongation"] / 0.1)
+        waves = _Waves(rng, 5, (diameter, 3.0 * diameter), 0.06 if kind is None else kind["waves"])
         for _attempt in range(30):
             r = diameter / 2.0
             if edge:
@@ -755,10 +887,23 @@ def _place_tumors(grid, factors, rng, count, liver_mask, spacing, diameter_range
             jitter = rng.uniform(-0.5, 0.5, size=3) * steps
             centre = np.array([xo[i] + jitter[2], yo[j] + jitter[1], zo[k] + jitter[0]])
             if all(np.linalg.norm(centre - c) >= r + rc + 3.0 for c, rc in centres):
+                shape = _ellipsoid(centre, r * axes, rot, waves)
+                if kind is not None and grid.fraction(*shape, (LIVER_PORTAL, LIVER_HEPATIC, VEIN, PORTAL)) > 0.05:
+                    continue
                 cls = _TUMOR0 + placed
-                grid.paint(cls, *_ellipsoid(centre, r * axes, rot, waves), into=_LIVER_TISSUE)
-                hu[cls] = liver_hu + sign * contrast
-                tex_f[cls], tex_c[cls] = 5.0, 3.0
+                grid.paint(cls, *shape, into=_LIVER_TISSUE)
+                if kind is None:
+                    hu[cls] = liver_hu + sign * contrast
+                    tex_f[cls], tex_c[cls] = 5.0, 3.0
+                else:
+                    hu[cls] = kind["hu"]
+                    tex_f[cls], tex_c[cls] = kind["texture"]
+                    if kind["rim"] is not None:       # the whole tumor is rim first, then its core inside
+                        rim_hu, width = kind["rim"]
+                        grid.paint(_RIM0 + placed, *shape, into=(cls,))
+                        grid.paint(cls, *_ellipsoid(centre, r * axes * (1.0 - width), rot, waves), into=(_RIM0 + placed,))
+                        hu[_RIM0 + placed] = rim_hu
+                        tex_f[_RIM0 + placed], tex_c[_RIM0 + placed] = 5.0, 2.0
                 centres.append((centre, r))
                 placed += 1
                 break
