@@ -13,6 +13,10 @@ from scipy import ndimage
 
 from TransferSegLib import phantoms
 from TransferSegLib.io import load_volume
+from TransferSegLib.phantoms import common as phantom_common
+from TransferSegLib.phantoms import ct as phantom_ct
+from TransferSegLib.phantoms import dbt as phantom_dbt
+from TransferSegLib.phantoms import tissues as phantom_tissues
 from TransferSegLib.volume import TransferSegError, orientation_name
 
 CT_SEEDS = (0, 1, 2)
@@ -97,12 +101,12 @@ def test_ct_geometry_is_an_lps_axial_ct_with_a_real_origin(ct_cases):
 def test_ct_spacing_is_clinical_at_clinical_matrix_sizes():
     for seed in range(40):
         for nk in (40, 64, 200):
-            scan = phantoms._ct_scan(np.random.default_rng([seed, 0]), nk, 512, 512)
+            scan = phantom_ct._ct_scan(np.random.default_rng([seed, 0]), nk, 512, 512)
             s_k, s_j, s_i = scan.spacing
             assert 0.6 <= s_i == s_j <= 1.0
             assert 1.0 <= s_k <= 5.0
     volume, labels = phantoms.ct_phantom(7, (6, 512, 512), tumors=0)
-    assert volume.spacing == phantoms._ct_scan(np.random.default_rng([7, 0]), 6, 512, 512).spacing
+    assert volume.spacing == phantom_ct._ct_scan(np.random.default_rng([7, 0]), 6, 512, 512).spacing
     assert 0.6 <= volume.spacing[2] <= 1.0 and 1.0 <= volume.spacing[0] <= 5.0
     assert volume.spacing[0] > 2 * volume.spacing[2]                  # anisotropic: thick slices
     assert np.count_nonzero(labels == 1) > 10_000                     # a few slices through the liver
@@ -110,19 +114,19 @@ def test_ct_spacing_is_clinical_at_clinical_matrix_sizes():
 
 def test_ct_anatomy_lies_where_it_does_in_a_patient(ct_cases):
     for volume, labels, tissues in ct_cases.values():
-        body = ~np.isin(tissues, [phantoms.AIR, phantoms.TABLE_SHELL, phantoms.TABLE_FOAM])
+        body = ~np.isin(tissues, [phantom_tissues.AIR, phantom_tissues.TABLE_SHELL, phantom_tissues.TABLE_FOAM])
         r_body, a_body, _ = _ras_centroid(volume, body)
         r_liver, _, _ = _ras_centroid(volume, labels > 0)
-        r_spleen, _, _ = _ras_centroid(volume, tissues == phantoms.SPLEEN)
-        _, a_canal, _ = _ras_centroid(volume, tissues == phantoms.CSF)
+        r_spleen, _, _ = _ras_centroid(volume, tissues == phantom_tissues.SPLEEN)
+        _, a_canal, _ = _ras_centroid(volume, tissues == phantom_tissues.CSF)
         body_a = volume.ijk_to_ras_points(np.argwhere(body))[:, 1]
         assert r_liver > r_body + 20          # liver in the patient's right upper abdomen
         assert r_spleen < r_body - 40         # spleen on the left
         assert a_canal < a_body - 25          # spine at the back: its canal in the posterior third
         assert (a_canal - body_a.min()) / np.ptp(body_a) < 0.36
-        kidney_r = volume.ijk_to_ras_points(np.argwhere(tissues == phantoms.KIDNEY_CORTEX))[:, 0]
+        kidney_r = volume.ijk_to_ras_points(np.argwhere(tissues == phantom_tissues.KIDNEY_CORTEX))[:, 0]
         assert (kidney_r > r_body + 30).sum() > 20 and (kidney_r < r_body - 30).sum() > 20   # one each side
-        ribs = tissues == phantoms.BONE_CORTEX
+        ribs = tissues == phantom_tissues.BONE_CORTEX
         rib_r = volume.ijk_to_ras_points(np.argwhere(ribs))[:, 0]
         assert (np.abs(rib_r - r_body) > 100).sum() > 50      # ribs far lateral, not only the spine
 
@@ -133,7 +137,7 @@ def test_ct_liver_hu_and_the_organs_that_overlap_it(ct_cases):
         liver = labels == 1
         p10, median, p90 = np.percentile(a[liver], [10, 50, 90])
         assert 50 <= median <= 70
-        for organ in (phantoms.SPLEEN, phantoms.KIDNEY_CORTEX, phantoms.MUSCLE):
+        for organ in (phantom_tissues.SPLEEN, phantom_tissues.KIDNEY_CORTEX, phantom_tissues.MUSCLE):
             core = ndimage.binary_erosion(tissues == organ)
             assert core.sum() > 30
             assert p10 <= np.median(a[core]) <= p90, phantoms.CT_TISSUE_NAMES[organ]
@@ -187,9 +191,9 @@ def test_ct_thick_slices_average_the_anatomy():
         volume, _, tissues = phantoms.ct_phantom(seed, tumors=0, noise_sigma=0.0, with_tissues=True)
         # voxels centred in the diaphragm or liver right under the lung (in-plane well inside it):
         # a thick slice also holds some of the lung above, so they read far below soft tissue
-        lung_inside = ndimage.binary_erosion(tissues == phantoms.LUNG, structure=np.ones((1, 5, 5)))
+        lung_inside = ndimage.binary_erosion(tissues == phantom_tissues.LUNG, structure=np.ones((1, 5, 5)))
         under_lung = np.zeros_like(lung_inside)
-        under_lung[:-1] = lung_inside[1:] & np.isin(tissues[:-1], [phantoms.MUSCLE, phantoms.LIVER])
+        under_lung[:-1] = lung_inside[1:] & np.isin(tissues[:-1], [phantom_tissues.MUSCLE, phantom_tissues.LIVER])
         assert under_lung.sum() > 50
         assert np.median(volume.array[under_lung]) < -100
 
@@ -205,18 +209,18 @@ def test_ct_contrast_phases_enhance_the_liver_and_vessels_together(phase):
     ranges = phantoms.CT_PHASES[phase]
     for seed in (11, 12):
         volume, labels, tissues = phantoms.ct_phantom(seed, shape=(24, 128, 128), phase=phase, with_tissues=True)
-        liver = np.median(volume.array[(tissues == phantoms.LIVER) & (labels == 1)])
-        aorta = np.median(volume.array[tissues == phantoms.AORTA])
-        low, high = ranges[phantoms.LIVER]
+        liver = np.median(volume.array[(tissues == phantom_tissues.LIVER) & (labels == 1)])
+        aorta = np.median(volume.array[tissues == phantom_tissues.AORTA])
+        low, high = ranges[phantom_tissues.LIVER]
         assert low - 8 <= liver <= high + 8, (phase, seed, liver)  # a median of noisy, partial-volume voxels
-        low, high = ranges[phantoms.AORTA]
+        low, high = ranges[phantom_tissues.AORTA]
         assert low - 15 <= aorta <= high + 15, (phase, seed, aorta)
 
 
 def test_ct_phase_random_is_one_phase_per_seed_and_a_bad_phase_is_refused():
     first = phantoms.ct_phantom(21, shape=(12, 64, 64), phase="random")[0].array
     assert np.array_equal(first, phantoms.ct_phantom(21, shape=(12, 64, 64), phase="random")[0].array)
-    drawn = {phantoms._phase_of(seed, "random") for seed in range(40)}
+    drawn = {phantom_ct._phase_of(seed, "random") for seed in range(40)}
     assert drawn == set(phantoms.CT_PHASES)
     with pytest.raises(TransferSegError, match="phase must be one of non-contrast, arterial, portal, delayed"):
         phantoms.ct_phantom(1, shape=(12, 64, 64), phase="venous")
@@ -224,7 +228,106 @@ def test_ct_phase_random_is_one_phase_per_seed_and_a_bad_phase_is_refused():
 
 def test_ct_phase_none_leaves_the_unenhanced_liver_of_the_older_phantoms():
     volume, labels, tissues = phantoms.ct_phantom(11, shape=(24, 128, 128), with_tissues=True)
-    assert 45 <= np.median(volume.array[(tissues == phantoms.LIVER) & (labels == 1)]) <= 72
+    assert 45 <= np.median(volume.array[(tissues == phantom_tissues.LIVER) & (labels == 1)]) <= 72
+
+
+REAL = {"phase": "random", "tumor_kinds": "mixed", "coverage": "random", "reconstruction": "random", "randomise": True}
+
+
+def test_ct_coverage_liver_and_the_options_off_are_the_default_phantom_bit_for_bit():
+    """Each realism option draws from a stream of its own: off, or at its default value, nothing moves."""
+    volume, labels = phantoms.ct_phantom(5, shape=(16, 64, 64))
+    same, same_labels = phantoms.ct_phantom(5, shape=(16, 64, 64), coverage="liver", tumor_kinds=None,
+                                            reconstruction=None, randomise=False)
+    assert np.array_equal(volume.array, same.array) and np.array_equal(labels, same_labels)
+    assert volume.spacing == same.spacing
+
+
+@pytest.mark.parametrize("option", [{"reconstruction": "random"}, {"randomise": True}])
+def test_ct_reconstruction_and_intensity_randomisation_change_the_image_not_the_labels(option):
+    for seed in (3, 4):
+        plain, labels = phantoms.ct_phantom(seed, shape=(16, 96, 96), phase="portal")
+        varied, varied_labels = phantoms.ct_phantom(seed, shape=(16, 96, 96), phase="portal", **option)
+        assert np.array_equal(labels, varied_labels) and varied.spacing == plain.spacing
+        difference = np.abs(varied.array - plain.array)[labels == 1]
+        assert difference.mean() > 2.0, (seed, option)
+        # within the bounds: kernel, dose and per-tissue shifts keep a liver a liver
+        assert abs(np.median(varied.array[labels == 1]) - np.median(plain.array[labels == 1])) <= 30.0
+
+
+def test_ct_reconstruction_random_spans_smooth_quiet_and_sharp_noisy_scans():
+    """The noise (the scan less the same scan without noise) varies ≥ 2× from seed to seed, within 5–35 HU."""
+    spreads = []
+    for seed in range(8):
+        noisy = phantoms.ct_phantom(seed, shape=(12, 96, 96), reconstruction="random")[0].array
+        quiet = phantoms.ct_phantom(seed, shape=(12, 96, 96), reconstruction="random", noise_sigma=0.0)[0].array
+        body = quiet > -500
+        spreads.append(float(np.std((noisy - quiet)[body])))
+    assert max(spreads) > 2.0 * min(spreads), spreads
+    assert 5.0 <= min(spreads) and max(spreads) <= 35.0, spreads
+
+
+def test_ct_coverage_chest_to_abdomen_reaches_above_the_liver_into_the_lungs():
+    for seed in range(30):
+        if phantom_common.stream(seed, 7).choice(3, p=[0.4, 0.3, 0.3]) == 2:
+            break
+    volume, labels, tissues = phantoms.ct_phantom(seed, shape=(60, 96, 96), coverage="random", with_tissues=True)
+    liver_slices = np.flatnonzero((labels > 0).any(axis=(1, 2)))
+    assert volume.spacing[0] * volume.shape[0] >= 190.0
+    above = volume.shape[0] - 1 - liver_slices.max()          # k runs superior
+    assert above * volume.spacing[0] >= 40.0, (seed, above, volume.spacing)
+    assert (tissues[liver_slices.max() + 1:] == phantom_tissues.LUNG).mean() > 0.1
+    with pytest.raises(TransferSegError, match="coverage must be one of liver, abdomen, chest-abdomen or random"):
+        phantoms.ct_phantom(1, shape=(12, 64, 64), coverage="head")
+
+
+@pytest.mark.parametrize("phase", ["arterial", "portal"])
+def test_ct_tumor_kinds_look_as_they_should_in_each_phase(phase):
+    """Drawn kinds: cysts near water, metastases hypodense, hyperenhancing tumors bright only when arterial."""
+    rng = np.random.default_rng(0)
+    liver = 115.0 if phase == "portal" else 78.0
+    drawn = [phantom_ct._draw_tumor(rng, phase, liver) for _ in range(400)]
+    kinds = {d["kind"] for d in drawn}
+    assert kinds == set(phantoms.TUMOR_KINDS)
+    for d in drawn:
+        if d["kind"] == "cyst":
+            assert 0.0 <= d["hu"] <= 20.0 and d["rim"] is None
+        elif d["kind"] == "metastasis":
+            assert d["hu"] <= liver - 25.0
+        elif d["kind"] == "hyperenhancing":
+            assert (d["hu"] >= liver + 30.0) if phase == "arterial" else (d["hu"] <= liver - 6.0)
+    assert any(d["rim"] is not None for d in drawn if d["kind"] == "metastasis")
+
+
+def test_ct_mixed_tumors_are_visible_labelled_and_kept_off_the_large_vessels():
+    """Every tumor component differs from its liver; where tumors sit, the same anatomy without them has
+    (almost) no intrahepatic vessel: tumors are placed off the portal and hepatic veins."""
+    vessels = (phantom_tissues.LIVER_PORTAL, phantom_tissues.LIVER_HEPATIC, phantom_tissues.VEIN, phantom_tissues.PORTAL)
+    checked = 0
+    for seed in (40, 41, 42):
+        volume, labels = phantoms.ct_phantom(seed, shape=(40, 160, 160), tumors=4, phase="portal", tumor_kinds="mixed")
+        _, _, tissues = phantoms.ct_phantom(seed, shape=(40, 160, 160), tumors=0, phase="portal", with_tissues=True)
+        components, n = ndimage.label(labels == 2)
+        assert n >= 2, seed
+        liver = np.median(volume.array[ndimage.binary_erosion(labels == 1, iterations=2)])
+        for c in range(1, n + 1):
+            inside = components == c
+            if inside.sum() < 20:
+                continue
+            assert abs(np.median(volume.array[inside]) - liver) >= 5.0, (seed, c)
+            assert np.isin(tissues[inside], vessels).mean() <= 0.12, (seed, c)
+            checked += 1
+    assert checked >= 6
+    with pytest.raises(TransferSegError, match="tumor_kinds must be None or 'mixed'"):
+        phantoms.ct_phantom(1, shape=(12, 64, 64), tumor_kinds="real")
+
+
+def test_ct_realistic_options_still_label_every_tumor_inside_the_liver():
+    for seed in (7, 8):
+        _, labels = phantoms.ct_phantom(seed, shape=(30, 96, 96), tumors=3, **REAL)
+        tumor = labels == 2
+        grown = ndimage.binary_dilation(labels > 0, iterations=1)
+        assert tumor.any() and grown[tumor].all()
 
 
 def test_ct_rejects_bad_arguments():
@@ -279,7 +382,7 @@ def test_dbt_boxes_contain_their_lesion(kind, arguments):
 def test_dbt_out_of_plane_blur_smears_along_the_sweep():
     point = np.zeros((21, 41, 41), dtype=np.float32)
     point[10, 20, 20] = 1.0
-    blurred = phantoms._tomosynthesis_blur(point, slice_mm=1.0, pixel_mm=0.1, sweep_deg=7.5)
+    blurred = phantom_dbt._tomosynthesis_blur(point, slice_mm=1.0, pixel_mm=0.1, sweep_deg=7.5)
     assert blurred.sum() == pytest.approx(1.0, rel=1e-5)                  # no signal made or lost
     peaks = [blurred[10 + d].max() for d in range(0, 9)]
     assert all(a > b for a, b in zip(peaks, peaks[1:]))                   # weaker further from focus

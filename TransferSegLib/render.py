@@ -27,7 +27,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
 
 from .atomic import atomic_output
-from .phantoms import CT_LABEL_NAMES
+from .labels import CT_LABEL_NAMES
 from .volume import TransferSegError, Volume, anatomical_axes, label_counts
 
 __all__ = ["LABEL_COLORS", "save_detections_png", "save_froc_png", "save_gallery_png", "save_overview_png",
