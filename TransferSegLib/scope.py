@@ -87,12 +87,20 @@ def _organ_in_slices(volume: Volume, labels: np.ndarray, organ_labels) -> tuple:
 
 
 def _body_area_cm2(volume: Volume, where: tuple) -> float:
-    """The median cross-section of the body (voxels above −300 HU: not air, not lung) in the
-    head-to-foot slices that hold the organ's labels."""
-    axis, others, _, held = where
+    """The median cross-section of the body part that holds the organ's labels (in each head-to-foot
+    slice that holds them, the connected parts of the body — voxels above −300 HU, not air, not lung —
+    that the labels touch): the trunk, not the trunk and arms, nor two thighs taken together."""
+    from scipy import ndimage
+
+    axis, others, organ, held = where
     pixel_cm2 = float(np.prod([volume.spacing[a] for a in others])) / 100.0
-    body = np.take(volume.array, np.flatnonzero(held), axis=axis) > -300.0
-    return float(np.median(body.sum(axis=others))) * pixel_cm2
+    areas = []
+    for index in np.flatnonzero(held):
+        body = np.take(volume.array, index, axis=axis) > -300.0
+        parts, _ = ndimage.label(body)
+        touched = np.unique(parts[np.take(organ, index, axis=axis) & body])
+        areas.append(np.isin(parts, touched[touched > 0]).sum())
+    return float(np.median(areas)) * pixel_cm2
 
 
 def _mean_index(mask: np.ndarray) -> np.ndarray:
@@ -136,8 +144,8 @@ def check_result(labels: np.ndarray, volume: Volume, card: dict) -> tuple:
     if where is not None and organ.get("min_body_cm2"):
         across = _body_area_cm2(volume, where)
         if across < organ["min_body_cm2"]:
-            why = (f"no {organ['name']} found: where the {organ['name']} labels lie the body is {across:.0f} cm² "
-                   f"across, less than the {organ['min_body_cm2']:g} cm² of an adult's {region.removeprefix('the ')}; "
+            why = (f"no {organ['name']} found: the body part that holds the {organ['name']} labels is "
+                   f"{across:.0f} cm² across, less than the {organ['min_body_cm2']:g} cm² of an adult's {region.removeprefix('the ')}; "
                    f"the scan does not seem to cover {region} (a head, a limb, or a small child?)")
     if why is None and where is not None and organ.get("side"):
         offset = _offset_mm(volume, where, organ["side"])
