@@ -17,7 +17,9 @@ Parts (``--parts``, default all):
   tumor voxels for the global tumor Dice (label 2, pooled over cases), and whether the written
   label map lies on the input's exact grid (size, origin, spacing and direction read back with
   SimpleITK from ``labelmap.nii.gz`` and ``segmentation.seg.nrrd`` equal the input file's).
-  Then the same on the small native grid (``ct_phantom(seed)``), today's ground.
+  Then the same on the small native grid (``ct_phantom(seed)``), today's ground, and on 8 clinical
+  grids drawn as real scans vary (``varied``: seeds 5400+, :data:`VARIED` — contrast phases, tumor
+  kinds, coverage, reconstruction; what the CT models train on since the real-CT work).
 * ``speed``: a 512×512×100 CT at about 0.7 mm (seconds, goal < 60 s; peak RSS, goal < 3 GiB),
   a 512×512×300 CT (peak RSS, goal < 4 GiB), a 40×1024×768 DBT at 0.1 mm (seconds, goal
   < 60 s); and the CT model without its working spacing (a card copy with
@@ -71,6 +73,8 @@ DBT_GRIDS = {"default": {}, "clinical": {"shape": [40, 1024, 768], "pixel_mm": 0
 FROC_PROTOCOL = ("AH-Net sec. 4.1: a peak inside a lesion's 3D box is a true positive (once per box); peaks are "
                  "pipeline.run's detections (found on the working grid with the card's min_distance, threshold 0, "
                  "at most 50 per volume) mapped back to the input grid")
+# held-out phantoms drawn as real scans vary (the options the CT models from 3.0.0 / 2.0.0 train with)
+VARIED = {"phase": "random", "tumor_kinds": "mixed", "coverage": "random", "reconstruction": "random", "randomise": True}
 CT_STORAGE = ("as generated (LPS axial)", "RAS-flipped", "oblique", "sagittal")
 
 
@@ -225,10 +229,12 @@ def ct_part(model, work: Path, threads: int, quick: bool, out: dict, save=lambda
 
     rows = out.setdefault("cases", [])
     out["model"] = str(model)
-    grids = {"clinical": ct_cases(quick), "native": [(5100 + n, None, CT_STORAGE[0]) for n in range(1 if quick else 5)]}
+    grids = {"clinical": ct_cases(quick), "native": [(5100 + n, None, CT_STORAGE[0]) for n in range(1 if quick else 5)],
+             "varied": [(5400 + n, (nk, 512, 512), CT_STORAGE[0])
+                        for n, nk in enumerate((60, 100, 150, 80, 120, 48, 90, 200)[:1 if quick else 8])]}
     for grid, cases in grids.items():
         for seed, shape, storage in cases:
-            volume, labels = ct_phantom(seed, shape=shape)
+            volume, labels = ct_phantom(seed, shape=shape, **(VARIED if grid == "varied" else {}))
             volume, labels = stored_as(volume, labels, storage)
             path = write_ct(volume, work / f"ct-{seed}.nii.gz")
             del volume
