@@ -322,6 +322,24 @@ def test_ct_mixed_tumors_are_visible_labelled_and_kept_off_the_large_vessels():
         phantoms.ct_phantom(1, shape=(12, 64, 64), tumor_kinds="real")
 
 
+def test_ct_arms_and_metal_change_the_image_where_they_should_and_never_the_labels():
+    """Arms lie outside the trunk (more body at the sides); metal is ≥ 2,000 HU with streaks around it."""
+    arms_seed = next(s for s in range(40) if phantom_common.stream(s, 10).uniform() < 0.5)
+    metal_seed = next(s for s in range(40) if phantom_common.stream(s, 11).uniform() < 0.25)
+    for seed, option in ((arms_seed, "arms"), (metal_seed, "metal")):
+        plain, labels = phantoms.ct_phantom(seed, shape=(24, 128, 128))
+        varied, varied_labels = phantoms.ct_phantom(seed, shape=(24, 128, 128), **{option: True})
+        assert np.array_equal(labels, varied_labels), option
+        changed = plain.array != varied.array
+        if option == "arms":
+            body_plain, body_arms = plain.array > -300, varied.array > -300
+            assert body_arms.sum() > 1.05 * body_plain.sum() and body_plain[changed].mean() < 0.1
+        else:
+            assert (varied.array >= 2000).any() and not (plain.array >= 2000).any()
+            slices = np.flatnonzero((varied.array >= 2000).any(axis=(1, 2)))
+            assert changed[slices].mean() > 0.1 and not changed[np.setdiff1d(np.arange(24), slices)].any()
+
+
 def test_ct_realistic_options_still_label_every_tumor_inside_the_liver():
     for seed in (7, 8):
         _, labels = phantoms.ct_phantom(seed, shape=(30, 96, 96), tumors=3, **REAL)

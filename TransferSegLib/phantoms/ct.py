@@ -14,9 +14,10 @@ from scipy import ndimage
 from ..volume import TransferSegError, Volume
 from .anatomy import paint_anatomy
 from .common import block_mean, check_seed, check_shape, random_rotation, stream, unit_noise
-from .geometry import FineGrid, Waves, ellipsoid
-from .tissues import (AIR, AORTA, BLOOD, GAS, KIDNEY_CORTEX, LIVER, LIVER_HEPATIC, LIVER_PORTAL,
-                      LIVER_TISSUE, LUNG, PORTAL, RIM0, SPLEEN, TABLE_FOAM, TABLE_SHELL, TUMOR0, VEIN)
+from .geometry import FineGrid, Waves, capsule, ellipsoid
+from .tissues import (AIR, AORTA, BLOOD, BONE_CORTEX, BONE_MARROW, FAT_SC, GAS, KIDNEY_CORTEX, LIVER, LIVER_HEPATIC,
+                      LIVER_PORTAL, LIVER_TISSUE, LUNG, MUSCLE, PORTAL, RIM0, SKIN, SPLEEN, TABLE_FOAM, TABLE_SHELL,
+                      TUMOR0, VEIN)
 
 CT_DEFAULT_SHAPE = (40, 96, 96)
 
@@ -161,9 +162,52 @@ def _reconstruct(seed: int, array: np.ndarray, kernel: bool, bias: bool) -> None
         array += amplitude * ndimage.zoom(field, zoom, order=1)[tuple(slice(0, n) for n in array.shape)]
 
 
+def _paint_arms(grid, rng, scan) -> None:
+    """In half the cases, the arms down beside the body: skin, fat, muscle around the humerus."""
+    if rng.uniform() >= 0.5:
+        return
+    big = 1e4
+    for side in (-1.0, 1.0):
+        r = rng.uniform(38.0, 55.0) * scan.organ
+        cx = side * (scan.a + rng.uniform(5.0, 30.0) + r)
+        cy = rng.uniform(-0.3, 0.3) * scan.b
+        fat = rng.uniform(4.0, 14.0)
+        for cls, radius in ((SKIN, r), (FAT_SC, r - 2.0), (MUSCLE, r - 2.0 - fat)):
+            grid.paint(cls, *capsule((cx, cy, -big), (cx, cy, big), radius), into=(AIR, SKIN, FAT_SC))
+        bone = (cx + side * 0.1 * r, cy, 0.0)
+        grid.paint(BONE_CORTEX, *capsule((bone[0], bone[1], -big), (bone[0], bone[1], big), 10.0), into=(MUSCLE,))
+        grid.paint(BONE_MARROW, *capsule((bone[0], bone[1], -big), (bone[0], bone[1], big), 6.0), into=(BONE_CORTEX,))
+
+
+def _metal_streaks(rng, array: np.ndarray, spacing) -> None:
+    """In one case in four, a small metal object (2,000–3,071 HU) in a few slices, with the streaks
+    it casts: alternating dark and bright lines through it at a handful of angles, fading with distance."""
+    if rng.uniform() >= 0.25:
+        return
+    s_k, s_ip = spacing[0], spacing[2]
+    nk, nj, ni = array.shape
+    body = np.argwhere(array[:, ::4, ::4] > -200.0)
+    if body.size == 0:
+        return
+    k, j, i = body[rng.integers(len(body))] * [1, 4, 4]
+    slab = max(1, int(round(rng.uniform(3.0, 25.0) / s_k)))
+    radius = rng.uniform(1.5, 6.0) / s_ip
+    jj, ii = np.mgrid[0:nj, 0:ni].astype(np.float32)
+    dj, di = jj - j, ii - i
+    distance = np.hypot(dj, di)
+    streaks = np.zeros((nj, ni), np.float32)
+    for angle in rng.uniform(0.0, np.pi, size=int(rng.integers(3, 9))):
+        across = np.abs(dj * np.cos(angle) - di * np.sin(angle))          # pixels from the line through the metal
+        streaks += rng.choice([-1.0, 1.0]) * np.exp(-(across / rng.uniform(0.8, 2.5)) ** 2)
+    streaks *= rng.uniform(100.0, 400.0) / (1.0 + distance * s_ip / 40.0)
+    for n in range(max(0, k - slab // 2), min(nk, k + slab // 2 + 1)):
+        array[n] += streaks
+        array[n][distance <= radius] = rng.uniform(2000.0, 3071.0)
+
+
 def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_diameter_mm=(4.0, 40.0),
                with_tissues: bool = False, phase=None, tumor_kinds=None, coverage=None, reconstruction=None,
-               randomise: bool = False):
+               randomise: bool = False, arms: bool = False, metal: bool = False):
     """A synthetic axial abdominal CT (HU) with liver and liver-tumor labels.
 
     Args:
@@ -191,6 +235,23 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
             None (the default) keeps the older phantoms bit for bit: vessels enhanced by a random
             amount in an unenhanced liver, which no real scan shows.  Tumors keep their contrast
             relative to the liver they sit in.
+        tumor_kinds: ``"mixed"`` draws each tumor's kind from :data:`TUMOR_KINDS` (hypodense
+            metastases, some with an enhancing rim; arterially hyperenhancing tumors that wash out,
+            some with a capsule; cysts at 0–20 HU; subtle ones), one case in five with 4–10 small
+            ones, each kept off the large vessels; None keeps the older hypo/hyper-dense tumors.
+        coverage: ``"random"`` draws how far the scan reaches (:data:`CT_COVERAGE`: the dome to
+            the kidneys, the whole abdomen, the chest to the abdomen), or name one; None: the first.
+        reconstruction: ``"random"`` draws a kernel's blur and the noise (σ 6–32 HU, grain
+            0.5–1.8 pixels) per case; None: σ 11–20 HU, grain 0.6–1.1 pixels, no blur.
+        randomise: move every tissue's HU within bounds and add a smooth bias field (SynthSeg-style
+            intensity randomisation, for training).
+        arms: draw per case whether the arms are down beside the body (half the cases), in the
+            field of view or cut by its edge, as in trauma and many outpatient scans.
+        metal: draw per case (one in four) a metal object — a spinal screw, surgical clips, an
+            embolisation coil — with the dark and bright streaks it casts across the slices it is in.
+
+    Every option off (the default) gives the phantoms of earlier versions bit for bit; each draws
+    from a random stream of its own, so turning one on moves nothing else.
 
     Returns:
         ``(volume, labels)``: a :class:`Volume` in HU (air −1000, clipped to [−1024, 3071],
@@ -236,6 +297,8 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
 
     hu, tex_fine, tex_coarse = paint_anatomy(grid, rng, scan.a, scan.b, scan.fat, scan.muscle_w, scan.organ,
                                                  scan.fov, s_ip)
+    if arms:
+        _paint_arms(grid, stream(seed, 10), scan)
     if phase_name is not None:  # after the anatomy's own draws, from a stream of its own: phase=None is unchanged
         _enhance(hu, phase_name, stream(seed, 3))
     if randomise:
@@ -275,6 +338,8 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
         corr = drng.uniform(0.5, 1.8)
         if noise_sigma is None:
             sigma = drng.uniform(6.0, 32.0)
+    if metal:
+        _metal_streaks(stream(seed, 11), array, (s_k, s_ip, s_ip))
     array += sigma * unit_noise(nrng, array.shape, (0.0, corr, corr))
     array = np.clip(np.round(array), -1024, 3071).astype(np.float32)
 
