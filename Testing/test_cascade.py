@@ -15,7 +15,7 @@ from TransferSegLib.inference import sliding_window_inference
 from TransferSegLib.methods.cascade import nested_threshold_labels
 from TransferSegLib.nets import build_network
 from TransferSegLib.training import train, validate_config
-from TransferSegLib.training.trainer import load_weights_into
+from TransferSegLib.training.networks import load_weights_into
 from TransferSegLib.volume import TransferSegError
 
 SMALL = dict(init_channels=8, growth_rate=4, block_layers=[1, 2, 1, 1], decoder_channels=[16, 8, 8, 8, 6])
@@ -180,7 +180,7 @@ def test_stages_train_their_heads_with_their_options(tmp_path, monkeypatch):
 def test_the_joint_loss_is_the_weighted_sum_of_the_heads(tmp_path):
     """One step of L = λ·L(2D) + L(HFF) from the trainer equals the same SGD step by hand."""
     from TransferSegLib.losses import build_loss
-    from TransferSegLib.training.trainer import PatchSampler, _load_cases, _cases_from_spec
+    from TransferSegLib.training.sampling import PatchSampler, load_cases, cases_from_spec
 
     stages = [_stage("joint", 1, heads={"hff": 1.0, "net2d": 0.5})]
     config = validate_config(_hybrid_config(tmp_path, stages, augmentation={"scale": [0.8, 1.2]}))
@@ -191,10 +191,10 @@ def test_the_joint_loss_is_the_weighted_sum_of_the_heads(tmp_path):
 
     torch.manual_seed(config["seed"])
     net = build_network("hdenseunet", config["architecture"]["config"])
-    cases = _load_cases(_cases_from_spec(config["data"]), config, Path(config["data"]["cache"]), 0)
-    from TransferSegLib.training.trainer import _step_seed
+    cases = load_cases(cases_from_spec(config["data"]), config, Path(config["data"]["cache"]), 0)
+    from TransferSegLib.training.trainer import step_seed
 
-    torch.manual_seed(_step_seed(config["seed"], 0, 0))
+    torch.manual_seed(step_seed(config["seed"], 0, 0))
     images, targets = PatchSampler(cases, config).batch(0, range(1))
     net.train()
     out = net(images, heads=True)

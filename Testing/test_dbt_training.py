@@ -19,7 +19,7 @@ from TransferSegLib.heatmaps import box_contains, find_peaks, gaussian_heatmap
 from TransferSegLib.models import load_model, save_model
 from TransferSegLib.nets import AHNet, MCGCN, MultiSliceMCGCN, build_network, transfer_mcgcn_to_ahnet
 from TransferSegLib.phantoms import ct_phantom, dbt_phantom
-from TransferSegLib.training import _build_network, train, validate_config
+from TransferSegLib.training import network_from_config, train, validate_config
 from TransferSegLib.volume import TransferSegError
 
 TINY_PHANTOM = {"shape": [32, 64, 64], "pixel_mm": 1.6, "masses": 1, "calcification_clusters": 1}
@@ -114,7 +114,7 @@ def test_mcgcn_multislice_equals_mcgcn_on_hand_built_three_slice_stacks():
 def test_transfer_from_gives_the_mcgcn_encoder_in_3d_and_a_seeded_decoder(mcgcn_model):
     mcgcn = load_model(mcgcn_model).network.net
     config = validate_config(heatmap_config(init_weights={"transfer_from": str(mcgcn_model)}))
-    network, _ = _build_network(config, torch.device("cpu"))
+    network, _ = network_from_config(config, torch.device("cpu"))
     assert isinstance(network, AHNet)
 
     reference = transfer_mcgcn_to_ahnet(mcgcn, **TINY_AH)
@@ -137,7 +137,7 @@ def test_transfer_from_refuses_what_does_not_fit(mcgcn_model):
     wrong_backbone = heatmap_config(init_weights={"transfer_from": str(mcgcn_model)},
                                     architecture={"name": "ahnet", "config": dict(TINY_AH, backbone="resnet34")})
     with pytest.raises(TransferSegError, match="architecture.config: backbone is 'resnet34'.*'resnet18'"):
-        _build_network(validate_config(wrong_backbone), torch.device("cpu"))
+        network_from_config(validate_config(wrong_backbone), torch.device("cpu"))
     not_ahnet = heatmap_config(init_weights={"transfer_from": str(mcgcn_model)},
                                architecture={"name": "unet3d", "config": {"out_channels": 1}})
     with pytest.raises(TransferSegError, match="init_weights.transfer_from.*'ahnet'"):

@@ -169,7 +169,7 @@ def test_multistep_schedule_divides_at_two_thirds_and_five_sixths():
 def test_stacks_train_with_every_channel_moving_with_the_target(tmp_path):
     """Multi-channel patches: 24 rotations and flips move the channels and the labels together."""
     from TransferSegLib.training import PatchSampler, validate_config, write_stack
-    from TransferSegLib.training.trainer import _cases_from_spec, _load_case
+    from TransferSegLib.training.sampling import cases_from_spec, load_case
 
     rng = np.random.default_rng(0)
     target = np.zeros((20, 24, 28), np.uint8)
@@ -184,8 +184,8 @@ def test_stacks_train_with_every_channel_moving_with_the_target(tmp_path):
         "patch_size": [8, 8, 8], "augmentation": {"rot90_axes": [[0, 1], [1, 2]], "flip_axes": [0, 1, 2],
                                                   "probability": 1.0},
         "stages": [{"steps": 1, "optimizer": {"name": "sgd", "lr": 0.01}, "loss": "dice"}]})
-    (case,) = _cases_from_spec(config["data"])
-    loaded = _load_case(case, config)
+    (case,) = cases_from_spec(config["data"])
+    loaded = load_case(case, config)
     assert loaded.image.shape == (2, 12, 14, 15) and loaded.target.shape == (12, 14, 15)  # box + 2 each side
     sampler = PatchSampler([loaded], config)
     for step in range(12):

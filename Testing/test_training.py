@@ -27,9 +27,9 @@ from torch import nn
 from TransferSegLib.datasets import Case
 from TransferSegLib.nets import register
 from TransferSegLib.progress import CancelToken, Cancelled
-from TransferSegLib.training import (PatchSampler, PlateauTracker, TrainingCase, _build_network, learning_rate_factor,
+from TransferSegLib.training import (PatchSampler, PlateauTracker, TrainingCase, network_from_config, learning_rate_factor,
                                      load_config, main, rotations90, train, validate_config)
-from TransferSegLib.training.trainer import _load_case
+from TransferSegLib.training.sampling import load_case
 from TransferSegLib.volume import TransferSegError, Volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_frozen_group_stays_byte_identical_and_group_lrs_reach_the_optimizer(tmp
         {"name": "joint", "steps": 8, "group_lr": {"decoder": 0.01},
          "optimizer": {"name": "sgd", "lr": 0.002, "momentum": 0.9}, "schedule": {"name": "step", "step_size": 3, "gamma": 0.1},
          "loss": {"name": "ce"}}], validation={"fraction": 0.0}, checkpoint_every=4)
-    initial = {k: v.clone() for k, v in _build_network(validate_config(cfg), "cpu")[0].state_dict().items()}
+    initial = {k: v.clone() for k, v in network_from_config(validate_config(cfg), "cpu")[0].state_dict().items()}
     out = tmp_path / "run"
     first = train(cfg, out, cases=blob_cases(), max_steps=8)  # stops after the decoder stage
     assert first.steps == 8 and not first.finished and first.card_path is None
@@ -300,7 +300,7 @@ def test_component_sampling_draws_every_connected_region_equally_often():
 
     def shares(sampling):
         c = validate_config(dict(cfg, positive_sampling=sampling))
-        cases = [_load_case(Case(f"c{n}"), c, (ids.astype(np.float32), t, (1.0, 1.0, 1.0)))
+        cases = [load_case(Case(f"c{n}"), c, (ids.astype(np.float32), t, (1.0, 1.0, 1.0)))
                  for n, (ids, t) in enumerate(zip(region_id, (big, other)))]
         sampler = PatchSampler(cases, c)
         centres = [int(sampler.item(step, 0)[0][2, 2, 2]) for step in range(900)]  # the patch's centre voxel
@@ -459,7 +459,7 @@ def test_a_kill_right_after_a_checkpoint_loses_no_log_rows(tmp_path, monkeypatch
     cfg = config(stages=[{"steps": 8, "optimizer": {"name": "adam", "lr": 0.01}, "loss": "ce"}],
                  validation={"fraction": 0.0}, checkpoint_every=3)
     train(cfg, tmp_path / "whole", cases=blob_cases())
-    real = training._save_checkpoint
+    real = training.save_checkpoint
 
     def save_then_die(out, step, *args):
         folder = real(out, step, *args)
@@ -467,7 +467,7 @@ def test_a_kill_right_after_a_checkpoint_loses_no_log_rows(tmp_path, monkeypatch
             raise KeyboardInterrupt  # nothing after the checkpoint gets written
         return folder
 
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "run", cases=blob_cases())
     monkeypatch.undo()

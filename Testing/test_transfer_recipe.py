@@ -16,7 +16,7 @@ from TransferSegLib.phantoms import ct_phantom
 from TransferSegLib.pipeline import run
 from TransferSegLib.training import validate_config
 from TransferSegLib.training.recipes import run_recipe, validate_recipe
-from TransferSegLib.training.trainer import _build_network
+from TransferSegLib.training.networks import network_from_config
 from TransferSegLib.volume import TransferSegError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "Resources" / "configs"
@@ -75,7 +75,7 @@ def _target_config(config: dict, out: Path, init: dict) -> dict:
 def test_convert_from_starts_the_3d_network_at_the_converted_2d_weights(acs_run):
     config, out, _ = acs_run
     model_2d = out / "source" / "model" / "ct-liver-tumor-acs-source.json"
-    network, report = _build_network(_target_config(config, out, {"convert_from": str(model_2d)}), "cpu")
+    network, report = network_from_config(_target_config(config, out, {"convert_from": str(model_2d)}), "cpu")
     unet2d = load_model(model_2d, device="cpu").network.net
     assert report["loaded"] == len(network.state_dict()) and report["converted_to"] == "acs"
     # independent of the converter: every 3×3 ACS kernel holds the trained 2D kernel as it is, BatchNorm
@@ -89,7 +89,7 @@ def test_convert_from_starts_the_3d_network_at_the_converted_2d_weights(acs_run)
     sub = _target_config(config, out, {"convert_from": str(model_2d)})
     sub["architecture"] = {"name": "converted", "config": {"source": "unet2d", "config": wrong, "to": "acs"}}
     with pytest.raises(TransferSegError, match="base_channels is 8 but the 2D network"):
-        _build_network(sub, "cpu")
+        network_from_config(sub, "cpu")
     with pytest.raises(TransferSegError, match="converts a 2D model into a 'converted' architecture"):
         validate_config(dict(sub, architecture={"name": "unet3d", "config": {}}))
 
@@ -126,7 +126,7 @@ def test_ahnet_recipe_transfers_the_mcgcn_encoder(tmp_path):
     assert json.loads(Path(card_path).read_text(encoding="utf-8"))["weights"]["dtype"] == "float16"
     model_2d = tmp_path / "source" / "model" / "ct-liver-tumor-ahnet-source.json"
     mcgcn = load_model(model_2d, device="cpu").network.net.state_dict()
-    network, _ = _build_network(_target_config(config, tmp_path, {"transfer_from": str(model_2d)}), "cpu")
+    network, _ = network_from_config(_target_config(config, tmp_path, {"transfer_from": str(model_2d)}), "cpu")
     ahnet = network.state_dict()
     # AH-Net sec. 3.2: a 3×3 kernel becomes 3×3×1 (here (1, 3, 3) in (k, j, i)), the 3-slice stem a 3-deep kernel
     assert torch.equal(ahnet["encoder.layer1.0.conv1.weight"][:, :, 0], mcgcn["encoder.layer1.0.conv1.weight"])

@@ -2,8 +2,13 @@
 torchrun) and the recipes that train several models into one (:mod:`.recipes`, e.g. the
 multi-view networks and their fusion net with cross-cross-augmentation).
 
+The trainer's parts: :mod:`.config` (the config checked whole), :mod:`.sampling` (cases on their
+working grid, patches), :mod:`.networks` (the network and the weights it starts from),
+:mod:`.optim` (parameter groups, optimizers, schedules, loss switches), :mod:`.checkpoints`,
+:mod:`.logs`; :mod:`.trainer` runs the loop.
+
 ``python -m TransferSegLib.training CONFIG.json -o OUT`` (or ``transferseg train``) runs a
 trainer config, or a recipe config (one with a ``"recipe"`` key).
 """
 from .trainer import *  # noqa: F401,F403
-from .trainer import _build_network  # noqa: F401  (tests build a config's network)
+from .trainer import network_from_config  # noqa: F401  (tests build a config's network)

@@ -53,7 +53,9 @@ import numpy as np
 from ..atomic import check_output_folder
 from ..progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from ..volume import TransferSegError
-from .trainer import _cached_working_case, _cases_from_spec, train, validate_config, write_stack
+from .config import validate_config
+from .sampling import cached_working_case, cases_from_spec, write_stack
+from .trainer import train
 
 __all__ = ["RECIPES", "cascade", "fusion_channels", "is_recipe", "multiview", "run_recipe", "transfer",
            "validate_recipe"]
@@ -189,7 +191,7 @@ def _predict_stack(case, view_models: dict, config: dict, path: Path, cancel) ->
     from ..views import directions_of, predict_view
 
     sub = validate_config(_view_config(config, "axial", [case.name], path.parent.parent))
-    array, target, spacing = _cached_working_case(case, sub, Path(sub["data"]["cache"]) if sub["data"].get("cache") else None)
+    array, target, spacing = cached_working_case(case, sub, Path(sub["data"]["cache"]) if sub["data"].get("cache") else None)
     image = preprocess(array, config.get("preprocessing"))
     directions = directions_of(config["working_orientation"])
     num_classes = len(config["labels"]) + 1
@@ -207,7 +209,7 @@ def multiview(config: dict, output_dir, progress: Optional[ProgressCallback] = N
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(c, indent=2) + "\n", encoding="utf-8")
-    cases = _cases_from_spec(c["data"])
+    cases = cases_from_spec(c["data"])
     names = [case.name for case in cases]
     by_name = {case.name: case for case in cases}
     groups = _split(names, c)
