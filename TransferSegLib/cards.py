@@ -18,13 +18,13 @@ import json
 import math
 import re
 
+from .labels import VIEWS
 from .volume import TransferSegError
 
 __all__ = ["COMPONENT_NAME", "VIEWS", "check_card", "is_composed"]
 
 _SINGLE_CARD_KEYS = ("name", "version", "task", "labels", "architecture", "preprocessing", "patch_size", "weights")
 _COMPOSED_CARD_KEYS = ("name", "version", "task", "labels", "method", "components", "weights")
-VIEWS = ("axial", "coronal", "sagittal")
 # no "." in a component name: a weight key's first dotted part names its component
 COMPONENT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 ACTIVATIONS = ("softmax", "sigmoid", "none")  # inference.ACTIVATIONS

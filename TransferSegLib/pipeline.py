@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
+from .labels import VIEWS as VIEW_NAMES
 from .models import DEFAULT_SEGMENTATION_MODEL, LoadedModel, load_model, read_card
 from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from .scope import check_input, check_result
@@ -24,7 +25,6 @@ from .volume import TransferSegError, Volume, label_counts
 __all__ = ["VIEW_NAMES", "Result", "check_working_grid", "check_writable", "output_names", "run", "postprocess"]
 
 
-VIEW_NAMES = ("axial", "coronal", "sagittal")
 
 
 def output_names(task: str, views=VIEW_NAMES, disagreement: bool = True) -> list:

@@ -20,12 +20,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .labels import VIEWS
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .volume import TransferSegError, anatomical_axes
 
 __all__ = ["VIEWS", "NORMALS", "view_permutation", "to_view", "from_view", "directions_of", "predict_view"]
 
-VIEWS = ("axial", "coronal", "sagittal")
 NORMALS = {"axial": "S", "coronal": "A", "sagittal": "R"}
 # patient axes along a slice's rows, then its columns
 _IN_PLANE = {"axial": ("A", "R"), "coronal": ("S", "R"), "sagittal": ("S", "A")}

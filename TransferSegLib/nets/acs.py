@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..labels import VIEWS
 from ..volume import TransferSegError
 
 __all__ = ["ACSConv", "MeanACSConv", "SoftACSConv", "acs_channel_split", "VIEWS", "PADDING_MODES"]
 
-VIEWS = ("axial", "coronal", "sagittal")  # view i has kernel size 1 along spatial axis i of (D, H, W)
+# VIEWS: view i has kernel size 1 along spatial axis i of (D, H, W)
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 

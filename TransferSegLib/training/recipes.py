@@ -51,6 +51,7 @@ from typing import Optional
 import numpy as np
 
 from ..atomic import check_output_folder
+from ..labels import VIEWS
 from ..progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from ..volume import TransferSegError
 from .config import validate_config
@@ -64,7 +65,6 @@ COMMON = ("name", "version", "task", "description", "seed", "labels", "data", "p
           "working_orientation", "expected_spacing_mm", "postprocessing", "evaluation", "peaks", "expects", "threads",
           "device")
 MULTIVIEW_KEYS = COMMON + ("recipe", "views", "fusion", "fusion_data", "ablation_no_image", "method")
-VIEWS = ("axial", "coronal", "sagittal")
 
 
 def is_recipe(config: dict) -> bool:
