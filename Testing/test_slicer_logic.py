@@ -8,6 +8,7 @@ and anisotropic spacing, placed under a patient and a study in the subject hiera
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -465,3 +466,229 @@ def test_a_child_that_closes_its_output_before_it_exits_still_finishes(scene, ct
     node, _ = add_input(scene, ct_volume, "CT")
     job = TransferSegLogic(scene).startSegmentation(node, str(tiny_model), device="cpu", python=str(wrapper))
     assert job.wait(timeout=120) == job.DONE, job.message
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the interrupted child is killed by signal")
+def test_closing_slicer_mid_run_removes_the_temporary_folder_at_once(scene, ct_volume, tmp_path):
+    """Slicer closes during a run: close() kills the child and removes its folder, with no poll after it."""
+    node, _ = add_input(scene, ct_volume, "CT")
+    count = scene.GetNumberOfNodes()
+    slicer_temp = tmp_path / "Slicer temp"  # Slicer's own temporary folder (may not exist yet)
+    logic = TransferSegLogic(scene, temporaryFolder=str(slicer_temp))
+    job = logic.startSegmentation(node, CT_MODEL, device="cpu", python=sys.executable)
+    folder = job._folder
+    assert folder.parent == slicer_temp and (folder / "input.nrrd").is_file()
+    deadline = time.monotonic() + 120
+    while job.poll() == job.SEGMENTING and job.fraction == 0.0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the child is running the model
+    assert job.state == job.SEGMENTING, job.message
+    pid = job._process.pid
+    job.close()
+    import psutil
+
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert job.state == job.CANCELLED and not folder.exists() and list(slicer_temp.iterdir()) == []
+    assert job.poll() == job.CANCELLED and scene.GetNumberOfNodes() == count
+    job.close()  # a second close (or one after the job ended) does nothing
+
+
+# --- terminology (no slicerio in Slicer's GUI process) ------------------------------------------------
+def _slicer_entry(text: str):
+    """Slicer's own reading of a TerminologyEntry string."""
+    entry = slicer.vtkSlicerTerminologyEntry()
+    assert slicer.vtkSlicerTerminologiesModuleLogic().DeserializeTerminologyEntry(text, entry), text
+    return entry
+
+
+def test_terminology_strings_round_trip_through_slicers_own_serialiser():
+    from TransferSegLib.terminology import entry_from_card, entry_from_string, entry_to_string
+
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+    # the string Slicer itself writes on every new segment (vtkSegment's default: Tissue)
+    default = slicer.vtkSegment().GetTerminology()
+    entry = entry_from_string(default)
+    assert entry == {"contextName": "Segmentation category and type - 3D Slicer General Anatomy list",
+                     "category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "85756007", "Tissue"],
+                     "anatomicContextName": "Anatomic codes - DICOM master list"}
+    assert entry_to_string(entry) == default
+    # an entry with every code, built and written by Slicer
+    built = slicer.vtkSlicerTerminologyEntry()
+    built.SetTerminologyContextName("ctx")
+    built.SetRegionContextName("regions")
+    for code, (scheme, value, meaning) in (
+            (built.GetCategoryObject(), ("SCT", "49755003", "Morphologically Altered Structure")),
+            (built.GetTypeObject(), ("SCT", "4147007", "Mass")), (built.GetTypeModifierObject(), ("SCT", "1", "M")),
+            (built.GetRegionObject(), ("SCT", "64033007", "Kidney")),
+            (built.GetRegionModifierObject(), ("SCT", "24028007", "Right"))):
+        code.SetCodingSchemeDesignator(scheme)
+        code.SetCodeValue(value)
+        code.SetCodeMeaning(meaning)
+    written = terminologies.SerializeTerminologyEntry(built)
+    entry = entry_from_string(written)
+    assert entry["typeModifier"] == ["SCT", "1", "M"]
+    assert entry["anatomicRegionModifier"] == ["SCT", "24028007", "Right"]
+    assert entry_to_string(entry) == written
+    # what we write from every shipped card, Slicer reads and writes back unchanged, with the card's codes
+    cards = [c for c in TransferSegLogic.installedModels()] + [{"labels": SEGMENTS}]
+    for described in (s for card in cards for s in card["labels"] if s.get("terminology")):
+        text = L.terminology_string(described["terminology"])
+        assert terminologies.SerializeTerminologyEntry(_slicer_entry(text)) == text
+        entry = entry_from_string(text)
+        for key, code in described["terminology"].items():
+            assert entry[key] == code
+        assert entry_from_card(text) == entry  # a string in a card is read as it is
+    # a colour table's string (Slicer's own test, vtkMRMLColorTableNodeTest1) ends in "~": the same entry
+    entry = entry_from_string("~SCT^49755003^Morphologically Altered Structure~SCT^4147007^Mass~^^~~"
+                              "SCT^64033007^Kidney~SCT^24028007^Right~")
+    assert entry["contextName"] == "" and entry["anatomicRegion"][2] == "Kidney" and "typeModifier" not in entry
+    for bad in ("~~", "context~^^~^^", "a~b", "c~SCT^1^x~SCT^2", "c~SCT^1^x~SCT^2^y~^^~~^^~^^~extra"):
+        with pytest.raises(TransferSegError):
+            entry_from_string(bad)
+    with pytest.raises(TransferSegError, match="needs 'type'"):
+        entry_from_card({"category": ["SCT", "49755003", "Morphologically Altered Structure"]})
+
+
+def test_segments_name_the_shipped_context_and_slicer_finds_their_types_in_it(scene, ct_volume):
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+    name = terminologies.LoadTerminologyFromFile(str(L.TERMINOLOGY_FILE))  # as the module does at startup
+    assert name == L.terminology_context().name == "Segmentation category and type - TransferSeg"
+    cards = {c["name"]: c for c in TransferSegLogic.installedModels()}
+    for described in cards[CT_MODEL]["labels"] + cards[DBT_MODEL]["labels"]:
+        entry = _slicer_entry(L.terminology_string(described["terminology"]))
+        assert entry.GetTerminologyContextName() == name
+        category, found = entry.GetCategoryObject(), slicer.vtkSlicerTerminologyType()
+        types = []
+        for n in range(terminologies.GetNumberOfTypesInTerminologyCategory(name, category)):
+            assert terminologies.GetNthTypeInTerminologyCategory(name, category, n, found)
+            types.append(found.GetCodeValue())
+        assert entry.GetTypeObject().GetCodeValue() in types, described["name"]
+    # a type our context does not hold names Slicer's General Anatomy list
+    kidney = {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "64033007", "Kidney"]}
+    assert L.terminology_string(kidney).startswith("Segmentation category and type - 3D Slicer General Anatomy list~")
+    # and the segments the logic builds carry it
+    labels = np.zeros(ct_volume.shape, np.uint8)
+    labels[3:9, 20:40, 20:50] = 1
+    seg = L.add_segmentation_node(scene, labels, ct_volume, cards[CT_MODEL]["labels"], "result")
+    tumor = seg.GetSegmentation().GetSegment(seg.GetSegmentation().GetSegmentIdBySegmentName("liver tumor"))
+    assert tumor.GetTerminology() == L.terminology_string(cards[CT_MODEL]["labels"][1]["terminology"])
+    assert _slicer_entry(tumor.GetTerminology()).GetRegionObject().GetCodeMeaning() == "Liver"
+
+
+def test_the_module_logic_needs_no_slicerio(ct_volume, tmp_path):
+    """Slicer does not bundle slicerio: building segments and importing a run's .seg.nrrd work without it."""
+    from TransferSegLib.io import save_segmentation
+
+    card = {c["name"]: c for c in TransferSegLogic.installedModels()}[CT_MODEL]
+    labels = np.zeros(ct_volume.shape, np.uint8)
+    labels[3:9, 20:40, 20:50] = 1
+    labels[5, 25:30, 30:35] = 2
+    save_segmentation(labels, ct_volume, tmp_path / "segmentation.seg.nrrd", card["labels"])  # the child's part
+    save_volume(ct_volume, tmp_path / "ct.nrrd")
+    code = f"""
+import json, sys
+sys.modules["slicerio"] = None  # any import of it raises
+import numpy as np, slicer
+from TransferSegModuleLib import logic as L
+from TransferSegLib.io import load_volume
+scene = slicer.vtkMRMLScene()
+slicer.mrmlScene = scene
+segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+segmentations.SetMRMLScene(scene)
+card = json.loads({json.dumps(json.dumps(card))})
+volume = load_volume({str(tmp_path / "ct.nrrd")!r})
+node = L.add_volume_node(scene, volume, "CT")
+built = L.add_segmentation_node(scene, (volume.array > 1e9).astype(np.uint8), volume, card["labels"], "built")
+out = L.TransferSegLogic(scene).importResult(node, {str(tmp_path)!r}, {{"files": ["segmentation.seg.nrrd"]}}, card)
+for seg in (built, out.segmentation):
+    segmentation = seg.GetSegmentation()
+    print([(segmentation.GetNthSegment(n).GetName(), segmentation.GetNthSegment(n).GetTerminology())
+           for n in range(segmentation.GetNumberOfSegments())])
+print(int(L.segment_array(out.segmentation, "liver tumor", volume).sum()))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "TransferSeg")])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    expected = repr([(s["name"], L.terminology_string(s["terminology"])) for s in card["labels"]])
+    assert lines[-3] == lines[-2] == expected
+    assert int(lines[-1]) == (labels == 2).sum()
+
+
+# --- dependencies, saved scenes, display, devices ------------------------------------------------------
+def test_torch_version_floor_is_compared_as_numbers():
+    from TransferSegModuleLib.dependencies import TORCH_MINIMUM, TORCH_REQUIREMENT, version_at_least
+
+    assert TORCH_REQUIREMENT == ">=2.4" and TORCH_MINIMUM == (2, 4)
+    for version in ("2.4", "2.4.0", "2.4.1+cu121", "2.4.0+cpu", "2.5.0a0+git1234", "2.10.0", "2.14.1", "3.0",
+                    "2.4.0.post1"):
+        assert version_at_least(version, TORCH_MINIMUM), version
+    for version in ("2.3.1", "2.3.1+cu118", "1.13.1", "2.4.0rc1", "2.4.0.dev20240601", "2", "0.4.1", "", "nightly"):
+        assert not version_at_least(version, TORCH_MINIMUM), version
+
+
+def test_torch_status_reads_the_installed_version_without_importing_torch():
+    import importlib.metadata
+
+    code = ("import sys\nfrom TransferSegModuleLib import dependencies as d\n"
+            "print(d.torch_status(), d.torch_version(), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", cwd=ROOT / "TransferSeg")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok", importlib.metadata.version("torch"), "False"]
+
+
+def test_a_saved_scene_naming_a_model_that_is_not_installed_falls_back_to_the_default(tmp_path):
+    """Slicer's combo box connector raises on a value it does not list: the GUI repairs the node first."""
+    scene = new_scene()
+    node = TransferSegLogic(scene).getParameterNode()
+    for name, value in (("task", "ct"), ("model", "liver-model-from-another-computer"), ("device", "mps"),
+                        ("fusion", "staple"), ("overlayOpacity", "0.7")):
+        node.SetParameter(name, value)
+    scene.SetURL(str(tmp_path / "saved.mrml"))
+    assert scene.Commit()
+    scene.Clear(1)
+    loaded = new_scene()
+    loaded.SetURL(str(tmp_path / "saved.mrml"))
+    assert loaded.Connect()
+    node = TransferSegLogic(loaded).getParameterNode()
+    assert node.GetParameter("model") == "liver-model-from-another-computer"  # as saved
+    models = [c["name"] for c in TransferSegLogic.installedModels()]
+    choices = {"task": (["ct", "dbt"], "ct"), "model": (models, CT_MODEL), "device": (["auto", "cpu", "cuda"], "auto"),
+               "fusion": (list(L.FUSIONS), "vfn")}
+    events = []
+    node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: events.append(event))
+    repaired = TransferSegLogic.repairChoices(node, choices)
+    assert repaired == [("model", "liver-model-from-another-computer", CT_MODEL), ("device", "mps", "auto")]
+    assert len(events) == 1  # one Modified event: the GUI updates once
+    assert [node.GetParameter(n) for n in ("task", "model", "device", "fusion", "overlayOpacity")] == \
+        ["ct", CT_MODEL, "auto", "staple", "0.7"]  # valid values stay
+    assert TransferSegLogic.repairChoices(node, choices) == []
+    loaded.Clear(1)
+
+
+def test_only_display_parameters_count_as_a_display_change(scene):
+    node = TransferSegLogic(scene).getParameterNode()
+    for name, value in (("device", "auto"), ("model", CT_MODEL), ("showAxial", "True"), ("overlayOpacity", "0.5")):
+        node.SetParameter(name, value)
+    before = TransferSegLogic.displayParameters(node)
+    for name, value in (("device", "cpu"), ("model", DBT_MODEL), ("task", "dbt"), ("fusion", "majority")):
+        node.SetParameter(name, value)
+        assert TransferSegLogic.displayParameters(node) == before, name  # the user's slice views stay
+    node.SetParameter("overlayOpacity", "0.8")
+    after = TransferSegLogic.displayParameters(node)
+    assert {n for n in after if after[n] != before[n]} == {"overlayOpacity"}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the slow nvidia-smi is a POSIX shell script")
+def test_the_gpu_query_does_not_wait_for_a_slow_nvidia_smi(tmp_path, monkeypatch):
+    import stat
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\nsleep 1\necho "0, NVIDIA Test GPU, 24576"\n')
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    start = time.perf_counter()
+    query = L.GpuQuery()
+    assert time.perf_counter() - start < 0.3 and not query.done and query.result is None  # the GUI goes on
+    assert query.wait(timeout=10) == [(0, "NVIDIA Test GPU", 24576)] and query.done
+    smi.write_text('#!/bin/sh\nsleep 3\n')  # hangs past the timeout: no GPU, no error
+    assert L.GpuQuery(timeout=0.5).wait(timeout=10) == []

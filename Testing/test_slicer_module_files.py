@@ -109,3 +109,28 @@ def test_extension_metadata_points_to_files_in_this_repository():
         assert (ROOT / path).is_file(), f"{url} names {path}, which is not in the repository"
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
     assert "add_subdirectory(TransferSeg)" in text
+
+
+def test_the_module_imports_no_slicerio():
+    """Slicer does not bundle slicerio: only the child process (TransferSegLib.io writing .seg.nrrd) uses it."""
+    for path in MODULE.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {name for name in imported if name.split(".")[0] == "slicerio"}, path
+
+
+def test_choices_and_display_parameters_name_the_parameter_nodes_own_parameters():
+    """Every combo-box parameter is repaired when a scene names a value it does not list, and the display
+    parameters (the only ones that touch the slice views) are exactly the display controls."""
+    params = parameters()
+    tree = ast.parse((MODULE / "TransferSeg.py").read_text(encoding="utf-8"))
+    (choices,) = [n.value for n in tree.body if isinstance(n, ast.Assign)
+                  and any(getattr(t, "id", None) == "CHOICES" for t in n.targets)]
+    assert {ast.literal_eval(k) for k in choices.keys} == {
+        name for name, annotation in params.items() if annotation.startswith("Annotated[str, Choice(")}
+    logic = ast.parse((MODULE / "TransferSegModuleLib" / "logic.py").read_text(encoding="utf-8"))
+    (display,) = [ast.literal_eval(n.value) for n in logic.body if isinstance(n, ast.Assign)
+                  and any(getattr(t, "id", None) == "DISPLAY_PARAMETERS" for t in n.targets)]
+    assert set(display) == {name for name in params if name.startswith("show")} | {"overlayOpacity",
+                                                                                   "confidenceThreshold"}

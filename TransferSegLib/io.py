@@ -27,6 +27,7 @@ from .atomic import (atomic_output, atomic_output_folder, available_memory_bytes
 from .headers import (check_detached_data_file, check_header_numbers, check_meta_data_size, check_nifti_header,
                       check_nifti_voxels, check_slice_positions, file_chunks, gzip_chunks, itk_reason, nifti_header,
                       shown_name, special_kind, text_header)
+from .terminology import entry_from_card
 from .volume import TransferSegError, Volume, _as_float32, _check_geometry, _describe_shape, label_counts
 
 __all__ = [
@@ -393,28 +394,6 @@ def save_scalar(values: np.ndarray, reference: Volume, path) -> Path:
     return _write_image(_image_on(values, reference, channels=values.ndim == 4), path)
 
 
-def _terminology_entry(terminology) -> dict:
-    """slicerio's terminology dict from a Slicer TerminologyEntry string or a dict of
-    [coding scheme, code value, code meaning] triples (e.g. SNOMED CT: ["SCT", "10200004", "Liver"])."""
-    from slicerio.segmentation import terminology_entry_from_string
-
-    if isinstance(terminology, str):
-        if terminology.count("~") < 2:
-            raise TransferSegError(f"terminology string {terminology!r} is not a Slicer TerminologyEntry")
-        return terminology_entry_from_string(terminology)
-    entry = dict(terminology)
-    for key in ("category", "type", "typeModifier", "anatomicRegion", "anatomicRegionModifier"):
-        if key in entry and (len(entry[key]) != 3 or not all(isinstance(x, str) for x in entry[key])):
-            raise TransferSegError(f"terminology '{key}' must be [coding scheme, code value, code meaning] strings")
-    for key in ("category", "type"):
-        if key not in entry:
-            raise TransferSegError(f"terminology needs '{key}' as [coding scheme, code value, code meaning]")
-    entry.setdefault("contextName", "Segmentation category and type - 3D Slicer General Anatomy list")
-    if "anatomicRegion" in entry:
-        entry.setdefault("anatomicContextName", "Anatomic codes - DICOM master list")
-    return entry
-
-
 def _segment_extent(mask: np.ndarray) -> list:
     """Slicer's Segment_Extent: [i0, i1, j0, j1, k0, k1] inclusive, or an empty extent."""
     if not mask.any():
@@ -473,7 +452,7 @@ def save_segmentation(labels: np.ndarray, reference: Volume, path, segments: lis
             "extent": _segment_extent(labels == value),
         }
         if seg.get("terminology"):
-            entry["terminology"] = _terminology_entry(seg["terminology"])
+            entry["terminology"] = entry_from_card(seg["terminology"])
         out_segments.append(entry)
     present = set(np.flatnonzero(label_counts(labels)).tolist()) - {0}
     missing = sorted(present - seen_labels)

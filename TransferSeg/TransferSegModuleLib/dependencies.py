@@ -1,15 +1,22 @@
 """What TransferSeg needs in Slicer's Python beyond what Slicer bundles (numpy, scipy, SimpleITK).
 
-Qt-free: it only says what is missing.  The GUI asks the user and installs on first use, never
-at import time: torch through the PyTorch extension (``PyTorchUtils``, which picks the build
-that fits the computer's GPU driver), everything else through ``slicer.util.pip_install``.
+Qt-free: it only says what is missing or too old.  The GUI asks the user and installs on first
+use, never at import time: torch through the PyTorch extension (``PyTorchUtils``, which picks the
+build that fits the computer's GPU driver), everything else through ``slicer.util.pip_install``.
+Nothing here imports torch: importing it in Slicer's GUI process takes seconds, and on Windows an
+imported torch holds its files, so an upgrade could not replace them.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
+import re
+from pathlib import Path
 
 #: torch floor, not a pin: TransferSegLib calls torch.is_autocast_enabled(device_type), new in 2.4
-TORCH_REQUIREMENT = ">=2.4"
+TORCH_MINIMUM = (2, 4)
+TORCH_REQUIREMENT = ">=" + ".".join(map(str, TORCH_MINIMUM))
 #: import name -> pip requirement; the child process needs the first four, the GUI psutil (Cancel)
 PIP_PACKAGES = {
     "safetensors": "safetensors>=0.4",
@@ -18,6 +25,8 @@ PIP_PACKAGES = {
     "tqdm": "tqdm",
     "psutil": "psutil>=5.9",
 }
+#: what :func:`torch_status` says
+TORCH_MISSING, TORCH_OUTDATED, TORCH_OK = "missing", "outdated", "ok"
 
 
 def _installed(name: str) -> bool:
@@ -28,7 +37,60 @@ def _installed(name: str) -> bool:
 
 
 def torch_installed() -> bool:
+    """torch is importable (at any version; :func:`torch_status` checks the version)."""
     return _installed("torch")
+
+
+def torch_version() -> str | None:
+    """The installed torch's version, without importing it: from its package metadata, else from
+    the ``torch/version.py`` it ships (a source build has no metadata); None if not installed."""
+    importlib.invalidate_caches()  # an install earlier in this session must be seen
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        try:
+            text = (Path(folder) / "version.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        match = re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", text, re.M)
+        if match:
+            return match.group(1)
+    return None
+
+
+def version_at_least(version: str, minimum: tuple) -> bool:
+    """Whether a version string (PEP 440, e.g. ``"2.4.0+cu121"``) is at least ``minimum``, numerically.
+
+    A pre-release of the minimum itself (``"2.4.0rc1"``) is below it; a local build tag
+    (``"+cu121"``) does not count.  An unreadable version is not enough.
+    """
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)(.*)", version or "")
+    if not match:
+        return False
+    release = tuple(int(part) for part in match.group(1).split("."))
+    rest = match.group(2).split("+", 1)[0].lower()
+    prerelease = bool(re.match(r"[-_.]?(a|b|c|rc|alpha|beta|pre|preview|dev)", rest))
+    width = max(len(release), len(minimum))
+    release, minimum = release + (0,) * (width - len(release)), tuple(minimum) + (0,) * (width - len(minimum))
+    return release > minimum or (release == minimum and not prerelease)
+
+
+def torch_status() -> str:
+    """``"missing"``, ``"outdated"`` (below :data:`TORCH_REQUIREMENT`) or ``"ok"``."""
+    if not torch_installed():
+        return TORCH_MISSING
+    version = torch_version()
+    if version is None:  # importable but no version to read: the child process will say if it is too old
+        return TORCH_OK
+    return TORCH_OK if version_at_least(version, TORCH_MINIMUM) else TORCH_OUTDATED
 
 
 def missing_pip_packages() -> list:

@@ -16,7 +16,10 @@ What a run puts in the scene (every file comes from ``result.json["files"]``):
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import numpy as np
 import slicer
 import vtk
 
+from TransferSegLib.terminology import TerminologyContext, entry_from_card, entry_to_string, read_context
 from TransferSegLib.volume import TransferSegError, Volume
 
 MODULE_NAME = "TransferSeg"
@@ -39,6 +43,31 @@ FUSIONS = ("vfn", "vfn-noimage", "majority", "staple")
 EXIT_INTERRUPTED = 130
 #: segment tag holding the model card's label value of a segment (exported label maps use it)
 LABEL_VALUE_TAG = "TransferSeg.LabelValue"
+#: our terminology context (liver, neoplasm, lesion): Slicer's General Anatomy list has no Neoplasm.
+#: Resources/ sits beside this package in the source tree, the build tree and the installed module.
+TERMINOLOGY_FILE = Path(__file__).resolve().parents[1] / "Resources" / f"{MODULE_NAME}.term.json"
+#: the parameters that only change how results are shown (the others must not touch the slice views)
+DISPLAY_PARAMETERS = ("showAxial", "showCoronal", "showSagittal", "showOverlay", "overlayOpacity",
+                      "confidenceThreshold")
+
+
+# --------------------------------------------------------------------------------------
+# Terminology
+# --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def terminology_context() -> TerminologyContext | None:
+    """The shipped context (the GUI loads the same file into Slicer at startup), None if unreadable."""
+    try:
+        return read_context(TERMINOLOGY_FILE)
+    except TransferSegError as e:  # the segments then name Slicer's General Anatomy list
+        logging.warning(f"TransferSeg: {e}")
+        return None
+
+
+def terminology_string(terminology) -> str:
+    """Slicer's TerminologyEntry string for a model card's terminology, naming our context where it
+    holds the segment's category and type (so Slicer resolves e.g. Neoplasm)."""
+    return entry_to_string(entry_from_card(terminology, terminology_context()))
 
 
 # --------------------------------------------------------------------------------------
@@ -110,9 +139,6 @@ def add_segmentation_node(scene, labels: np.ndarray, reference: Volume, segments
     every node created here is removed again: no half-built node is left in the scene.
     """
     from slicer import vtkSlicerSegmentationsModuleLogic
-    from slicerio.segmentation import terminology_entry_to_string
-
-    from TransferSegLib.io import _terminology_entry
 
     labels = np.asarray(labels)
     if labels.shape != reference.shape:
@@ -124,7 +150,7 @@ def add_segmentation_node(scene, labels: np.ndarray, reference: Volume, segments
         for seg in segments:
             terminology = seg.get("terminology")
             described.append((str(seg["name"]), int(seg["label"]), [float(c) for c in seg["color"]],
-                              terminology_entry_to_string(_terminology_entry(terminology)) if terminology else None))
+                              terminology_string(terminology) if terminology else None))
         colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name + " colors")
         created.append(colors)
         colors.SetTypeToUser()
@@ -152,7 +178,7 @@ def add_segmentation_node(scene, labels: np.ndarray, reference: Volume, segments
             segment.SetColor(*color)
             segment.SetTag(LABEL_VALUE_TAG, str(label))  # the import renumbers label values
             if terminology:
-                segment.SetTag("TerminologyEntry", terminology)
+                segment.SetTerminology(terminology)
         _remove_nodes(scene, [labelmap_node, colors])
         return seg_node
     except Exception:
@@ -253,7 +279,9 @@ class SegmentJob:
     never imports Slicer.  :meth:`poll` (a GUI timer calls it; tests call :meth:`wait`) reads the
     child's output and, once it has finished, puts every file of ``result.json["files"]`` into the
     scene.  :meth:`cancel` kills the whole process tree with psutil and returns at once; a
-    cancelled or failed job leaves the scene as it was and no file behind.
+    cancelled or failed job leaves the scene as it was and no file behind.  Its files live in a
+    folder under ``logic.temporaryFolder`` (Slicer's own temporary folder in the GUI); :meth:`close`
+    removes it at once, for when Slicer closes and nothing will poll again.
     """
 
     SEGMENTING, IMPORTING, DONE, CANCELLED, FAILED = "Segmenting", "Importing", "Done", "Cancelled", "Failed"
@@ -309,7 +337,10 @@ class SegmentJob:
         from TransferSegLib.io import save_volume
 
         volume = volume_from_node(self.input_node)  # validated before any process starts
-        self._folder = Path(tempfile.mkdtemp(prefix="transferseg-"))
+        parent = self.logic.temporaryFolder
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._folder = Path(tempfile.mkdtemp(prefix="transferseg-", dir=parent or None))
         try:
             command = self._command(self._folder / "input.nrrd", volume)
             save_volume(volume, self._folder / "input.nrrd")
@@ -414,6 +445,21 @@ class SegmentJob:
         self.status = "Cancelling"
         kill_process_tree(self._process.pid)
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel a running job and remove its folder now, without waiting for :meth:`poll`
+        (Slicer is closing: no timer will poll again).  Waits at most ``timeout`` s for the
+        killed child to let go of its files (Windows cannot delete a file a process holds open)."""
+        import subprocess
+
+        if self.state == self.SEGMENTING:
+            self.cancel()
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            self._finish(self.CANCELLED, "Cancelled")
+        self._cleanup()
+
     def _import(self) -> None:
         self.state, self.status = self.IMPORTING, "Importing"
         out = self._folder / "out"
@@ -469,6 +515,31 @@ def failure_message(code: int, log: list) -> str:
     return errors[-1] if errors else f"the segmentation process exited with code {code}"
 
 
+class GpuQuery:
+    """:meth:`TransferSegLogic.gpus` on a worker thread: opening the module never waits for
+    ``nvidia-smi`` (up to 5 s).  ``done`` says whether it answered; ``result`` is its answer."""
+
+    def __init__(self, timeout: float = 5.0):
+        self.result = None
+        self._thread = threading.Thread(target=self._ask, args=(timeout,), daemon=True)
+        self._thread.start()
+
+    def _ask(self, timeout: float) -> None:
+        try:
+            self.result = TransferSegLogic.gpus(timeout)
+        except Exception as e:  # the device list then says no GPU was found
+            logging.warning(f"TransferSeg: could not list the GPUs: {e}")
+            self.result = []
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> list | None:
+        self._thread.join(timeout)
+        return self.result
+
+
 def _alive(node) -> bool:
     """The node exists and is still in a scene (the user may have deleted it)."""
     return node is not None and node.GetScene() is not None
@@ -498,9 +569,12 @@ class TransferSegLogic:
     Named ``<module>Logic`` as Slicer expects; its parameter node is tagged ``TransferSeg``.
     """
 
-    def __init__(self, scene=None):
+    def __init__(self, scene=None, temporaryFolder=None):
+        """``temporaryFolder``: where runs keep their files (the GUI passes Slicer's own temporary
+        folder, which the user can set; None: the system's)."""
         self._scene = scene
         self.moduleName = MODULE_NAME
+        self.temporaryFolder = temporaryFolder
 
     @property
     def scene(self):
@@ -554,16 +628,22 @@ class TransferSegLogic:
 
     @staticmethod
     def gpus(timeout: float = 5.0) -> list:
-        """``[(index, name, memory_mib)]`` of the NVIDIA GPUs ``nvidia-smi`` reports (no torch needed)."""
+        """``[(index, name, memory_mib)]`` of the NVIDIA GPUs ``nvidia-smi`` reports (no torch needed).
+
+        Takes up to ``timeout`` s: the GUI asks through :class:`GpuQuery`, off its thread."""
         import shutil
         import subprocess
+        import sys
 
         smi = shutil.which("nvidia-smi")
         if not smi:
             return []
+        # no console window flashing up on Windows
+        flags = subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0
         try:
             text = subprocess.run([smi, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-                                  capture_output=True, text=True, timeout=timeout, check=True).stdout
+                                  capture_output=True, text=True, timeout=timeout, check=True,
+                                  creationflags=flags).stdout
         except (OSError, subprocess.SubprocessError):
             return []
         found = []
@@ -575,6 +655,31 @@ class TransferSegLogic:
                 except ValueError:
                     continue
         return found
+
+    # --- the parameter node's choices -----------------------------------------------------------
+    @staticmethod
+    def repairChoices(parameterNode, choices: dict) -> list:
+        """Reset each parameter whose value is not one of its choices to its default.
+
+        ``choices``: name -> (allowed values, default).  A saved scene may name a model that is not
+        installed here; Slicer's combo box connector raises on a value it does not list, so the GUI
+        repairs the node before connecting it.  Returns ``[(name, old value, new value)]``.
+        """
+        repaired = [(name, parameterNode.GetParameter(name), default)
+                    for name, (allowed, default) in choices.items()
+                    if parameterNode.HasParameter(name) and parameterNode.GetParameter(name) not in allowed]
+        if repaired:
+            wasModifying = parameterNode.StartModify()  # one Modified event for all of them
+            for name, _, default in repaired:
+                parameterNode.SetParameter(name, str(default))
+            parameterNode.EndModify(wasModifying)
+        return repaired
+
+    @staticmethod
+    def displayParameters(parameterNode) -> dict:
+        """The values of the display parameters (:data:`DISPLAY_PARAMETERS`), as the node stores them:
+        the GUI applies display changes only when these changed."""
+        return {name: parameterNode.GetParameter(name) for name in DISPLAY_PARAMETERS}
 
     # --- running ----------------------------------------------------------------------------
     def startSegmentation(self, inputNode, model: str, device: str = "auto", roiNode=None, fusion=None,
@@ -618,10 +723,6 @@ class TransferSegLogic:
 
     def _readSegmentation(self, path: Path, name: str, inputNode, card: dict):
         """The model's .seg.nrrd through Slicer's own reader; names, colours and terminology from the card."""
-        from slicerio.segmentation import terminology_entry_to_string
-
-        from TransferSegLib.io import _terminology_entry
-
         node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         storage = slicer.vtkMRMLSegmentationStorageNode()  # not added to the scene: no link to a temp file
         storage.SetFileName(str(path))
@@ -641,8 +742,7 @@ class TransferSegLogic:
                 segment.SetTag(LABEL_VALUE_TAG, str(int(described["label"])))
                 segment.SetColor(*[float(c) for c in described["color"]])
                 if described.get("terminology"):
-                    segment.SetTag("TerminologyEntry",
-                                   terminology_entry_to_string(_terminology_entry(described["terminology"])))
+                    segment.SetTerminology(terminology_string(described["terminology"]))
         except Exception:
             _remove_nodes(self.scene, [node])
             raise
