@@ -257,7 +257,7 @@ class DBTPhantomCase(Case):
 VARY_KEYS = {"ct": ("slices", "rows"), "dbt": ("slices", "pixel_mm", "extent_mm")}
 
 
-def _check_vary(kind: str, vary: dict) -> dict:
+def check_vary(kind: str, vary: dict) -> dict:
     unknown = sorted(set(vary) - set(VARY_KEYS[kind]))
     if unknown:
         raise TransferSegError(f"phantom 'vary' keys for {kind} are {', '.join(VARY_KEYS[kind])}; got {unknown}")
@@ -322,7 +322,7 @@ def phantom_cases(kind: str, count: int, seed: int, vary: Optional[dict] = None,
     """
     if kind not in ("ct", "dbt"):
         raise TransferSegError(f"phantom cases for training are 'ct' (label maps) or 'dbt' (lesion heatmaps); got {kind!r}")
-    vary = _check_vary(kind, dict(vary or {}))
+    vary = check_vary(kind, dict(vary or {}))
     make = CTPhantomCase if kind == "ct" else DBTPhantomCase
     return [make(f"{kind}-phantom-{seed + n}", seed=seed + n, options=_varied_options(kind, seed + n, options, vary))
             for n in range(count)]

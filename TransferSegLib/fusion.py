@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .volume import TransferSegError, _describe_shape
+from .volume import TransferSegError, describe_shape
 
 __all__ = ["cumulative_probabilities", "disagreement_summary", "fusion_input", "majority_vote", "staple",
            "view_disagreement", "view_labels", "view_probabilities"]
@@ -81,9 +81,9 @@ def _check_view(view, name: str = "the view", num_classes=None):
                                     or np.issubdtype(array.dtype, np.floating)):
         raise TransferSegError(f"{name} holds {array.dtype} values; {_FORMS}")
     if array.ndim not in (3, 4):
-        raise TransferSegError(f"{name} is {array.ndim}D ({_describe_shape(array.shape)}); {_FORMS}")
+        raise TransferSegError(f"{name} is {array.ndim}D ({describe_shape(array.shape)}); {_FORMS}")
     if array.size == 0:
-        raise TransferSegError(f"{name} has a zero-size axis ({_describe_shape(array.shape)}); it holds no voxels")
+        raise TransferSegError(f"{name} has a zero-size axis ({describe_shape(array.shape)}); it holds no voxels")
     if num_classes is not None:
         num_classes = _check_num_classes(num_classes)
     floating = np.issubdtype(array.dtype, np.floating)
@@ -104,10 +104,10 @@ def _check_view(view, name: str = "the view", num_classes=None):
     if array.ndim == 4:
         form = _CLASSES
         if array.shape[0] < 2:
-            raise TransferSegError(f"{name} has {array.shape[0]} class channel ({_describe_shape(array.shape)}); "
+            raise TransferSegError(f"{name} has {array.shape[0]} class channel ({describe_shape(array.shape)}); "
                                    f"(K, k, j, i) class probabilities need K ≥ 2, background first")
         if num_classes is not None and array.shape[0] != num_classes:
-            raise TransferSegError(f"{name} has {array.shape[0]} class channels ({_describe_shape(array.shape)}) "
+            raise TransferSegError(f"{name} has {array.shape[0]} class channels ({describe_shape(array.shape)}) "
                                    f"but num_classes is {num_classes}")
         if array.dtype == np.uint8:
             return array, form
@@ -212,7 +212,7 @@ def _check_views(views, num_classes=None) -> list:
     checked = [_check_view(view, f"view {n + 1} of 3", num_classes) for n, view in enumerate(views)]
     shapes = [_spatial_shape(array) for array, _ in checked]
     if len(set(shapes)) != 1:
-        raise TransferSegError("the views' spatial shapes differ (" + ", ".join(_describe_shape(s) for s in shapes)
+        raise TransferSegError("the views' spatial shapes differ (" + ", ".join(describe_shape(s) for s in shapes)
                                + "); the three views must lie on the same (k, j, i) grid")
     return checked
 
@@ -351,13 +351,13 @@ def disagreement_summary(views, fused_labels, disagreement=None, threshold: floa
     if not (fused_labels.dtype == bool or np.issubdtype(fused_labels.dtype, np.integer)):
         raise TransferSegError(f"the fused segmentation is a label map of whole numbers; got {fused_labels.dtype}")
     if fused_labels.shape != shape:
-        raise TransferSegError(f"the fused segmentation is {_describe_shape(fused_labels.shape)} but the views are "
-                               f"{_describe_shape(shape)}; they must lie on the same (k, j, i) grid")
+        raise TransferSegError(f"the fused segmentation is {describe_shape(fused_labels.shape)} but the views are "
+                               f"{describe_shape(shape)}; they must lie on the same (k, j, i) grid")
     if disagreement is not None:
         disagreement = np.asarray(disagreement)
         if disagreement.shape != shape:
-            raise TransferSegError(f"the disagreement map is {_describe_shape(disagreement.shape)} but the views are "
-                                   f"{_describe_shape(shape)}; pass view_disagreement(views) or None")
+            raise TransferSegError(f"the disagreement map is {describe_shape(disagreement.shape)} but the views are "
+                                   f"{describe_shape(shape)}; pass view_disagreement(views) or None")
         num_classes = None
     else:
         num_classes = _infer_num_classes(checked)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .volume import GEOMETRY_LIMIT_MM, TransferSegError, _describe_shape, _direction_problem
+from .volume import GEOMETRY_LIMIT_MM, TransferSegError, describe_shape, direction_problem
 
 __all__ = ["check_detached_data_file", "check_header_numbers", "check_meta_data_size", "check_nifti_header",
            "check_nifti_voxels", "check_slice_positions", "file_chunks", "gzip_chunks", "itk_reason", "nifti_header",
@@ -451,7 +451,7 @@ def check_nifti_header(name: str, header: dict) -> None:
         raise TransferSegError(f"{name}: the NIfTI header is damaged (its dim field reads {list(dims)}); export "
                                "the image again")
     if 0 in dims[1:ndim + 1]:
-        raise TransferSegError(f"{name}: the image has a zero-size axis ({_describe_shape(dims[1:ndim + 1][::-1])}); "
+        raise TransferSegError(f"{name}: the image has a zero-size axis ({describe_shape(dims[1:ndim + 1][::-1])}); "
                                "it holds no voxels")
     offset = header["vox_offset"]
     if header["magic"] in _NIFTI_ONE_FILE and not (np.isfinite(offset) and offset >= header["size"] + 4):
@@ -469,7 +469,7 @@ def check_nifti_header(name: str, header: dict) -> None:
             "header and save it again"
         )
     if header["sform_code"] > 0:
-        problem = _direction_problem(np.array(header["srow"], dtype=np.float64).reshape(3, 4)[:, :3] / pixdim)
+        problem = direction_problem(np.array(header["srow"], dtype=np.float64).reshape(3, 4)[:, :3] / pixdim)
         if problem:
             raise TransferSegError(
                 f"{name}: the NIfTI sform (voxel-to-world matrix) is not a rotation times the voxel spacing "

@@ -349,7 +349,7 @@ def roi_from_ras(volume: Volume, ras_min, ras_max) -> tuple:
     return tuple(int(v) for v in start) + tuple(int(v) for v in stop)
 
 
-def _check_roi(roi, shape) -> tuple:
+def check_roi(roi, shape) -> tuple:
     try:
         box = tuple(int(v) for v in roi)
         whole = all(float(v) == b for v, b in zip(roi, box))
@@ -681,7 +681,7 @@ def sliding_window_inference(array: np.ndarray, network: nn.Module, *, patch_siz
         raise TransferSegError(f"heatmap_dtype must be float32 or float16; got {heatmap_dtype}")
 
     shape = data.shape[1:]
-    box = _check_roi(roi, shape) if roi is not None else (0, 0, 0) + tuple(shape)
+    box = check_roi(roi, shape) if roi is not None else (0, 0, 0) + tuple(shape)
     region = data[:, box[0]:box[3], box[1]:box[4], box[2]:box[5]]
     multiple = _size_multiple(network)
     patch = tuple(_round_up(p, m) for p, m in zip(_as_triple(patch_size, "patch_size"), multiple))

@@ -28,7 +28,7 @@ from .headers import (check_detached_data_file, check_header_numbers, check_meta
                       check_nifti_voxels, check_slice_positions, file_chunks, gzip_chunks, itk_reason, nifti_header,
                       shown_name, special_kind, text_header)
 from .terminology import entry_from_card
-from .volume import TransferSegError, Volume, _as_float32, _check_geometry, _describe_shape, label_counts
+from .volume import TransferSegError, Volume, as_float32, check_geometry, describe_shape, label_counts
 
 __all__ = [
     "READ_SUFFIXES",
@@ -116,21 +116,21 @@ def _check_header(name: str, dim: int, ncomp: int, size: tuple, pixel_bytes: int
         )
     if dim == 4 and size[3] != 1:
         raise TransferSegError(
-            f"{name}: the image is 4D ({_describe_shape(size)}, {size[3]} volumes, e.g. a time series); "
+            f"{name}: the image is 4D ({describe_shape(size)}, {size[3]} volumes, e.g. a time series); "
             "TransferSeg needs one 3D volume: extract the volume you want to segment first"
         )
     if dim < 3:
         raise TransferSegError(
-            f"{name}: input is 2D ({_describe_shape(size[::-1])}); TransferSeg needs a 3D volume"
+            f"{name}: input is 2D ({describe_shape(size[::-1])}); TransferSeg needs a 3D volume"
         )
     if dim > 4:
         raise TransferSegError(f"{name}: the image has {dim} dimensions; TransferSeg needs a 3D volume")
     if 0 in size[:3]:
-        raise TransferSegError(f"{name}: the image has a zero-size axis ({_describe_shape(size[:3][::-1])}); it holds no voxels")
+        raise TransferSegError(f"{name}: the image has a zero-size axis ({describe_shape(size[:3][::-1])}); it holds no voxels")
     n = int(round(len(direction_lps) ** 0.5))
     direction = np.array(direction_lps, dtype=np.float64).reshape(n, n)[:3, :3]
     try:
-        _check_geometry(np.array(spacing_ijk[:3], dtype=np.float64)[::-1], _LPS[:, None] * direction,
+        check_geometry(np.array(spacing_ijk[:3], dtype=np.float64)[::-1], _LPS[:, None] * direction,
                         _LPS * np.array(origin_lps[:3], dtype=np.float64))
     except TransferSegError as e:
         raise TransferSegError(f"{name}: {e}") from None
@@ -139,7 +139,7 @@ def _check_header(name: str, dim: int, ncomp: int, size: tuple, pixel_bytes: int
     available = available_memory_bytes()
     if needed > available:
         raise TransferSegError(
-            f"{name}: the volume ({_describe_shape(size[:3][::-1])} voxels) needs about {needed / 2**30:.1f} GiB "
+            f"{name}: the volume ({describe_shape(size[:3][::-1])} voxels) needs about {needed / 2**30:.1f} GiB "
             f"to load but only {available / 2**30:.1f} GiB of memory is free; crop or downsample it first, "
             "or use a machine with more memory"
         )
@@ -219,7 +219,7 @@ def _refuse_single_dicom_file(path: Path) -> None:
         size = ()
     if len(size) == 2 or (len(size) == 3 and size[2] == 1):
         raise TransferSegError(
-            f"{path}: input is 2D ({_describe_shape(size[:2])}, a single DICOM slice); TransferSeg needs a 3D "
+            f"{path}: input is 2D ({describe_shape(size[:2])}, a single DICOM slice); TransferSeg needs a 3D "
             "volume: give the folder that holds the whole series"
         )
     raise TransferSegError(f"{path}: this is a single DICOM file; give the folder that holds the whole series instead")
@@ -251,7 +251,7 @@ def _volume_from_image(image: sitk.Image, name: str) -> Volume:
     origin_lps = np.array(image.GetOrigin(), dtype=np.float64)
     try:
         # A real copy: a view would point into memory that SimpleITK frees with `image`.
-        array = _as_float32(sitk.GetArrayViewFromImage(image), copy=True)
+        array = as_float32(sitk.GetArrayViewFromImage(image), copy=True)
         volume = Volume(array, spacing=tuple(spacing_ijk[::-1]), directions=_LPS[:, None] * direction_lps,
                         origin=_LPS * origin_lps)
         volume.check_finite()
@@ -308,12 +308,12 @@ def _check_suffix(path: Path, allowed) -> str:
     return suffix
 
 
-def _image_on(array: np.ndarray, reference: Volume, channels: bool = False) -> sitk.Image:
+def image_on(array: np.ndarray, reference: Volume, channels: bool = False) -> sitk.Image:
     """A (k, j, i) array, or with ``channels`` a (C, k, j, i) one as C components, on ``reference``'s geometry."""
     if array.shape[int(channels):] != reference.shape:
         raise TransferSegError(
-            f"the array to write is {_describe_shape(array.shape)} but the reference volume is "
-            f"{_describe_shape(reference.shape)}; they must match voxel for voxel"
+            f"the array to write is {describe_shape(array.shape)} but the reference volume is "
+            f"{describe_shape(reference.shape)}; they must match voxel for voxel"
         )
     if channels:
         image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(array, 0, -1)), isVector=True)
@@ -371,7 +371,7 @@ def _as_labels(labels: np.ndarray) -> np.ndarray:
 
 def save_volume(volume: Volume, path) -> Path:
     """Write ``volume`` (float32) to .nii/.nii.gz/.nrrd/.mha with its geometry; returns the path."""
-    return _write_image(_image_on(volume.array, volume), path)
+    return _write_image(image_on(volume.array, volume), path)
 
 
 def save_labelmap(labels: np.ndarray, reference: Volume, path) -> Path:
@@ -379,7 +379,7 @@ def save_labelmap(labels: np.ndarray, reference: Volume, path) -> Path:
 
     Stored as uint8 (uint16 if a label exceeds 255).
     """
-    return _write_image(_image_on(_as_labels(labels), reference), path)
+    return _write_image(image_on(_as_labels(labels), reference), path)
 
 
 def save_scalar(values: np.ndarray, reference: Volume, path) -> Path:
@@ -391,7 +391,7 @@ def save_scalar(values: np.ndarray, reference: Volume, path) -> Path:
     values = np.asarray(values)
     if values.dtype not in (np.float32, np.uint8):
         values = values.astype(np.float32)
-    return _write_image(_image_on(values, reference, channels=values.ndim == 4), path)
+    return _write_image(image_on(values, reference, channels=values.ndim == 4), path)
 
 
 def _segment_extent(mask: np.ndarray) -> list:
@@ -426,7 +426,7 @@ def save_segmentation(labels: np.ndarray, reference: Volume, path, segments: lis
         raise TransferSegError(f"{path}: a segmentation file must end in .seg.nrrd")
     labels = _as_labels(labels)
     if labels.shape != reference.shape:
-        _image_on(labels, reference)  # raises the shape error
+        image_on(labels, reference)  # raises the shape error
     if labels.dtype != np.uint8:
         raise TransferSegError("a .seg.nrrd segmentation here holds label values 1…255")
     seen_labels, seen_names, out_segments = set(), set(), []

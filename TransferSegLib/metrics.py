@@ -52,7 +52,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .volume import TransferSegError, _describe_shape
+from .volume import TransferSegError, describe_shape
 
 __all__ = [
     "asd",
@@ -90,8 +90,8 @@ def _mask_pair(pred, ref, label: int | None) -> tuple[np.ndarray, np.ndarray]:
     p, r = np.asarray(pred), np.asarray(ref)
     if p.shape != r.shape:
         raise TransferSegError(
-            f"prediction shape {_describe_shape(p.shape)} does not match reference shape "
-            f"{_describe_shape(r.shape)} (axes k, j, i); both must lie on the same voxel grid"
+            f"prediction shape {describe_shape(p.shape)} does not match reference shape "
+            f"{describe_shape(r.shape)} (axes k, j, i); both must lie on the same voxel grid"
         )
     return _as_mask(p, label, "prediction"), _as_mask(r, label, "reference")
 
@@ -201,7 +201,7 @@ def _pooled_surface_distances(pred, ref, spacing, label) -> np.ndarray:
     p, r = _mask_pair(pred, ref, label)
     if p.ndim != 3:
         raise TransferSegError(
-            f"surface distances need 3D masks (k, j, i); got {p.ndim}D ({_describe_shape(p.shape)})"
+            f"surface distances need 3D masks (k, j, i); got {p.ndim}D ({describe_shape(p.shape)})"
         )
     has_p, has_r = p.any(), r.any()
     if not (has_p and has_r):

@@ -305,7 +305,7 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
         method_options: per-run choices for the card's method, e.g. ``{"fusion": "staple"}``
             for a multi-view model.
     """
-    from .inference import _check_roi, resolve_device
+    from .inference import check_roi, resolve_device
     from .methods import MethodContext, check_options, get_method
     from .resample import to_orientation, to_spacing
 
@@ -324,7 +324,7 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     timings["load_model"] = time.perf_counter() - start
     check_cancel(cancel)
 
-    box = _check_roi(roi, volume.shape) if roi is not None else None
+    box = check_roi(roi, volume.shape) if roi is not None else None
     region = _crop(volume, box) if box is not None else volume
     warnings = scope_warnings + spacing_warnings(region, card) + _constant_warning(region)
 

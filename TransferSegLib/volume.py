@@ -26,7 +26,7 @@ class TransferSegError(Exception):
     """
 
 
-def _describe_shape(shape) -> str:
+def describe_shape(shape) -> str:
     return "×".join(str(int(s)) for s in shape)
 
 
@@ -37,7 +37,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 GEOMETRY_LIMIT_MM = 1e30
 
 
-def _direction_problem(directions: np.ndarray) -> str | None:
+def direction_problem(directions: np.ndarray) -> str | None:
     """What keeps a 3×3 matrix (column n = IJK axis n) from being a rotation or reflection, in words; None if
     it is one.  A shear or a scale in a direction matrix is silently wrong geometry for every voxel."""
     d = np.asarray(directions, dtype=np.float64)
@@ -55,7 +55,7 @@ def _direction_problem(directions: np.ndarray) -> str | None:
     return None
 
 
-def _check_geometry(spacing: np.ndarray, directions: np.ndarray, origin: np.ndarray) -> None:
+def check_geometry(spacing: np.ndarray, directions: np.ndarray, origin: np.ndarray) -> None:
     if spacing.shape != (3,):
         raise TransferSegError(f"spacing must have 3 values (k, j, i); got {spacing.tolist()}")
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
@@ -70,7 +70,7 @@ def _check_geometry(spacing: np.ndarray, directions: np.ndarray, origin: np.ndar
             "the direction (orientation) matrix is singular: two image axes point the same way; "
             "fix the orientation in the image header"
         )
-    problem = _direction_problem(directions)
+    problem = direction_problem(directions)
     if problem:
         raise TransferSegError(
             f"the direction (orientation) matrix is not orthonormal: {problem}; TransferSeg needs perpendicular "
@@ -91,7 +91,7 @@ def _check_geometry(spacing: np.ndarray, directions: np.ndarray, origin: np.ndar
         )
 
 
-def _as_float32(array: np.ndarray, copy: bool = False) -> np.ndarray:
+def as_float32(array: np.ndarray, copy: bool = False) -> np.ndarray:
     """A 3D ``array`` as float32 (always a new array when ``copy``).  Finite values beyond float32's range
     are refused rather than cast to ±inf, which a later check would call infinite."""
     array = np.asarray(array)
@@ -131,15 +131,15 @@ class Volume:
         array = np.asarray(self.array)
         if array.ndim != 3:
             raise TransferSegError(
-                f"input is {array.ndim}D ({_describe_shape(array.shape)}); TransferSeg needs a 3D volume"
+                f"input is {array.ndim}D ({describe_shape(array.shape)}); TransferSeg needs a 3D volume"
             )
         if 0 in array.shape:
-            raise TransferSegError(f"the volume has a zero-size axis ({_describe_shape(array.shape)}); it holds no voxels")
-        self.array = _as_float32(array)
+            raise TransferSegError(f"the volume has a zero-size axis ({describe_shape(array.shape)}); it holds no voxels")
+        self.array = as_float32(array)
         spacing = np.asarray(self.spacing, dtype=np.float64).reshape(-1)
         directions = np.asarray(self.directions, dtype=np.float64)
         origin = np.asarray(self.origin, dtype=np.float64).reshape(-1)
-        _check_geometry(spacing, directions, origin)
+        check_geometry(spacing, directions, origin)
         self.spacing = tuple(float(s) for s in spacing)
         self.directions = directions.copy()
         self.origin = origin.copy()
@@ -154,7 +154,7 @@ class Volume:
         norms_ijk = np.linalg.norm(m[:3, :3], axis=0)
         if np.any(norms_ijk == 0) or not np.all(np.isfinite(norms_ijk)):
             raise TransferSegError("IJK→RAS has a zero or non-finite column: the voxel spacing is zero")
-        problem = _direction_problem(m[:3, :3] / norms_ijk)
+        problem = direction_problem(m[:3, :3] / norms_ijk)
         if problem:
             raise TransferSegError(
                 f"IJK→RAS is not a rotation times the voxel spacing: {problem}; TransferSeg needs a volume on a "
@@ -183,7 +183,7 @@ class Volume:
         array = np.asarray(array)
         if array.shape != self.array.shape:
             raise TransferSegError(
-                f"array shape {_describe_shape(array.shape)} does not match the volume's {_describe_shape(self.shape)}"
+                f"array shape {describe_shape(array.shape)} does not match the volume's {describe_shape(self.shape)}"
             )
         return Volume(array, self.spacing, self.directions, self.origin)
 

@@ -144,10 +144,10 @@ def _reference_on(volume, path: Path, label: int = LIVER) -> np.ndarray:
     """A reference mask (``label``) on ``volume``'s grid: nearest neighbour through physical space."""
     import SimpleITK as sitk
 
-    from TransferSegLib.io import _image_on
+    from TransferSegLib.io import image_on
 
     reference = sitk.ReadImage(str(path))
-    grid = _image_on(np.zeros(volume.shape, np.uint8), volume)
+    grid = image_on(np.zeros(volume.shape, np.uint8), volume)
     on_grid = sitk.Resample(reference, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, reference.GetPixelID())
     return sitk.GetArrayFromImage(on_grid) == label
 

@@ -143,9 +143,9 @@ def write_ct(volume, path: Path) -> Path:
     """A CT volume as int16 NIfTI (its HU are whole numbers), the geometry exact."""
     import SimpleITK as sitk
 
-    from TransferSegLib.io import _image_on
+    from TransferSegLib.io import image_on
 
-    sitk.WriteImage(_image_on(np.round(volume.array).astype(np.int16), volume), str(path), useCompression=True)
+    sitk.WriteImage(image_on(np.round(volume.array).astype(np.int16), volume), str(path), useCompression=True)
     return path
 
 

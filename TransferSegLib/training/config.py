@@ -295,10 +295,10 @@ def validate_config(config: dict) -> dict:
         data["seed"] = _int(data.get("seed", 0), "data.seed", 0)
         if not isinstance(data.setdefault("options", {}), dict):
             config_error("data.options", f"must be a JSON object of {data['phantom']}_phantom arguments; got {data['options']!r}")
-        from ..datasets import _check_vary
+        from ..datasets import check_vary
 
         try:
-            _check_vary(data["phantom"], data.setdefault("vary", {}))
+            check_vary(data["phantom"], data.setdefault("vary", {}))
         except TransferSegError as e:
             config_error("data.vary", str(e))
         data["workers"] = _int(data.get("workers", 0), "data.workers", 0)
