@@ -13,16 +13,10 @@ import torch
 from conftest import DIRECTIONS_LPS
 from torch import nn
 
-from TransferSegLib.inference import (
-    InferenceResult,
-    blending_weights,
-    resolve_device,
-    roi_from_ras,
-    sliding_window_inference,
-    window_starts,
-)
+from TransferSegLib.devices import resolve_device
+from TransferSegLib.inference import InferenceResult, blending_weights, sliding_window_inference, window_starts
 from TransferSegLib.progress import Cancelled, CancelToken
-from TransferSegLib.volume import TransferSegError, Volume
+from TransferSegLib.volume import TransferSegError, Volume, roi_from_ras
 
 SHAPE = (20, 37, 41)  # odd sizes: windows must be padded or overlap unevenly
 

@@ -167,7 +167,7 @@ def _segment_one(args, source, output: Path) -> int:
     if args.roi is not None:
         roi = _parse_box(args.roi, "--roi")  # whole, finite voxel indices: checked by the pipeline
     elif args.roi_ras is not None:
-        from .inference import roi_from_ras
+        from .volume import roi_from_ras
 
         box = _parse_box(args.roi_ras, "--roi-ras")
         roi = roi_from_ras(volume, box[:3], box[3:])

@@ -27,7 +27,7 @@ class Processes:
 
     ``rank`` and ``world`` say which; ``device`` is ``cuda:LOCAL_RANK`` under torchrun when CUDA
     is available and ``device_spec`` is not ``cpu``, else the CPU; outside torchrun it is
-    ``device_spec`` resolved (:func:`~TransferSegLib.inference.resolve_device`).  Under torchrun
+    ``device_spec`` resolved (:func:`~TransferSegLib.devices.resolve_device`).  Under torchrun
     the process group is joined here (gloo on CPU, nccl on CUDA) unless it is up already, and
     :meth:`close` leaves it only if it was joined here.
     """
@@ -51,7 +51,7 @@ class Processes:
                 self.owns_group = True
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:
-            from .inference import resolve_device
+            from .devices import resolve_device
 
             self.device = resolve_device(device_spec)
 

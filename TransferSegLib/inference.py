@@ -5,7 +5,9 @@ into a 3D-callable adapter elsewhere).  :func:`sliding_window_inference` tiles a
 with overlapping windows, runs them ``batch_size`` at a time, blends the per-window
 probabilities and returns compact outputs aligned to the full array::
 
-    from TransferSegLib.inference import resolve_device, roi_from_ras, sliding_window_inference
+    from TransferSegLib.devices import resolve_device
+    from TransferSegLib.inference import sliding_window_inference
+    from TransferSegLib.volume import roi_from_ras
 
     result = sliding_window_inference(array, network, patch_size=(64, 128, 128),
                                       device="auto", return_probabilities=True,
@@ -74,7 +76,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -84,13 +85,12 @@ import torch
 from torch import nn
 
 from .progress import CancelToken, ProgressCallback, check_cancel
-from .volume import TransferSegError, Volume
+from .devices import empty_cache, is_out_of_memory, resolve_device, synchronize
+from .volume import TransferSegError, check_roi
 
 __all__ = [
     "InferenceResult",
     "blending_weights",
-    "resolve_device",
-    "roi_from_ras",
     "sliding_window_inference",
     "window_starts",
 ]
@@ -103,56 +103,6 @@ PAD_MODES = ("edge", "constant")
 DEFAULT_MIN_PATCH = 16
 STAGE = "inference"
 FINISH_ROWS = 8
-
-
-# --- devices --------------------------------------------------------------------------------
-def resolve_device(spec="auto") -> torch.device:
-    """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` → a torch.device.
-
-    Raises TransferSegError, saying what to choose instead, when a GPU is asked for but
-    PyTorch cannot use one.
-    """
-    text = str(spec).strip().lower()
-    if text == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    match = re.fullmatch(r"cuda(?::(\d+))?", text)
-    if match is None:
-        raise TransferSegError(f"unknown device '{spec}'; use 'auto', 'cpu', 'cuda' or 'cuda:N' (N = GPU number)")
-    if not torch.cuda.is_available():
-        if torch.version.cuda is None:
-            why = "this PyTorch build has no CUDA support (a CPU-only build)"
-        else:
-            why = f"this PyTorch build (CUDA {torch.version.cuda}) finds no usable NVIDIA GPU or driver"
-        raise TransferSegError(
-            f"device '{spec}' was requested but {why}; choose device 'cpu', or 'auto' to use a GPU only "
-            "when there is one (or install an NVIDIA driver and a CUDA build of PyTorch)"
-        )
-    count = torch.cuda.device_count()
-    index = int(match.group(1)) if match.group(1) is not None else torch.cuda.current_device()
-    if index >= count:
-        raise TransferSegError(
-            f"device '{spec}' was requested but this machine has {count} GPU(s) (cuda:0 … cuda:{count - 1}); "
-            "choose one of those, 'auto' or 'cpu'"
-        )
-    return torch.device("cuda", index)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)  # PyTorch's CPU allocator
-
-
-def _empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- layout and weights ---------------------------------------------------------------------
@@ -311,61 +261,6 @@ class InferenceResult:
     fallbacks: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     windows: int = 0
-
-
-# --- ROI ------------------------------------------------------------------------------------
-def roi_from_ras(volume: Volume, ras_min, ras_max) -> tuple:
-    """The (k0, j0, i0, k1, j1, i1) half-open box of voxels enclosing a RAS box (mm), clipped to the volume.
-
-    The 8 corners of the RAS box are mapped to continuous voxel indices; the box runs from the
-    floor of their minimum to the ceiling of their maximum (inclusive), so every voxel whose
-    centre lies in the RAS box is inside it, whatever the volume's orientation.
-    """
-    lo = np.asarray(ras_min, dtype=np.float64).reshape(-1)
-    hi = np.asarray(ras_max, dtype=np.float64).reshape(-1)
-    if lo.shape != (3,) or hi.shape != (3,) or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
-        raise TransferSegError(f"a RAS box needs two finite (R, A, S) points; got {ras_min!r} and {ras_max!r}")
-    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
-    # a box far larger than the volume (1e20 mm) is the volume's own bounding box: the same voxels,
-    # and indices that stay finite integers
-    grid = np.array([[k, j, i] for k in (-1, volume.shape[0]) for j in (-1, volume.shape[1])
-                     for i in (-1, volume.shape[2])], float)
-    extent = volume.ijk_to_ras_points(grid)
-    low, high = extent.min(axis=0), extent.max(axis=0)
-    outside = np.any(hi < low) or np.any(lo > high)
-    box_lo, box_hi = np.clip(lo, low, high), np.clip(hi, low, high)
-    corners = np.array([[(box_lo, box_hi)[a][0], (box_lo, box_hi)[b][1], (box_lo, box_hi)[c][2]]
-                        for a in (0, 1) for b in (0, 1) for c in (0, 1)])
-    kji = volume.ras_to_ijk_points(corners)
-    start = np.floor(kji.min(axis=0) + 1e-6).astype(np.int64)  # 1e-6: corners exactly on a voxel centre
-    stop = np.ceil(kji.max(axis=0) - 1e-6).astype(np.int64) + 1
-    shape = np.asarray(volume.shape)
-    start, stop = np.clip(start, 0, shape), np.clip(stop, 0, shape)
-    if outside or np.any(stop <= start):
-        raise TransferSegError(
-            f"the RAS box from ({', '.join(f'{v:g}' for v in lo)}) to ({', '.join(f'{v:g}' for v in hi)}) mm does not "
-            "overlap the volume; place the region of interest over the image"
-        )
-    return tuple(int(v) for v in start) + tuple(int(v) for v in stop)
-
-
-def check_roi(roi, shape) -> tuple:
-    try:
-        box = tuple(int(v) for v in roi)
-        whole = all(float(v) == b for v, b in zip(roi, box))
-    except (TypeError, ValueError, OverflowError):
-        box, whole = (), True
-    if len(box) != 6:
-        raise TransferSegError(f"roi must be (k0, j0, i0, k1, j1, i1); got {roi!r}")
-    if not whole:
-        raise TransferSegError(f"roi ({', '.join(f'{float(v):g}' for v in roi)}) (k0, j0, i0, k1, j1, i1) must be whole "
-                               "voxel indices")
-    start, stop = box[:3], box[3:]
-    if any(a < 0 or b > n or b <= a for a, b, n in zip(start, stop, shape)):
-        raise TransferSegError(
-            f"roi {box} (k0, j0, i0, k1, j1, i1) is empty or reaches outside the volume of {_fmt(shape)} voxels"
-        )
-    return box
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -528,7 +423,7 @@ class _Run:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             out = self._forward(x)
-            _synchronize(self.device)
+            synchronize(self.device)
             tac = time.perf_counter()
             self.seconds["network"] += tac - tic
             self.resumable = False
@@ -542,7 +437,7 @@ class _Run:
             self.index = stop
             next_row = int(starts[self.index, 0]) if self.index < total else layout.padded[0]
             self.accumulator.finish_rows_below(next_row)
-            _synchronize(self.device)
+            synchronize(self.device)
             self.seconds["blending"] += time.perf_counter() - tac
             self._report(self.index / total)
 
@@ -574,7 +469,7 @@ class _Run:
                 self.layout = layout
                 return
             except Exception as error:  # noqa: BLE001 - out-of-memory is handled below, everything else re-raised
-                if _is_out_of_memory(error):
+                if is_out_of_memory(error):
                     failure = (str(error).splitlines() or [""])[0][:200] or type(error).__name__
                 elif self.channels_last and self.index == 0 and isinstance(error, RuntimeError):
                     failure = "channels_last"
@@ -586,7 +481,7 @@ class _Run:
                 self._fallback(f"the network does not run on channels_last_3d tensors on {self.device}; "
                                "using contiguous tensors")
                 continue
-            _empty_cache(self.device)
+            empty_cache(self.device)
             where = f"on {self.device} with {self.batch_size} window(s) of {_fmt(self.patch)} voxels per batch ({failure})"
             if not moving and self.batch_size > 1:
                 self.batch_size = max(1, self.batch_size // 2)

@@ -305,7 +305,8 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
         method_options: per-run choices for the card's method, e.g. ``{"fusion": "staple"}``
             for a multi-view model.
     """
-    from .inference import check_roi, resolve_device
+    from .devices import resolve_device
+    from .volume import check_roi
     from .methods import MethodContext, check_options, get_method
     from .resample import to_orientation, to_spacing
 

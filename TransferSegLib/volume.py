@@ -284,3 +284,59 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
             counts = np.concatenate([counts, np.zeros(part.size - counts.size, np.int64)])
         counts[:part.size] += part
     return counts
+
+
+# --- regions of interest -----------------------------------------------------------------
+def roi_from_ras(volume: "Volume", ras_min, ras_max) -> tuple:
+    """The (k0, j0, i0, k1, j1, i1) half-open box of voxels enclosing a RAS box (mm), clipped to the volume.
+
+    The 8 corners of the RAS box are mapped to continuous voxel indices; the box runs from the
+    floor of their minimum to the ceiling of their maximum (inclusive), so every voxel whose
+    centre lies in the RAS box is inside it, whatever the volume's orientation.
+    """
+    lo = np.asarray(ras_min, dtype=np.float64).reshape(-1)
+    hi = np.asarray(ras_max, dtype=np.float64).reshape(-1)
+    if lo.shape != (3,) or hi.shape != (3,) or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise TransferSegError(f"a RAS box needs two finite (R, A, S) points; got {ras_min!r} and {ras_max!r}")
+    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    # a box far larger than the volume (1e20 mm) is the volume's own bounding box: the same voxels,
+    # and indices that stay finite integers
+    grid = np.array([[k, j, i] for k in (-1, volume.shape[0]) for j in (-1, volume.shape[1])
+                     for i in (-1, volume.shape[2])], float)
+    extent = volume.ijk_to_ras_points(grid)
+    low, high = extent.min(axis=0), extent.max(axis=0)
+    outside = np.any(hi < low) or np.any(lo > high)
+    box_lo, box_hi = np.clip(lo, low, high), np.clip(hi, low, high)
+    corners = np.array([[(box_lo, box_hi)[a][0], (box_lo, box_hi)[b][1], (box_lo, box_hi)[c][2]]
+                        for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    kji = volume.ras_to_ijk_points(corners)
+    start = np.floor(kji.min(axis=0) + 1e-6).astype(np.int64)  # 1e-6: corners exactly on a voxel centre
+    stop = np.ceil(kji.max(axis=0) - 1e-6).astype(np.int64) + 1
+    shape = np.asarray(volume.shape)
+    start, stop = np.clip(start, 0, shape), np.clip(stop, 0, shape)
+    if outside or np.any(stop <= start):
+        raise TransferSegError(
+            f"the RAS box from ({', '.join(f'{v:g}' for v in lo)}) to ({', '.join(f'{v:g}' for v in hi)}) mm does not "
+            "overlap the volume; place the region of interest over the image"
+        )
+    return tuple(int(v) for v in start) + tuple(int(v) for v in stop)
+
+
+def check_roi(roi, shape) -> tuple:
+    """``roi`` as a (k0, j0, i0, k1, j1, i1) tuple of whole voxel indices inside ``shape``, or a clear error."""
+    try:
+        box = tuple(int(v) for v in roi)
+        whole = all(float(v) == b for v, b in zip(roi, box))
+    except (TypeError, ValueError, OverflowError):
+        box, whole = (), True
+    if len(box) != 6:
+        raise TransferSegError(f"roi must be (k0, j0, i0, k1, j1, i1); got {roi!r}")
+    if not whole:
+        raise TransferSegError(f"roi ({', '.join(f'{float(v):g}' for v in roi)}) (k0, j0, i0, k1, j1, i1) must be whole "
+                               "voxel indices")
+    start, stop = box[:3], box[3:]
+    if any(a < 0 or b > n or b <= a for a, b, n in zip(start, stop, shape)):
+        raise TransferSegError(
+            f"roi {box} (k0, j0, i0, k1, j1, i1) is empty or reaches outside the volume of {describe_shape(shape)} voxels"
+        )
+    return box

@@ -1,0 +1,60 @@
+"""Where torch runs: a device from its name (CUDA when asked and present, else a clear error), and the
+out-of-memory and synchronisation helpers the inferer and the trainer share."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .volume import TransferSegError
+
+__all__ = ["empty_cache", "is_out_of_memory", "resolve_device", "synchronize"]
+
+
+def resolve_device(spec="auto") -> torch.device:
+    """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` → a torch.device.
+
+    Raises TransferSegError, saying what to choose instead, when a GPU is asked for but
+    PyTorch cannot use one.
+    """
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise TransferSegError(f"unknown device '{spec}'; use 'auto', 'cpu', 'cuda' or 'cuda:N' (N = GPU number)")
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            why = "this PyTorch build has no CUDA support (a CPU-only build)"
+        else:
+            why = f"this PyTorch build (CUDA {torch.version.cuda}) finds no usable NVIDIA GPU or driver"
+        raise TransferSegError(
+            f"device '{spec}' was requested but {why}; choose device 'cpu', or 'auto' to use a GPU only "
+            "when there is one (or install an NVIDIA driver and a CUDA build of PyTorch)"
+        )
+    count = torch.cuda.device_count()
+    index = int(match.group(1)) if match.group(1) is not None else torch.cuda.current_device()
+    if index >= count:
+        raise TransferSegError(
+            f"device '{spec}' was requested but this machine has {count} GPU(s) (cuda:0 … cuda:{count - 1}); "
+            "choose one of those, 'auto' or 'cpu'"
+        )
+    return torch.device("cuda", index)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)  # PyTorch's CPU allocator
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
