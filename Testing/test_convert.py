@@ -19,8 +19,8 @@ from torchvision.models.convnext import LayerNorm2d
 
 from TransferSegLib.nets import UNet2D
 from TransferSegLib.nets.acs import ACSConv, MeanACSConv, SoftACSConv
-from TransferSegLib.nets.convert import (CONVERSION_MODES, InflatedConvTranspose3d, LayerNorm3d, convert,
-                                         convert_from_source, load_converted, save_converted)
+from TransferSegLib.conversion import convert_from_source, load_converted, save_converted
+from TransferSegLib.nets.convert import CONVERSION_MODES, InflatedConvTranspose3d, LayerNorm3d, convert
 from TransferSegLib.volume import TransferSegError
 
 ACS_MODES = ("acs", "mean_acs", "soft_acs")
@@ -507,7 +507,7 @@ def test_convert_command_writes_weights_and_sidecar(tmp_path):
     import subprocess
     import sys
 
-    from TransferSegLib.nets.convert import load_converted
+    from TransferSegLib.conversion import load_converted
 
     out = tmp_path / "unet_acs.safetensors"
     config = {"in_channels": 3, "out_channels": 2, "base_channels": 4, "levels": 3}

@@ -305,7 +305,7 @@ def _cmd_models(args) -> int:
 
 def _cmd_convert(args) -> int:
     """A 2D model → 3D (ACS, Mean-/Soft-ACS, 2.5D or I3D), weights kept; safetensors + JSON sidecar."""
-    from .nets.convert import convert_from_source, save_converted
+    from .conversion import convert_from_source, save_converted
 
     config = json.loads(args.config) if args.config else None
     model, info = convert_from_source(args.source, to=args.to, num_classes=args.num_classes,

@@ -60,28 +60,24 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import math
 import re
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.utils import skip_init
-from torchvision.models import convnext, densenet, mnasnet, mobilenetv2, shufflenetv2
-from torchvision.models.segmentation import deeplabv3, fcn, lraspp
+from torchvision.models import convnext
 from torchvision.ops import misc as tv_misc
 
 from ..volume import TransferSegError
-from ..weights import read_state_dict, refuse_pickle_suffix, save_state_dict, sha256_file
 from . import register
-from .unet import SliceStack2D, UNet2D
+from .layers3d import InflatedConvTranspose3d, LayerNorm3d
+from .torchvision3d import FORWARDS_3D
+from .unet import SliceStack2D
 
-__all__ = ["CONVERSION_MODES", "FORWARDS_3D", "InflatedConvTranspose3d", "LayerNorm3d", "convert", "converted_network",
-           "convert_from_source", "load_converted", "save_converted"]
+__all__ = ["CONVERSION_MODES", "FORWARDS_3D", "InflatedConvTranspose3d", "LayerNorm3d", "convert", "converted_network"]
 
 #: ``to`` value -> the name used in messages.
 CONVERSION_MODES = {"acs": "ACS", "mean_acs": "Mean-ACS", "soft_acs": "Soft-ACS", "2.5d": "2.5D", "3d": "3D (I3D)"}
@@ -96,202 +92,12 @@ class _CannotConvert(Exception):
         self.what, self.why = what, why
 
 
-# --------------------------------------------------------------------------------------
-# 3D modules that have no torch.nn counterpart
-# --------------------------------------------------------------------------------------
-class InflatedConvTranspose3d(nn.Module):
-    """A 3D transposed convolution whose K depth taps all use one 2D kernel (I3D inflation, tied).
-
-    ``weight`` is stored 2D-shaped (in_channels, out_channels / groups, K, K), exactly as in
-    ``ConvTranspose2d``, and inflated on the fly to (…, K, K, K) ÷ ceil(K / stride): the number
-    of depth taps that overlap at an output voxel, so a constant-depth input gives the 2D
-    output (exact when the stride divides K).  Same parameter count as the 2D layer.  The
-    kernel, stride, padding, output padding and dilation are isotropic ints; ``forward`` takes
-    no ``output_size``.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, output_padding: int = 0, groups: int = 1, bias: bool = True,
-                 dilation: int = 1, device=None, dtype=None):
-        super().__init__()
-        if in_channels % groups or out_channels % groups:
-            raise TransferSegError(f"InflatedConvTranspose3d: channels {in_channels}→{out_channels} "
-                                   f"are not divisible by groups={groups}")
-        factory = {"device": device, "dtype": dtype}
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.output_padding, self.dilation = output_padding, dilation
-        self.weight = nn.Parameter(torch.empty(in_channels, out_channels // groups, kernel_size, kernel_size, **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # ConvTranspose2d's own initialisation, so a randomly initialised 3D model matches 2D.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight.shape[1] * self.kernel_size**2
-            bound = 1 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
-
-    @property
-    def depth_scale(self) -> float:
-        return 1.0 / math.ceil(self.kernel_size / self.stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.kernel_size
-        weight = self.weight.unsqueeze(2).expand(-1, -1, k, -1, -1) * self.depth_scale
-        return F.conv_transpose3d(x, weight, self.bias, self.stride, self.padding, self.output_padding,
-                                  self.groups, self.dilation)
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}")
-
-
-class LayerNorm3d(nn.LayerNorm):
-    """LayerNorm over the channels of (N, C, D, H, W) tensors (torchvision's ``LayerNorm2d`` for 5D)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 4, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 4, 1, 2, 3)
-
-
-# --------------------------------------------------------------------------------------
-# 3D-aware forwards for modules whose own forward is 2D-specific (same state dict)
-# --------------------------------------------------------------------------------------
-def _simple_segmentation_forward_3d(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-    """torchvision ``_SimpleSegmentationModel.forward`` with depth: logits resized to ``x.shape[-3:]``."""
-    input_shape = x.shape[-3:]
-    features = self.backbone(x)
-    result = OrderedDict()
-    y = self.classifier(features["out"])
-    result["out"] = F.interpolate(y, size=input_shape, mode="trilinear", align_corners=False)
-    if self.aux_classifier is not None:
-        y = self.aux_classifier(features["aux"])
-        result["aux"] = F.interpolate(y, size=input_shape, mode="trilinear", align_corners=False)
-    return result
-
-
-class DeepLabV3For3D(deeplabv3.DeepLabV3):
-    forward = _simple_segmentation_forward_3d
-
-
-class FCNFor3D(fcn.FCN):
-    forward = _simple_segmentation_forward_3d
-
-
-class ASPPPoolingFor3D(deeplabv3.ASPPPooling):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-3:]
-        for module in self:
-            x = module(x)
-        return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
-
-
-class LRASPPFor3D(lraspp.LRASPP):
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        out = self.classifier(self.backbone(x))
-        return OrderedDict(out=F.interpolate(out, size=x.shape[-3:], mode="trilinear", align_corners=False))
-
-
-class LRASPPHeadFor3D(lraspp.LRASPPHead):
-    def forward(self, features: dict) -> torch.Tensor:
-        low, high = features["low"], features["high"]
-        x = self.cbr(high) * self.scale(high)
-        x = F.interpolate(x, size=low.shape[-3:], mode="trilinear", align_corners=False)
-        return self.low_classifier(low) + self.high_classifier(x)
-
-
-class DenseNetFor3D(densenet.DenseNet):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.features(x), inplace=True)
-        return self.classifier(torch.flatten(F.adaptive_avg_pool3d(out, 1), 1))
-
-
-class MobileNetV2For3D(mobilenetv2.MobileNetV2):
-    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_avg_pool3d(self.features(x), 1)
-        return self.classifier(torch.flatten(x, 1))
-
-
-class MNASNetFor3D(mnasnet.MNASNet):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.layers(x).mean([2, 3, 4]))
-
-
-def _channel_shuffle_3d(x: torch.Tensor, groups: int) -> torch.Tensor:
-    n, c = x.shape[:2]
-    return x.reshape(n, groups, c // groups, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
-
-
-class ShuffleNetInvertedResidualFor3D(shufflenetv2.InvertedResidual):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride == 1:
-            x1, x2 = x.chunk(2, dim=1)
-            out = torch.cat((x1, self.branch2(x2)), dim=1)
-        else:
-            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
-        return _channel_shuffle_3d(out, 2)
-
-
-class ShuffleNetV2For3D(shufflenetv2.ShuffleNetV2):
-    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage4(self.stage3(self.stage2(self.maxpool(self.conv1(x)))))
-        return self.fc(self.conv5(x).mean([2, 3, 4]))
-
-
-class CNBlockFor3D(convnext.CNBlock):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # layer_scale is stored (C, 1, 1) as in 2D; one more axis broadcasts it over depth.
-        result = self.stochastic_depth(self.layer_scale.unsqueeze(-1) * self.block(x))
-        return result + x
-
-
-class UNet2DFor3D(UNet2D):
-    """A converted :class:`UNet2D`: (N, in_channels, D, H, W) -> (N, out_channels, D, H, W) logits.
-
-    D must be a multiple of ``depth_multiple``: 1 for "2.5d" (its pools keep depth), else
-    2**(levels - 1) like H and W.
-    """
-
-    depth_multiple = 1
-
-    def _prepare_for_3d(self, mode: str) -> None:
-        self.dims = 3
-        self.depth_multiple = 1 if mode == "2.5d" else 2 ** (len(self.encoder) - 1)
-
-    @property
-    def size_multiple(self) -> tuple[int, int, int]:
-        plane = 2 ** (len(self.encoder) - 1)
-        return (self.depth_multiple, plane, plane)
-
-
-#: 2D class -> its 3D-aware subclass (swapped onto the converted copy; the state dict is unchanged).
-FORWARDS_3D = {
-    deeplabv3.DeepLabV3: DeepLabV3For3D,
-    fcn.FCN: FCNFor3D,
-    deeplabv3.ASPPPooling: ASPPPoolingFor3D,
-    lraspp.LRASPP: LRASPPFor3D,
-    lraspp.LRASPPHead: LRASPPHeadFor3D,
-    densenet.DenseNet: DenseNetFor3D,
-    mobilenetv2.MobileNetV2: MobileNetV2For3D,
-    mnasnet.MNASNet: MNASNetFor3D,
-    shufflenetv2.InvertedResidual: ShuffleNetInvertedResidualFor3D,
-    shufflenetv2.ShuffleNetV2: ShuffleNetV2For3D,
-    convnext.CNBlock: CNBlockFor3D,
-    UNet2D: UNet2DFor3D,
-}
-
 #: Modules known not to work in 3D, with the reason.
 _UNSUPPORTED = {
     SliceStack2D: "it already runs a 2D network slice by slice on volumes; convert its .net instead",
 }
 
 
-# --------------------------------------------------------------------------------------
-# Leaf converters: (2D module, mode) -> (3D module, transform of the module's own 2D state dict)
-# --------------------------------------------------------------------------------------
 def _factory(module: nn.Module) -> dict:
     for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
         if tensor.is_floating_point():
@@ -666,7 +472,7 @@ class _Conversion:
         return new
 
 
-def _check_mode(to: str) -> str:
+def check_mode(to: str) -> str:
     if to not in CONVERSION_MODES:
         raise TransferSegError(f"unknown conversion {to!r}; choose one of {', '.join(map(repr, CONVERSION_MODES))}")
     return to
@@ -730,7 +536,7 @@ def convert(model: nn.Module, to: str = "acs") -> nn.Module:
     Raises TransferSegError naming each module that cannot be converted, e.g.
     "cannot convert features.3 (Conv2d with kernel (3, 1)) to ACS: …".
     """
-    mode = _check_mode(to)
+    mode = check_mode(to)
     label = CONVERSION_MODES[mode]
     if not isinstance(model, nn.Module):
         raise TransferSegError(f"convert needs a torch.nn.Module, got {type(model).__name__}")
@@ -751,10 +557,7 @@ def convert(model: nn.Module, to: str = "acs") -> nn.Module:
     return model3d
 
 
-# --------------------------------------------------------------------------------------
-# Sources, saving and loading
-# --------------------------------------------------------------------------------------
-def _build_2d(architecture: str, num_classes: int | None, config: dict | None) -> nn.Module:
+def build_2d(architecture: str, num_classes: int | None, config: dict | None) -> nn.Module:
     """A randomly initialised 2D network: ``torchvision:NAME`` or a TransferSeg architecture name."""
     from . import build_network
 
@@ -782,97 +585,6 @@ def _build_2d(architecture: str, num_classes: int | None, config: dict | None) -
     return build_network(name, config)
 
 
-def _load_2d_weights(model: nn.Module, path: Path, architecture: str, num_classes: int | None) -> list[str]:
-    """Load ``path`` into the 2D ``model`` strictly; with ``num_classes`` a classifier head whose
-    output count differs (first dimension = num_classes in the model) is left re-initialised.
-    Returns the re-initialised keys."""
-    state = read_state_dict(path)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    head = [k for k in own if k in state and own[k].shape != state[k].shape]
-    refit = [k for k in head if num_classes is not None and own[k].ndim >= 1 and own[k].shape[0] == num_classes
-             and own[k].shape[1:] == state[k].shape[1:]]
-    wrong = [k for k in head if k not in refit]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", wrong)) if keys]
-        raise TransferSegError(f"{path}: these weights do not fit {architecture}"
-                               f"{f' with {num_classes} classes' if num_classes else ''} ({'; '.join(parts)})")
-    model.load_state_dict({**state, **{k: own[k] for k in refit}}, strict=True)
-    return refit
-
-
-def convert_from_source(source: str, to: str = "acs", num_classes: int | None = None, *,
-                        weights_path=None, architecture: str | None = None, config: dict | None = None):
-    """Build or load a 2D network and :func:`convert` it; returns ``(model3d, info)``.
-
-    ``source`` is one of
-      * ``"torchvision:NAME"`` — any torchvision classification or segmentation builder
-        (``weights=None``, ``weights_backbone=None``: nothing is downloaded); ``weights_path``
-        optionally names a local safetensors file with its 2D state dict (e.g. ImageNet weights
-        converted once), loaded strictly before conversion;
-      * ``"transferseg:NAME"`` — a TransferSeg 2D architecture (``config`` = its keyword config);
-      * a path to a 2D ``.safetensors`` checkpoint, with ``architecture`` = ``"torchvision:NAME"``
-        or a TransferSeg name (+ ``config``), or a TransferSeg model card beside it.
-    ``num_classes`` sets the classifier size; with pretrained weights of another size, the
-    head tensors (first dimension = num_classes) are left freshly initialised and listed in
-    ``info["reinitialised"]``; every other tensor must fit exactly.  Pickle files are refused.
-
-    ``info`` (JSON-serialisable) says source, architecture, config, mode, num_classes, the 2D
-    weights' path and sha256, parameter counts and re-initialised keys; :func:`save_converted`
-    writes it as the sidecar and :func:`load_converted` rebuilds the network from it.
-    """
-
-    mode = _check_mode(to)
-    for given in (source, weights_path):
-        if given is not None:
-            refuse_pickle_suffix(str(given))
-    pretrained = Path(weights_path).expanduser() if weights_path is not None else None
-    card_network = None
-    if source.startswith(("torchvision:", "transferseg:")):
-        architecture = source
-    else:
-        path = Path(source).expanduser()
-        if pretrained is not None:
-            raise TransferSegError(f"source {source} is already a weights file; do not also pass weights_path")
-        pretrained = path
-        if architecture is None:
-            if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
-                from ..models import load_model
-
-                loaded = load_model(path)
-                card_network = loaded.network
-                architecture = loaded.card["architecture"]["name"]
-                config = loaded.card["architecture"].get("config", {})
-            else:
-                raise TransferSegError(
-                    f"{source}: say which 2D architecture these weights belong to, e.g. "
-                    "architecture='torchvision:resnet50' (or --architecture on the command line)")
-    if card_network is not None:
-        if num_classes is not None:
-            raise TransferSegError(f"{source}: num_classes cannot change a TransferSeg model's output size")
-        model2d, reinitialised = card_network, []
-    else:
-        model2d = _build_2d(architecture, num_classes, config)
-        reinitialised = _load_2d_weights(model2d, pretrained, architecture, num_classes) if pretrained else []
-    model3d = convert(model2d, mode)
-    info = {
-        "source": source,
-        "architecture": architecture,
-        "config": {k: v for k, v in (config or {}).items()},
-        "num_classes": num_classes,
-        "mode": mode,
-        "pretrained_weights": None if pretrained is None else {"path": str(pretrained), "sha256": sha256_file(pretrained)},
-        "reinitialised": reinitialised,
-        "parameters_2d": model3d.transferseg_conversion["parameters_2d"],
-        "parameters_3d": model3d.transferseg_conversion["parameters_3d"],
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-    }
-    model3d.transferseg_conversion = {**model3d.transferseg_conversion, **info}
-    return model3d, info
-
-
 @register("converted")
 def converted_network(source: str, config: dict | None = None, to: str = "acs") -> nn.Module:
     """The 2D architecture ``source`` (a TransferSeg name or ``torchvision:NAME``) built with
@@ -883,61 +595,6 @@ def converted_network(source: str, config: dict | None = None, to: str = "acs") 
     """
     if not isinstance(source, str) or not source or source == "converted":
         raise TransferSegError(f"converted: source must name a 2D architecture, e.g. \"unet2d\"; got {source!r}")
-    model3d = convert(_build_2d(source, None, config), to)
-    model3d.config = {"source": source, "config": dict(config or {}), "to": _check_mode(to)}
+    model3d = convert(build_2d(source, None, config), to)
+    model3d.config = {"source": source, "config": dict(config or {}), "to": check_mode(to)}
     return model3d
-
-
-def save_converted(model3d: nn.Module, path, info: dict | None = None) -> Path:
-    """Write ``model3d``'s state dict to ``path`` (.safetensors) and a JSON sidecar beside it.
-
-    Both files are written atomically (``TransferSegLib.io.atomic_output``).  The sidecar
-    (``path`` with ``.json``) holds ``info`` (default: the model's ``transferseg_conversion``,
-    set by :func:`convert` / :func:`convert_from_source`: source, architecture, mode, …) plus
-    ``weights``: file name, sha256 and size.  Returns the sidecar's path.
-    """
-    from ..atomic import atomic_output
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise TransferSegError(f"{path}: converted models are written as .safetensors (never pickle)")
-    record = dict(info if info is not None else getattr(model3d, "transferseg_conversion", {}))
-    if "mode" not in record:
-        raise TransferSegError("save_converted: this model does not say how it was converted; pass info=")
-    digest = save_state_dict(model3d.state_dict(), path,
-                             metadata={"format": "pt", "transferseg_conversion": record["mode"]})
-    record["weights"] = {"file": path.name, "sha256": digest, "bytes": path.stat().st_size}
-    sidecar = path.with_suffix(".json")
-    with atomic_output(sidecar) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return sidecar
-
-
-def load_converted(path) -> tuple[nn.Module, dict]:
-    """Rebuild a model written by :func:`save_converted` and load its weights strictly (sha256 checked)."""
-
-    path = Path(path)
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        raise TransferSegError(f"{path}: the conversion record {sidecar.name} is missing beside the weights")
-    try:
-        info = json.loads(sidecar.read_text(encoding="utf-8"))
-        mode = info["mode"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TransferSegError(f"{sidecar}: not a TransferSeg conversion record ({e})") from None
-    architecture = info.get("architecture")
-    if architecture is None:
-        raise TransferSegError(f"{sidecar}: this model was converted from an in-memory {info.get('from_class', 'model')}; "
-                               f"convert that model again and load {path.name} into it with load_state_dict")
-    state = read_state_dict(path)
-    expected = info.get("weights", {}).get("sha256")
-    if expected != sha256_file(path):
-        raise TransferSegError(f"{path}: checksum mismatch with {sidecar.name}; the file is damaged or not this model's")
-    model3d = convert(_build_2d(architecture, info.get("num_classes"), info.get("config")), mode)
-    try:
-        model3d.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise TransferSegError(f"{path}: the weights do not fit {architecture} converted to "
-                               f"{CONVERSION_MODES[mode]}: {str(e).splitlines()[0]}") from None
-    model3d.transferseg_conversion = {**model3d.transferseg_conversion, **info}
-    return model3d, info
