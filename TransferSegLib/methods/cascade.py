@@ -31,7 +31,7 @@ from ..inference import sliding_window_inference
 from ..preprocessing import preprocess
 from ..progress import StageProgress, check_cancel
 from ..volume import TransferSegError
-from . import MethodContext, MethodOutput, register_method
+from .registry import MethodContext, MethodOutput, register_method
 from .single import run_component
 
 DEFAULTS = {"thresholds": [0.5, 0.9], "slices": 8, "stride": 2, "margin": 2, "box_margin_mm": 12.0, "batch_size": 1}

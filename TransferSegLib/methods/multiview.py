@@ -30,7 +30,7 @@ from ..preprocessing import preprocess
 from ..progress import StageProgress, check_cancel
 from ..views import VIEWS, predict_view
 from ..volume import TransferSegError
-from . import MethodContext, MethodOutput, register_method
+from .registry import MethodContext, MethodOutput, register_method
 
 FUSIONS = {"vfn": "fusion", "vfn-noimage": "fusion_noimage", "majority": None, "staple": None}
 

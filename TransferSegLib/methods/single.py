@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..inference import sliding_window_inference
 from ..preprocessing import preprocess
 from ..volume import TransferSegError
-from . import MethodContext, MethodOutput, register_method
+from .registry import MethodContext, MethodOutput, register_method
 
 
 def run_component(context: MethodContext, component, array=None, progress=None) -> object:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..volume import TransferSegError
-from . import register
+from .registry import register
 from .mcgcn import (MCGCN, RESNET_BACKBONES, check_backbone, check_input, check_positive,
                     encoder_channels, pad_to_multiple)
 

@@ -72,7 +72,7 @@ from torchvision.models import convnext
 from torchvision.ops import misc as tv_misc
 
 from ..volume import TransferSegError
-from . import register
+from .registry import register
 from .layers3d import InflatedConvTranspose3d, LayerNorm3d
 from .torchvision3d import FORWARDS_3D
 from .unet import SliceStack2D
@@ -559,7 +559,7 @@ def convert(model: nn.Module, to: str = "acs") -> nn.Module:
 
 def build_2d(architecture: str, num_classes: int | None, config: dict | None) -> nn.Module:
     """A randomly initialised 2D network: ``torchvision:NAME`` or a TransferSeg architecture name."""
-    from . import build_network
+    from .registry import build_network
 
     config = dict(config or {})
     if architecture.startswith("torchvision:"):

@@ -25,7 +25,7 @@ import torch.utils.checkpoint as cp
 from torch import nn
 
 from ..volume import TransferSegError
-from . import register
+from .registry import register
 from .mcgcn import check_input, check_positive
 from .unet import SliceStack2D
 

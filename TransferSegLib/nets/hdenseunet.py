@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..volume import TransferSegError
-from . import register
+from .registry import register
 from . import denseunet
 from .denseunet import *  # noqa: F401,F403  (re-exported: nets/__init__ star-imports this module only)
 from .denseunet import DenseUNet2D, DenseUNet3D

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..volume import TransferSegError
 from ..weights import read_state_dict
-from . import register
+from .registry import register
 from .unet import SliceStack2D
 
 __all__ = ["MCGCN", "MultiSliceMCGCN", "GlobalConvolution", "BoundaryRefinement", "RESNET_BACKBONES"]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..volume import TransferSegError
-from . import register
+from .registry import register
 
 __all__ = ["UNet3D", "UNet2D", "SliceStack2D", "MultiSliceUNet2D"]
 

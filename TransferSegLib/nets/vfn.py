@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..volume import TransferSegError
-from . import register
+from .registry import register
 
 __all__ = ["VFN"]
 

@@ -439,10 +439,10 @@ def validate_config(config: dict) -> dict:
     return c
 
 
-def load_config(path) -> dict:
+def read_config(path) -> dict:
     """Read a JSON training config; relative ``data.root`` and ``init_weights`` paths are taken
-    relative to the config file.  The config is validated (errors name the key) and returned as
-    written, with those paths made absolute."""
+    relative to the config file.  Returned as written, with those paths made absolute, not yet
+    validated (:func:`TransferSegLib.training.load_config` validates it as a trainer or recipe config)."""
     path = Path(path).expanduser()
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -468,10 +468,4 @@ def load_config(path) -> dict:
             init[key] = resolved
         else:
             config["init_weights"] = resolved
-    if "recipe" in config:
-        from .recipes import validate_recipe
-
-        validate_recipe(config)
-    else:
-        validate_config(config)
     return config

@@ -148,7 +148,6 @@ r, r + W, … of the same global batch, sees exactly the patches of a one-proces
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -168,14 +167,14 @@ from ..progress import CancelToken, ProgressCallback, check_cancel
 from ..volume import TransferSegError
 from .checkpoints import (check_same_run, load_checkpoint, optimizer_from_files, remove_partial_files,
                           save_checkpoint, write_json)
-from .config import config_error, is_int, load_config, validate_config
+from .config import config_error, is_int, validate_config
 from .logs import RunLog, label_key
 from .networks import apply_stage_options, network_from_config, stage_attribute
 from .optim import LossSchedule, PlateauTracker, build_optimizer, freeze_groups, learning_rate_factor, parameter_groups
 from .sampling import PatchSampler, StackCase, TrainingCase, cases_from_spec, load_cases, rotations90, write_stack
 
 __all__ = ["PatchSampler", "PlateauTracker", "LossSchedule", "StackCase", "TrainResult", "TrainingCase",
-           "learning_rate_factor", "load_config", "main", "parameter_groups", "rotations90", "train",
+           "learning_rate_factor", "parameter_groups", "rotations90", "train",
            "validate_config", "write_stack"]
 
 
@@ -541,32 +540,3 @@ def _save_final_model(network, config, out, data_spec, total, world, metrics, fi
     write_json(out / "result.json", {"steps": total, "final_loss": final_loss, "metrics": metrics,
                                       "card": str(card_path.relative_to(out)), "config": config})
     return card_path
-
-
-def main(argv=None) -> int:
-    """``python -m TransferSegLib.training CONFIG [--output DIR] [--max-steps N]`` (also under torchrun)."""
-    parser = argparse.ArgumentParser(prog="python -m TransferSegLib.training",
-                                     description="Train a TransferSeg model from a JSON config; rerun to resume.")
-    parser.add_argument("config", help="training config (JSON); see Resources/configs/")
-    parser.add_argument("-o", "--output", default=None, help="run folder (default: runs/<name>)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-        if "recipe" in config:
-            from .recipes import run_recipe
-
-            card = run_recipe(config, args.output or Path("runs") / config["name"], max_steps=args.max_steps)
-            print(f"model: {card}" if card else "stopped early; run the same command again to resume")
-            return 0
-        result = train(config, args.output, max_steps=args.max_steps)
-    except TransferSegError as e:
-        print(f"training: error: {e}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(result.summary())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

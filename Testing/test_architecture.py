@@ -1,0 +1,152 @@
+"""The library's import graph, built from the source's own import lines (function-level ones too):
+no loops, no import from a higher layer, no private name used across modules.
+
+The layers follow ../shared/DESIGN.md's map, lowest first; a module may import its own top-level
+unit (a module or a package) and anything in its layer or below.  A new module must be given a
+layer here, which is the point: where it sits is decided once, on purpose.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ROOT / "TransferSegLib"
+
+LAYERS = [
+    {"__init__", "volume", "labels", "progress", "devices", "terminology"},            # foundations
+    {"atomic", "headers", "io", "resample", "weights", "preprocessing", "heatmaps",     # files, arrays, checks
+     "metrics", "losses", "fusion", "scope", "cards", "render", "distributed"},
+    {"nets", "phantoms", "datasets", "inference", "views"},                             # networks and data
+    {"methods"},                                                                        # how a model runs
+    {"models"},                                                                         # model cards → networks
+    {"pipeline", "conversion", "training"},                                             # whole jobs
+    {"batch", "demo", "evaluation"},
+    {"cli"},
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _graph() -> tuple[dict, dict, list]:
+    """module → {imported library modules}, (module, imported) → line, and private names used across modules."""
+    modules = {_module_name(p): p for p in LIBRARY.rglob("*.py")}
+    graph, lines, private = {}, {}, []
+    for name, path in modules.items():
+        package = path.name == "__init__.py"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        deps = set()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                if isinstance(node, ast.Import):
+                    deps.update(a.name for a in node.names if a.name in modules)
+                continue
+            if node.level:
+                base = name.split(".") if package else name.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("TransferSegLib"):
+                continue
+            for alias in node.names:
+                full = f"{target}.{alias.name}"
+                dep = full if full in modules else target
+                if dep != full and alias.name.startswith("_") and not alias.name.startswith("__"):
+                    private.append(f"{name} imports {alias.name} from {target} (line {node.lineno})")
+                deps.add(dep)
+                lines.setdefault((name, dep), node.lineno)
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph, lines, private
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _layer(unit: str) -> int:
+    return next(n for n, layer in enumerate(LAYERS) if unit in layer)
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.fixture(scope="module")
+def built():
+    return _graph()
+
+
+def test_the_graph_sees_the_library(built):
+    graph, _, _ = built
+    assert "TransferSegLib.pipeline" in graph and "TransferSegLib.models" in graph["TransferSegLib.pipeline"]
+    assert "TransferSegLib.nets.registry" in graph["TransferSegLib.nets.unet"]
+
+
+def test_every_module_has_a_layer(built):
+    graph, _, _ = built
+    missing = sorted({_unit(m) for m in graph} - set().union(*LAYERS))
+    assert not missing, f"give these a layer in LAYERS: {missing}"
+
+
+def test_no_import_loops(built):
+    graph, lines, _ = built
+    cycles = _cycles(graph)
+    detail = ["; ".join(f"{a} → {b} (line {lines[(a, b)]})" for a in c for b in graph[a] if b in c) for c in cycles]
+    assert not cycles, "\n".join(detail)
+
+
+def test_no_upward_imports(built):
+    graph, lines, _ = built
+    upward = [f"{a} (layer {_layer(_unit(a))}) imports {b} (layer {_layer(_unit(b))}), line {lines[(a, b)]}"
+              for a, deps in sorted(graph.items()) for b in sorted(deps)
+              if _unit(a) != _unit(b) and _layer(_unit(b)) > _layer(_unit(a))]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_private_names_across_modules(built):
+    _, _, private = built
+    assert not private, "\n".join(private)
+
+
+def test_the_checks_catch_a_loop_and_an_upward_import():
+    """The checks themselves: a made-up graph with a loop and a layer-breaking edge is caught."""
+    graph = {"TransferSegLib.volume": {"TransferSegLib.models"}, "TransferSegLib.models": {"TransferSegLib.volume"}}
+    assert _cycles(graph) == [["TransferSegLib.models", "TransferSegLib.volume"]]
+    assert _layer(_unit("TransferSegLib.models")) > _layer(_unit("TransferSegLib.volume"))
