@@ -165,7 +165,7 @@ class L2(nn.Module):
     calcification cluster's few hundred target voxels.  Dividing each item by its target's sum
     weighs a patch by the share of its lesions it misses; F (e.g. the sum of one speck's
     Gaussian, ~60 voxels) bounds the weight of a patch without lesions.  (On the DBT detector
-    it did not help: README, Reproduction.)
+    it did not help: docs/reproduction.md.)
     """
 
     def __init__(self, activation: str = "none", normalise_by_target: Optional[float] = None):

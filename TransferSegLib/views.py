@@ -11,7 +11,7 @@ order; the pipeline's working orientation (e.g. ``"LPS"``) fixes the signs.
 
 The pixels of a coronal or sagittal slice of a 3 × 2 × 2 mm grid are 3 × 2 mm; the 2D networks
 are trained on those rectangular pixels, cut from the same working grid they run on (see
-README "Multi-view segmentation" for the measurement behind that choice).
+docs/reproduction.md, "Multi-view segmentation", for the measurement behind that choice).
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ PACKAGES = {
             "example_ct_dicom/", "example_seg_dicom.nii.gz", "example_ct.nii.gz", "example_ct_sm.nii.gz",
             "example_seg.nii.gz", "example_mr_sm.nii.gz")}),
 }
-#: the sha256 of every scan file the table in the README was measured on
+#: the sha256 of every scan file the table in docs/reproduction.md was measured on
 PINNED = Path(__file__).with_name("real_ct_sha256.json")
 SCANS = ("chest-ct", "dicom-series", "abdomen-ct", "chest-above-liver", "pelvis-ct", "mr")
 
