@@ -340,6 +340,17 @@ def test_ct_arms_and_metal_change_the_image_where_they_should_and_never_the_labe
             assert changed[slices].mean() > 0.1 and not changed[np.setdiff1d(np.arange(24), slices)].any()
 
 
+def test_ct_anatomy_random_reaches_the_left_lobe_further_across_the_body():
+    """With a left-lobe factor over 1 the liver reaches further to the patient's left (i grows to the left)."""
+    seed = next(s for s in range(40) if phantom_common.stream(s, 12).uniform(0.8, 1.7) > 1.4)
+    _, plain = phantoms.ct_phantom(seed, shape=(30, 128, 128), tumors=0)
+    _, varied = phantoms.ct_phantom(seed, shape=(30, 128, 128), tumors=0, anatomy="random")
+    leftmost = lambda labels: np.flatnonzero((labels > 0).any(axis=(0, 1))).max()  # noqa: E731
+    assert leftmost(varied) >= leftmost(plain) + 3 and (varied > 0).sum() > (plain > 0).sum()
+    with pytest.raises(TransferSegError, match="anatomy must be None or 'random'"):
+        phantoms.ct_phantom(1, shape=(12, 64, 64), anatomy="big")
+
+
 def test_ct_realistic_options_still_label_every_tumor_inside_the_liver():
     for seed in (7, 8):
         _, labels = phantoms.ct_phantom(seed, shape=(30, 96, 96), tumors=3, **REAL)

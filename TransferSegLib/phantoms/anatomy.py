@@ -14,10 +14,13 @@ from .tissues import (AIR, AORTA, BILE, BLOOD, BONE_CORTEX, BONE_MARROW, BOWEL_W
                       STOOL, TABLE_FOAM, TABLE_SHELL, VEIN)
 
 
-def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm):
+def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm, left_lobe: float = 1.0):
     """Paint the abdomen into ``grid``, one organ system after another from one random stream (the
-    order is the phantoms' seed contract); return per-class HU and texture-amplitude tables."""
-    body = SimpleNamespace(a=a, b=b, fat=fat, muscle_w=muscle_w, organ=organ, fov=fov, pixel_mm=pixel_mm)
+    order is the phantoms' seed contract); return per-class HU and texture-amplitude tables.
+    ``left_lobe`` scales the liver's left lobe across the body (1: as before; real ones reach from
+    the midline to the spleen)."""
+    body = SimpleNamespace(a=a, b=b, fat=fat, muscle_w=muscle_w, organ=organ, fov=fov, pixel_mm=pixel_mm,
+                           left_lobe=left_lobe)
     for painter in (_paint_body, _paint_table, _paint_chest, _paint_spine, _paint_aorta, _paint_kidneys,
                     _paint_spleen_and_stomach, _paint_liver, _paint_liver_vessels, _paint_gallbladder, _paint_bowel,
                     _paint_ribs):
@@ -196,10 +199,10 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
 
 def _paint_liver(grid, rng, body) -> None:
     """The liver: a smooth union of lobes, lobulated by a smooth field."""
-    ac, bc, dome, organ = body.ac, body.bc, body.dome, body.organ
+    ac, bc, dome, organ, left = body.ac, body.bc, body.dome, body.organ, body.left_lobe
     lobes = [  # (centre as fractions of the cavity / mm in z, semi-axes mm)
         ((0.42, 0.0, -62.0), (0.5 * ac, 0.78 * bc, 68.0)),          # right lobe
-        ((-0.18, 0.42, -38.0), (0.45 * ac, 0.38 * bc, 34.0)),       # left lobe, over the stomach
+        ((-0.18 - 0.25 * (left - 1.0), 0.42, -38.0), (0.45 * ac * left, 0.38 * bc, 34.0)),   # left lobe, over the stomach
         ((0.58, 0.05, -118.0), (0.27 * ac, 0.5 * bc, 40.0)),        # inferior tip of the right lobe
         ((0.07, -0.3, -52.0), (0.15 * ac, 0.26 * bc, 34.0)),        # caudate lobe
     ]

@@ -207,7 +207,7 @@ def _metal_streaks(rng, array: np.ndarray, spacing) -> None:
 
 def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_diameter_mm=(4.0, 40.0),
                with_tissues: bool = False, phase=None, tumor_kinds=None, coverage=None, reconstruction=None,
-               randomise: bool = False, arms: bool = False, metal: bool = False):
+               randomise: bool = False, arms: bool = False, metal: bool = False, anatomy=None):
     """A synthetic axial abdominal CT (HU) with liver and liver-tumor labels.
 
     Args:
@@ -247,6 +247,8 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
             intensity randomisation, for training).
         arms: draw per case whether the arms are down beside the body (half the cases), in the
             field of view or cut by its edge, as in trauma and many outpatient scans.
+        anatomy: ``"random"`` draws how far the liver's left lobe reaches across the body (0.8–1.7 × the
+            older phantoms' lobe, which ends near the midline; real ones often reach the spleen).
         metal: draw per case (one in four) a metal object — a spinal screw, surgical clips, an
             embolisation coil — with the dark and bright streaks it casts across the slices it is in.
 
@@ -295,8 +297,11 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
     grid = FineGrid(*(np.asarray(c, dtype=np.float32) for c in (
         origin[0] - fi * s_ip - cx, origin[1] - fj * s_ip - cy, origin[2] + fk * s_k - cz)))
 
+    if anatomy not in (None, "random"):
+        raise TransferSegError(f"anatomy must be None or 'random'; got {anatomy!r}")
+    left_lobe = 1.0 if anatomy is None else float(stream(seed, 12).uniform(0.8, 1.7))
     hu, tex_fine, tex_coarse = paint_anatomy(grid, rng, scan.a, scan.b, scan.fat, scan.muscle_w, scan.organ,
-                                                 scan.fov, s_ip)
+                                             scan.fov, s_ip, left_lobe=left_lobe)
     if arms:
         _paint_arms(grid, stream(seed, 10), scan)
     if phase_name is not None:  # after the anatomy's own draws, from a stream of its own: phase=None is unchanged
