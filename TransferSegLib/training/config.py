@@ -214,6 +214,19 @@ def validate_config(config: dict) -> dict:
         config_error("task", f"must be 'segmentation' or 'heatmap'; got {c['task']!r}")
     c["seed"] = _int(c.get("seed", 0), "seed", 0)
 
+    _check_architecture(c)
+    values = _check_labels(c)
+    _check_data(c)
+    _check_grid(c)
+    _check_sampling(c, values)
+    _check_augmentation(c)
+    _check_stages(c)
+    _check_runtime(c)
+    return c
+
+
+def _check_architecture(c: dict) -> None:
+    """The architecture and the weights it starts from."""
     arch = _section(c["architecture"], "architecture", ("name", "config", "module"), required=("name",))
     if not isinstance(arch["name"], str):
         config_error("architecture.name", f"must be a string; got {arch['name']!r}")
@@ -246,6 +259,9 @@ def validate_config(config: dict) -> dict:
                           f"got {init[key]!r}")
         c["init_weights"] = init
 
+
+def _check_labels(c: dict) -> list:
+    """The label list; returns the label values, sorted."""
     labels = c.setdefault("labels", [])
     if not isinstance(labels, list):
         config_error("labels", f"must be a list of {{name, label, color, terminology}}; got {labels!r}")
@@ -263,7 +279,11 @@ def validate_config(config: dict) -> dict:
         config_error("labels", f"segmentation label values must be 1…n without gaps or repeats; got {values}")
     if c["task"] == "segmentation" and not labels:
         config_error("labels", "a segmentation model needs at least one label")
+    return values
 
+
+def _check_data(c: dict) -> None:
+    """Where the cases come from: a data set folder, preprocessed stacks or phantoms."""
     data = c["data"]
     if isinstance(data, dict) and "stacks" in data:
         _section(data, "data", ("stacks", "select", "channels", "crop_to_foreground"))
@@ -312,6 +332,9 @@ def validate_config(config: dict) -> dict:
     if select is not None and not (isinstance(select, list) and select and all(isinstance(n, str) for n in select)):
         config_error("data.select", f"must be null (every case) or a list of case names; got {select!r}")
 
+
+def _check_grid(c: dict) -> None:
+    """Validation, preprocessing, the working grid, the patch and the view."""
     val = c.setdefault("validation", {})
     _section(val, "validation", ("fraction", "every"))
     val["fraction"] = _number(val.get("fraction", 0.2), "validation.fraction", 0.0, 0.95)
@@ -353,6 +376,10 @@ def validate_config(config: dict) -> dict:
             config_error("view", f"must be null or one of {', '.join(VIEWS)}; got {view!r}")
         if c["working_orientation"] is None:
             config_error("view", "a view is anatomical: set working_orientation (e.g. \"LPS\") so every case is turned the same way")
+
+
+def _check_sampling(c: dict, values: list) -> None:
+    """Batches and where patches are centred."""
     c["batch_size"] = _int(c.get("batch_size", 2), "batch_size", 1)
     c["positive_fraction"] = _number(c.get("positive_fraction", 0.5), "positive_fraction", 0.0, 1.0)
     positive = c.setdefault("positive_labels", None)
@@ -369,6 +396,10 @@ def validate_config(config: dict) -> dict:
         config_error("positive_sampling",
               f"must be {' or '.join(map(repr, POSITIVE_SAMPLING))}; got {c['positive_sampling']!r}")
 
+
+def _check_augmentation(c: dict) -> None:
+    """Flips, rotations and zooms; 90° rotations only in square planes of the patch."""
+    patch = c["patch_size"]
     aug = c.setdefault("augmentation", {})
     _section(aug, "augmentation", ("flip_axes", "rot90_axes", "rotate_deg", "rotate_axes", "scale", "probability",
                                    "image_order"))
@@ -389,6 +420,9 @@ def validate_config(config: dict) -> dict:
     if aug["image_order"] not in (0, 1):
         config_error("augmentation.image_order", f"must be 0 (nearest) or 1 (linear); got {aug['image_order']!r}")
 
+
+def _check_stages(c: dict) -> None:
+    """The training stages; a heatmap task trains with a regression loss."""
     stages = c["stages"]
     if not isinstance(stages, list) or not stages:
         config_error("stages", "must be a non-empty list of training stages")
@@ -400,6 +434,9 @@ def validate_config(config: dict) -> dict:
                     config_error(f"stages[{n}].loss", f"a heatmap task trains with {' or '.join(REGRESSION_LOSSES)}; "
                           f"got {spec['name']!r}")
 
+
+def _check_runtime(c: dict) -> None:
+    """Epochs, checkpoints, logs, inference settings, peaks, threads, device and storage."""
     spe = c.setdefault("steps_per_epoch", None)
     if spe is not None:
         _int(spe, "steps_per_epoch", 1)
@@ -436,7 +473,6 @@ def validate_config(config: dict) -> dict:
     if c.setdefault("storage_dtype", None) not in (None, "float16"):
         config_error("storage_dtype",
               f"must be null (float32) or \"float16\" (half the file size); got {c['storage_dtype']!r}")
-    return c
 
 
 def read_config(path) -> dict:
