@@ -17,9 +17,13 @@ What a run puts in the scene (every file comes from ``result.json["files"]``):
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import logging
+import struct
+import sys
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +32,7 @@ import slicer
 import vtk
 
 from TransferSegLib.terminology import TerminologyContext, entry_from_card, entry_to_string, read_context
-from TransferSegLib.volume import TransferSegError, Volume
+from TransferSegLib.volume import TransferSegError, Volume, check_geometry
 
 MODULE_NAME = "TransferSeg"
 VIEW_NAMES = ("axial", "coronal", "sagittal")
@@ -73,8 +77,9 @@ def terminology_string(terminology) -> str:
 # --------------------------------------------------------------------------------------
 # Volumes and segmentations
 # --------------------------------------------------------------------------------------
-def volume_from_node(volume_node) -> Volume:
-    """A :class:`Volume` copy of a scalar volume node: array (k, j, i), spacing, directions, origin."""
+def check_input_node(volume_node) -> tuple:
+    """``(shape (k, j, i), geometry)`` of a scalar volume node a model can run on, else :class:`TransferSegError`.
+    Reads no voxel: cheap enough for the GUI thread."""
     if volume_node is None or volume_node.GetImageData() is None:
         raise TransferSegError("select an input volume that holds image data")
     if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
@@ -84,10 +89,28 @@ def volume_from_node(volume_node) -> Volume:
         raise TransferSegError(
             f"'{volume_node.GetName()}' is under a transform; harden the transform (Transforms module) first"
         )
+    shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+    if 0 in shape:
+        raise TransferSegError(f"'{volume_node.GetName()}' holds no voxels; select an input volume that holds image data")
+    geometry = _geometry(volume_node)
+    check_geometry(np.asarray(geometry["spacing"]), geometry["directions"], np.asarray(geometry["origin"]))
+    return shape, geometry
+
+
+def volume_from_node(volume_node) -> Volume:
+    """A :class:`Volume` copy of a scalar volume node: array (k, j, i), spacing, directions, origin."""
+    _, geometry = check_input_node(volume_node)
     array = np.array(slicer.util.arrayFromVolume(volume_node), dtype=np.float32, copy=True)
-    volume = Volume(array, **_geometry(volume_node))
+    volume = Volume(array, **geometry)
     volume.check_finite()
     return volume
+
+
+def grid_of(volume_node) -> Volume:
+    """The node's grid as a :class:`Volume` whose voxels are one broadcast zero (no memory): outputs are
+    checked against it and placed on it."""
+    shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+    return Volume(np.broadcast_to(np.float32(0), shape), **_geometry(volume_node))
 
 
 def _geometry(volume_node) -> dict:
@@ -130,59 +153,78 @@ def _remove_nodes(scene, nodes) -> None:
         scene.RemoveNode(node)
 
 
-def add_segmentation_node(scene, labels: np.ndarray, reference: Volume, segments: list, name: str,
-                          reference_node=None):
+def new_image(shape, dtype, oriented: bool = False):
+    """``(image, voxels)``: a new vtkImageData (a vtkOrientedImageData with ``oriented``) of ``shape`` (k, j, i)
+    and ``dtype``, and a numpy view of its voxels: filling the view fills the image, with no copy."""
+    from vtk.util.numpy_support import get_vtk_array_type, vtk_to_numpy
+
+    image = slicer.vtkOrientedImageData() if oriented else vtk.vtkImageData()
+    image.SetDimensions(*reversed(shape))
+    image.AllocateScalars(get_vtk_array_type(np.dtype(dtype).newbyteorder("=")), 1)
+    return image, vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape)
+
+
+def _matrix(array: np.ndarray):
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def add_segmentation_node(scene, labels, reference: Volume, segments: list, name: str, reference_node=None):
     """A segmentation node with one named, coloured segment per label value (0 = background).
 
+    ``labels``: a (k, j, i) array, or a vtkOrientedImageData whose extent lies in ``reference``'s grid
+    (e.g. :func:`read_view_labels`' box), which the segmentation then shares: no full-size copy is made.
     ``segments`` uses the model-card form: ``[{"name", "label", "color", optional "terminology"}]``;
     a segment whose label is absent from ``labels`` is still created, empty.  If anything fails,
-    every node created here is removed again: no half-built node is left in the scene.
+    the node is removed again: no half-built node is left in the scene.
     """
     from slicer import vtkSlicerSegmentationsModuleLogic
 
-    labels = np.asarray(labels)
-    if labels.shape != reference.shape:
-        raise TransferSegError(f"label map shape {labels.shape} does not match the volume's {reference.shape}")
-    created = []
+    if isinstance(labels, vtk.vtkImageData):
+        image, extent = labels, labels.GetExtent()
+        if not all(0 <= extent[2 * n] and extent[2 * n + 1] < reference.shape[2 - n] for n in range(3)):
+            raise TransferSegError(f"the label map's extent {extent} lies outside the volume's {reference.shape}")
+    else:
+        labels, image = np.asarray(labels), None
+        if labels.shape != reference.shape:
+            raise TransferSegError(f"label map shape {labels.shape} does not match the volume's {reference.shape}")
+    # Validate every segment description before building anything.
+    described = {}
+    for seg in segments:
+        terminology = seg.get("terminology")
+        described[int(seg["label"])] = (str(seg["name"]), [float(c) for c in seg["color"]],
+                                        terminology_string(terminology) if terminology else None)
+    if image is None:
+        image, voxels = new_image(labels.shape, np.uint8 if labels.max(initial=0) <= 255 else np.uint16, oriented=True)
+        voxels[...] = labels
+    image.SetGeometryFromImageToWorldMatrix(_matrix(reference.ijk_to_ras))
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     try:
-        # Validate every segment description before building anything.
-        described = []
-        for seg in segments:
-            terminology = seg.get("terminology")
-            described.append((str(seg["name"]), int(seg["label"]), [float(c) for c in seg["color"]],
-                              terminology_string(terminology) if terminology else None))
-        colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name + " colors")
-        created.append(colors)
-        colors.SetTypeToUser()
-        colors.SetNumberOfColors(max([label for _, label, _, _ in described], default=0) + 1)
-        for seg_name, label, color, _ in described:  # the import names each segment from this table
-            colors.SetColor(label, seg_name, *color, 1.0)
-        labelmap_node = add_volume_node(scene, reference, name + " labels", "vtkMRMLLabelMapVolumeNode",
-                                        labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16))
-        created.append(labelmap_node)
-        labelmap_node.CreateDefaultDisplayNodes()
-        labelmap_node.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
-        seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-        created.append(seg_node)
         seg_node.CreateDefaultDisplayNodes()
         if reference_node is not None:
             seg_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
-        if not vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap_node, seg_node):
+        # The image overload shares the voxels (the label-map-node overload deep-copies them first).
+        if not vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, seg_node, name, ""):
             raise TransferSegError("Slicer could not import the label map as a segmentation")
         segmentation = seg_node.GetSegmentation()
-        for seg_name, _, _, _ in described:
-            if not segmentation.GetSegmentIdBySegmentName(seg_name):  # absent from the map: keep it, empty
-                segmentation.AddEmptySegment("", seg_name)
-        for seg_name, label, color, terminology in described:
-            segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(seg_name))
+        present = {segmentation.GetNthSegment(n).GetLabelValue(): segmentation.GetNthSegmentID(n)
+                   for n in range(segmentation.GetNumberOfSegments())}
+        for label, (seg_name, _, _) in described.items():
+            if label not in present:  # absent from the map: keep it, empty
+                present[label] = segmentation.AddEmptySegment("", seg_name)
+        for label, (seg_name, color, terminology) in described.items():
+            segment = segmentation.GetSegment(present[label])
+            segment.SetName(seg_name)
             segment.SetColor(*color)
-            segment.SetTag(LABEL_VALUE_TAG, str(label))  # the import renumbers label values
+            segment.SetTag(LABEL_VALUE_TAG, str(label))  # an export may renumber label values
             if terminology:
                 segment.SetTerminology(terminology)
-        _remove_nodes(scene, [labelmap_node, colors])
         return seg_node
     except Exception:
-        _remove_nodes(scene, created)
+        _remove_nodes(scene, [seg_node])
         raise
 
 
@@ -219,23 +261,308 @@ def segment_label_value(segment, default: int) -> int:
     return segment.GetLabelValue() if segment.GetLabelValue() > 0 else default
 
 
-def _read_image(path: Path, reference: Volume) -> np.ndarray:
-    """The voxels of an output image (axes (k, j, i), or (C, k, j, i) for a multi-channel image),
-    after checking that it lies exactly on ``reference``'s grid."""
-    import SimpleITK as sitk
+# --------------------------------------------------------------------------------------
+# Voxels between the scene and the child's files: off the GUI thread, in their own type, no full-size copies
+# --------------------------------------------------------------------------------------
+#: numpy dtype name → NRRD type
+NRRD_TYPES = {"int8": "signed char", "uint8": "uchar", "int16": "short", "uint16": "ushort", "int32": "int",
+              "uint32": "uint", "int64": "longlong", "uint64": "ulonglong", "float32": "float", "float64": "double"}
+#: NIfTI-1 datatype code → numpy dtype (without byte order)
+NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
+#: bytes moved per step: a worker thread checks for Cancel this often, and a temporary is never larger
+CHUNK_BYTES = 1 << 23
+_LPS = np.array([-1.0, -1.0, 1.0])  # ITK files are LPS, Slicer's scene is RAS
+
+
+class Stopped(Exception):
+    """A worker thread saw its stop flag (the user cancelled)."""
+
+
+class BackgroundCall:
+    """``function(*args, stop)`` on a worker thread; the GUI thread polls :attr:`done` and takes
+    :meth:`result` (which raises the function's error).  ``stop`` is a :class:`threading.Event` the
+    function checks between chunks."""
+
+    def __init__(self, function, *args):
+        self.stop = threading.Event()
+        self._result, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(function, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, function, args) -> None:
+        try:
+            self._result = function(*args, self.stop)
+        except BaseException as e:  # handed to the GUI thread by result()
+            self._error = e
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def nrrd_header(shape, dtype, geometry: dict) -> bytes:
+    """The header of an uncompressed NRRD holding (k, j, i) voxels of ``dtype`` in this machine's byte order,
+    on ``geometry`` (``_geometry``'s form).  LPS, as Slicer and ITK write NRRD; every number as ``repr``
+    writes it, which reads back to the same double."""
+    spacing_ijk = geometry["spacing"][::-1]
+    directions = np.asarray(geometry["directions"], dtype=np.float64)
+
+    def vector(values) -> str:
+        return "(" + ",".join(repr(float(v)) for v in values) + ")"
+
+    dtype = np.dtype(dtype)
+    lines = ["NRRD0004", f"type: {NRRD_TYPES[dtype.name]}", "dimension: 3", "space: left-posterior-superior",
+             "sizes: " + " ".join(str(int(n)) for n in reversed(shape)),
+             "space directions: " + " ".join(vector(_LPS * directions[:, n] * spacing_ijk[n]) for n in range(3)),
+             "kinds: domain domain domain"]
+    if dtype.itemsize > 1:
+        lines.append(f"endian: {sys.byteorder}")
+    lines += ["encoding: raw", "space origin: " + vector(_LPS * np.asarray(geometry["origin"], dtype=np.float64))]
+    return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+class NodeVoxels:
+    """A volume node's own voxel buffer (a view, no copy) and what tells whether it changed since.
+
+    Holding the image data and its scalars keeps the buffer alive even if the node gets new voxels or
+    is deleted while a worker thread reads it."""
+
+    def __init__(self, volume_node):
+        from vtk.util.numpy_support import vtk_to_numpy
+
+        self.name = volume_node.GetName()
+        self.image = volume_node.GetImageData()
+        self.scalars = self.image.GetPointData().GetScalars()
+        self.modified = self.scalars.GetMTime()
+        self.array = vtk_to_numpy(self.scalars).reshape(tuple(reversed(self.image.GetDimensions())))
+        if self.array.dtype.name not in NRRD_TYPES:
+            raise TransferSegError(f"'{self.name}' holds {self.array.dtype} voxels; convert it to a numeric type "
+                                   "(e.g. Volumes module: Cast Scalar Volume) first")
+
+    def changed(self, volume_node) -> bool:
+        """Whether the node's voxels were replaced or edited (Slicer marks edited scalars Modified)."""
+        return (volume_node is None or volume_node.GetImageData() is not self.image
+                or self.image.GetPointData().GetScalars() is not self.scalars
+                or self.scalars.GetMTime() != self.modified)
+
+
+def write_input(voxels: NodeVoxels, geometry: dict, path: Path, stop: threading.Event) -> Path:
+    """Write a node's voxels as they are (their own type, uncompressed) with exact geometry to ``path``,
+    atomically: the child starts only on a complete file.  Runs on a worker thread; float voxels that
+    are NaN or infinite are refused, as :meth:`Volume.check_finite` would."""
+    from TransferSegLib.io import atomic_output
+
+    flat = voxels.array.reshape(-1)
+    step = max(1, CHUNK_BYTES // flat.itemsize)
+    bad = 0
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(nrrd_header(voxels.array.shape, flat.dtype, geometry))
+        for start in range(0, flat.size, step):
+            if stop.is_set():
+                raise Stopped()
+            part = flat[start:start + step]
+            if flat.dtype.kind == "f":
+                bad += part.size - int(np.count_nonzero(np.isfinite(part)))
+            f.write(memoryview(part).cast("B"))
+        if bad:
+            raise TransferSegError(f"'{voxels.name}' has {bad} voxel(s) that are NaN or infinite; repair or mask "
+                                   "them (e.g. set them to the background value) and try again")
+    return path
+
+
+def _check_on_grid(name: str, size_ijk, spacing, origin, direction, reference: Volume) -> None:
+    same = (tuple(size_ijk)[::-1] == tuple(reference.shape)
+            and np.allclose(spacing, reference.spacing[::-1], rtol=1e-5, atol=1e-6)
+            and np.allclose(_LPS * np.asarray(origin), reference.origin, atol=1e-4)
+            and np.allclose(_LPS[:, None] * np.asarray(direction).reshape(3, 3), reference.directions, atol=1e-6))
+    if not same:
+        raise TransferSegError(f"{name} does not lie on the input volume's grid")
+
+
+def _file_on_grid(path: Path, reference: Volume) -> int:
+    """Check from its header alone that an output image lies exactly on ``reference``'s grid; returns its
+    number of components."""
+    import SimpleITK as sitk  # bundled with Slicer; imported when a run ends, not when the module loads
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise TransferSegError(f"{path.name} cannot be read ({str(e).strip().splitlines()[-1]})") from None
+    _check_on_grid(path.name, reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
+                   reference)
+    return reader.GetNumberOfComponents()
+
+
+def nifti_layout(path: Path):
+    """``(dtype, components, first voxel byte)`` of a single-file NIfTI-1 whose voxels are stored as they
+    are (no scl scaling; components one after the other, as ITK writes a vector image), or None: such a
+    file is read through SimpleITK instead."""
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+            head = f.read(348)
+    except (OSError, EOFError, zlib.error):
+        return None
+    endian = next((e for e in "<>" if len(head) == 348 and struct.unpack_from(e + "i", head, 0)[0] == 348), None)
+    if endian is None or head[344:348] != b"n+1\0":
+        return None
+    dims = struct.unpack_from(endian + "8h", head, 40)
+    datatype = struct.unpack_from(endian + "h", head, 70)[0]
+    offset, slope, intercept = struct.unpack_from(endian + "3f", head, 108)
+    if (datatype not in NIFTI_DTYPES or not 3 <= dims[0] <= 5 or (dims[0] >= 4 and dims[4] != 1)
+            or slope not in (0.0, 1.0) or intercept != 0.0 or not offset >= 352):
+        return None
+    return np.dtype(endian + NIFTI_DTYPES[datatype]), (dims[5] if dims[0] == 5 else 1), int(offset)
+
+
+class VoxelStream:
+    """An output file's bytes from ``start`` on, read into the caller's buffers (a .gz file is decompressed
+    as it is read: no full-size temporary)."""
+
+    def __init__(self, path: Path, start: int):
+        self.path = path
+        self._file = (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb")
+        try:
+            self._skip(start)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _skip(self, count: int) -> None:
+        if not self.path.name.lower().endswith(".gz"):
+            self._file.seek(count)
+            return
+        scratch = bytearray(min(count, CHUNK_BYTES))
+        while count > 0:
+            count -= self.read_into(memoryview(scratch)[:min(count, len(scratch))])
+
+    def read_into(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        got = 0
+        try:
+            while got < len(view):
+                n = self._file.readinto(view[got:])
+                if not n:
+                    raise EOFError("the file ends early")
+                got += n
+        except (OSError, EOFError, zlib.error) as e:
+            raise TransferSegError(f"{self.path.name} cannot be read ({e}); the run's files are damaged") from None
+        return got
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _sitk_voxels(path: Path):
+    """(image, voxels): a file SimpleITK reads, and a view into its image ((k, j, i) or (k, j, i, C)), valid
+    while the image lives."""
+    import SimpleITK as sitk  # bundled with Slicer; imported when a run ends, not when the module loads
 
     image = sitk.ReadImage(str(path))
-    array = sitk.GetArrayFromImage(image)
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        array = np.moveaxis(array, -1, 0)  # (k, j, i, C) -> (C, k, j, i)
-    lps = np.diag([-1.0, -1.0, 1.0])  # ITK files are LPS, Slicer's scene is RAS
-    same = (tuple(array.shape[-3:]) == tuple(reference.shape)
-            and np.allclose(image.GetSpacing(), reference.spacing[::-1], rtol=1e-5, atol=1e-6)
-            and np.allclose(lps @ np.asarray(image.GetOrigin()), reference.origin, atol=1e-4)
-            and np.allclose(lps @ np.asarray(image.GetDirection()).reshape(3, 3), reference.directions, atol=1e-6))
-    if not same:
-        raise TransferSegError(f"{path.name} does not lie on the input volume's grid")
-    return np.ascontiguousarray(array)
+    return image, sitk.GetArrayViewFromImage(image)
+
+
+def read_scalar_output(path: Path, reference: Volume, stop: threading.Event):
+    """A one-component output image (disagreement, heatmap) as a new vtkImageData in the file's own type,
+    its voxels decompressed straight into the image's buffer.  Checked to lie on ``reference``'s grid."""
+    if _file_on_grid(path, reference) != 1:
+        raise TransferSegError(f"{path.name} has several components; a single one was expected")
+    layout = nifti_layout(path)
+    if layout is None:  # not a plain NIfTI: SimpleITK reads it (one full-size copy more)
+        _itk_image, voxels = _sitk_voxels(path)
+        image, values = new_image(reference.shape, voxels.dtype)
+        values[...] = voxels
+    else:
+        dtype, _, offset = layout
+        image, values = new_image(reference.shape, dtype)
+        flat = values.reshape(-1)
+        step = max(1, CHUNK_BYTES // flat.itemsize)
+        stream = VoxelStream(path, offset)
+        try:
+            for start in range(0, flat.size, step):
+                if stop.is_set():
+                    raise Stopped()
+                stream.read_into(flat[start:start + step])
+        finally:
+            stream.close()
+        if not dtype.isnative:
+            values.byteswap(inplace=True)
+    image.GetPointData().GetScalars().GetRange()  # computed here, not on the GUI thread: the display asks for it
+    return image
+
+
+def read_view_labels(path: Path, reference: Volume, stop: threading.Event):
+    """A view network's label map from its class probabilities (K components, or one thresholded at half),
+    as a uint8 vtkOrientedImageData of its non-empty box (:func:`non_empty_box`).  The K components are read side by side, chunk by chunk, and the
+    argmax goes straight into the image: no int64 index array, no full-size probability array."""
+    components = _file_on_grid(path, reference)
+    labels = np.empty(reference.shape, np.uint8)
+    flat = labels.reshape(-1)
+    layout = nifti_layout(path)
+    if layout is None:  # not a plain NIfTI: SimpleITK reads it (its probabilities stay in memory meanwhile)
+        _itk_image, voxels = _sitk_voxels(path)
+        voxels = voxels.reshape((-1, components))  # a view: voxel by voxel, the components side by side
+        layout_dtype, streams = voxels.dtype, None
+    else:
+        layout_dtype, _, offset = layout
+        # component c starts c voxel counts into the data: one stream per component, read in lockstep
+        streams = []
+    step = max(1, CHUNK_BYTES // (components * max(layout_dtype.itemsize, 8)))  # argmax makes an intp chunk
+    half = 128 if layout_dtype == np.uint8 else 0.5
+    try:
+        if streams is not None:
+            for c in range(components):
+                streams.append(VoxelStream(path, offset + c * flat.size * layout_dtype.itemsize))
+        chunk = np.empty((components, step), layout_dtype)
+        for start in range(0, flat.size, step):
+            if stop.is_set():
+                raise Stopped()
+            stop_at = min(start + step, flat.size)
+            part = chunk[:, :stop_at - start]
+            if streams is None:
+                part[...] = voxels[start:stop_at].T
+            else:
+                for c, stream in enumerate(streams):
+                    stream.read_into(part[c])
+            if components > 1:
+                flat[start:stop_at] = part.argmax(axis=0)
+            else:
+                np.greater_equal(part[0], half, out=flat[start:stop_at], casting="unsafe")
+    finally:
+        for stream in streams or []:
+            stream.close()
+    return non_empty_box(labels)
+
+
+def non_empty_box(labels: np.ndarray):
+    """The box of a label map that holds labels, as its own vtkOrientedImageData (its extent says where it
+    lies; one zero voxel if there are none).  Slicer keeps a segment's voxels cropped like this anyway: the
+    GUI thread then goes over the box only, and the full-size map is freed here."""
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    along_k = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+    if along_k.size == 0:
+        box = [0, 0, 0, 0, 0, 0]
+    else:
+        slab = labels[along_k[0]:along_k[-1] + 1]
+        along_j, along_i = np.flatnonzero(slab.any(axis=(0, 2))), np.flatnonzero(slab.any(axis=(0, 1)))
+        box = [int(along_i[0]), int(along_i[-1]), int(along_j[0]), int(along_j[-1]), int(along_k[0]), int(along_k[-1])]
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(*box)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    voxels = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+        box[5] - box[4] + 1, box[3] - box[2] + 1, box[1] - box[0] + 1)
+    voxels[...] = labels[box[4]:box[5] + 1, box[2]:box[3] + 1, box[0]:box[1] + 1]
+    return image
 
 
 # --------------------------------------------------------------------------------------
@@ -274,14 +601,18 @@ def status_text(fraction: float, stage: str, multiview: bool) -> str:
 class SegmentJob:
     """One run of a model: Segmenting → Importing → Done | Cancelled | Failed.
 
-    The model runs in ``python -m TransferSegLib.cli segment|detect … --progress-lines``, a child
-    process started by ``slicer.util.launchConsoleProcess`` (no console window on Windows) that
-    never imports Slicer.  :meth:`poll` (a GUI timer calls it; tests call :meth:`wait`) reads the
-    child's output and, once it has finished, puts every file of ``result.json["files"]`` into the
-    scene.  :meth:`cancel` kills the whole process tree with psutil and returns at once; a
-    cancelled or failed job leaves the scene as it was and no file behind.  Its files live in a
-    folder under ``logic.temporaryFolder`` (Slicer's own temporary folder in the GUI); :meth:`close`
-    removes it at once, for when Slicer closes and nothing will poll again.
+    Nothing slow runs on the GUI thread.  Starting only validates the node: a worker thread writes
+    its voxels as they are (own type, uncompressed, exact geometry) and the child starts when that
+    file is complete.  The model runs in ``python -m TransferSegLib.cli segment|detect …
+    --progress-lines``, a child process started by ``slicer.util.launchConsoleProcess`` (no console
+    window on Windows) that never imports Slicer.  :meth:`poll` (a GUI timer calls it; tests call
+    :meth:`wait`) reads the child's output and, once it has finished, puts every file of
+    ``result.json["files"]`` into the scene (:class:`ResultImport`: files read on a worker thread,
+    nodes built on the GUI thread).  :meth:`cancel` stops the writing, kills the whole process tree
+    with psutil or stops the import, and returns at once; a cancelled or failed job leaves the scene
+    as it was and no file behind.  Its files live in a folder under ``logic.temporaryFolder``
+    (Slicer's own temporary folder in the GUI); :meth:`close` removes it at once, for when Slicer
+    closes and nothing will poll again.
     """
 
     SEGMENTING, IMPORTING, DONE, CANCELLED, FAILED = "Segmenting", "Importing", "Done", "Cancelled", "Failed"
@@ -299,12 +630,16 @@ class SegmentJob:
         self._process = None
         self._lines = None
         self._folder = None
+        self._command_line = None
+        self._input = None  # the node's voxels while the worker writes them
+        self._writing = None  # the worker writing input.nrrd
+        self._importer = None
         self._cancel_requested = False
         self._output_done = False  # the reader has seen the end of the child's output
         self._start()
 
     # --- starting -------------------------------------------------------------------------
-    def _command(self, input_path: Path, volume: Volume) -> list:
+    def _command(self, input_path: Path) -> list:
         from TransferSegLib.models import find_model, method_of
 
         card_path = find_model(self.model)  # a wrong name fails here, before any process starts
@@ -326,38 +661,41 @@ class SegmentJob:
         return command
 
     def _start(self) -> None:
-        import locale
+        """On the GUI thread: validate, then hand the voxels to a worker thread (no copy, no conversion)."""
         import os
-        import queue
-        import shutil
-        import sys
         import tempfile
-        import threading
 
-        from TransferSegLib.io import save_volume
-
-        volume = volume_from_node(self.input_node)  # validated before any process starts
+        _, geometry = check_input_node(self.input_node)  # validated before any thread or process starts
         parent = self.logic.temporaryFolder
         if parent:
             os.makedirs(parent, exist_ok=True)
         self._folder = Path(tempfile.mkdtemp(prefix="transferseg-", dir=parent or None))
         try:
-            command = self._command(self._folder / "input.nrrd", volume)
-            save_volume(volume, self._folder / "input.nrrd")
-            if not self.python:
-                self.python = shutil.which("PythonSlicer") or sys.executable
-                command[0] = self.python
-            library_root = str(Path(__import__("TransferSegLib").__file__).resolve().parents[1])
-            # launchConsoleProcess reads the child's output in the locale's encoding: the child writes in it,
-            # replacing what that encoding cannot hold (e.g. "×" under an ASCII locale) instead of failing.
-            env = {"PYTHONPATH": os.pathsep.join(filter(None, [library_root, os.environ.get("PYTHONPATH")])),
-                   "PYTHONIOENCODING": locale.getpreferredencoding(False) + ":replace", "PYTHONUNBUFFERED": "1"}
-            # Slicer's own environment (not the launcher-stripped startup one): PythonSlicer needs it.
-            self._process = slicer.util.launchConsoleProcess(command, useStartupEnvironment=False,
-                                                             updateEnvironment=env)
+            self._command_line = self._command(self._folder / "input.nrrd")
+            self._input = NodeVoxels(self.input_node)
+            self._writing = BackgroundCall(write_input, self._input, geometry, self._folder / "input.nrrd")
         except BaseException:
             self._cleanup()
             raise
+
+    def _launch(self) -> None:
+        """Start the child on the complete input file, and a thread that reads its output lines."""
+        import locale
+        import os
+        import queue
+        import shutil
+
+        command = self._command_line
+        if not self.python:
+            self.python = shutil.which("PythonSlicer") or sys.executable
+        command[0] = self.python
+        library_root = str(Path(__import__("TransferSegLib").__file__).resolve().parents[1])
+        # launchConsoleProcess reads the child's output in the locale's encoding: the child writes in it,
+        # replacing what that encoding cannot hold (e.g. "×" under an ASCII locale) instead of failing.
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [library_root, os.environ.get("PYTHONPATH")])),
+               "PYTHONIOENCODING": locale.getpreferredencoding(False) + ":replace", "PYTHONUNBUFFERED": "1"}
+        # Slicer's own environment (not the launcher-stripped startup one): PythonSlicer needs it.
+        self._process = slicer.util.launchConsoleProcess(command, useStartupEnvironment=False, updateEnvironment=env)
         self._lines = queue.Queue()
 
         def pump(stream, sink):
@@ -382,10 +720,34 @@ class SegmentJob:
 
     def poll(self) -> str:
         """Advance the state machine; returns the state.  Never blocks."""
+        if self.state == self.IMPORTING:
+            self._poll_import()
+        elif self.state == self.SEGMENTING:
+            if self._process is None:
+                self._poll_writing()
+            else:
+                self._poll_child()
+        return self.state
+
+    def _poll_writing(self) -> None:
+        if not self._writing.done:
+            return
+        if self._cancel_requested:
+            self._finish(self.CANCELLED, "Cancelled")
+            return
+        try:
+            self._writing.result()
+            if self._input.changed(self.input_node):  # edited while the worker read it: the file may mix both
+                raise TransferSegError("the input volume changed while it was handed to the model; "
+                                       "run Segment again")
+            self._input = None
+            self._launch()
+        except Exception as e:
+            self._finish(self.FAILED, str(e))
+
+    def _poll_child(self) -> None:
         import queue
 
-        if self.state != self.SEGMENTING:
-            return self.state
         while True:
             try:
                 line = self._lines.get_nowait()
@@ -402,7 +764,7 @@ class SegmentJob:
                 self.log.append(line)
         code = self._process.poll()
         if code is None or not (self._output_done or self._cancel_requested):
-            return self.state
+            return
         if self._cancel_requested:
             self._finish(self.CANCELLED, "Cancelled")
         elif code == 0:
@@ -411,7 +773,6 @@ class SegmentJob:
             self._finish(self.CANCELLED, "Cancelled")
         else:
             self._finish(self.FAILED, failure_message(code, self.log))
-        return self.state
 
     @property
     def _multiview(self) -> bool:
@@ -423,40 +784,50 @@ class SegmentJob:
         import time
 
         deadline = time.monotonic() + timeout
-        while self.poll() == self.SEGMENTING:
+        while self.poll() in (self.SEGMENTING, self.IMPORTING):
             if time.monotonic() > deadline:
-                self.cancel()
-                self._process.wait()
-                self.poll()
+                self.close()
                 self.message = f"timed out after {timeout:.0f} s"
-                self.state = self.FAILED
+                self.state, self.status = self.FAILED, f"Failed: {self.message}"
                 break
             time.sleep(interval)
         return self.state
 
     def cancel(self) -> None:
-        """Kill the child and everything it started (psutil: the same on Windows, macOS and Linux).
+        """Stop the input's writing, kill the child and everything it started (psutil: the same on
+        Windows, macOS and Linux), or stop the import and remove what it built.
 
-        Returns at once; the next :meth:`poll` sees the process gone and reports Cancelled.
+        Returns at once; the next :meth:`poll` sees the work stopped and reports Cancelled.
         """
-        if self.state != self.SEGMENTING:
+        if not self.running:
             return
         self._cancel_requested = True
         self.status = "Cancelling"
-        kill_process_tree(self._process.pid)
+        if self._writing is not None:
+            self._writing.stop.set()
+        if self._process is not None and self.state == self.SEGMENTING:
+            kill_process_tree(self._process.pid)
+        if self._importer is not None:
+            self._importer.cancel()
 
     def close(self, timeout: float = 5.0) -> None:
         """Cancel a running job and remove its folder now, without waiting for :meth:`poll`
         (Slicer is closing: no timer will poll again).  Waits at most ``timeout`` s for the
-        killed child to let go of its files (Windows cannot delete a file a process holds open)."""
+        killed child and the worker threads to let go of its files (Windows cannot delete a file
+        a process holds open)."""
         import subprocess
 
-        if self.state == self.SEGMENTING:
+        if self.running:
             self.cancel()
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
+            if self._process is not None:
+                try:
+                    self._process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self._writing is not None:
+                self._writing.join(timeout)
+            if self._importer is not None:
+                self._importer.wait(timeout)
             self._finish(self.CANCELLED, "Cancelled")
         self._cleanup()
 
@@ -465,16 +836,32 @@ class SegmentJob:
         out = self._folder / "out"
         try:
             self.result = json.loads((out / "result.json").read_text(encoding="utf-8"))
-            self.outputs = self.logic.importResult(self.input_node, out, self.result, self.card)
-            self.fraction = 1.0
-            warnings = self.result.get("warnings") or []  # e.g. "no liver found: …": the status line says it
-            self._finish(self.DONE, "Done: " + "; ".join(warnings) if warnings else "Done")
+            self._importer = ResultImport(self.logic, self.input_node, out, self.result, self.card)
         except Exception as e:
             self._finish(self.FAILED, f"importing the result failed: {e}")
+            return
+        self._poll_import()
+
+    def _poll_import(self) -> None:
+        if self._cancel_requested:
+            if self._importer.idle:  # its worker no longer reads the folder
+                self._finish(self.CANCELLED, "Cancelled")
+            return
+        try:
+            if not self._importer.step():
+                return
+        except Exception as e:
+            self._finish(self.FAILED, f"importing the result failed: {e}")
+            return
+        self.outputs = self._importer.outputs
+        self.fraction = 1.0
+        warnings = self.result.get("warnings") or []  # e.g. "no liver found: …": the status line says it
+        self._finish(self.DONE, "Done: " + "; ".join(warnings) if warnings else "Done")
 
     def _finish(self, state: str, message: str) -> None:
         self.state, self.message = state, message
         self.status = f"Failed: {message}" if state == self.FAILED else message if state == self.DONE else state
+        self._input = None
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -483,6 +870,103 @@ class SegmentJob:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+
+
+class ResultImport:
+    """Puts the files of one run into the scene, one file at a time, all of them or none.
+
+    Each file's voxels are read on a worker thread, in the file's own type, straight into the buffer
+    its node then takes over (:func:`read_view_labels`, :func:`read_scalar_output`); the node is built
+    on the GUI thread when the read is done.  Only the .seg.nrrd goes through Slicer's own reader, on
+    the GUI thread (one uint8 label map: about 0.1 s for 512 × 512 × 200).  :meth:`step` never
+    blocks; :meth:`cancel` and any error remove every node built so far."""
+
+    def __init__(self, logic: "TransferSegLogic", inputNode, folder, result: dict, card: dict):
+        self.logic, self.inputNode, self.card = logic, inputNode, card
+        self.reference = grid_of(inputNode)  # outputs are checked against and placed on this grid
+        self.outputs = TransferSegOutputs()
+        files, folder = list(result["files"]), Path(folder)
+        # (reader on a worker thread, or None: the builder reads; file; builder(file, what was read))
+        self._steps = []
+        if "segmentation.seg.nrrd" in files:
+            self._steps.append((None, folder / "segmentation.seg.nrrd", self._segmentation))
+        for view in VIEW_NAMES:
+            if f"views/{view}.nii.gz" in files:
+                self._steps.append((read_view_labels, folder / "views" / f"{view}.nii.gz",
+                                    functools.partial(self._view, view)))
+        if "disagreement.nii.gz" in files:
+            self._steps.append((read_scalar_output, folder / "disagreement.nii.gz", self._disagreement))
+        if "heatmap.nii.gz" in files:
+            self._steps.append((read_scalar_output, folder / "heatmap.nii.gz", self._heatmap))
+        if "detections.json" in files:
+            self._steps.append((None, folder / "detections.json", self._detections))
+        self._reading = None  # (BackgroundCall, builder, file)
+        self._finished = False
+
+    # --- the builders, on the GUI thread --------------------------------------------------
+    def _segmentation(self, path: Path, _) -> None:
+        self.outputs.segmentation = self.logic._readSegmentation(path, f"{self.inputNode.GetName()} TransferSeg",
+                                                                 self.inputNode, self.card)
+
+    def _view(self, view: str, path: Path, labels) -> None:
+        self.outputs.views[view] = self.logic._viewSegmentation(labels, view, self.reference, self.inputNode, self.card)
+
+    def _disagreement(self, path: Path, image) -> None:
+        self.outputs.disagreement = self.logic._scalarOverlay(
+            image, f"{self.inputNode.GetName()} view disagreement", self.reference, DISAGREEMENT_COLORS, lower=0.05)
+
+    def _heatmap(self, path: Path, image) -> None:
+        self.outputs.heatmap = self.logic._scalarOverlay(
+            image, f"{self.inputNode.GetName()} lesion heatmap", self.reference, HEATMAP_COLORS, lower=0.05)
+
+    def _detections(self, path: Path, _) -> None:
+        self.outputs.detections = self.logic._detections(path, f"{self.inputNode.GetName()} detections", self.card)
+
+    @property
+    def idle(self) -> bool:
+        """No worker is reading a file."""
+        return self._reading is None or self._reading[0].done
+
+    def step(self) -> bool:
+        """Build what has been read and start reading the next file; True once every node is in the
+        scene.  Never waits for a file."""
+        try:
+            while not self._finished:
+                if self._reading is not None:
+                    reading, build, path = self._reading
+                    if not reading.done:
+                        return False
+                    self._reading = None
+                    build(path, reading.result())  # one file's voxels, handed over to its node
+                    del reading
+                    continue
+                if not self._steps:
+                    self.logic._placeUnderStudy(self.inputNode, self.outputs.nodes())
+                    self.logic.showResult(self.inputNode, self.outputs)
+                    self._finished = True
+                    break
+                read, path, build = self._steps.pop(0)
+                if read is None:
+                    build(path, None)
+                else:
+                    self._reading = (BackgroundCall(read, path, self.reference), build, path)
+        except Exception:
+            self.cancel()
+            raise
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait at most ``timeout`` s for the file being read."""
+        if self._reading is not None:
+            self._reading[0].join(timeout)
+
+    def cancel(self) -> None:
+        """Stop reading and remove every node built so far: the scene is as it was."""
+        if self._reading is not None:
+            self._reading[0].stop.set()
+        self._steps = []
+        _remove_nodes(self.logic.scene, self.outputs.nodes())
+        self.outputs = TransferSegOutputs()
 
 
 def kill_process_tree(pid: int) -> None:
@@ -690,36 +1174,12 @@ class TransferSegLogic:
 
     # --- the scene --------------------------------------------------------------------------
     def importResult(self, inputNode, folder, result: dict, card: dict) -> TransferSegOutputs:
-        """Put every file a run wrote (``result["files"]``) into the scene, all of it or nothing."""
-        folder = Path(folder)
-        files = list(result["files"])
-        # the input's grid (the voxels are not needed: every output is checked against this geometry)
-        shape = tuple(slicer.util.arrayFromVolume(inputNode).shape)
-        reference = Volume(np.broadcast_to(np.uint8(0), shape), **_geometry(inputNode))
-        name = inputNode.GetName()
-        outputs = TransferSegOutputs()
-        try:
-            if "segmentation.seg.nrrd" in files:
-                outputs.segmentation = self._readSegmentation(folder / "segmentation.seg.nrrd", f"{name} TransferSeg",
-                                                              inputNode, card)
-            for view in VIEW_NAMES:
-                if f"views/{view}.nii.gz" in files:
-                    outputs.views[view] = self._viewSegmentation(folder / "views" / f"{view}.nii.gz", view, reference,
-                                                                 inputNode, card)
-            if "disagreement.nii.gz" in files:
-                outputs.disagreement = self._scalarOverlay(folder / "disagreement.nii.gz", f"{name} view disagreement",
-                                                           reference, DISAGREEMENT_COLORS, lower=0.05)
-            if "heatmap.nii.gz" in files:
-                outputs.heatmap = self._scalarOverlay(folder / "heatmap.nii.gz", f"{name} lesion heatmap", reference,
-                                                      HEATMAP_COLORS, lower=0.05)
-            if "detections.json" in files:
-                outputs.detections = self._detections(folder / "detections.json", f"{name} detections", card)
-            self._placeUnderStudy(inputNode, outputs.nodes())
-        except Exception:
-            _remove_nodes(self.scene, outputs.nodes())
-            raise
-        self.showResult(inputNode, outputs)
-        return outputs
+        """Put every file a run wrote (``result["files"]``) into the scene, all of it or nothing, and wait
+        for it (a job does the same without waiting: :class:`ResultImport`)."""
+        importer = ResultImport(self, inputNode, folder, result, card)
+        while not importer.step():
+            importer.wait()
+        return importer.outputs
 
     def _readSegmentation(self, path: Path, name: str, inputNode, card: dict):
         """The model's .seg.nrrd through Slicer's own reader; names, colours and terminology from the card."""
@@ -748,11 +1208,8 @@ class TransferSegLogic:
             raise
         return node
 
-    def _viewSegmentation(self, path: Path, view: str, reference: Volume, inputNode, card: dict):
-        """One view network's label map (the argmax of its class probabilities), as outlines in its tint."""
-        probabilities = _read_image(path, reference)
-        labels = probabilities.argmax(axis=0).astype(np.uint8) if probabilities.ndim == 4 else (
-            probabilities >= 128).astype(np.uint8)
+    def _viewSegmentation(self, labels, view: str, reference: Volume, inputNode, card: dict):
+        """One view network's label map (:func:`read_view_labels`), as outlines in its tint."""
         tint = np.asarray(VIEW_TINTS[view])
         segments = [dict(s, name=f"{s['name']} ({view})",
                          color=list(0.5 * np.asarray(s["color"], float) + 0.5 * tint)) for s in card["labels"]]
@@ -771,21 +1228,24 @@ class TransferSegLogic:
                 return node_id
         return None
 
-    def _scalarOverlay(self, path: Path, name: str, reference: Volume, colors, lower: float):
-        """A float volume in [0, 1] on the input's grid, coloured, transparent below ``lower``."""
-        values = _read_image(path, reference).astype(np.float32)
-        node = add_volume_node(self.scene, reference, name, array=values)
+    def _scalarOverlay(self, image, name: str, reference: Volume, colors, lower: float):
+        """A probability volume (:func:`read_scalar_output`: in [0, 1], or × 255 when stored as uint8) on the
+        input's grid, coloured, transparent below ``lower``.  The node takes ``image`` over, in its own type."""
+        scale = 255.0 if image.GetScalarType() == vtk.VTK_UNSIGNED_CHAR else 1.0
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         try:
-            node.CreateDefaultDisplayNodes()
+            _set_geometry(node, reference)
+            node.CreateDefaultDisplayNodes()  # before the voxels: no automatic window/level pass over them
             display = node.GetDisplayNode()
             color = self._colorNodeID(colors)
             if color:
                 display.SetAndObserveColorNodeID(color)
             display.SetAutoWindowLevel(False)
-            display.SetWindowLevelMinMax(0.0, 1.0)
+            display.SetWindowLevelMinMax(0.0, scale)
             display.SetAutoThreshold(False)
             display.SetApplyThreshold(True)  # below the threshold the foreground is transparent
-            display.SetThreshold(lower, max(1.0, float(values.max(initial=0.0))))
+            display.SetThreshold(lower * scale, max(scale, float(image.GetPointData().GetScalars().GetRange()[1])))
+            node.SetAndObserveImageData(image)  # taken over, not copied
         except Exception:
             _remove_nodes(self.scene, [node])
             raise
