@@ -616,7 +616,7 @@ for phase, files in (("views", views), ("disagreement", ["disagreement.nii.gz"])
                        "liver": int(L.segment_array(outputs.views["axial"], "liver (axial)", grid).sum())
                        if outputs.views else None,
                        "dtype": held.GetDataTypeAsString() if held else None}
-    L._remove_nodes(scene, outputs.nodes())
+    L.remove_nodes(scene, outputs.nodes())
 print(json.dumps(measured))
 """
 

@@ -56,8 +56,10 @@ def test_only_the_module_file_sits_at_the_top_of_the_module_folder():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                 and node.module == "TransferSegModuleLib.logic" for alias in node.names}
     assert "TransferSegLogic" in imported  # Slicer's <module>Logic name
+    for path in (MODULE / "TransferSegModuleLib").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*(import|from)\s+(qt|ctk)\b", text, re.M), f"{path.name} must stay Qt-free"
     logic = (MODULE / "TransferSegModuleLib" / "logic.py").read_text(encoding="utf-8")
-    assert not re.search(r"^\s*(import|from)\s+(qt|ctk)\b", logic, re.M), "the logic must stay Qt-free"
     assert "class TransferSegLogic" in logic and 'MODULE_NAME = "TransferSeg"' in logic
 
 

@@ -530,7 +530,7 @@ class TransferSegTest(ScriptedLoadableModuleTest):
         (folder / "detections.json").write_text(json.dumps({"detections": [
             {"position_ras": [1.0, 2.0, 3.0], "confidence": 0.9, "box_kji": [0, 0, 0, 1, 1, 1]},
             {"position_ras": [4.0, 5.0, 6.0], "confidence": 0.3, "box_kji": [0, 0, 0, 1, 1, 1]}]}), encoding="utf-8")
-        points = logic._detections(folder / "detections.json", "detections", card)
+        points = logic.addDetections(folder / "detections.json", "detections", card)
         self.assertEqual(logic.setConfidenceThreshold(points, 0.5), 1)
         self.assertFalse(points.GetNthControlPointVisibility(1))
         self.delayDisplay("TransferSeg self-test passed" + ("" if withTorch else " (scene logic only)"))
