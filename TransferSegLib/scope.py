@@ -144,8 +144,9 @@ def check_result(labels: np.ndarray, volume: Volume, card: dict) -> tuple:
     if where is not None and organ.get("min_body_cm2"):
         across = _body_area_cm2(volume, where)
         if across < organ["min_body_cm2"]:
+            adult = region.removeprefix("the ")
             why = (f"no {organ['name']} found: the body part that holds the {organ['name']} labels is "
-                   f"{across:.0f} cm² across, less than the {organ['min_body_cm2']:g} cm² of an adult's {region.removeprefix('the ')}; "
+                   f"{across:.0f} cm² across, less than the {organ['min_body_cm2']:g} cm² of an adult's {adult}; "
                    f"the scan does not seem to cover {region} (a head, a limb, or a small child?)")
     if why is None and where is not None and organ.get("side"):
         offset = _offset_mm(volume, where, organ["side"])

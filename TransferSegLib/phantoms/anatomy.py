@@ -202,7 +202,7 @@ def _paint_liver(grid, rng, body) -> None:
     ac, bc, dome, organ, left = body.ac, body.bc, body.dome, body.organ, body.left_lobe
     lobes = [  # (centre as fractions of the cavity / mm in z, semi-axes mm)
         ((0.42, 0.0, -62.0), (0.5 * ac, 0.78 * bc, 68.0)),          # right lobe
-        ((-0.18 - 0.25 * (left - 1.0), 0.42, -38.0), (0.45 * ac * left, 0.38 * bc, 34.0)),   # left lobe, over the stomach
+        ((-0.18 - 0.25 * (left - 1.0), 0.42, -38.0), (0.45 * ac * left, 0.38 * bc, 34.0)),   # left lobe
         ((0.58, 0.05, -118.0), (0.27 * ac, 0.5 * bc, 40.0)),        # inferior tip of the right lobe
         ((0.07, -0.3, -52.0), (0.15 * ac, 0.26 * bc, 34.0)),        # caudate lobe
     ]
