@@ -840,6 +840,16 @@ def test_torch_version_floor_is_compared_as_numbers():
         assert not version_at_least(version, TORCH_MINIMUM), version
 
 
+def test_a_computer_without_a_torch_build_gets_one_line_saying_so():
+    from TransferSegModuleLib.dependencies import TORCH_REQUIREMENT, no_torch_wheel
+
+    said = no_torch_wheel("Darwin", "x86_64")
+    assert said and "\n" not in said and "Intel Mac" in said and TORCH_REQUIREMENT in said
+    for system, machine in (("Darwin", "arm64"), ("Linux", "x86_64"), ("Linux", "aarch64"), ("Windows", "AMD64")):
+        assert no_torch_wheel(system, machine) is None, (system, machine)
+    assert no_torch_wheel() is None  # this machine (Linux x86_64) has wheels
+
+
 def test_torch_status_reads_the_installed_version_without_importing_torch():
     import importlib.metadata
 

@@ -358,6 +358,9 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         asking; False if declined."""
         status = dependencies.torch_status()
         if status != dependencies.TORCH_OK:
+            no_wheel = dependencies.no_torch_wheel()
+            if no_wheel:
+                raise TransferSegError(no_wheel)
             try:
                 import PyTorchUtils
             except ModuleNotFoundError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import platform
 import re
 from pathlib import Path
 
@@ -96,3 +97,17 @@ def torch_status() -> str:
 def missing_pip_packages() -> list:
     """pip requirements of the packages that are not importable, in a fixed order."""
     return [requirement for name, requirement in PIP_PACKAGES.items() if not _installed(name)]
+
+
+def no_torch_wheel(system: str | None = None, machine: str | None = None) -> str | None:
+    """Why no PyTorch build that meets :data:`TORCH_REQUIREMENT` exists for this computer, in one line,
+    or None where one does.  ``system`` and ``machine`` default to this computer's
+    (``platform.system()``, ``platform.machine()``).  PyTorch has built no macOS Intel (x86_64)
+    wheels since 2.2."""
+    system = platform.system() if system is None else system
+    machine = (platform.machine() if machine is None else machine).lower()
+    if system == "Darwin" and machine in ("x86_64", "amd64", "i386"):
+        return (f"PyTorch {TORCH_REQUIREMENT} is not built for Intel Macs (the last macOS x86_64 build is 2.2), "
+                "so TransferSeg cannot run its models here; use a Mac with Apple silicon, Linux or Windows, "
+                "or run the transferseg command on such a computer and load its outputs into Slicer")
+    return None
