@@ -73,8 +73,9 @@ DBT_GRIDS = {"default": {}, "clinical": {"shape": [40, 1024, 768], "pixel_mm": 0
 FROC_PROTOCOL = ("AH-Net sec. 4.1: a peak inside a lesion's 3D box is a true positive (once per box); peaks are "
                  "pipeline.run's detections (found on the working grid with the card's min_distance, threshold 0, "
                  "at most 50 per volume) mapped back to the input grid")
-# held-out phantoms drawn as real scans vary (the options the CT models from 3.0.0 / 2.0.0 train with)
-VARIED = {"phase": "random", "tumor_kinds": "mixed", "coverage": "random", "reconstruction": "random", "randomise": True}
+# held-out phantoms drawn as real scans vary: the phantom options the default CT model trains with, read from its config
+VARIED = json.loads((ROOT / "Resources" / "configs" / "ct-liver-tumor-unet3d.json").read_text(encoding="utf-8")
+                    )["data"]["options"]
 CT_STORAGE = ("as generated (LPS axial)", "RAS-flipped", "oblique", "sagittal")
 
 
