@@ -11,7 +11,8 @@ every file it reads:
   :func:`check_header_numbers`, :func:`check_meta_data_size`;
 * NIfTI: :func:`nifti_header`, :func:`check_nifti_header`, and :func:`check_nifti_voxels` over
   the file's bytes (:func:`file_chunks`, :func:`gzip_chunks`);
-* DICOM series: :func:`check_slice_positions`.
+* DICOM series: :func:`check_slice_positions` (and, for the frames of one multi-frame file,
+  :mod:`TransferSegLib.dicom_file` with :func:`slice_step_tolerance` and :func:`uneven_slices`).
 
 Each problem is one :class:`~TransferSegLib.volume.TransferSegError` that names it.  Imports
 nothing above :mod:`TransferSegLib.volume`.
@@ -32,7 +33,7 @@ from .volume import GEOMETRY_LIMIT_MM, TransferSegError, describe_shape, directi
 
 __all__ = ["check_detached_data_file", "check_header_numbers", "check_meta_data_size", "check_nifti_header",
            "check_nifti_voxels", "check_slice_positions", "file_chunks", "gzip_chunks", "itk_reason", "nifti_header",
-           "shown_name", "special_kind", "text_header"]
+           "shown_name", "slice_step_tolerance", "special_kind", "text_header", "uneven_slices"]
 
 
 def shown_name(name) -> str:
@@ -127,10 +128,10 @@ def check_slice_positions(name: str, files: list) -> None:
             "export the series again"
         )
     step = float(np.median(steps))
-    tolerance = max(0.01, 0.01 * abs(step))
+    tolerance = slice_step_tolerance(step)
     odd = np.flatnonzero(np.abs(steps - step) > tolerance)
     if odd.size:
-        raise TransferSegError(f"{name}: {_uneven_slices(along, steps, step, tolerance, odd)}; ITK would stack the "
+        raise TransferSegError(f"{name}: {uneven_slices(along, steps, step, tolerance, odd)}; ITK would stack the "
                                "slices at one average spacing and misplace them: export the complete series, or "
                                "resample it onto one slice spacing first (e.g. in 3D Slicer)")
     sideways = np.linalg.norm(np.diff(positions, axis=0) - np.outer(steps, normal), axis=1)
@@ -142,8 +143,14 @@ def check_slice_positions(name: str, files: list) -> None:
         )
 
 
-def _uneven_slices(along: np.ndarray, steps: np.ndarray, step: float, tolerance: float, odd: np.ndarray) -> str:
-    """Where the slice positions ``along`` the normal stop being evenly ``step`` apart, in words."""
+def slice_step_tolerance(step: float) -> float:
+    """How far (mm) a slice may lie from its place in an evenly spaced stack of ``step`` mm slices: 1 %, at least
+    0.01 mm (headers state positions to a few decimals)."""
+    return max(0.01, 0.01 * abs(step))
+
+
+def uneven_slices(along: np.ndarray, steps: np.ndarray, step: float, tolerance: float, odd: np.ndarray) -> str:
+    """Where the slice positions ``along`` the normal (sorted) stop being evenly ``step`` apart, in words."""
     count = len(along)
     multiples = np.round(steps / step)
     odd_set = set(odd.tolist())

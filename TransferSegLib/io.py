@@ -1,7 +1,8 @@
 """Reading and writing volumes with their exact geometry; input validation.
 
-* :func:`load_volume` reads NIfTI, NRRD, MetaImage and DICOM series through SimpleITK, checks
-  everything a model would later trip over, and returns a :class:`~TransferSegLib.volume.Volume`.
+* :func:`load_volume` reads NIfTI, NRRD, MetaImage and DICOM series through SimpleITK, and an enhanced
+  multi-frame DICOM file (breast tomosynthesis, Enhanced CT) through :mod:`TransferSegLib.dicom_file`,
+  checks everything a model would later trip over, and returns a :class:`~TransferSegLib.volume.Volume`.
   Header-level problems (dimension, components, size, memory, and what
   :mod:`TransferSegLib.headers` checks in each format's own header) are caught from the header
   alone, before any voxel is allocated.
@@ -24,6 +25,7 @@ import SimpleITK as sitk
 
 from .atomic import (atomic_output, atomic_output_folder, available_memory_bytes, check_output_folder,
                      check_path_encoding, full_suffix, remove_stale_temporaries)
+from .dicom_file import MultiframeHeader, enhanced_dataset, has_dicom_preamble, read_dataset, read_header, read_voxels
 from .headers import (check_detached_data_file, check_header_numbers, check_meta_data_size, check_nifti_header,
                       check_nifti_voxels, check_slice_positions, file_chunks, gzip_chunks, itk_reason, nifti_header,
                       shown_name, special_kind, text_header)
@@ -152,10 +154,14 @@ def _pixel_bytes(pixel_id: int) -> int:
     }.get(pixel_id, 8)
 
 
-def _read_image(path: Path) -> sitk.Image:
+def _read_volume(path: Path) -> Volume:
     name = str(path)
     if path.is_dir():
         files = _dicom_series_files(path)
+        if len(files) == 1:  # one file: an enhanced multi-frame object is read with its functional groups
+            dataset = enhanced_dataset(Path(files[0]))
+            if dataset is not None:
+                return _volume_from_multiframe(read_header(Path(files[0]), dataset), name)
         reader = sitk.ImageFileReader()
         reader.SetFileName(files[0])
         try:
@@ -168,15 +174,15 @@ def _read_image(path: Path) -> sitk.Image:
         check_slice_positions(name, files)
         series = sitk.ImageSeriesReader()
         series.SetFileNames(files)
-        return _execute(series, name)
+        return _volume_from_image(_execute(series, name), name)
 
     suffix = full_suffix(path)
-    if path.name.lower().endswith(".dcm"):
-        _refuse_single_dicom_file(path)
+    if path.name.lower().endswith(".dcm") or (suffix not in READ_SUFFIXES and has_dicom_preamble(path)):
+        return _read_dicom_file(path)
     if suffix not in READ_SUFFIXES:
         raise TransferSegError(
             f"{name}: unsupported file type '{suffix or path.name}'; give a NIfTI, NRRD or MetaImage file "
-            f"({', '.join(READ_SUFFIXES)}) or a DICOM series folder"
+            f"({', '.join(READ_SUFFIXES)}), a DICOM series folder or a multi-frame DICOM file"
         )
     if path.stat().st_size == 0:
         raise TransferSegError(f"{name}: the file is empty (0 bytes)")
@@ -205,7 +211,17 @@ def _read_image(path: Path) -> sitk.Image:
                               * reader.GetNumberOfComponents() * _pixel_bytes(reader.GetPixelID()))
     if suffix in (".nii", ".nii.gz"):
         check_nifti_voxels(name, gzip_chunks(path) if suffix == ".nii.gz" else file_chunks(path), nifti)
-    return _execute(reader, name)
+    return _volume_from_image(_execute(reader, name), name)
+
+
+def _read_dicom_file(path: Path) -> Volume:
+    """One DICOM file: an enhanced multi-frame object is a volume; a single slice or a mammogram is 2D."""
+    if path.stat().st_size == 0:
+        raise TransferSegError(f"{path}: the file is empty (0 bytes)")
+    dataset = read_dataset(path, required=False)
+    if dataset is None:  # not DICOM to pydicom (or no pydicom): say what SimpleITK sees
+        _refuse_single_dicom_file(path)
+    return _volume_from_multiframe(read_header(path, dataset), str(path))
 
 
 def _refuse_single_dicom_file(path: Path) -> None:
@@ -222,6 +238,8 @@ def _refuse_single_dicom_file(path: Path) -> None:
             f"{path}: input is 2D ({describe_shape(size[:2])}, a single DICOM slice); TransferSeg needs a 3D "
             "volume: give the folder that holds the whole series"
         )
+    if len(size) == 3:  # several frames, and pydicom missing: it reads their functional groups
+        read_dataset(path)  # raises the error that says to install it
     raise TransferSegError(f"{path}: this is a single DICOM file; give the folder that holds the whole series instead")
 
 
@@ -260,6 +278,20 @@ def _volume_from_image(image: sitk.Image, name: str) -> Volume:
     return volume
 
 
+def _volume_from_multiframe(header: MultiframeHeader, name: str) -> Volume:
+    """The frames of a multi-frame DICOM file on the geometry its header states (LPS → RAS as for ITK images)."""
+    _check_header(name, 3, 1, (header.columns, header.rows, header.frames), header.pixel_bytes, header.spacing_ijk,
+                  tuple(header.direction_lps.ravel()), tuple(header.origin_lps))
+    array = read_voxels(header)
+    try:
+        volume = Volume(array, spacing=tuple(header.spacing_ijk[::-1]), directions=_LPS[:, None] * header.direction_lps,
+                        origin=_LPS * header.origin_lps, meta=header.meta)
+        volume.check_finite()
+    except TransferSegError as e:
+        raise TransferSegError(f"{name}: {e}") from None
+    return volume
+
+
 def _check_path_names(path: Path) -> None:
     """Every name along ``path``, the folders' as much as the file's, must be valid UTF-8 before SimpleITK
     sees it (see :func:`check_path_encoding`)."""
@@ -270,17 +302,23 @@ def _check_path_names(path: Path) -> None:
 
 def load_volume(path) -> Volume:
     """Read a 3D scalar volume: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd),
-    or a folder holding a DICOM series (the largest series if there are several).
+    a folder holding a DICOM series (the largest series if there are several), or one enhanced
+    multi-frame DICOM file (Breast Tomosynthesis, Enhanced CT or MR; named .dcm or anything, or alone
+    in a folder): see :mod:`TransferSegLib.dicom_file`.
 
     Returns a :class:`Volume` (float32, axes (k, j, i), spacing in the same order, RAS geometry).
-    CT intensities stay in HU (DICOM rescale slope/intercept applied by SimpleITK).
+    CT intensities stay in HU (DICOM rescale slope/intercept applied, per frame for a multi-frame
+    file).  A multi-frame file's laterality and view (e.g. ``{"laterality": "R", "view": "CC"}``)
+    are in :attr:`Volume.meta`.
 
     Raises :class:`TransferSegError` with an actionable message for a missing, unreadable,
     truncated or non-image file; a file name that is not UTF-8; a detached header whose data file
     lies outside its folder, is missing or is not a regular file; a 2D, 4D or multi-component
     image; a zero-size axis; NaN or infinite voxels, or finite ones beyond float32's range; zero,
     negative or non-finite spacing; a singular, sheared or scaled direction matrix (a NIfTI sform
-    included); a DICOM series with a missing, repeated or unevenly spaced slice; and a volume too
+    included); a DICOM series or multi-frame file with a missing, repeated or unevenly spaced slice;
+    a single DICOM slice or one-frame mammogram (2D); a multi-frame file without its functional
+    groups or in a transfer syntax that cannot be decoded here; and a volume too
     large for the memory available (estimated from the header, before reading the voxels).  The
     input file is only read, never modified.
     """
@@ -294,8 +332,7 @@ def load_volume(path) -> Volume:
     if not os.access(path, os.R_OK):
         raise TransferSegError(f"{path}: permission denied; check that you may read this file")
     with native_stderr_silenced():
-        image = _read_image(path)
-    return _volume_from_image(image, str(path))
+        return _read_volume(path)
 
 
 # --------------------------------------------------------------------------------------

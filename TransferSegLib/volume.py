@@ -118,6 +118,8 @@ class Volume:
         spacing: voxel size in mm, in array-axis order (k, j, i).
         directions: 3×3 RAS direction cosines; column n is IJK axis n (n = 0 is i, the last array axis).
         origin: RAS position (mm) of the centre of voxel (0, 0, 0).
+        meta: what the file said about the image beyond its voxels, as JSON-ready values (e.g. a DICOM
+            mammography object's ``{"laterality": "R", "view": "CC", ...}``); empty for most files.
 
     Use :meth:`from_ijk_to_ras` to build one from a 4×4 matrix (e.g. a Slicer node's IJKToRAS).
     """
@@ -126,6 +128,7 @@ class Volume:
     spacing: tuple = (1.0, 1.0, 1.0)
     directions: np.ndarray = field(default_factory=lambda: np.eye(3))
     origin: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
         array = np.asarray(self.array)
@@ -143,6 +146,7 @@ class Volume:
         self.spacing = tuple(float(s) for s in spacing)
         self.directions = directions.copy()
         self.origin = origin.copy()
+        self.meta = dict(self.meta or {})
 
     # --- geometry -----------------------------------------------------------------------
     @classmethod
@@ -185,7 +189,7 @@ class Volume:
             raise TransferSegError(
                 f"array shape {describe_shape(array.shape)} does not match the volume's {describe_shape(self.shape)}"
             )
-        return Volume(array, self.spacing, self.directions, self.origin)
+        return Volume(array, self.spacing, self.directions, self.origin, self.meta)
 
     def ijk_to_ras_points(self, kji: np.ndarray) -> np.ndarray:
         """RAS positions (N, 3) of voxel indices given in array order (N, 3) = (k, j, i)."""
@@ -224,6 +228,7 @@ class Volume:
             "intensity_max": float(a.max()),
             "intensity_mean": float(a.mean(dtype=np.float64)),
             "memory_mib": round(self.nbytes / 2**20, 2),
+            **({"meta": self.meta} if self.meta else {}),  # e.g. a DBT's laterality and view
         }
 
 
