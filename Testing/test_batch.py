@@ -140,12 +140,13 @@ def test_torchrun_splits_the_cases_between_ranks_each_done_once(tmp_path, tiny_m
 
 
 def test_python_api_loads_the_model_once_and_matches_a_single_run(tmp_path, tiny_model, monkeypatch):
+    import TransferSegLib.batch as batch
     import TransferSegLib.models as models
     import TransferSegLib.pipeline as pipeline
 
     paths = _ct_cases(tmp_path / "cases", [21, 22, 23])
     calls = []
-    for module in (models, pipeline):  # whoever loads it, once per batch
+    for module in (models, pipeline, batch):  # whoever loads it, once per batch
         monkeypatch.setattr(module, "load_model", lambda *a, **k: calls.append(a) or load_model(*a, **k))
     rows = run_batch(tmp_path / "cases", tmp_path / "out", model=tiny_model, device="cpu")
     assert len(calls) == 1 and [r["status"] for r in rows] == ["ok"] * 3

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from test_hostile_inputs import _signal_handlers_restored, assert_one_clear_line  # noqa: F401 (a fixture)
 
-from TransferSegLib import evaluation, io
+from TransferSegLib import datasets, evaluation, io
 from TransferSegLib.cli import main
 from TransferSegLib.datasets import find_cases
 from TransferSegLib.io import save_labelmap, save_volume
@@ -281,7 +281,8 @@ def test_a_hostile_evaluation_gets_one_clear_line_and_exit_2(name, tmp_path, tin
     build, fragment = CASES[name]
     argv = build(case)
     read, evaluated = [], []
-    monkeypatch.setattr(io, "load_volume", lambda path: read.append(path))
+    for module in (io, datasets):  # wherever a volume is read
+        monkeypatch.setattr(module, "load_volume", lambda path: read.append(path))
     monkeypatch.setattr(evaluation, "run", lambda *args, **kwargs: evaluated.append(args))
     before = _snapshot(tmp_path)
     capfd.readouterr()

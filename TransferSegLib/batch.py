@@ -9,7 +9,7 @@ series is one case itself.  :func:`run_batch` loads the model once, runs
 :class:`TransferSegError` or ``OSError``) becomes a ``failed`` row and the others go on;
 cancelling stops the whole batch.
 
-Under torchrun, :func:`~TransferSegLib.distributed.processes` joins the process group (gloo on
+Under torchrun, :func:`~TransferSegLib.training.distributed.processes` joins the process group (gloo on
 CPU, nccl on CUDA, one GPU per local rank) and each rank runs ``cases[rank::world_size]``; rank 0
 gathers every rank's rows and writes the one summary.
 """
@@ -23,7 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .atomic import is_utf8, resolved
+import SimpleITK as sitk
+
+from .atomic import atomic_output, check_output_folder, is_utf8, resolved
+from .io import READ_SUFFIXES, full_suffix, load_volume, native_stderr_silenced
+from .models import LoadedModel, load_model
+from .pipeline import check_writable, output_names, run
 from .progress import Cancelled, CancelToken, ProgressCallback, StageProgress, check_cancel, one_line
 from .volume import TransferSegError
 
@@ -41,17 +46,11 @@ class Case:
 
 
 def _volume_suffix(path: Path) -> Optional[str]:
-    from .io import READ_SUFFIXES, full_suffix
-
     suffix = full_suffix(path)
     return suffix if suffix in READ_SUFFIXES else None
 
 
 def _holds_dicom_series(folder: Path) -> bool:
-    import SimpleITK as sitk
-
-    from .io import native_stderr_silenced
-
     if not is_utf8(folder):  # SimpleITK's native code aborts on such a name; the case fails on its own
         return False
     with native_stderr_silenced():  # GDCM complains on stderr about every file that is not DICOM
@@ -150,9 +149,6 @@ def _one_line(error: BaseException) -> str:
 
 
 def _run_case(case: Case, index: int, output: Path, loaded, device, progress, cancel, method_options, rank) -> dict:
-    from .io import load_volume
-    from .pipeline import check_writable, run
-
     # the summary and the lines printed show a hostile name escaped, never raw
     row = {"case": one_line(case.name), "input": one_line(case.path), "status": "ok", "error": "", "output": "",
            "seconds": 0.0, "warnings": "", "rank": rank, "_index": index}
@@ -182,7 +178,7 @@ def _run_case(case: Case, index: int, output: Path, loaded, device, progress, ca
 def _gather(rows: list, world: int) -> list:
     if world <= 1:
         return rows
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch only under torchrun: finding and checking cases stays torch-free
 
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
@@ -190,8 +186,6 @@ def _gather(rows: list, world: int) -> list:
 
 
 def _write_summary(path: Path, rows: list, columns: list) -> Path:
-    from .atomic import atomic_output
-
     with atomic_output(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -216,7 +210,7 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
         cancel: a :class:`CancelToken`; cancelling stops the batch with
             :class:`~TransferSegLib.progress.Cancelled`.  Finished cases keep their complete
             folders, the case in progress writes nothing, and no summary is written.
-        rank, world_size: under torchrun (from :func:`~TransferSegLib.distributed.processes`, whose
+        rank, world_size: under torchrun (from :func:`~TransferSegLib.training.distributed.processes`, whose
             process group must be up), this process runs ``cases[rank::world_size]`` and rank 0
             writes the summary of all; every rank returns every row.
         on_case: called with each row of this process as soon as its case is done.
@@ -225,10 +219,6 @@ def run_batch(inputs, output_dir, model, device="auto", progress: Optional[Progr
     disk, …) gets status ``failed`` and its one-line error; the others still run.  Rows are
     dicts with the summary's columns (and ``rank``), in the order of the cases.
     """
-    from .atomic import check_output_folder
-    from .models import LoadedModel, load_model
-    from .pipeline import output_names
-
     rank, world = int(rank or 0), int(world_size or 1)
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in 0…{world - 1}")

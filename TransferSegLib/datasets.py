@@ -24,8 +24,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from . import phantoms
 from .atomic import is_utf8, resolved
-from .volume import TransferSegError, Volume
+from .heatmaps import gaussian_heatmap
+from .io import load_volume
+from .volume import TransferSegError
 
 __all__ = ["CTPhantomCase", "Case", "DBTPhantomCase", "find_cases", "phantom_cases", "split_cases"]
 
@@ -42,8 +45,6 @@ class Case:
     def load(self):
         if self._make is not None:
             return self._make()
-        from .io import load_volume
-
         volume = load_volume(self.image_path)
         if self.label_path is None:
             return volume, None
@@ -215,9 +216,7 @@ class CTPhantomCase(Case):
     options: dict = field(default_factory=dict)
 
     def load(self):
-        from .phantoms import ct_phantom
-
-        return ct_phantom(self.seed, **self.options)
+        return phantoms.ct_phantom(self.seed, **self.options)
 
 
 @dataclass
@@ -235,15 +234,11 @@ class DBTPhantomCase(Case):
     _boxes: Optional[list] = field(default=None, repr=False)
 
     def _phantom(self):
-        from .phantoms import dbt_phantom
-
-        volume, boxes = dbt_phantom(self.seed, **self.options)
+        volume, boxes = phantoms.dbt_phantom(self.seed, **self.options)
         self._boxes = boxes
         return volume, boxes
 
     def load(self):
-        from .heatmaps import gaussian_heatmap
-
         volume, boxes = self._phantom()
         return volume, gaussian_heatmap(volume.shape, boxes)
 
@@ -287,17 +282,13 @@ def _varied_options(kind: str, seed: int, options: dict, vary: dict) -> dict:
     out = dict(options)
     shape = list(out.get("shape") or ())
     if kind == "ct":
-        from .phantoms import CT_DEFAULT_SHAPE
-
-        shape = shape or list(CT_DEFAULT_SHAPE)
+        shape = shape or list(phantoms.CT_DEFAULT_SHAPE)
         if "slices" in vary:
             shape[0] = int(rng.integers(int(vary["slices"][0]), int(vary["slices"][1]) + 1))
         if "rows" in vary:
             shape[1] = shape[2] = int(rng.integers(int(vary["rows"][0]), int(vary["rows"][1]) + 1))
     else:
-        from .phantoms import DBT_DEFAULT_SHAPE
-
-        shape = shape or list(DBT_DEFAULT_SHAPE)
+        shape = shape or list(phantoms.DBT_DEFAULT_SHAPE)
         if "slices" in vary:
             shape[0] = int(rng.integers(int(vary["slices"][0]), int(vary["slices"][1]) + 1))
         if "pixel_mm" in vary:

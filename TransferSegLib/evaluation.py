@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 
 from . import metrics
-from .atomic import same_file
+from .atomic import atomic_output, check_output_folder, same_file
 from .datasets import find_cases
 from .models import load_model
 from .pipeline import run
@@ -83,13 +83,7 @@ def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise TransferSegError(f"limit is the number of cases to evaluate (1 or more); got {limit!r}")
     if csv_path:  # before the run: a wrong table path must not cost the whole evaluation
-        from .atomic import check_output_folder
-
-        csv_path = Path(csv_path).expanduser()
-        if csv_path.is_dir():
-            raise TransferSegError(f"the metrics table {csv_path} is an existing folder; give a file name, "
-                                   f"e.g. {csv_path / 'metrics.csv'}")
-        check_output_folder(csv_path.parent)
+        csv_path = _check_table_path(csv_path)
     loaded = load_model(model, device="cpu")
     cases = find_cases(data)
     if limit:
@@ -111,24 +105,54 @@ def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
             raise TransferSegError(f"case {case.name} has no label map; evaluation needs labelled data")
         result = run(volume, loaded, device=device, cancel=cancel,
                      progress=report.sub(n / len(cases), (n + 1) / len(cases)))
-        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-        masks = {name: (np.isin(result.labels, values), np.isin(reference, values)) for name, values in regions.items()}
-        burdens = {}  # region → (reference, predicted) tumor burden of this case
-        if burden:
-            (tumor_pred, tumor_ref), (liver_pred, liver_ref) = masks[burden["tumor"]], masks[burden["liver"]]
-            burdens[burden["tumor"]] = (metrics.tumor_burden(tumor_ref, liver_ref),
-                                        metrics.tumor_burden(tumor_pred, liver_pred))
-        for name, (pred, ref) in masks.items():
-            pooled[name][0].append(pred)
-            pooled[name][1].append(ref)
-            ref_burden, pred_burden = burdens.get(name, (None, None))
-            rows.append({
-                "case": case.name, "region": name,
-                "dice": metrics.dice(pred, ref), "voe": metrics.voe(pred, ref), "rvd": metrics.rvd(pred, ref),
-                "asd_mm": metrics.asd(pred, ref, volume.spacing), "rmsd_mm": metrics.rmsd(pred, ref, volume.spacing),
-                "ref_ml": float(ref.sum()) * voxel_ml, "pred_ml": float(pred.sum()) * voxel_ml,
-                "ref_burden": ref_burden, "pred_burden": pred_burden,
-            })
+        rows += _case_rows(case.name, result.labels, reference, volume, regions, burden, pooled)
+    burden_rmse = None
+    if burden:
+        burden_rmse = metrics.tumor_burden_rmse(*pooled[burden["tumor"]], *pooled[burden["liver"]])
+    table = {"model": loaded.card["name"], "rows": rows, "summary": _summary(regions, rows, pooled),
+             "tumor_burden": burden, "tumor_burden_rmse": burden_rmse}
+    if csv_path:
+        _write_csv(table, Path(csv_path))
+    return table
+
+
+def _check_table_path(csv_path) -> Path:
+    """The metrics table's path, refused when it is a folder or cannot be written."""
+    csv_path = Path(csv_path).expanduser()
+    if csv_path.is_dir():
+        raise TransferSegError(f"the metrics table {csv_path} is an existing folder; give a file name, "
+                               f"e.g. {csv_path / 'metrics.csv'}")
+    check_output_folder(csv_path.parent)
+    return csv_path
+
+
+def _case_rows(case: str, labels: np.ndarray, reference: np.ndarray, volume, regions: dict, burden: Optional[dict],
+               pooled: dict) -> list:
+    """One case's row per region; each region's (predicted, reference) masks are added to ``pooled``."""
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    masks = {name: (np.isin(labels, values), np.isin(reference, values)) for name, values in regions.items()}
+    burdens = {}  # region → (reference, predicted) tumor burden of this case
+    if burden:
+        (tumor_pred, tumor_ref), (liver_pred, liver_ref) = masks[burden["tumor"]], masks[burden["liver"]]
+        burdens[burden["tumor"]] = (metrics.tumor_burden(tumor_ref, liver_ref),
+                                    metrics.tumor_burden(tumor_pred, liver_pred))
+    rows = []
+    for name, (pred, ref) in masks.items():
+        pooled[name][0].append(pred)
+        pooled[name][1].append(ref)
+        ref_burden, pred_burden = burdens.get(name, (None, None))
+        rows.append({
+            "case": case, "region": name,
+            "dice": metrics.dice(pred, ref), "voe": metrics.voe(pred, ref), "rvd": metrics.rvd(pred, ref),
+            "asd_mm": metrics.asd(pred, ref, volume.spacing), "rmsd_mm": metrics.rmsd(pred, ref, volume.spacing),
+            "ref_ml": float(ref.sum()) * voxel_ml, "pred_ml": float(pred.sum()) * voxel_ml,
+            "ref_burden": ref_burden, "pred_burden": pred_burden,
+        })
+    return rows
+
+
+def _summary(regions: dict, rows: list, pooled: dict) -> list:
+    """Per region: the LiTS Dice per case and global, and the 3DIRCADb means over the cases."""
     summary = []
     for name in regions:
         region_rows = [r for r in rows if r["region"] == name]
@@ -140,14 +164,7 @@ def evaluate(model, data, device: str = "auto", csv_path=None, progress=None,
             # surface distances are infinite where one mask is empty: say over how many cases the mean is
             "distance_cases": sum(math.isfinite(r["asd_mm"]) for r in region_rows),
         })
-    burden_rmse = None
-    if burden:
-        burden_rmse = metrics.tumor_burden_rmse(*pooled[burden["tumor"]], *pooled[burden["liver"]])
-    table = {"model": loaded.card["name"], "rows": rows, "summary": summary,
-             "tumor_burden": burden, "tumor_burden_rmse": burden_rmse}
-    if csv_path:
-        _write_csv(table, Path(csv_path))
-    return table
+    return summary
 
 
 def _check_not_an_input(csv_path: Path, loaded, data, cases) -> None:
@@ -168,8 +185,6 @@ def _finite_mean(values) -> float:
 
 
 def _write_csv(table: dict, path: Path) -> None:
-    from .atomic import atomic_output
-
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()

@@ -553,6 +553,33 @@ def sliding_window_inference(array: np.ndarray, network: nn.Module, *, patch_siz
             still tile the region (overlap ≥ 2·margin / patch; checked).
     """
     tic = time.perf_counter()
+    data = _checked_input(array, activation=activation, blend=blend, pad_mode=pad_mode, overlap=overlap,
+                          batch_size=batch_size, heatmap_dtype=heatmap_dtype)
+    shape = data.shape[1:]
+    box = check_roi(roi, shape) if roi is not None else (0, 0, 0) + tuple(shape)
+    region = data[:, box[0]:box[3], box[1]:box[4], box[2]:box[5]]
+    multiple, patch, floor, margin = _window_sizes(network, patch_size, min_patch, margin)
+    if pad_mode == "constant" and pad_value is None:
+        pad_value = float(data.min())
+    target = resolve_device(device)
+
+    run = _Run(region, network, patch=patch, multiple=multiple, min_patch=floor, overlap=float(overlap), blend=blend,
+               batch_size=int(batch_size), device=target, activation=activation, num_classes=num_classes,
+               return_probabilities=return_probabilities, roi=box, shape=tuple(shape), pad_mode=pad_mode,
+               pad_value=pad_value, progress=progress, cancel=cancel, amp=amp, channels_last=channels_last,
+               heatmap_dtype=np.dtype(heatmap_dtype), margin=margin)
+    _run_in_eval_mode(network, run)
+    run._report(1.0)
+    run.seconds["total"] = time.perf_counter() - tic
+    return InferenceResult(
+        labels=run.outputs.get("labels"), probabilities=run.outputs.get("probabilities"),
+        heatmap=run.outputs.get("heatmap"), device=run.device, patch_size=run.layout.patch,
+        batch_size=run.batch_size, fallbacks=run.fallbacks, seconds=run.seconds, windows=len(run.layout.starts),
+    )
+
+
+def _checked_input(array, *, activation, blend, pad_mode, overlap, batch_size, heatmap_dtype) -> np.ndarray:
+    """The input as (C, k, j, i), once it and the options are checked."""
     data = np.asarray(array)
     if data.ndim == 3:
         data = data[None]
@@ -574,10 +601,12 @@ def sliding_window_inference(array: np.ndarray, network: nn.Module, *, patch_siz
         raise TransferSegError(f"batch_size must be at least 1; got {batch_size}")
     if np.dtype(heatmap_dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise TransferSegError(f"heatmap_dtype must be float32 or float16; got {heatmap_dtype}")
+    return data
 
-    shape = data.shape[1:]
-    box = check_roi(roi, shape) if roi is not None else (0, 0, 0) + tuple(shape)
-    region = data[:, box[0]:box[3], box[1]:box[4], box[2]:box[5]]
+
+def _window_sizes(network: nn.Module, patch_size, min_patch, margin) -> tuple:
+    """``(multiple, patch, floor, margin)``: the network's size multiple, the window rounded up to it,
+    the smallest window the out-of-memory fallback may shrink to, and the margin as (k, j, i)."""
     multiple = _size_multiple(network)
     patch = tuple(_round_up(p, m) for p, m in zip(_as_triple(patch_size, "patch_size"), multiple))
     floor = _as_triple(DEFAULT_MIN_PATCH if min_patch is None else min_patch, "min_patch")
@@ -585,17 +614,14 @@ def sliding_window_inference(array: np.ndarray, network: nn.Module, *, patch_siz
     margin = (int(margin),) * 3 if isinstance(margin, (int, np.integer)) else tuple(int(m) for m in margin)
     if len(margin) != 3 or min(margin) < 0:
         raise TransferSegError(f"margin must be a non-negative integer or 3 of them (k, j, i); got {margin!r}")
-    if pad_mode == "constant" and pad_value is None:
-        pad_value = float(data.min())
-    target = resolve_device(device)
+    return multiple, patch, floor, margin
 
+
+def _run_in_eval_mode(network: nn.Module, run: _Run) -> None:
+    """Run with the network in eval mode, then give each module its own training flag back and the
+    network the device it came on."""
     home = _module_device(network)
     modes = [(module, module.training) for module in network.modules()]
-    run = _Run(region, network, patch=patch, multiple=multiple, min_patch=floor, overlap=float(overlap), blend=blend,
-               batch_size=int(batch_size), device=target, activation=activation, num_classes=num_classes,
-               return_probabilities=return_probabilities, roi=box, shape=tuple(shape), pad_mode=pad_mode,
-               pad_value=pad_value, progress=progress, cancel=cancel, amp=amp, channels_last=channels_last,
-               heatmap_dtype=np.dtype(heatmap_dtype), margin=margin)
     try:
         network.eval()
         run.run()
@@ -604,10 +630,3 @@ def sliding_window_inference(array: np.ndarray, network: nn.Module, *, patch_siz
             module.training = training  # each module's own flag: a frozen BatchNorm stays in eval
         if home is not None:
             network.to(home)
-    run._report(1.0)
-    run.seconds["total"] = time.perf_counter() - tic
-    return InferenceResult(
-        labels=run.outputs.get("labels"), probabilities=run.outputs.get("probabilities"),
-        heatmap=run.outputs.get("heatmap"), device=run.device, patch_size=run.layout.patch,
-        batch_size=run.batch_size, fallbacks=run.fallbacks, seconds=run.seconds, windows=len(run.layout.starts),
-    )

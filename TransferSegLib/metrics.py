@@ -52,6 +52,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .heatmaps import box_contains
 from .volume import TransferSegError, describe_shape
 
 __all__ = [
@@ -324,8 +325,6 @@ def froc(detections_per_volume, boxes_per_volume, rates=FROC_RATES) -> dict:
     Returns ``{"fp_per_volume": [...], "tpr": [...], "thresholds": [...], "tpr_at": {r: tpr},
     "lesions": n, "volumes": n}``.  With no annotated lesion at all, TPR is defined as 0.
     """
-    from .heatmaps import box_contains
-
     if len(detections_per_volume) != len(boxes_per_volume):
         raise TransferSegError(
             f"froc needs one detection list per volume: {len(detections_per_volume)} detection lists "
@@ -372,8 +371,6 @@ def found_by_kind(detections_per_volume, boxes_per_volume, rate: float = 0.25) -
     at or above its threshold lies in its box.  A box's kind is its dict's ``"kind"`` (a plain
     box is a ``"lesion"``).  Returns ``{"threshold": t, "kinds": {kind: {"found": n, "lesions": m}}}``.
     """
-    from .heatmaps import box_contains
-
     curve = froc(detections_per_volume, boxes_per_volume, rates=(rate,))
     last = max(n for n, fp in enumerate(curve["fp_per_volume"]) if fp <= rate + 1e-12)
     threshold = curve["thresholds"][last]

@@ -20,14 +20,17 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import ListedColormap, hsv_to_rgb
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap, Normalize, hsv_to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
 
 from .atomic import atomic_output
+from .heatmaps import box_contains
 from .labels import CT_LABEL_NAMES
+from .metrics import FROC_RATES
 from .volume import TransferSegError, Volume, anatomical_axes, label_counts
 
 __all__ = ["LABEL_COLORS", "save_detections_png", "save_froc_png", "save_gallery_png", "save_overview_png",
@@ -387,9 +390,6 @@ def save_scalar_overlay_png(volume: Volume, values, path, colorbar_label: str, v
         focus: the (k, j, i) voxel the slices pass through; default the contours' centre, else
             the maximum of ``values``.
     """
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     values = _check_overlay("map", values, volume)
     contours = _check_overlay("label map", contours, volume)
     if not vmax > 0:
@@ -428,8 +428,6 @@ def save_detections_png(volume: Volume, heatmap, detections, lesions, path, titl
         lesions: the truth: dicts with ``box_kji`` (and optional ``kind``, ``center_kji``), as
             :func:`TransferSegLib.phantoms.dbt_phantom` returns them.
     """
-    from .heatmaps import box_contains
-
     heatmap = _check_overlay("heatmap", heatmap, volume)
     rows_of = [d if isinstance(d, dict) else d.to_dict() for d in detections]
     boxes = [dict(kind=lesion.get("kind", "lesion"), box_kji=lesion["box_kji"], linestyle="dashed")
@@ -484,8 +482,6 @@ def save_froc_png(curves: dict, path, title=None, points=None, rates=None) -> Pa
     The false-positive axis is logarithmic, so that the paper's rates (0.01–0.25) and the whole
     curve both show; zero false positives are drawn at its left edge (half the smallest rate).
     """
-    from .metrics import FROC_RATES
-
     if not curves:
         raise TransferSegError("a FROC plot needs at least one curve")
     rates = list(FROC_RATES if rates is None else rates)

@@ -31,8 +31,9 @@ Imports nothing above :mod:`TransferSegLib.volume`.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
-from .volume import TransferSegError, Volume, label_counts
+from .volume import TransferSegError, Volume, anatomical_axes, label_counts
 
 __all__ = ["check_input", "check_result", "hu_percentiles"]
 
@@ -68,8 +69,6 @@ def check_input(volume: Volume, card: dict) -> list:
 
 def _organ_floor_ml(volume: Volume, organ: dict) -> float:
     """The smallest organ a scan of this head-to-foot length would hold if it covered the organ."""
-    from .volume import anatomical_axes
-
     k_axis = anatomical_axes(volume.directions)["S"]  # the array axis closest to head-to-foot
     length_cm = volume.shape[k_axis] * volume.spacing[k_axis] / 10.0
     return min(float(organ.get("min_ml", 0.0)), float(organ.get("min_ml_per_cm", 0.0)) * length_cm)
@@ -78,8 +77,6 @@ def _organ_floor_ml(volume: Volume, organ: dict) -> float:
 def _organ_in_slices(volume: Volume, labels: np.ndarray, organ_labels) -> tuple:
     """``(axis, others, organ mask, held)``: the array axis closest to head-to-foot, the other two, where
     the organ's labels are, and which head-to-foot slices hold them (a boolean per slice)."""
-    from .volume import anatomical_axes
-
     axis = anatomical_axes(volume.directions)["S"]
     others = tuple(a for a in range(3) if a != axis)
     organ = np.isin(labels, organ_labels)
@@ -90,8 +87,6 @@ def _body_area_cm2(volume: Volume, where: tuple) -> float:
     """The median cross-section of the body part that holds the organ's labels (in each head-to-foot
     slice that holds them, the connected parts of the body — voxels above −300 HU, not air, not lung —
     that the labels touch): the trunk, not the trunk and arms, nor two thighs taken together."""
-    from scipy import ndimage
-
     axis, others, organ, held = where
     pixel_cm2 = float(np.prod([volume.spacing[a] for a in others])) / 100.0
     areas = []

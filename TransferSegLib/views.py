@@ -73,6 +73,7 @@ def from_view(stack: np.ndarray, permutation) -> np.ndarray:
 
 def _two_d(network: torch.nn.Module) -> tuple:
     """(2D network, slices per input stack, size multiple (H, W)) of a slice-stack network."""
+    # the networks package brings torchvision (seconds): loaded when a view network runs, not with `methods`
     from .nets.unet import SliceStack2D
 
     if isinstance(network, SliceStack2D):

@@ -261,33 +261,50 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
         the patient's left, j posterior, k superior (RAS directions diag(−1, −1, 1)) and a
         non-zero origin — and a uint8 label map (0 background, 1 liver, 2 liver tumor).
 
-    The anatomy is built on a grid finer than the output (2 × 2 sub-pixels for pixels over
-    1.2 mm; sub-slices of at most 1.25 mm or one sub-pixel, up to 5 per slice) and averaged
-    over each output voxel, so thick slices show partial-volume effects.  A voxel is labelled tumor when at least half of it is tumor,
-    else liver when at least half of it is liver (intrahepatic vessel branches included).
+    The anatomy is built on a grid finer than the output (2 × 2 sub-pixels for pixels over 1.2 mm;
+    sub-slices of at most 1.25 mm or one sub-pixel, up to 5 per slice) and averaged over each output
+    voxel, so thick slices show partial-volume effects.  A voxel is labelled tumor when at least half
+    of it is tumor, else liver when at least half of it is liver (intrahepatic vessel branches included).
     """
     seed = check_seed(seed)
     nk, nj, ni = check_shape(shape, CT_DEFAULT_SHAPE, (1, 32, 32), "CT phantom")
+    diameters = _check_options(tumors, tumor_diameter_mm, tumor_kinds, reconstruction)
+    phase_name = None if phase is None else _phase_of(seed, phase)
+    rng = stream(seed, 0)
+    scan = _ct_scan(rng, nk, nj, ni)
+    _coverage(seed, coverage, scan, nk)
+    grid, factors = _fine_grid(scan, nk, nj, ni)
+    tables = _paint_body(seed, grid, rng, scan, anatomy, arms, phase_name, randomise)
+    placed = _add_tumors(seed, grid, factors, scan, tables, tumors, tumor_kinds, diameters, phase_name)
+    array = _voxel_intensities(seed, grid, factors, scan, tables, noise_sigma, reconstruction, randomise, metal)
+    volume = Volume(array, spacing=scan.spacing, directions=np.diag([-1.0, -1.0, 1.0]), origin=scan.origin)
+    labels = _labels(grid.cls, factors, placed)
+    if with_tissues:  # the tissue at each output voxel's centre, every tumor as TUMOR0
+        centres = tuple(slice(f // 2, None, f) for f in factors)
+        return volume, labels, np.ascontiguousarray(np.minimum(grid.cls[centres], TUMOR0))
+    return volume, labels
+
+
+def _check_options(tumors, tumor_diameter_mm, tumor_kinds, reconstruction) -> tuple:
+    """Refuse a wrong tumor count, diameter range, tumor kind or reconstruction; the diameters (low, high)."""
     if tumors is not None and (isinstance(tumors, bool) or int(tumors) != tumors or tumors < 0):
         raise TransferSegError(f"tumors must be a whole number ≥ 0 or None; got {tumors!r}")
     d_lo, d_hi = (float(v) for v in tumor_diameter_mm)
     if not 0 < d_lo <= d_hi:
         raise TransferSegError(f"tumor_diameter_mm must be (low, high) with 0 < low ≤ high; got {tumor_diameter_mm}")
-
     if tumor_kinds not in (None, "mixed"):
         raise TransferSegError(f"tumor_kinds must be None or 'mixed'; got {tumor_kinds!r}")
     if reconstruction not in (None, "random"):
         raise TransferSegError(f"reconstruction must be None or 'random'; got {reconstruction!r}")
-    phase_name = None if phase is None else _phase_of(seed, phase)
+    return d_lo, d_hi
 
-    rng = stream(seed, 0)
-    scan = _ct_scan(rng, nk, nj, ni)
-    _coverage(seed, coverage, scan, nk)
+
+def _fine_grid(scan, nk: int, nj: int, ni: int) -> tuple:
+    """The grid the anatomy is painted on, and its sub-voxels per output voxel (k, j, i): 2 × 2 per pixel
+    over 1.2 mm, sub-slices of at most 1.25 mm or one sub-pixel (up to 5)."""
     s_k, s_ip, origin = scan.spacing[0], scan.spacing[2], scan.origin
-
-    # --- fine grid -----------------------------------------------------------------------
     ss_ip = 2 if s_ip > 1.2 else 1
-    ss_k = int(np.clip(math.ceil(s_k / max(s_ip / ss_ip, 1.25) - 1e-6), 1, 5))   # sub-slices of ≤ 1.25 mm or a fine pixel
+    ss_k = int(np.clip(math.ceil(s_k / max(s_ip / ss_ip, 1.25) - 1e-6), 1, 5))
     sub_ip = (np.arange(ss_ip) + 0.5) / ss_ip - 0.5
     sub_k = (np.arange(ss_k) + 0.5) / ss_k - 0.5
     fi = (np.arange(ni)[:, None] + sub_ip[None, :]).ravel()
@@ -296,20 +313,39 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
     cx, cy, cz = scan.body_centre
     grid = FineGrid(*(np.asarray(c, dtype=np.float32) for c in (
         origin[0] - fi * s_ip - cx, origin[1] - fj * s_ip - cy, origin[2] + fk * s_k - cz)))
+    return grid, (ss_k, ss_ip, ss_ip)
 
+
+def _paint_body(seed: int, grid, rng, scan, anatomy, arms: bool, phase_name, randomise: bool) -> tuple:
+    """Paint the organs (and the arms), then set the tissues' HU for the phase; the tissue tables
+    ``(hu, tex_fine, tex_coarse)``: HU and fine and coarse texture amplitude, indexed by tissue value."""
     if anatomy not in (None, "random"):
         raise TransferSegError(f"anatomy must be None or 'random'; got {anatomy!r}")
     left_lobe = 1.0 if anatomy is None else float(stream(seed, 12).uniform(0.8, 1.7))
     hu, tex_fine, tex_coarse = paint_anatomy(grid, rng, scan.a, scan.b, scan.fat, scan.muscle_w, scan.organ,
-                                             scan.fov, s_ip, left_lobe=left_lobe)
+                                             scan.fov, scan.spacing[2], left_lobe=left_lobe)
     if arms:
         _paint_arms(grid, stream(seed, 10), scan)
     if phase_name is not None:  # after the anatomy's own draws, from a stream of its own: phase=None is unchanged
         _enhance(hu, phase_name, stream(seed, 3))
     if randomise:
         _randomise_intensities(seed, hu)
+    return hu, tex_fine, tex_coarse
 
-    # --- tumors: centres drawn from the liver as the output grid sees it ---------------------
+
+def _liver_table() -> np.ndarray:
+    """1 for each liver tissue (intrahepatic vessels included), by tissue value."""
+    is_liver = np.zeros(256, dtype=np.float32)
+    is_liver[list(LIVER_TISSUE)] = 1.0
+    return is_liver
+
+
+def _add_tumors(seed: int, grid, factors, scan, tables, tumors, tumor_kinds, diameters, phase_name) -> int:
+    """Draw how many tumors and of which kinds, and paint them (into ``grid`` and the tissue ``tables``),
+    centred in the liver as the output grid sees it; how many fit."""
+    hu, tex_fine, tex_coarse = tables
+    d_lo, d_hi = diameters
+    s_k, s_ip = scan.spacing[0], scan.spacing[2]
     trng = stream(seed, 1)
     n_tumors = int(trng.choice(6, p=[0.15, 0.25, 0.25, 0.15, 0.1, 0.1])) if tumors is None else int(tumors)
     kinds = None
@@ -319,16 +355,19 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
             n_tumors = int(krng.integers(4, 11))
             d_hi = min(d_hi, max(d_lo, 15.0))
         kinds = [_draw_tumor(krng, phase_name or "non-contrast", float(hu[LIVER])) for _ in range(n_tumors)]
-    factors = (ss_k, ss_ip, ss_ip)
-    is_liver = np.zeros(256, dtype=np.float32)
-    is_liver[list(LIVER_TISSUE)] = 1.0
-    liver_frac = block_mean(is_liver[grid.cls], factors)
+    liver_frac = block_mean(_liver_table()[grid.cls], factors)
     d_lo = max(d_lo, 1.5 * max(s_k, s_ip))
     d_hi = max(d_hi, d_lo)
-    placed = _place_tumors(grid, factors, trng, n_tumors, liver_frac >= 0.5, (s_k, s_ip, s_ip), (d_lo, d_hi),
-                           hu, tex_fine, tex_coarse, kinds)
+    return _place_tumors(grid, factors, trng, n_tumors, liver_frac >= 0.5, (s_k, s_ip, s_ip), (d_lo, d_hi),
+                         hu, tex_fine, tex_coarse, kinds)
 
-    # --- average each output voxel, add texture and noise -----------------------------------
+
+def _voxel_intensities(seed: int, grid, factors, scan, tables, noise_sigma, reconstruction, randomise: bool,
+                       metal: bool) -> np.ndarray:
+    """Average each output voxel, add texture, the reconstruction's effects, metal and noise: HU as whole
+    numbers in [−1024, 3071]."""
+    hu, tex_fine, tex_coarse = tables
+    s_k, s_ip = scan.spacing[0], scan.spacing[2]
     cls = grid.cls
     array = block_mean(hu[cls], factors)
     nrng = stream(seed, 2)
@@ -346,23 +385,20 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
     if metal:
         _metal_streaks(stream(seed, 11), array, (s_k, s_ip, s_ip))
     array += sigma * unit_noise(nrng, array.shape, (0.0, corr, corr))
-    array = np.clip(np.round(array), -1024, 3071).astype(np.float32)
+    return np.clip(np.round(array), -1024, 3071).astype(np.float32)
 
+
+def _labels(cls: np.ndarray, factors, placed: int) -> np.ndarray:
+    """Tumor (2) where at least half a voxel is tumor or rim, else liver (1) where at least half is liver
+    (its tumors included), else 0."""
+    is_liver = _liver_table()
     is_tumor = np.zeros(256, dtype=np.float32)
     for first in (TUMOR0, RIM0):
         is_tumor[first:first + placed] = 1.0
         is_liver[first:first + placed] = 1.0
     tumor_frac = block_mean(is_tumor[cls], factors)
     liver_frac = block_mean(is_liver[cls], factors)
-    labels = np.where(tumor_frac >= 0.5, 2, np.where(liver_frac >= 0.5, 1, 0)).astype(np.uint8)
-
-    volume = Volume(array, spacing=(s_k, s_ip, s_ip), directions=np.diag([-1.0, -1.0, 1.0]), origin=origin)
-    if with_tissues:
-        tissues = np.minimum(cls[ss_k // 2::ss_k, ss_ip // 2::ss_ip, ss_ip // 2::ss_ip], TUMOR0)
-        return volume, labels, np.ascontiguousarray(tissues)
-    return volume, labels
-
-
+    return np.where(tumor_frac >= 0.5, 2, np.where(liver_frac >= 0.5, 1, 0)).astype(np.uint8)
 
 
 def _place_tumors(grid, factors, rng, count, liver_mask, spacing, diameter_range, hu, tex_f, tex_c, kinds=None) -> int:

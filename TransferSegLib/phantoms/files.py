@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_output, atomic_output_folder
+from ..io import save_labelmap, save_volume
 from ..labels import CT_LABEL_NAMES
 from ..volume import TransferSegError, Volume
 from .common import check_seed
@@ -36,8 +38,6 @@ def write_phantoms(kind: str, out_dir, seed: int, count: int = 1, progress=None)
     (:func:`~TransferSegLib.atomic.atomic_output_folder`: an interrupted run leaves ``out_dir`` as
     it was).  ``progress(fraction, stage)`` is called after each case.  Returns the written paths.
     """
-    from ..atomic import atomic_output_folder
-
     if kind not in PHANTOM_KINDS:
         raise TransferSegError(f"unknown phantom kind {kind!r}; choose one of {', '.join(PHANTOM_KINDS)}")
     seed = check_seed(seed)
@@ -61,8 +61,7 @@ def _phantom_names(kind: str, count: int) -> list:
 
 
 def _write_phantom_files(kind: str, out: Path, seed: int, count: int, progress) -> list:
-    from ..atomic import atomic_output
-    from ..io import save_labelmap, save_volume
+    # matplotlib: the Slicer module imports the phantoms before its first-use installs bring matplotlib
     from ..render import save_gallery_png
 
     written, cases = [], []
