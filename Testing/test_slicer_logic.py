@@ -232,7 +232,9 @@ def test_a_scan_without_a_liver_gives_an_empty_segmentation_and_says_why_in_the_
     node, _ = add_input(scene, _head_ct(), "head")
     job = run_job(TransferSegLogic(scene), node, CT_MODEL)
     assert job.status.startswith(("Done: no liver found", "Done: no plausible liver found")), job.status
+    assert job.status.endswith(": liver 0.0 mL, liver tumor 0.0 mL")  # the warning, then the time and volumes
     assert job.result["volumes_ml"] == {"liver": 0.0, "liver tumor": 0.0}
+    assert job.outputs.findings.GetNumberOfRows() == 0  # nothing found: an empty table
     scene.Clear(1)
 
 
@@ -240,7 +242,21 @@ def test_ct_run_builds_the_fused_segmentation_under_the_study(ct_run, ct_volume)
     scene, node, study, job, folder, _, seconds = ct_run
     print(f"CT run through the logic: {seconds:.1f} s")
     seg = job.outputs.segmentation
-    assert seg.GetName() == "CT oblique TransferSeg" and job.status == "Done"
+    assert seg.GetName() == "CT oblique TransferSeg"
+    # the status line: the time taken, then each segment's volume as the child measured it
+    volumes = job.result["volumes_ml"]
+    assert job.status == L.done_status(job.seconds, job.result) == (
+        f"Done — {job.seconds:.1f} s: liver {volumes['liver']:.1f} mL, liver tumor {volumes['liver tumor']:.1f} mL")
+    assert 0 < job.seconds <= seconds
+    # the findings table: the liver, then each tumor component; their volumes add up to the child's
+    table = job.outputs.findings
+    assert table.GetName() == "CT oblique TransferSeg findings"
+    rows = [[table.GetCellText(r, c) for c in range(table.GetNumberOfColumns())]
+            for r in range(table.GetNumberOfRows())]
+    assert rows[0][:2] == ["liver", "liver"] and float(rows[0][2]) == pytest.approx(volumes["liver"], abs=1e-3)
+    tumors = [row for row in rows if row[1] == "liver tumor"]
+    assert [row[0] for row in tumors] == [f"liver tumor {n}" for n in range(1, len(tumors) + 1)]
+    assert sum(float(row[2]) for row in tumors) == pytest.approx(volumes["liver tumor"], abs=2e-3)
     card = json.loads((ROOT / "Resources" / "models" / f"{CT_MODEL}.json").read_text(encoding="utf-8"))
     segmentation = seg.GetSegmentation()
     assert [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())] == \
@@ -396,6 +412,18 @@ def test_dbt_run_shows_heatmap_and_detections_with_a_live_threshold(scene, tmp_p
         assert points.GetNthControlPointLabel(n) == f"{d['confidence']:.2f}"
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     assert sh.GetItemParent(sh.GetItemByDataNode(points)) == study
+    # the status line counts the lesions with their confidences; the table lists each detection where it is
+    confidences = ", ".join(f"{d['confidence']:.2f}" for d in detections[:5]) + (", …" if len(detections) > 5 else "")
+    lesions = f"{len(detections)} lesion{'' if len(detections) == 1 else 's'}"
+    assert job.status.endswith(f"{lesions} (confidence {confidences})")
+    table = out.findings
+    assert table.GetName() == "DBT detections table" and table.GetNumberOfRows() == len(detections)
+    assert sh.GetItemParent(sh.GetItemByDataNode(table)) == study
+    for n, d in enumerate(detections):
+        kind = d.get("kind") or "detection"
+        assert table.GetCellText(n, 0) == f"{kind} {n + 1}" and table.GetCellText(n, 1) == (d.get("kind") or "")
+        assert float(table.GetCellText(n, 2)) == pytest.approx(d["confidence"], abs=5e-4)
+        assert [float(table.GetCellText(n, c)) for c in (3, 4, 5)] == pytest.approx(d["position_ras"], abs=0.05)
 
     confidences = sorted(d["confidence"] for d in detections)
     threshold = confidences[len(confidences) // 2]

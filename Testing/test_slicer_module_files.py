@@ -5,7 +5,11 @@
 - the module folder holds only TransferSeg.py at its top (Slicer loads every top-level .py);
 - every parameter of the parameter node is bound in the .ui, to a widget type that Slicer's
   parameterNodeWrapper can connect to that parameter's type;
-- the extension's screenshot URL points to a file in this repository.
+- the extension's screenshot URL points to a file in this repository;
+- the extension's metadata: the license file and its SPDX name, the CMake floor Slicer's own
+  SlicerConfig.cmake sets, contributors as "Name (Affiliation)", and every test file a CMake
+  comment names exists;
+- every import inside a function of the module says why, in a comment.
 """
 from __future__ import annotations
 
@@ -134,5 +138,56 @@ def test_choices_and_display_parameters_name_the_parameter_nodes_own_parameters(
     logic = ast.parse((MODULE / "TransferSegModuleLib" / "logic.py").read_text(encoding="utf-8"))
     (display,) = [ast.literal_eval(n.value) for n in logic.body if isinstance(n, ast.Assign)
                   and any(getattr(t, "id", None) == "DISPLAY_PARAMETERS" for t in n.targets)]
-    assert set(display) == {name for name in params if name.startswith("show")} | {"overlayOpacity",
-                                                                                   "confidenceThreshold"}
+    # the result display controls (show3DWhenDone is a run option: it touches no slice view)
+    assert set(display) == {name for name in params if name.startswith("show") and name != "show3DWhenDone"} | {
+        "overlayOpacity", "confidenceThreshold"}
+
+
+def test_extension_metadata_license_cmake_floor_and_contributors():
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert "[Apache-2.0](LICENSE)" in (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    # Slicer 5.10's CMake/SlicerConfig.cmake.in: cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)
+    floor = re.search(r"cmake_minimum_required\(VERSION (\d+(?:\.\d+)*)", text).group(1)
+    assert tuple(map(int, floor.split("."))) >= (3, 20, 6), floor
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', text).group(1)
+    assert re.fullmatch(r"[^()]+ \([^()]+\)(, [^()]+ \([^()]+\))*", contributors), contributors
+    module = (MODULE / "TransferSeg.py").read_text(encoding="utf-8")
+    assert re.search(r"self\.parent\.contributors = \[\"" + re.escape(contributors) + r"\"\]", module)
+    for cmake in (ROOT / "CMakeLists.txt", MODULE / "CMakeLists.txt"):
+        for cited in re.findall(r"Testing/[\w/]+\.py", cmake.read_text(encoding="utf-8")):
+            assert (ROOT / cited).is_file(), f"{cmake.name} names {cited}, which does not exist"
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function needs a comment on its line or directly above it (or above its block)."""
+    for path in [MODULE / "TransferSeg.py", *sorted((MODULE / "TransferSegModuleLib").glob("*.py"))]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for function in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                n = node.lineno - 1
+                while n > 0 and lines[n - 1].strip().startswith(("import ", "from ")):
+                    n -= 1  # the first import of the block
+                commented = "#" in lines[node.lineno - 1] or lines[n - 1].strip().startswith("#")
+                assert commented, f"{path.name}:{node.lineno}: say why this import is inside a function"
+
+
+def test_the_results_controls_are_in_the_panel():
+    """The widgets the module file uses by name exist in the .ui (a typo would fail only in Slicer)."""
+    ui = ET.parse(MODULE / "Resources" / "UI" / "TransferSeg.ui")
+    names = {widget.get("name") for widget in ui.iter("widget")}
+    module = (MODULE / "TransferSeg.py").read_text(encoding="utf-8")
+    used = set(re.findall(r"self\.ui\.(\w+)", module))
+    assert used <= names, f"not in TransferSeg.ui: {sorted(used - names)}"
+    for name in ("findingsTableView", "show3DButton", "rescanModelsButton"):
+        assert name in used
+    classes = {widget.get("name"): widget.get("class") for widget in ui.iter("widget")}
+    assert classes["findingsTableView"] == "qMRMLTableView" and classes["outputSelector"] == "qMRMLNodeComboBox"
+    assert "<receiver>findingsTableView</receiver>" in (MODULE / "Resources" / "UI" / "TransferSeg.ui").read_text(
+        encoding="utf-8")

@@ -1,9 +1,11 @@
-"""The module's results as Slicer's slice views draw them, rendered offscreen with trame-slicer.
+"""The module's results as Slicer's views draw them, rendered offscreen with trame-slicer.
 
 The scene is built by the module's own logic (real child-process runs of the shipped default CT
 model, a multi-view model and the shipped DBT detector); trame-slicer renders the axial, coronal
-and sagittal slice views to PNG with Slicer's own displayable managers.  The test checks that the
-overlays really reach the pixels; run as a script it also writes the README / extension
+and sagittal slice views, centred by a click on a findings-table row (the module's jump), and the
+3D view of the segmentation's closed surface (Show 3D) to PNG with Slicer's own displayable
+managers; the findings tables' rows are drawn as text.  The test checks that the overlays and the
+surface really reach the pixels; run as a script it also writes the README / extension
 screenshot::
 
     python Testing/test_slicer_render.py OUTPUT_FOLDER [--multiview-model CARD] [--screenshot PNG]
@@ -40,7 +42,7 @@ class Renderer:
         definitions = trame_views.ViewLayoutDefinition
         self.views = {name: self.app.view_manager.create_view(make())
                       for name, make in (("axial", definitions.axial_view), ("coronal", definitions.coronal_view),
-                                         ("sagittal", definitions.sagittal_view))}
+                                         ("sagittal", definitions.sagittal_view), ("3d", definitions.threed_view))}
         for view in self.views.values():
             view.render_window().SetSize(*size)
 
@@ -55,7 +57,7 @@ class Renderer:
 
         view = self.views[orientation]
         view.fit_view_to_content()
-        if center_ras is not None:
+        if center_ras is not None and orientation != "3d":
             view.get_view_node().JumpSliceByCentering(*[float(v) for v in center_ras])
         view.render()
         grab = vtk.vtkWindowToImageFilter()
@@ -85,6 +87,27 @@ def _centre_of(logic_module, seg_node, reference_node, label: int):
     return volume_from_node(reference_node).ijk_to_ras_points(kji.mean(axis=0)[None])[0]
 
 
+def table_png(table, path: Path, title: str) -> Path:
+    """The rows of a findings table node as a small PNG (the module shows them in a qMRMLTableView)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    rows = [[table.GetCellText(r, c) for c in range(len(columns))] for r in range(table.GetNumberOfRows())]
+    widths = [max(len(text) for text in [name] + [row[c] for row in rows]) + 2 for c, name in enumerate(columns)]
+    lines = [title, "".join(name.ljust(w) for name, w in zip(columns, widths))]
+    lines += ["".join(text.ljust(w) for text, w in zip(row, widths)) for row in rows[:16]]
+    try:  # a monospaced font keeps the columns aligned; Pillow's own font where it is missing
+        font = ImageFont.truetype("DejaVuSansMono.ttf", 12)
+    except OSError:
+        font = ImageFont.load_default()
+    image = Image.new("RGB", (12 + 8 * max(len(line) for line in lines), 14 + 16 * len(lines)), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    for n, line in enumerate(lines):
+        draw.text((6, 6 + 16 * n), line, fill=(20, 20, 20) if n != 1 else (30, 60, 160), font=font)
+    image.save(path)
+    return path
+
+
 def render_all(out: Path, multiview_model, python: str = sys.executable, renderer: Renderer | None = None) -> dict:
     """Run the three models through the module's logic and render their slice views; {name: (path, pixels)}."""
     from TransferSegLib.phantoms import ct_phantom, dbt_phantom
@@ -105,7 +128,12 @@ def render_all(out: Path, multiview_model, python: str = sys.executable, rendere
     ct.CreateDefaultDisplayNodes()
     job = logic.startSegmentation(ct, "ct-liver-tumor-unet3d", device="cpu", python=python)
     assert job.wait(timeout=300) == job.DONE, job.message
-    centre = _centre_of(L, job.outputs.segmentation, ct, 2)
+    shots["_ct_status"] = job.status
+    table = job.outputs.findings
+    shots["ct-findings-table"] = (table_png(table, out / "ct-findings-table.png", job.status), None)
+    # a click on the largest tumor's row (the liver is row 0) centres the views on it
+    tumor_rows = [r for r in range(table.GetNumberOfRows()) if table.GetCellText(r, 1) == "liver tumor"]
+    centre = logic.jumpToRow(table, tumor_rows[0]) if tumor_rows else _centre_of(L, job.outputs.segmentation, ct, 2)
     # trame-slicer's offscreen views blend a segment's fill with black instead of the image below it
     # (the desktop blends with the image); outlines show the same segmentation without that artefact
     display = job.outputs.segmentation.GetDisplayNode()
@@ -114,6 +142,10 @@ def render_all(out: Path, multiview_model, python: str = sys.executable, rendere
     for orientation in ("axial", "coronal", "sagittal"):
         shoot(f"ct-{orientation}", orientation, centre)
     fused = job.outputs
+    # Show 3D: the segmentation's closed surface in the 3D view
+    assert logic.show3D(fused.segmentation)
+    shoot("ct-3d", "3d", None)  # fitted to the surface, seen from the front
+    logic.show3D(fused.segmentation, False)
 
     # multi-view: each view network's outlines and the views' disagreement over the input
     if multiview_model is not None:
@@ -139,8 +171,10 @@ def render_all(out: Path, multiview_model, python: str = sys.executable, rendere
     job = logic.startSegmentation(dbt, "dbt-lesion-ahnet", device="cpu", python=python)
     assert job.wait(timeout=300) == job.DONE, job.message
     logic.setOverlay(job.outputs.heatmap, True, 0.5)
-    points = job.outputs.detections
-    top = points.GetNthControlPointPositionWorld(0) if points.GetNumberOfControlPoints() else None
+    shots["_dbt_status"] = job.status
+    shots["dbt-detections-table"] = (table_png(job.outputs.findings, out / "dbt-detections-table.png", job.status),
+                                     None)
+    top = logic.jumpToRow(job.outputs.findings, 0)  # a click on the most confident detection's row
     shoot("dbt-axial-heatmap-detections", "axial", top)
     shoot("dbt-sagittal-heatmap-detections", "sagittal", top)
     shots["_outputs"] = job.outputs
@@ -183,6 +217,12 @@ def test_slice_views_show_segmentation_heatmap_and_detections(tmp_path):
     assert hot.sum() > 20, "the heatmap does not reach the slice view"
     outputs = shots["_outputs"]
     assert outputs.detections.GetNumberOfControlPoints() > 0
+    assert outputs.findings.GetNumberOfRows() == outputs.detections.GetNumberOfControlPoints()
+    # Show 3D: the surface is lit in the liver's colour (shaded: a hue, not an exact value)
+    surface = shots["ct-3d"][1].astype(int)
+    reddish = (surface[..., 0] - surface[..., 2] > 40) & (surface[..., 0] > 80)
+    assert reddish.sum() > 500, "no liver surface in the 3D view"
+    assert shots["ct-findings-table"][0].is_file() and shots["dbt-detections-table"][0].is_file()
 
 
 def main(argv=None) -> int:
@@ -195,6 +235,7 @@ def main(argv=None) -> int:
     shots = render_all(args.output, args.multiview_model, python=args.python)
     for name, (path, _) in ((k, v) for k, v in shots.items() if not k.startswith("_")):
         print(path)
+    print(shots["_ct_status"], shots["_dbt_status"], sep="\n")
     if args.screenshot:
         names = ["ct-axial", "ct-coronal", "ct-sagittal"]
         names += [n for n in ("multiview-axial-view-and-disagreement",) if n in shots]

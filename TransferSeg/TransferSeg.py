@@ -7,12 +7,15 @@ never freezes), follows its progress, offers Cancel, and shows and exports the r
 scene logic is the Qt-free :class:`TransferSegLogic` (TransferSegModuleLib/logic.py), tested
 headless on slicer-core.
 """
+import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import qt
 import slicer
 import vtk
@@ -29,34 +32,36 @@ for _path in (_HERE, os.path.dirname(_HERE)):
     if os.path.isdir(os.path.join(_path, "TransferSegLib")) and _path not in sys.path:
         sys.path.append(_path)
 
-from TransferSegLib.models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL  # noqa: E402
+from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL, find_model, model_dirs  # noqa: E402
 from TransferSegLib.volume import TransferSegError  # noqa: E402
-from TransferSegModuleLib import dependencies  # noqa: E402
+from TransferSegModuleLib import dependencies, widget_state  # noqa: E402
+from TransferSegModuleLib import logic as L  # noqa: E402
+from TransferSegModuleLib.jobs import SegmentJob  # noqa: E402
 from TransferSegModuleLib.logic import (DISPLAY_PARAMETERS, FUSIONS, TERMINOLOGY_FILE, VIEW_NAMES,  # noqa: E402
                                         GpuQuery, TransferSegLogic, terminology_context)
+from TransferSegModuleLib.results import shows_in_3d  # noqa: E402
+from TransferSegModuleLib.widget_state import TASKS, PanelRun, PanelState  # noqa: E402
 
-#: task -> (shown text, model-card task, default model)
-TASKS = {
-    "ct": (_("CT: liver and liver tumor"), "segmentation", DEFAULT_SEGMENTATION_MODEL),
-    "dbt": (_("DBT: lesion heatmap and detections"), "heatmap", DEFAULT_DETECTION_MODEL),
-}
-DEVICES = ("auto", "cpu", "cuda")
+TASK_TEXTS = {"ct": _("CT: liver and liver tumor"), "dbt": _("DBT: lesion heatmap and detections")}
+#: the library's own user folder (``$TRANSFERSEG_MODELS``): the models folder until the user picks another
+DEFAULT_MODELS_FOLDER = model_dirs()[0]
 
 
-def _installedModelNames() -> list:
-    """Model names for the model combo (read once, when Slicer loads the module: cards are small JSON)."""
+def _installedCards(folder=None) -> list:
+    """Model cards (cards are small JSON: cheap when Slicer loads the module, and on Rescan)."""
     try:
-        names = [card["name"] for card in TransferSegLogic.installedModels()]
+        return TransferSegLogic.installedModels(folder)
     except Exception as e:  # a broken models folder must not stop Slicer from loading the module
-        logging.warning(f"TransferSeg: could not list the installed models: {e}")
-        names = []
-    return names or [DEFAULT_SEGMENTATION_MODEL]
+        logging.warning(f"TransferSeg: could not list the models: {e}")
+        return []
 
 
-MODEL_NAMES = _installedModelNames()
-DEFAULT_MODEL = DEFAULT_SEGMENTATION_MODEL if DEFAULT_SEGMENTATION_MODEL in MODEL_NAMES else MODEL_NAMES[0]
+# The combo boxes' values.  The lists are changed in place (Rescan, the device query): the parameter node's
+# Choice validators hold these very lists, and each connectGui fills the combos from them.
+MODEL_NAMES, DEFAULT_MODEL = widget_state.model_choices(_installedCards())
+DEVICES = widget_state.device_choices(mps=False)
 #: the parameters bound to combo boxes: name -> (choices, default); a saved scene may name others
-CHOICES = {"task": (list(TASKS), "ct"), "model": (MODEL_NAMES, DEFAULT_MODEL), "device": (list(DEVICES), "auto"),
+CHOICES = {"task": (list(TASKS), "ct"), "model": (MODEL_NAMES, DEFAULT_MODEL), "device": (DEVICES, "auto"),
            "fusion": (list(FUSIONS), "vfn")}
 
 
@@ -75,27 +80,20 @@ def loadTerminology() -> None:
         logging.warning(f"TransferSeg: could not load the terminology file: {e}")
 
 
-def _taskOf(card):
-    """The task key ("ct" or "dbt") of a model card, None without a card."""
-    if not card:
-        return None
-    return "dbt" if card.get("task") == "heatmap" else "ct"
-
-
 class TransferSeg(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("TransferSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["TransferSeg developers"]
+        self.parent.contributors = ["TransferSeg developers (TransferSeg project)"]
         self.parent.helpText = _(
             "Segment the liver and liver tumors on CT, or find lesions on DBT, with 2D-to-3D transfer networks "
             "(AH-Net, ACS convolutions, H-DenseUNet, Volumetric Fusion Net). Select a volume and a task, click "
             "Segment. Multi-view models also show each view network's prediction and where the views disagree. "
             "The shipped models are demonstrations trained on synthetic phantoms, not for clinical use."
         )
-        self.parent.acknowledgementText = _("Built on PyTorch, SimpleITK and 3D Slicer.")
+        self.parent.acknowledgementText = _("Built on PyTorch, SimpleITK and 3D Slicer. Licensed under Apache-2.0.")
         # at startup, not when the module is opened: a scene loaded before that has our segments too
         slicer.app.connect("startupCompleted()", loadTerminology)
 
@@ -107,10 +105,12 @@ class TransferSegParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     task: Annotated[str, Choice(list(TASKS))] = "ct"
     model: Annotated[str, Choice(MODEL_NAMES)] = DEFAULT_MODEL
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    device: Annotated[str, Choice(DEVICES)] = "auto"
     roi: slicer.vtkMRMLMarkupsROINode
     fusion: Annotated[str, Choice(list(FUSIONS))] = "vfn"
+    modelsFolder: Path = DEFAULT_MODELS_FOLDER
     outputSegmentation: slicer.vtkMRMLSegmentationNode
+    show3DWhenDone: bool = False
     showAxial: bool = True
     showCoronal: bool = True
     showSagittal: bool = True
@@ -121,6 +121,9 @@ class TransferSegParameterNode:
 
 
 class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Reads the parameter node, asks :mod:`TransferSegModuleLib.widget_state` what to do and applies it to the
+    controls; every scene change goes through :class:`TransferSegLogic`."""
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -128,10 +131,9 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._cards = {}
-        self._job = None
-        self._outputs = None
-        self._gpuQuery = None
-        self._lastDisplay = None
+        self._run = PanelRun()
+        self._state = PanelState()
+        self._deviceQuery = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._onTimer)
@@ -145,15 +147,18 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         # runs keep their files in Slicer's own temporary folder (Application Settings > General)
         self.logic = TransferSegLogic(temporaryFolder=slicer.app.temporaryPath)
-        self._cards = {card["name"]: card for card in TransferSegLogic.installedModels()}
-        self._gpuQuery = GpuQuery()  # nvidia-smi may take seconds: the device list is relabelled when it answers
-        qt.QTimer.singleShot(200, self._onGpuQueryTimer)
+        # nvidia-smi and torch (for Apple's GPU) may take seconds: the device list changes when they answer
+        self._deviceQuery = GpuQuery()
+        qt.QTimer.singleShot(200, self._onDeviceQueryTimer)
         loadTerminology()  # already loaded at startup, unless the module was added later
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.rescanModelsButton.connect("clicked(bool)", self.onRescanModels)
+        self.ui.show3DButton.connect("toggled(bool)", self.onShow3D)
+        self.ui.findingsTableView.connect("selectionChanged()", self.onFindingSelected)
         self.ui.exportNrrdButton.connect("clicked(bool)", lambda: self.onExport("labelmap-nrrd"))
         self.ui.exportNiftiButton.connect("clicked(bool)", lambda: self.onExport("labelmap-nifti"))
         self.ui.exportSegmentationButton.connect("clicked(bool)", lambda: self.onExport("segmentation"))
@@ -161,25 +166,29 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setValue(0)
         self.initializeParameterNode()
 
-    def _onGpuQueryTimer(self):
-        if self._gpuQuery is None:
+    def _onDeviceQueryTimer(self):
+        query = self._deviceQuery
+        if query is None:
             return
-        if not self._gpuQuery.done:
-            qt.QTimer.singleShot(200, self._onGpuQueryTimer)
+        if not query.done:
+            qt.QTimer.singleShot(200, self._onDeviceQueryTimer)
             return
-        if self._parameterNode:
+        devices = widget_state.device_choices(query.mps)
+        if devices != DEVICES:
+            DEVICES[:] = devices
+            self._reconnectGui()
+        elif self._parameterNode:
             self._relabelDevices()
 
     def _relabelCombos(self):
         """Readable item texts and tool tips (the parameter node binds combos by item index)."""
-        combo = self.ui.taskComboBox
         for index, key in enumerate(TASKS):
-            combo.setItemText(index, TASKS[key][0])
+            self.ui.taskComboBox.setItemText(index, TASK_TEXTS[key])
         combo = self.ui.modelComboBox
         for index, name in enumerate(MODEL_NAMES):
             card = self._cards.get(name)
             if card:
-                method = "multi-view" if TransferSegLogic.isMultiview(card) else "single network"
+                method = "multi-view" if widget_state.is_multiview(card) else "single network"
                 combo.setItemText(index, f"{name} (v{card['version']}, {method})")
                 combo.setItemData(index, TransferSegLogic.modelSummary(card), qt.Qt.ToolTipRole)
         self._relabelDevices()
@@ -190,8 +199,10 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _relabelDevices(self):
         """The device items, the CUDA one with the GPU nvidia-smi named once it has answered."""
-        gpus = self._gpuQuery.result if self._gpuQuery is not None and self._gpuQuery.done else None
-        texts = {"auto": _("Auto (the GPU if there is one, else the CPU)"), "cpu": _("CPU")}
+        query = self._deviceQuery
+        gpus = query.result if query is not None and query.done else None
+        texts = {"auto": _("Auto (the GPU if there is one, else the CPU)"), "cpu": _("CPU"),
+                 "mps": _("MPS (Apple GPU)")}
         if gpus:
             index, name, memory = gpus[0]
             texts["cuda"] = _("CUDA: {name} ({memory:.0f} GiB)").format(name=name, memory=memory / 1024)
@@ -203,11 +214,8 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceComboBox.setItemText(index, texts[device])
 
     def cleanup(self):
-        # Slicer is closing: no timer will poll the job again, so it removes its files now
-        if self._job is not None:
-            self._job.close()
-            self._job = None
-        self._gpuQuery = None  # its pending relabel finds no widget to update
+        self._run.app_closing()  # no timer will poll the job again: it removes its files now
+        self._deviceQuery = None  # its pending relabel finds no widget to update
         self._timer.stop()
         self.removeObservers()
 
@@ -215,16 +223,10 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self._repairChoices)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
+        self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event):
-        if self._job is not None:
-            self._job.cancel()
-        self._outputs = None
+        self._run.scene_closing()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -238,13 +240,18 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if first:
                 self._parameterNode.inputVolume = first
 
-    def setParameterNode(self, inputParameterNode):
+    def _disconnectParameterNode(self):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self._repairChoices)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
+
+    def setParameterNode(self, inputParameterNode):
+        self._disconnectParameterNode()
         self._parameterNode = inputParameterNode
         if self._parameterNode:
+            self._loadModels()
             self._repairChoices()  # before connecting: the combo connector raises on a value it does not list
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self._relabelCombos()
@@ -253,16 +260,42 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              priority=10.0)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
             # the slice views already show these settings: entering the module again must not reset them
-            self._lastDisplay = TransferSegLogic.displayParameters(self._parameterNode.parameterNode)
+            self._state.connected(TransferSegLogic.displayParameters(self._parameterNode.parameterNode),
+                                  self._parameterNode.inputVolume.GetID() if self._parameterNode.inputVolume else None)
             self._onParameterChanged()
+
+    def _reconnectGui(self):
+        """The combos' choices changed (Rescan, the device query): fill them again from the lists."""
+        p = self._parameterNode
+        if not p:
+            return
+        p.disconnectGui(self._parameterNodeGuiTag)
+        self._repairChoices()
+        self._parameterNodeGuiTag = p.connectGui(self.ui)
+        self._relabelCombos()
+        self._onParameterChanged()
+
+    def _loadModels(self):
+        """Read the model cards (installed, and in the models folder) into the model choices, in place."""
+        p = self._parameterNode
+        cards = _installedCards(p.modelsFolder if p else None)
+        names, default = widget_state.model_choices(cards)
+        MODEL_NAMES[:] = names
+        CHOICES["model"] = (MODEL_NAMES, default)
+        self._cards = {card["name"]: card for card in cards}
+
+    def onRescanModels(self):
+        with slicer.util.tryWithErrorDisplay(_("Failed to read the models."), waitCursor=True):
+            self._loadModels()
+            self._reconnectGui()
+            self.ui.statusLabel.text = _("{count} models found.").format(count=len(self._cards))
 
     def _repairChoices(self, caller=None, event=None):
         """A saved scene naming a model that is not installed here: the default model, with a message."""
         if not self._parameterNode:
             return
         for name, old, new in TransferSegLogic.repairChoices(self._parameterNode.parameterNode, CHOICES):
-            message = _("The scene's {name} '{old}' is not available here; using '{new}'.").format(
-                name=name, old=old, new=new)
+            message = widget_state.repair_message(name, old, new)
             logging.warning(f"TransferSeg: {message}")
             self.ui.statusLabel.text = message
 
@@ -271,72 +304,57 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
+        reaction = self._state.parameter_changed(p.task, p.model, TransferSegLogic.displayParameters(p.parameterNode),
+                                                 self._cards, p.inputVolume, p.outputSegmentation)
+        for name, value in reaction.set.items():
+            setattr(p, name, value)  # fires this again
+        if reaction.again:
+            return
         card = self._cards.get(p.model)
-        # Task and model stay consistent: a new task picks its default model, a new model sets its task.
-        if self._lastTask is not None and p.task != self._lastTask:
-            self._lastTask = p.task
-            if _taskOf(card) != p.task:
-                candidates = [n for n in MODEL_NAMES if _taskOf(self._cards.get(n)) == p.task]
-                if candidates:
-                    default = TASKS[p.task][2]
-                    p.model = default if default in candidates else candidates[0]  # fires this again
-                    return
-        elif p.model != self._lastModel:
-            self._lastModel = p.model
-            if _taskOf(card) and _taskOf(card) != p.task:
-                self._lastTask = _taskOf(card)
-                p.task = _taskOf(card)  # fires this again
-                return
-            if TransferSegLogic.isMultiview(card):
-                p.fusion = (card.get("method", {}).get("config") or {}).get("fusion", "vfn")
-        self._lastTask, self._lastModel = p.task, p.model
-        multiview = TransferSegLogic.isMultiview(card)
-        self.ui.fusionLabel.visible = self.ui.fusionComboBox.visible = multiview
+        self.ui.fusionLabel.visible = self.ui.fusionComboBox.visible = reaction.multiview
         self.ui.modelDescriptionLabel.text = TransferSegLogic.modelSummary(card) if card else _(
             "No model is installed.")
         self._updateDisplayControls()
-        # only a display parameter touches the slice views: a new device must not reset the user's layers
-        display = TransferSegLogic.displayParameters(p.parameterNode)
-        changed = {name for name in DISPLAY_PARAMETERS if display[name] != (self._lastDisplay or {}).get(name)}
-        self._lastDisplay = display
-        if changed:
-            self._applyDisplay(changed)
+        if reaction.display_changed:  # only a display parameter touches the slice views
+            self._applyDisplay(reaction.display_changed)
         self._checkCanApply()
 
-    _lastTask = None
-    _lastModel = None
-
     def _checkCanApply(self):
-        busy = self._job is not None
         p = self._parameterNode
-        ready = bool(p and p.inputVolume) and p.model in self._cards
-        self.ui.segmentButton.enabled = ready and not busy
-        self.ui.cancelButton.enabled = busy
-        self.ui.segmentButton.toolTip = _("Run the model on the selected volume") if ready else _(
+        buttons = widget_state.buttons(bool(p and p.inputVolume), bool(p) and p.model in self._cards, self._run.busy,
+                                       bool(p and p.outputSegmentation))
+        self.ui.segmentButton.enabled = buttons.segment
+        self.ui.cancelButton.enabled = buttons.cancel
+        self.ui.segmentButton.toolTip = _("Run the model on the selected volume") if buttons.ready else _(
             "Select an input volume (and install a model)")
-        hasSegmentation = bool(p and p.outputSegmentation)
         for button in (self.ui.exportNrrdButton, self.ui.exportNiftiButton, self.ui.exportSegmentationButton):
-            button.enabled = hasSegmentation and not busy
+            button.enabled = buttons.export
+        self.ui.show3DButton.enabled = buttons.show3d
+        wasBlocked = self.ui.show3DButton.blockSignals(True)
+        self.ui.show3DButton.checked = bool(p) and shows_in_3d(p.outputSegmentation)
+        self.ui.show3DButton.blockSignals(wasBlocked)
 
     def _updateDisplayControls(self):
         """Enable the display controls that the current results have (no scene change)."""
-        outputs = self._outputs
-        hasViews = bool(outputs and outputs.views)
-        overlay = outputs and (outputs.heatmap or outputs.disagreement)
+        outputs = self._run.outputs
+        controls = widget_state.display_controls(outputs)
         for view, box in zip(VIEW_NAMES, (self.ui.showAxialCheckBox, self.ui.showCoronalCheckBox,
                                           self.ui.showSagittalCheckBox)):
-            box.enabled = hasViews and view in outputs.views
-        self.ui.showOverlayCheckBox.enabled = self.ui.overlayOpacitySlider.enabled = bool(overlay)
-        self.ui.showOverlayCheckBox.text = _("Show the lesion heatmap") if outputs and outputs.heatmap else _(
+            box.enabled = controls.views[view]
+        self.ui.showOverlayCheckBox.enabled = self.ui.overlayOpacitySlider.enabled = controls.overlay
+        self.ui.showOverlayCheckBox.text = _("Show the lesion heatmap") if controls.heatmap else _(
             "Show where the views disagree")
-        self.ui.confidenceThresholdSlider.enabled = bool(outputs) and outputs.detections is not None
+        self.ui.confidenceThresholdSlider.enabled = controls.threshold
         if not outputs:
             self.ui.detectionsLabel.text = ""
+        table = outputs.findings if controls.findings else None
+        if self.ui.findingsTableView.mrmlTableNode() is not table:
+            self.ui.findingsTableView.setMRMLTableNode(table)
 
     def _applyDisplay(self, changed=DISPLAY_PARAMETERS):
         """Apply the ``changed`` display parameters to the results, live: per-view overlays, the
         disagreement / heatmap overlay and the confidence filter.  The others stay as the user left them."""
-        p, outputs = self._parameterNode, self._outputs
+        p, outputs = self._parameterNode, self._run.outputs
         if not outputs or p is None:
             return
         overlay = outputs.heatmap or outputs.disagreement
@@ -348,9 +366,26 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.setOverlay(overlay, p.showOverlay, p.overlayOpacity)
         if "confidenceThreshold" in changed and detections is not None and detections.GetScene() is not None:
             shown = TransferSegLogic.setConfidenceThreshold(detections, p.confidenceThreshold)
-            total = len(TransferSegLogic.confidences(detections))
-            self.ui.detectionsLabel.text = _("{shown} of {total} detections at confidence ≥ {t:.2f}").format(
-                shown=shown, total=total, t=p.confidenceThreshold)
+            self.ui.detectionsLabel.text = widget_state.detections_text(
+                shown, len(TransferSegLogic.confidences(detections)), p.confidenceThreshold)
+
+    def onShow3D(self, checked):
+        p = self._parameterNode
+        if p is not None and self.logic.show3D(p.outputSegmentation, checked):
+            self._resetThreeDView()
+
+    @staticmethod
+    def _resetThreeDView():
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None and layoutManager.threeDViewCount:
+            layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
+
+    def onFindingSelected(self):
+        """A click on a findings row centres the slice views on it."""
+        view = self.ui.findingsTableView
+        indexes = view.selectionModel().selectedIndexes() if view.selectionModel() else []
+        if indexes:  # the view sorts through a proxy model: the row of the table model behind it
+            self.logic.jumpToRow(view.mrmlTableNode(), view.sortFilterProxyModel().mapToSource(indexes[0]).row())
 
     # --- running ----------------------------------------------------------------------------------
     def ensureDependencies(self) -> bool:
@@ -362,7 +397,7 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if no_wheel:
                 raise TransferSegError(no_wheel)
             try:
-                import PyTorchUtils
+                import PyTorchUtils  # the PyTorch extension's module: missing until the user installs it
             except ModuleNotFoundError:
                 raise TransferSegError(_("TransferSeg needs the PyTorch extension: install 'PyTorch' from the "
                                          "Extensions Manager, restart Slicer and click Segment again."))
@@ -400,47 +435,49 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not self.ensureDependencies():
                     self.ui.statusLabel.text = _("Not started: the required packages were not installed.")
                     return
-                self._job = self.logic.startSegmentation(
-                    p.inputVolume, p.model, device=p.device, roiNode=p.roi,
-                    fusion=p.fusion if TransferSegLogic.isMultiview(self._cards.get(p.model)) else None)
+                card = self._cards.get(p.model) or {}
+                job = self.logic.startSegmentation(
+                    p.inputVolume, card.get("_path") or p.model, device=p.device, roiNode=p.roi,
+                    fusion=p.fusion if widget_state.is_multiview(card) else None,
+                    outputSegmentation=p.outputSegmentation)
+                self._run.start(job)
                 self.ui.logTextEdit.clear()
                 self.ui.progressBar.setValue(0)
-                self.ui.statusLabel.text = self._job.status
+                self.ui.statusLabel.text = job.status
                 self._timer.start()
             finally:
                 self._checkCanApply()  # a start error leaves Segment usable
 
     def onCancelButton(self):
-        if self._job is not None:
-            self._job.cancel()  # returns at once; the timer sees the process end
-            self.ui.statusLabel.text = self._job.status
+        if self._run.job is not None:
+            self._run.cancel()  # returns at once; the timer sees the process end
+            self.ui.statusLabel.text = self._run.job.status
 
     def _onTimer(self):
-        job = self._job
+        job, p = self._run.job, self._parameterNode
         if job is None:
             self._timer.stop()
             return
-        logged = len(job.log)
-        state = job.poll()
-        for line in job.log[logged:]:
+        lines, finished = self._run.poll(show3d_when_done=bool(p and p.show3DWhenDone))
+        for line in lines:
             self.ui.logTextEdit.appendPlainText(line)
         self.ui.progressBar.setValue(int(round(job.fraction * 100)))
-        self.ui.statusLabel.text = job.status
-        if job.running:
+        self.ui.statusLabel.text = job.status  # on Done: the time taken and what was found
+        if finished is None:
             return
         self._timer.stop()
-        self._job = None
-        if self._parameterNode is None:  # the scene was closed during the run
+        if p is None:  # the scene was closed during the run
             self._checkCanApply()
             return
-        if state == job.DONE:
-            self._outputs = job.outputs
-            if job.outputs.segmentation is not None:
-                self._parameterNode.outputSegmentation = job.outputs.segmentation
+        if finished.outputs is not None:
+            if finished.outputs.segmentation is not None:
+                p.outputSegmentation = finished.outputs.segmentation  # the next run writes into it
+                if p.show3DWhenDone:
+                    self._resetThreeDView()
             slicer.util.resetSliceViews()
-        elif state == job.FAILED:
+        elif finished.state == SegmentJob.FAILED:
             self.ui.logCollapsibleButton.collapsed = False
-            slicer.util.errorDisplay(_("The segmentation failed: {message}").format(message=job.message))
+            slicer.util.errorDisplay(_("The segmentation failed: {message}").format(message=finished.message))
         self._updateDisplayControls()
         self._applyDisplay()  # new results: every display setting applies to them
         self._checkCanApply()
@@ -476,8 +513,6 @@ class TransferSegTest(ScriptedLoadableModuleTest):
         self.test_TransferSeg()
 
     def test_TransferSeg(self):
-        import shutil
-
         folder = Path(slicer.util.tempDirectory("TransferSegTest-"))  # in Slicer's own temporary folder
         try:
             self._segmentAndExport(folder)
@@ -485,13 +520,10 @@ class TransferSegTest(ScriptedLoadableModuleTest):
             shutil.rmtree(folder, ignore_errors=True)
 
     def _segmentAndExport(self, folder: Path):
-        import json
-
-        import numpy as np
-
-        from TransferSegLib.models import find_model
+        # only the self-test needs these: Slicer's start-up does not load scipy (phantoms, metrics) or SimpleITK
+        import SimpleITK as sitk
+        from TransferSegLib.metrics import dice
         from TransferSegLib.phantoms import ct_phantom
-        from TransferSegModuleLib import logic as L
 
         volume, truth = ct_phantom(5, shape=(24, 80, 80))
         node = L.add_volume_node(slicer.mrmlScene, volume, "CT phantom")
@@ -507,9 +539,8 @@ class TransferSegTest(ScriptedLoadableModuleTest):
                      for n in range(segmentation.GetSegmentation().GetNumberOfSegments())]
             self.assertEqual(names, [s["name"] for s in card["labels"]])
             liver = L.segment_array(segmentation, "liver", volume)
-            from TransferSegLib.metrics import dice
-
             self.assertGreater(dice(liver, truth >= 1), 0.5)
+            self.assertIsNotNone(job.outputs.findings)  # the findings table: liver, and each tumor component
         else:
             self.delayDisplay("torch (>= 2.4) is not installed: testing the scene logic only (no segmentation run)")
             segmentation = L.add_segmentation_node(slicer.mrmlScene, truth, volume, card["labels"],
@@ -521,9 +552,10 @@ class TransferSegTest(ScriptedLoadableModuleTest):
         self.assertTrue(slicer.modules.terminologies.logic().IsTerminologyContextLoaded(context))
         for n in range(segmentation.GetSegmentation().GetNumberOfSegments()):
             self.assertTrue(segmentation.GetSegmentation().GetNthSegment(n).GetTerminology().startswith(context + "~"))
+        # the segmentation in 3D
+        self.assertTrue(logic.show3D(segmentation))
+        self.assertTrue(shows_in_3d(segmentation))
         # export round trip, read back with SimpleITK
-        import SimpleITK as sitk
-
         path = logic.export(segmentation, node, folder, "labelmap-nifti")
         exported = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
         np.testing.assert_array_equal(exported, logic.labelmapArray(segmentation, node))

@@ -1,19 +1,27 @@
 """Running a model in a child process (``transferseg segment`` / ``detect``) and importing what it
-wrote, a file at a time: :class:`SegmentJob`, :class:`ResultImport`, and the GPU query."""
+wrote, a file at a time: :class:`SegmentJob` and :class:`ResultImport`; the status line of a finished run."""
 from __future__ import annotations
 
 import functools
 import json
-import logging
-import sys
+import locale
+import os
+import queue
+import shutil
+import subprocess
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import slicer
 
+from TransferSegLib.models import find_model, method_of
 from TransferSegLib.volume import TransferSegError
+from .devices import child_python
+from .results import detection_rows, link_companions, segment_rows, write_segments_into
 from .scene import check_input_node, grid_of, remove_nodes
 from .voxels import BackgroundCall, NodeVoxels, read_scalar_output, read_view_labels, write_input
 
@@ -60,6 +68,28 @@ def status_text(fraction: float, stage: str, multiview: bool) -> str:
     return "Segmenting" if 0.04 <= fraction < 0.9 else stage[:1].upper() + stage[1:]
 
 
+def format_seconds(seconds: float) -> str:
+    """``12.3 s``, or ``2 min 05 s`` from a minute on."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+def done_status(seconds: float, result: dict, confidences: list | None = None) -> str:
+    """The status line of a finished run: its warnings and device fallbacks (e.g. out of GPU memory → CPU),
+    then the time taken and what was found: each segment's volume in mL, or the number of lesions and
+    their confidences (``confidences``, for a detection run)."""
+    notes = [str(n) for n in (result.get("warnings") or []) + (result.get("fallbacks") or [])]
+    found = [f"{name} {float(ml):.1f} mL" for name, ml in (result.get("volumes_ml") or {}).items()]
+    if confidences is not None:
+        shown = ", ".join(f"{float(c):.2f}" for c in confidences[:5]) + (", …" if len(confidences) > 5 else "")
+        found.append(f"{len(confidences)} lesion{'' if len(confidences) == 1 else 's'}"
+                     + (f" (confidence {shown})" if confidences else ""))
+    head = "Done: " + "; ".join(notes) if notes else "Done"
+    return f"{head} — {format_seconds(seconds)}" + (": " + ", ".join(found) if found else "")
+
+
 class SegmentJob:
     """One run of a model: Segmenting → Importing → Done | Cancelled | Failed.
 
@@ -80,9 +110,14 @@ class SegmentJob:
     SEGMENTING, IMPORTING, DONE, CANCELLED, FAILED = "Segmenting", "Importing", "Done", "Cancelled", "Failed"
 
     def __init__(self, logic: "TransferSegLogic", input_node, model: str, device: str = "auto", roi_node=None,
-                 fusion: str | None = None, python: str | None = None):
+                 fusion: str | None = None, python: str | None = None, output_segmentation=None):
+        """``output_segmentation``: a segmentation node to write into (its segments replaced when the run is
+        done, the nodes an earlier run linked to it replaced by this run's); None: a new one."""
+        self.started = time.monotonic()
+        self.seconds = None  # the run's wall time, once done
         self.logic, self.input_node, self.model, self.device = logic, input_node, model, device
         self.roi_node, self.fusion, self.python = roi_node, fusion, python
+        self.output_segmentation = output_segmentation
         self.state, self.fraction, self.stage, self.message = self.SEGMENTING, 0.0, "starting", ""
         self.status = "Initializing"
         self.log: list[str] = []
@@ -102,8 +137,6 @@ class SegmentJob:
 
     # --- starting -------------------------------------------------------------------------
     def _command(self, input_path: Path) -> list:
-        from TransferSegLib.models import find_model, method_of
-
         card_path = find_model(self.model)  # a wrong name fails here, before any process starts
         self.card = json.loads(card_path.read_text(encoding="utf-8"))
         heatmap = self.card.get("task") == "heatmap"
@@ -124,9 +157,6 @@ class SegmentJob:
 
     def _start(self) -> None:
         """On the GUI thread: validate, then hand the voxels to a worker thread (no copy, no conversion)."""
-        import os
-        import tempfile
-
         _, geometry = check_input_node(self.input_node)  # validated before any thread or process starts
         parent = self.logic.temporaryFolder
         if parent:
@@ -142,14 +172,9 @@ class SegmentJob:
 
     def _launch(self) -> None:
         """Start the child on the complete input file, and a thread that reads its output lines."""
-        import locale
-        import os
-        import queue
-        import shutil
-
         command = self._command_line
         if not self.python:
-            self.python = shutil.which("PythonSlicer") or sys.executable
+            self.python = child_python()
         command[0] = self.python
         library_root = str(Path(__import__("TransferSegLib").__file__).resolve().parents[1])
         # launchConsoleProcess reads the child's output in the locale's encoding: the child writes in it,
@@ -208,8 +233,6 @@ class SegmentJob:
             self._finish(self.FAILED, str(e))
 
     def _poll_child(self) -> None:
-        import queue
-
         while True:
             try:
                 line = self._lines.get_nowait()
@@ -238,13 +261,9 @@ class SegmentJob:
 
     @property
     def _multiview(self) -> bool:
-        from TransferSegLib.models import method_of
-
         return bool(self.card) and method_of(self.card)["name"] == "multiview"
 
     def wait(self, timeout: float = 600.0, interval: float = 0.05) -> str:
-        import time
-
         deadline = time.monotonic() + timeout
         while self.poll() in (self.SEGMENTING, self.IMPORTING):
             if time.monotonic() > deadline:
@@ -277,8 +296,6 @@ class SegmentJob:
         (Slicer is closing: no timer will poll again).  Waits at most ``timeout`` s for the
         killed child and the worker threads to let go of its files (Windows cannot delete a file
         a process holds open)."""
-        import subprocess
-
         if self.running:
             self.cancel()
             if self._process is not None:
@@ -298,7 +315,8 @@ class SegmentJob:
         out = self._folder / "out"
         try:
             self.result = json.loads((out / "result.json").read_text(encoding="utf-8"))
-            self._importer = ResultImport(self.logic, self.input_node, out, self.result, self.card)
+            self._importer = ResultImport(self.logic, self.input_node, out, self.result, self.card,
+                                          target=self.output_segmentation)
         except Exception as e:
             self._finish(self.FAILED, f"importing the result failed: {e}")
             return
@@ -317,8 +335,9 @@ class SegmentJob:
             return
         self.outputs = self._importer.outputs
         self.fraction = 1.0
-        warnings = self.result.get("warnings") or []  # e.g. "no liver found: …": the status line says it
-        self._finish(self.DONE, "Done: " + "; ".join(warnings) if warnings else "Done")
+        self.seconds = time.monotonic() - self.started
+        confidences = self._importer.confidences  # None unless the model detects lesions
+        self._finish(self.DONE, done_status(self.seconds, self.result, confidences))
 
     def _finish(self, state: str, message: str) -> None:
         self.state, self.message = state, message
@@ -327,8 +346,6 @@ class SegmentJob:
         self._cleanup()
 
     def _cleanup(self) -> None:
-        import shutil
-
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
@@ -341,12 +358,14 @@ class ResultImport:
     its node then takes over (:func:`read_view_labels`, :func:`read_scalar_output`); the node is built
     on the GUI thread when the read is done.  Only the .seg.nrrd goes through Slicer's own reader, on
     the GUI thread (one uint8 label map: about 0.1 s for 512 × 512 × 200).  :meth:`step` never
-    blocks; :meth:`cancel` and any error remove every node built so far."""
+    blocks; :meth:`cancel` and any error remove every node built so far.  With a ``target`` segmentation,
+    the last step writes the new segments into it (the target is untouched until then)."""
 
-    def __init__(self, logic: "TransferSegLogic", inputNode, folder, result: dict, card: dict):
-        self.logic, self.inputNode, self.card = logic, inputNode, card
+    def __init__(self, logic: "TransferSegLogic", inputNode, folder, result: dict, card: dict, target=None):
+        self.logic, self.inputNode, self.card, self.target = logic, inputNode, card, target
         self.reference = grid_of(inputNode)  # outputs are checked against and placed on this grid
         self.outputs = TransferSegOutputs()
+        self.confidences = None  # the detections' confidences, once read
         files, folder = list(result["files"]), Path(folder)
         # (reader on a worker thread, or None: the builder reads; file; builder(file, what was read))
         self._steps = []
@@ -369,6 +388,8 @@ class ResultImport:
     def _segmentation(self, path: Path, _) -> None:
         self.outputs.segmentation = self.logic.readSegmentation(path, f"{self.inputNode.GetName()} TransferSeg",
                                                                  self.inputNode, self.card)
+        rows = segment_rows(self.outputs.segmentation, self.card, self.reference)
+        self.outputs.findings = self.logic.findingsTable(rows, f"{self.inputNode.GetName()} TransferSeg findings")
 
     def _view(self, view: str, path: Path, labels) -> None:
         self.outputs.views[view] = self.logic.viewSegmentation(labels, view, self.reference, self.inputNode, self.card)
@@ -382,7 +403,26 @@ class ResultImport:
             image, f"{self.inputNode.GetName()} lesion heatmap", self.reference, HEATMAP_COLORS, lower=0.05)
 
     def _detections(self, path: Path, _) -> None:
+        detections = json.loads(path.read_text(encoding="utf-8"))["detections"]
         self.outputs.detections = self.logic.addDetections(path, f"{self.inputNode.GetName()} detections", self.card)
+        self.outputs.findings = self.logic.findingsTable(detection_rows(detections),
+                                                         f"{self.inputNode.GetName()} detections table",
+                                                         detections=True)
+        self.confidences = [float(d["confidence"]) for d in detections]
+
+    def _link(self) -> None:
+        """Write into the target segmentation (if any), and link this run's other nodes to the output
+        segmentation, replacing (removing) those an earlier run had linked to it."""
+        new = self.outputs.segmentation
+        if new is None:
+            return
+        target = self.target
+        if target is not None and target is not new and alive(target):
+            write_segments_into(target, new, self.inputNode)
+            remove_nodes(self.logic.scene, [new])
+            self.outputs.segmentation = new = target
+        linked = dict(self.outputs.views, disagreement=self.outputs.disagreement, findings=self.outputs.findings)
+        remove_nodes(self.logic.scene, link_companions(new, linked))
 
     @property
     def idle(self) -> bool:
@@ -403,6 +443,7 @@ class ResultImport:
                     del reading
                     continue
                 if not self._steps:
+                    self._link()
                     self.logic.placeUnderStudy(self.inputNode, self.outputs.nodes())
                     self.logic.showResult(self.inputNode, self.outputs)
                     self._finished = True
@@ -427,13 +468,14 @@ class ResultImport:
         if self._reading is not None:
             self._reading[0].stop.set()
         self._steps = []
-        remove_nodes(self.logic.scene, self.outputs.nodes())
+        # the user's output segmentation is never removed: it is written into only in the last step
+        remove_nodes(self.logic.scene, [n for n in self.outputs.nodes() if n is not self.target])
         self.outputs = TransferSegOutputs()
 
 
 def kill_process_tree(pid: int) -> None:
     """Kill a process and all its descendants, children first; never waits."""
-    import psutil
+    import psutil  # installed on the first Segment click (dependencies.PIP_PACKAGES), not bundled with Slicer
 
     try:
         parent = psutil.Process(pid)
@@ -461,31 +503,6 @@ def failure_message(code: int, log: list) -> str:
     return errors[-1] if errors else f"the segmentation process exited with code {code}"
 
 
-class GpuQuery:
-    """:func:`query_gpus` on a worker thread: opening the module never waits for
-    ``nvidia-smi`` (up to 5 s).  ``done`` says whether it answered; ``result`` is its answer."""
-
-    def __init__(self, timeout: float = 5.0):
-        self.result = None
-        self._thread = threading.Thread(target=self._ask, args=(timeout,), daemon=True)
-        self._thread.start()
-
-    def _ask(self, timeout: float) -> None:
-        try:
-            self.result = query_gpus(timeout)
-        except Exception as e:  # the device list then says no GPU was found
-            logging.warning(f"TransferSeg: could not list the GPUs: {e}")
-            self.result = []
-
-    @property
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def wait(self, timeout: float | None = None) -> list | None:
-        self._thread.join(timeout)
-        return self.result
-
-
 def alive(node) -> bool:
     """The node exists and is still in a scene (the user may have deleted it)."""
     return node is not None and node.GetScene() is not None
@@ -500,37 +517,8 @@ class TransferSegOutputs:
     disagreement: object = None
     heatmap: object = None
     detections: object = None
+    findings: object = None  # a table node: each tumor component, or each detection
 
     def nodes(self) -> list:
         return [n for n in [self.segmentation, *self.views.values(), self.disagreement, self.heatmap,
-                            self.detections] if n is not None]
-
-
-def query_gpus(timeout: float = 5.0) -> list:
-    """``[(index, name, memory_mib)]`` of the NVIDIA GPUs ``nvidia-smi`` reports (no torch needed).
-
-    Takes up to ``timeout`` s: the GUI asks through :class:`GpuQuery`, off its thread."""
-    import shutil
-    import subprocess
-    import sys
-
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return []
-    # no console window flashing up on Windows
-    flags = subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0
-    try:
-        text = subprocess.run([smi, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=timeout, check=True,
-                              creationflags=flags).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    found = []
-    for line in text.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 3 and parts[0].isdigit():
-            try:
-                found.append((int(parts[0]), parts[1], int(float(parts[2]))))
-            except ValueError:
-                continue
-    return found
+                            self.detections, self.findings] if n is not None]

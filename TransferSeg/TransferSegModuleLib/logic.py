@@ -12,23 +12,34 @@ What a run puts in the scene (every file comes from ``result.json["files"]``):
   outlines in a tint of its view (multi-view models);
 - ``<volume> view disagreement``: a scalar volume shown as the foreground layer (multi-view);
 - ``<volume> lesion heatmap`` and ``<volume> detections`` (a point list, one point per
-  detection, labelled with its confidence) for heatmap models (DBT).
+  detection, labelled with its confidence) for heatmap models (DBT);
+- a findings table: ``<volume> TransferSeg findings`` (each organ, and each tumor component with its
+  volume and centre) or ``<volume> detections table`` (each detection: kind, confidence, position).
+
+Run into an output segmentation the user picked, a segmentation run replaces its segments (the node
+stays) and the nodes an earlier run linked to it (views, disagreement, findings): running again adds
+no node.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import slicer
 import vtk
 
+from TransferSegLib.models import component_specs, list_models, method_of, read_card
 from TransferSegLib.volume import TransferSegError, Volume
-from .jobs import VIEW_NAMES, ResultImport, SegmentJob, TransferSegOutputs, alive, query_gpus
+from . import results
+from .devices import query_gpus
+from .jobs import VIEW_NAMES, ResultImport, SegmentJob, TransferSegOutputs, alive
 from .scene import (LABEL_VALUE_TAG, add_segmentation_node, node_geometry, remove_nodes, segment_label_value,
                     set_geometry, terminology_string)
 # The module's API for the GUI and the tests, from the modules that hold each part (see __all__)
-from .jobs import (DISAGREEMENT_COLORS, FUSIONS, GpuQuery, failure_message, parse_progress_line,  # noqa: F401,E402
+from .devices import GpuQuery, query_mps  # noqa: F401,E402
+from .jobs import (DISAGREEMENT_COLORS, FUSIONS, done_status, failure_message, parse_progress_line,  # noqa: F401,E402
                    status_text)
 from .scene import (TERMINOLOGY_FILE, add_volume_node, segment_array, terminology_context,  # noqa: F401,E402
                     volume_from_node)
@@ -36,8 +47,9 @@ from .voxels import Stopped, read_scalar_output, read_view_labels  # noqa: F401,
 
 __all__ = ["DISAGREEMENT_COLORS", "DISPLAY_PARAMETERS", "FUSIONS", "MODULE_NAME", "TERMINOLOGY_FILE", "VIEW_NAMES",
            "GpuQuery", "Stopped", "TransferSegLogic", "TransferSegOutputs", "add_segmentation_node", "add_volume_node",
-           "failure_message", "parse_progress_line", "read_scalar_output", "read_view_labels", "remove_nodes",
-           "segment_array", "status_text", "terminology_context", "terminology_string", "volume_from_node"]
+           "done_status", "failure_message", "parse_progress_line", "query_mps", "read_scalar_output",
+           "read_view_labels", "remove_nodes", "segment_array", "status_text", "terminology_context",
+           "terminology_string", "volume_from_node"]
 
 MODULE_NAME = "TransferSeg"
 #: each view's outline tint (mixed half and half with the segment's own colour)
@@ -79,17 +91,28 @@ class TransferSegLogic:
 
     # --- models and devices -----------------------------------------------------------------
     @staticmethod
-    def installedModels() -> list:
-        """Cards of every installed model (user folder first, then the shipped ones)."""
-        from TransferSegLib.models import list_models
-
-        return list_models()
+    def installedModels(userFolder=None) -> list:
+        """Cards of every model, read afresh (a rescan): those in ``userFolder`` (e.g. where the user saves
+        models they trained) first, then the installed ones (``$TRANSFERSEG_MODELS``, then the shipped ones).
+        A model name found twice is the first one's; a file there that is no model card is skipped.  Each
+        card's ``_path`` is the card file: a run is started from it."""
+        cards, seen = [], set()
+        folder = Path(userFolder).expanduser() if userFolder else None
+        if folder is not None and folder.is_dir():
+            for path in sorted(folder.glob("*.json")):
+                try:
+                    card = read_card(path)
+                except TransferSegError as e:
+                    logging.info(f"TransferSeg: {path} is not a model card: {e}")
+                    continue
+                if card["name"] not in seen:
+                    seen.add(card["name"])
+                    cards.append({**card, "_path": str(path)})
+        return cards + [card for card in list_models() if card["name"] not in seen]
 
     @staticmethod
     def modelSummary(card: dict) -> str:
         """One line for a model: its method (and the views' networks), task, labels and description."""
-        from TransferSegLib.models import component_specs, method_of
-
         method = method_of(card)
         specs = component_specs(card)
         if method["name"] == "multiview":
@@ -106,8 +129,6 @@ class TransferSegLogic:
 
     @staticmethod
     def isMultiview(card: dict | None) -> bool:
-        from TransferSegLib.models import method_of
-
         return bool(card) and method_of(card)["name"] == "multiview"
 
     @staticmethod
@@ -142,10 +163,12 @@ class TransferSegLogic:
 
     # --- running ----------------------------------------------------------------------------
     def startSegmentation(self, inputNode, model: str, device: str = "auto", roiNode=None, fusion=None,
-                          python: str | None = None) -> SegmentJob:
-        """Start a run in a child process and return its job (poll it).  Invalid input raises
+                          python: str | None = None, outputSegmentation=None) -> SegmentJob:
+        """Start a run in a child process and return its job (poll it).  ``model``: a name or a card's path.
+        ``outputSegmentation``: a segmentation node to write into (None: a new one).  Invalid input raises
         :class:`TransferSegError` before any process starts."""
-        return SegmentJob(self, inputNode, model, device=device, roi_node=roiNode, fusion=fusion, python=python)
+        return SegmentJob(self, inputNode, model, device=device, roi_node=roiNode, fusion=fusion, python=python,
+                          output_segmentation=outputSegmentation)
 
     # --- the scene --------------------------------------------------------------------------
     def importResult(self, inputNode, folder, result: dict, card: dict) -> TransferSegOutputs:
@@ -246,6 +269,29 @@ class TransferSegLogic:
             raise
         return node
 
+    def findingsTable(self, rows: list, name: str, detections: bool = False):
+        """A table node listing a run's findings (:func:`results.segment_rows` or :func:`results.detection_rows`)."""
+        node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        try:
+            results.fill_findings_table(node, rows, detections)
+        except Exception:
+            remove_nodes(self.scene, [node])
+            raise
+        return node
+
+    def jumpToRow(self, tableNode, viewRow: int):
+        """Centre every slice view on the finding in row ``viewRow`` of a table view showing ``tableNode``;
+        returns the RAS position, None for a row without one (e.g. the header)."""
+        position = results.row_position(tableNode, results.table_row(tableNode, viewRow)) if alive(tableNode) else None
+        if position is not None:
+            results.jump_slices(self.scene, position)
+        return position
+
+    @staticmethod
+    def show3D(segmentationNode, visible: bool = True) -> bool:
+        """Show the segmentation in 3D (its closed surface, made if missing) or hide it there."""
+        return results.show_3d(segmentationNode, visible)
+
     def placeUnderStudy(self, inputNode, nodes) -> None:
         """Parent each node under the input's study (or its parent item) in the subject hierarchy."""
         sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
@@ -332,7 +378,8 @@ class TransferSegLogic:
         """Write the segmentation as a label map (.nrrd / .nii.gz, the card's label values, on the
         reference volume's grid) or as a .seg.nrrd, atomically.  An existing file is replaced only
         with ``overwrite`` (the GUI asks first)."""
-        from TransferSegLib.io import atomic_output
+        # SimpleITK (through TransferSegLib.io) loads on the first export, not when Slicer starts
+        from TransferSegLib.io import atomic_output, save_labelmap
 
         if segmentationNode is None:
             raise TransferSegError("there is no segmentation to export; run Segment first")
@@ -347,8 +394,6 @@ class TransferSegLogic:
                 if not storage.WriteData(segmentationNode):
                     raise TransferSegError(f"Slicer could not write {path}")
             return path
-        from TransferSegLib.io import save_labelmap
-
         labels = self.labelmapArray(segmentationNode, referenceNode)
         reference = Volume(np.zeros(labels.shape, np.uint8), **node_geometry(referenceNode))
         return save_labelmap(labels, reference, path)
@@ -356,6 +401,7 @@ class TransferSegLogic:
     def labelmapArray(self, segmentationNode, referenceNode) -> np.ndarray:
         """The segmentation as a label map (k, j, i) on ``referenceNode``'s grid, each segment with
         its own label value (the model card's), later segments drawn over earlier ones."""
+        # Slicer adds the Segmentations module's classes once that module has loaded (after this file is imported)
         from slicer import vtkSegmentation, vtkSlicerSegmentationsModuleLogic
 
         segmentation = segmentationNode.GetSegmentation()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import slicer
 import vtk
+from vtk.util.numpy_support import get_vtk_array_type, vtk_to_numpy
 
 from TransferSegLib.terminology import TerminologyContext, entry_from_card, entry_to_string, read_context
 from TransferSegLib.volume import TransferSegError, Volume, check_geometry
@@ -118,8 +119,6 @@ def remove_nodes(scene, nodes) -> None:
 def new_image(shape, dtype, oriented: bool = False):
     """``(image, voxels)``: a new vtkImageData (a vtkOrientedImageData with ``oriented``) of ``shape`` (k, j, i)
     and ``dtype``, and a numpy view of its voxels: filling the view fills the image, with no copy."""
-    from vtk.util.numpy_support import get_vtk_array_type, vtk_to_numpy
-
     image = slicer.vtkOrientedImageData() if oriented else vtk.vtkImageData()
     image.SetDimensions(*reversed(shape))
     image.AllocateScalars(get_vtk_array_type(np.dtype(dtype).newbyteorder("=")), 1)
@@ -143,6 +142,7 @@ def add_segmentation_node(scene, labels, reference: Volume, segments: list, name
     a segment whose label is absent from ``labels`` is still created, empty.  If anything fails,
     the node is removed again: no half-built node is left in the scene.
     """
+    # Slicer adds the Segmentations module's classes once that module has loaded (after this file is imported)
     from slicer import vtkSlicerSegmentationsModuleLogic
 
     if isinstance(labels, vtk.vtkImageData):
@@ -192,8 +192,6 @@ def add_segmentation_node(scene, labels, reference: Volume, segments: list, name
 
 def segment_array(seg_node, segment_name: str, reference: Volume) -> np.ndarray:
     """The binary mask (k, j, i) of one segment, on ``reference``'s grid (for tests and export)."""
-    from vtk.util.numpy_support import vtk_to_numpy
-
     segmentation = seg_node.GetSegmentation()
     segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
     if not segment_id:

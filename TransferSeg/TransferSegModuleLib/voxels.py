@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import slicer
 import vtk
+from vtk.util.numpy_support import vtk_to_numpy
 
 from TransferSegLib.volume import TransferSegError, Volume
 from .scene import new_image
@@ -90,8 +91,6 @@ class NodeVoxels:
     is deleted while a worker thread reads it."""
 
     def __init__(self, volume_node):
-        from vtk.util.numpy_support import vtk_to_numpy
-
         self.name = volume_node.GetName()
         self.image = volume_node.GetImageData()
         self.scalars = self.image.GetPointData().GetScalars()
@@ -112,6 +111,7 @@ def write_input(voxels: NodeVoxels, geometry: dict, path: Path, stop: threading.
     """Write a node's voxels as they are (their own type, uncompressed) with exact geometry to ``path``,
     atomically: the child starts only on a complete file.  Runs on a worker thread; float voxels that
     are NaN or infinite are refused, as :meth:`Volume.check_finite` would."""
+    # SimpleITK (through TransferSegLib.io) loads when a run starts, not when Slicer loads the module
     from TransferSegLib.io import atomic_output
 
     flat = voxels.array.reshape(-1)
@@ -301,8 +301,6 @@ def non_empty_box(labels: np.ndarray):
     """The box of a label map that holds labels, as its own vtkOrientedImageData (its extent says where it
     lies; one zero voxel if there are none).  Slicer keeps a segment's voxels cropped like this anyway: the
     GUI thread then goes over the box only, and the full-size map is freed here."""
-    from vtk.util.numpy_support import vtk_to_numpy
-
     along_k = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
     if along_k.size == 0:
         box = [0, 0, 0, 0, 0, 0]
