@@ -41,10 +41,10 @@ MKL per-tap GEMMs were all slower.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -53,9 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Timer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from TransferSegLib.nets.acs import ACSConv, acs_channel_split
 
-from TransferSegLib.nets.acs import ACSConv, acs_channel_split  # noqa: E402
+from measure import json_from_child, print_and_exit, proc_status_mib, reset_peak_rss
 
 SHAPES = ("1x64x32x64x64", "1x32x64x128x128")
 OPS = ("conv3d", "acsconv", "ours")
@@ -82,12 +82,20 @@ class AcsconvForward(nn.Module):
         return y + self.bias.view(1, -1, 1, 1, 1)
 
 
-def acsconv_class(path: str | None):
-    if path:
-        sys.path.insert(0, path)
+def acsconv_class(folder: str | None):
+    """acsconv's ACSConv, from ``folder`` (``--acsconv-path``: where ``pip install --target`` put the
+    package) when given, else from the environment; None when there is no acsconv."""
     try:
+        if folder:
+            package = Path(folder) / "acsconv"
+            spec = importlib.util.spec_from_file_location("acsconv", package / "__init__.py",
+                                                          submodule_search_locations=[str(package)])
+            sys.modules["acsconv"] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules["acsconv"])
+        # acsconv is optional, no TransferSeg dependency: without it the bench times a re-implementation
         from acsconv.operators import ACSConv as PackageACSConv
-    except ImportError:
+    except (ImportError, OSError):
+        sys.modules.pop("acsconv", None)
         return None
     return PackageACSConv
 
@@ -153,37 +161,28 @@ def peak_memory_cuda(op, x, mode, amp):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def memory_child(args):
     """One operator, one call, in this fresh process: the rise of the peak RSS in MiB."""
     shape = tuple(int(v) for v in args.memory_child[1].split("x"))
     torch.set_num_threads(args.threads)
     ops, _ = build_ops(shape[1], "cpu", torch.float32, args.acsconv_path)
     op, x = ops[args.memory_child[0]], make_input(shape, "cpu", torch.float32, args.memory_child[2])
-    before = rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset VmHWM (the peak) to the current RSS
-        f.write("5")
+    before = proc_status_mib("VmRSS")
+    reset_peak_rss()
     if args.memory_child[3] == "fwd":
         with torch.no_grad():
             op(x)
     else:  # the output gradient is part of the step (an output-sized tensor for every operator)
         y = op(x.requires_grad_(True))
         y.backward(torch.ones_like(y))
-    print(json.dumps((rss_kib("VmHWM") - before) / 1024.0))
-    sys.stdout.flush()
-    os._exit(0)
+    print_and_exit(json.dumps(proc_status_mib("VmHWM") - before))
 
 
 def peak_memory_cpu(args, op, shape, layout, mode):
     cmd = [sys.executable, __file__, "--memory-child", op, shape, layout, mode, "--threads", str(args.threads)]
     if args.acsconv_path:
         cmd += ["--acsconv-path", args.acsconv_path]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    return float(json_from_child(cmd, f"the memory of {op} on {shape} ({layout}, {mode})"))
 
 
 def main(argv=None):

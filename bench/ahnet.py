@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -43,10 +41,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from TransferSegLib.nets import AHNet, MCGCN
 
-from TransferSegLib.nets import AHNet, MCGCN  # noqa: E402
+from measure import json_from_child, print_and_exit, proc_status_mib, reset_peak_rss
 
 SIZES = {"128x128x32": (128, 128, 32), "384x256x64": (384, 256, 64)}  # paper notation x × y × z
 
@@ -65,6 +62,7 @@ def build(name: str):
     if name == "ours":
         return AHNet(in_channels=1, out_channels=1, backbone="resnet50").eval()
     if name == "monai":
+        # MONAI: a bench-only comparison, no TransferSeg dependency
         from monai.networks.nets import AHNet as MonaiAHNet
 
         return MonaiAHNet(in_channels=1, out_channels=1, layers=(3, 4, 6, 3), psp_block_num=4,
@@ -104,21 +102,6 @@ def timed(fn, device) -> float:
 
 
 # --- (c) memory: one network, one forward, in a child process ---------------------------------------
-def proc_status_mib(field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024.0  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        pass  # then VmHWM is this process's peak since exec, which includes building the network
-
-
 def memory_child(name: str, size: str, device_name: str, slice_batch: int, slices: int) -> None:
     device = torch.device(device_name)
     net = build(name).to(device)
@@ -145,18 +128,14 @@ def memory_child(name: str, size: str, device_name: str, slice_batch: int, slice
             before = proc_status_mib("VmRSS")
             seconds = timed(run, device)
             peak = proc_status_mib("VmHWM") - before
-    print(json.dumps({"peak_mib": peak, "seconds": seconds}))
-    sys.stdout.flush()
-    os._exit(0)  # an interpreter shutdown with torch loaded touches more memory; nothing else to do
+    print_and_exit(json.dumps({"peak_mib": peak, "seconds": seconds}))
 
 
 def measure_memory(name, size, args) -> dict:
     command = [sys.executable, __file__, "--memory-child", name, size, "--device", args.device,
                "--threads", str(args.threads), "--slice-batch", str(args.slice_batch),
                "--mcgcn-slices", str(args.mcgcn_slices)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_from_child(command, f"the memory of {name} on {size}", threads=args.threads)
 
 
 # --- the run ----------------------------------------------------------------------------------------

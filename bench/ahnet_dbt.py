@@ -28,7 +28,7 @@ phantom (the paper forwards whole volumes; the slice-wise networks then see true
 everywhere but at the volume's ends; a card's own ``inference.patch_size`` on its working grid
 wins); peaks are ``pipeline.run``'s detections (NMS on the network's grid with the card's
 ``min_distance``, every local maximum above 0, at most 50 per volume, mapped back to the
-input grid: ``real_size.evaluation_model``); FROC by
+input grid: ``common.evaluation_model``); FROC by
 ``metrics.froc`` as in the paper (a peak inside a lesion's 3D box is a true positive, once per
 box; others are false positives).
 
@@ -53,18 +53,18 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from TransferSegLib.datasets import phantom_cases
+from TransferSegLib.metrics import FROC_RATES, froc
+from TransferSegLib.models import Component, LoadedModel, component_specs, load_model, save_model
+from TransferSegLib.pipeline import run
+from TransferSegLib.training import load_config, train
+from TransferSegLib.training.recipes import run_recipe
 
-from TransferSegLib.datasets import phantom_cases  # noqa: E402
-from TransferSegLib.metrics import FROC_RATES, froc  # noqa: E402
-from TransferSegLib.models import Component, LoadedModel, component_specs, load_model, save_model  # noqa: E402
-from TransferSegLib.pipeline import run  # noqa: E402
-
-from real_size import evaluation_model  # noqa: E402
+from common import ROOT, evaluation_model, repo_relative
 
 CONFIGS = ROOT / "Resources" / "configs"
 RECIPE = ("dbt-lesion-ahnet.json", {"source": "MC-GCN", "target": "AH-Net"})  # the recipe's parts as table rows
@@ -104,9 +104,6 @@ def train_all(out: Path, threads: int, is_quick: bool) -> tuple:
     """Train the recipe (MC-GCN, then the AH-Net from it) and the U-Nets; a rerun with the same
     ``out`` resumes unfinished runs and reuses finished ones.  Returns ({table name: (card path,
     seconds, steps per stage)}, the recipe's shipped card)."""
-    from TransferSegLib.training import load_config, train
-    from TransferSegLib.training.recipes import run_recipe
-
     file, parts = RECIPE
     config = load_config(CONFIGS / file)
     if is_quick:
@@ -154,9 +151,6 @@ def evaluate(card_path: Path, boxes, volumes, window) -> dict:
 
 
 def draw_froc(curves: dict, path: Path, title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -183,8 +177,7 @@ def relative(value):
     if isinstance(value, list):
         return [relative(v) for v in value]
     if isinstance(value, str) and Path(value).is_absolute():
-        path = Path(value)
-        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+        return repo_relative(value)
     return value
 
 

@@ -8,12 +8,13 @@ Parts (``--parts``, default all):
   box, 8-slice windows at stride 2, thresholds 0.5 / 0.9, the same post-processing), so only
   the network differs: the recipe's ``net2d`` run (stage 1), its ``net3d`` run (the 3D
   DenseUNet alone, as many steps as stages 2 + 3) and the shipped hybrid.  Held-out phantoms:
-  the first N of ``bench/real_size.py``'s clinical grids (512², 0.6–1.0 mm pixels, 1–5 mm
+  the first N clinical grids of ``common.ct_cases`` (512², 0.6–1.0 mm pixels, 1–5 mm
   slices, stored LPS axial, RAS-flipped, oblique or as sagittal slices), Dice on the input
   grid: liver (1 ∪ 2) per case, tumor (2) global; seconds per volume; each network also with
   the tumor threshold at 0.5 (the same probabilities; the paper's is 0.9).
-* ``quality``: the shipped path end to end (``bench/real_size.py``'s CT part: a fresh process
-  per case reads the file, runs ``pipeline.run``, writes the result), Dice on the input grid.
+* ``quality``: the shipped path end to end (``common.ct_part``, also real_size.py's CT part: a
+  fresh process per case reads the file, runs ``pipeline.run``, writes the result), Dice on the
+  input grid.
 * ``speed``: a 512×512×100 CT (~0.7 mm pixels) end to end in a fresh process, H-DenseUNet and
   the default 3D U-Net side by side.
 
@@ -27,17 +28,16 @@ Parts (``--parts``, default all):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from TransferSegLib import pipeline
+from TransferSegLib.methods.cascade import nested_threshold_labels
+from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL, compose_models, load_model
 
-from real_size import (compare_part, ct100_side_by_side, ct_part, json_saver, merge_parts,  # noqa: E402
-                       part_arguments, ship_card)
+from common import (ROOT, compare_part, ct100_side_by_side, heldout_protocol, json_saver, merge_parts,
+                    part_arguments, quality_part, selected_parts, ship_card)
 
 PARTS = ("table2", "quality", "speed")
 NAME = "ct-liver-tumor-hdenseunet"
@@ -45,8 +45,6 @@ NAME = "ct-liver-tumor-hdenseunet"
 
 def variants(run: Path, work: Path) -> dict:
     """{row name: model card}: the coarse network with each fine network, in the shipped method."""
-    from TransferSegLib.models import compose_models, load_model
-
     shipped = run / "model" / f"{NAME}.json"
     method = load_model(shipped).method
     models = {}
@@ -60,9 +58,6 @@ def variants(run: Path, work: Path) -> dict:
 
 
 def table2_part(run: Path, work: Path, threads: int, quick: bool, count: int, out: dict, save=lambda: None) -> dict:
-    from TransferSegLib import pipeline
-    from TransferSegLib.methods.cascade import nested_threshold_labels
-
     def tumor_at_half(name, model, result):  # the same probabilities at the tumor threshold 0.5 (the paper's: 0.9)
         lower = nested_threshold_labels(result.probabilities, [0.5, 0.5]).numpy()
         return {f"{name}, tumor ≥ 0.5": pipeline.postprocess(lower, model.card.get("postprocessing"))}
@@ -71,8 +66,6 @@ def table2_part(run: Path, work: Path, threads: int, quick: bool, count: int, ou
 
 
 def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lambda: None) -> dict:
-    from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL
-
     _, path = ct100_side_by_side({"hdenseunet": model, "unet3d": DEFAULT_SEGMENTATION_MODEL}, threads, quick, work,
                                  out, save)
     out["hdenseunet_vs_unet3d_seconds"] = out["hdenseunet"]["seconds"] / out["unet3d"]["seconds"]
@@ -81,13 +74,11 @@ def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lam
 
 
 def ship(model: Path, results: dict, folder: Path) -> Path:
-    card = json.loads(model.read_text(encoding="utf-8"))
-    metrics = dict(card.get("metrics") or {})
+    """The model's card and weights into ``folder``, with the run's numbers in ``metrics``."""
+    metrics = {}
     if "table2" in results:
         metrics["heldout_clinical_table2"] = {
-            "protocol": f"{len(results['table2']['cases'])} held-out 512² phantoms (seeds from 5000, 0.6–1.0 mm "
-                        "pixels, 1–5 mm slices, stored LPS axial, RAS-flipped, oblique or sagittal); every network "
-                        "in the same cascade; Dice on the input grid: liver (1 ∪ 2) per case, tumor (2) global",
+            "protocol": heldout_protocol(len(results["table2"]["cases"]), "every network in the same cascade"),
             **results["table2"]["summary"]}
     if "speed" in results:
         metrics["speed_cpu_2_threads"] = {k: results["speed"][k] for k in ("hdenseunet", "unet3d")
@@ -103,7 +94,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     run = Path(args.run)
     model = run / "model" / f"{NAME}.json"
-    parts = [p for p in args.parts.split(",") if p in PARTS]
+    parts = selected_parts(args.parts, PARTS)
     results = {"run": str(run), "threads": args.threads, "quick": args.quick}
 
     save = json_saver(results, args.json)
@@ -114,8 +105,7 @@ def main(argv=None) -> int:
             print("Table II (same cascade, only the network differs; Dice on the input grid):", flush=True)
             table2_part(run, work, args.threads, args.quick, args.cases, results.setdefault("table2", {}), save)
         if "quality" in parts:
-            print("\nquality end to end (fresh process per case, Dice on the input grid):", flush=True)
-            ct_part(model, work, args.threads, args.quick, results.setdefault("quality", {}), save)
+            quality_part(model, work, args.threads, args.quick, results, save)
         if "speed" in parts:
             print("\nspeed:", flush=True)
             speed_part(model, args.threads, args.quick, work, results.setdefault("speed", {}), save)

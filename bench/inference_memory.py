@@ -34,20 +34,20 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from measure import json_from_child, print_and_exit
 
 
 def peak_rss_mib() -> float:
+    """``ru_maxrss``, what ``/usr/bin/time -v`` reports.  It also counts the parent's RSS at fork,
+    which this child's own outgrows (torch and the volume) before anything is measured."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -73,6 +73,7 @@ def tiny_network(seed=0) -> nn.Module:
 
 
 def run_ours(array, network, patch, batch, probabilities):
+    # each side imports its own inferer here, after "before": both peaks count that import alike
     from TransferSegLib.inference import sliding_window_inference
 
     result = sliding_window_inference(array, network, patch_size=patch, overlap=0.5, blend="gaussian",
@@ -81,6 +82,7 @@ def run_ours(array, network, patch, batch, probabilities):
 
 
 def run_monai(array, network, patch, batch, probabilities):
+    # MONAI: a bench-only comparison, no TransferSeg dependency; imported after "before", as ours is
     from monai.inferers import sliding_window_inference as monai_sliding_window_inference
 
     with torch.inference_mode():
@@ -120,10 +122,9 @@ def main(argv=None) -> int:
 
     if args.only:
         report = child(args)
-        print(json.dumps(report) if args.json else
-              f"{report['side']}: {report['seconds']:.1f} s, peak RSS {report['peak_rss_mib']:.0f} MiB "
-              f"(before inference {report['before_mib']:.0f} MiB)", flush=True)
-        os._exit(0)  # skip interpreter shutdown: torch's teardown pages in 0.1–0.4 GiB that is no part of the job
+        print_and_exit(json.dumps(report) if args.json else
+                       f"{report['side']}: {report['seconds']:.1f} s, peak RSS {report['peak_rss_mib']:.0f} MiB "
+                       f"(before inference {report['before_mib']:.0f} MiB)")
 
     print(f"volume {'×'.join(map(str, args.size))} float32, patch {'×'.join(map(str, args.patch))}, "
           f"batch {args.batch}, overlap 0.5, gaussian, K=3, probabilities={'no' if args.no_probabilities else 'uint8'}, "
@@ -135,11 +136,11 @@ def main(argv=None) -> int:
                        "--size", *map(str, args.size), "--patch", *map(str, args.patch), "--batch", str(args.batch)]
             if args.no_probabilities:
                 command.append("--no-probabilities")
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stdout, done.stderr, file=sys.stderr)
+            try:
+                reports[side] = json_from_child(command, f"the {side} side")
+            except RuntimeError as error:
+                print(error, file=sys.stderr)
                 return 1
-            reports[side] = json.loads(done.stdout.strip().splitlines()[-1])
         agreement = float(np.mean(np.load(f"{tmp}/ours.npy") == np.load(f"{tmp}/monai.npy")))
     ours, monai = reports["ours"], reports["monai"]
     print(f"{'':8}{'seconds':>10}{'peak RSS MiB':>15}{'before MiB':>12}   labels histogram (0, 1, 2)")

@@ -32,7 +32,6 @@ the run gave, and the seconds; it writes ``overview-SCAN-MODEL.png`` into ``--fi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -44,9 +43,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from TransferSegLib.io import image_on, load_volume
+from TransferSegLib.models import list_models, load_model
+from TransferSegLib.volume import TransferSegError, Volume
+from TransferSegLib.weights import sha256_file
 
 LIVER = 5  # the liver's label in the references (TotalSegmentator's class map)
 PACKAGES = {
@@ -64,14 +66,6 @@ SCANS = ("chest-ct", "dicom-series", "abdomen-ct", "chest-above-liver", "pelvis-
 
 def default_cache() -> Path:
     return Path(os.environ.get("TRANSFERSEG_REAL_DATA", "~/.cache/transferseg/real-ct")).expanduser()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unpack(archive: Path, wanted: dict, target: Path) -> None:
@@ -108,7 +102,7 @@ def verified(cache: Path) -> bool:
         manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return bool(manifest) and all((cache / name).is_file() and _sha256(cache / name) == digest
+    return bool(manifest) and all((cache / name).is_file() and sha256_file(cache / name) == digest
                                   for name, digest in manifest.items())
 
 
@@ -128,7 +122,7 @@ def fetch(cache: Path) -> dict:
                        check=True)
         archive = next(p for p in downloads.iterdir() if p.name.lower().startswith(name))
         _unpack(archive, wanted, cache / name)
-    manifest = {str(p.relative_to(cache)): _sha256(p) for p in sorted(cache.rglob("*"))
+    manifest = {str(p.relative_to(cache)): sha256_file(p) for p in sorted(cache.rglob("*"))
                 if p.is_file() and "packages" not in p.parts and p.name != "manifest.json"}
     expected = json.loads(PINNED.read_text(encoding="utf-8"))
     wrong = sorted(name for name, digest in expected.items() if manifest.get(name) != digest)
@@ -142,10 +136,6 @@ def fetch(cache: Path) -> dict:
 
 def _reference_on(volume, path: Path, label: int = LIVER) -> np.ndarray:
     """A reference mask (``label``) on ``volume``'s grid: nearest neighbour through physical space."""
-    import SimpleITK as sitk
-
-    from TransferSegLib.io import image_on
-
     reference = sitk.ReadImage(str(path))
     grid = image_on(np.zeros(volume.shape, np.uint8), volume)
     on_grid = sitk.Resample(reference, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, reference.GetPixelID())
@@ -154,8 +144,6 @@ def _reference_on(volume, path: Path, label: int = LIVER) -> np.ndarray:
 
 def _slab(volume, keep: slice):
     """The slices ``keep`` of ``volume`` as a Volume of its own, on the same grid."""
-    from TransferSegLib.volume import Volume
-
     origin = volume.ijk_to_ras_points(np.array([[keep.start or 0, 0, 0]], float))[0]
     return Volume(volume.array[keep], volume.spacing, volume.directions, origin)
 
@@ -170,8 +158,6 @@ def _above(volume, mask: np.ndarray, margin_mm: float) -> slice:
 
 def load_scans(cache: Path, names=SCANS) -> dict:
     """name -> (Volume or the error reading it gave, liver reference mask or None, what it is)."""
-    from TransferSegLib.io import load_volume
-
     if not (cache / "manifest.json").is_file():
         raise SystemExit(f"no real scans in {cache}; run `make real-data` (or this script with --fetch) first")
     ts = cache / "totalsegmentator"
@@ -200,12 +186,10 @@ def load_scans(cache: Path, names=SCANS) -> dict:
 
 
 def evaluate(scans: dict, models, figures: Path | None, threads: int) -> list:
+    # torch, the pipeline and matplotlib (about 6 s to import) stay out of --fetch, which `make test` runs first
     import torch
-
-    from TransferSegLib.models import load_model
     from TransferSegLib.pipeline import run
     from TransferSegLib.render import save_overview_png
-    from TransferSegLib.volume import TransferSegError
 
     torch.set_num_threads(threads)
     rows = []
@@ -247,8 +231,6 @@ def _format(row: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from TransferSegLib.models import list_models
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=default_cache(), help="where the scans are kept "
                         "(default $TRANSFERSEG_REAL_DATA or ~/.cache/transferseg/real-ct)")

@@ -6,14 +6,14 @@ script; ``--models NAME …`` picks some (any installed model, user models inclu
 method (single, multiview, cascade) makes no difference here: every model runs through
 ``pipeline.run`` as the product runs it.
 
-Inputs: the clinical-size phantoms of ``bench/real_size.py`` (``speed_input``), written to disk
+Inputs: the clinical-size phantoms of ``bench/common.py`` (``speed_input``), written to disk
 beforehand: a segmentation model gets the 100×512×512 CT (``ct_phantom(5200)``: 0.63 mm pixels,
 1.87 mm slices; int16 NIfTI) and ``transferseg segment``; a detection model (card task
 ``heatmap``) gets the 40×1024×768 DBT at 0.1 mm pixels, 1 mm slices (``dbt_phantom(5300)``;
 float32 NIfTI) and ``transferseg detect``.  Shapes are written k × j × i (slices × rows ×
 columns), spacings likewise.
 
-What is timed, each in a fresh process (``real_size.measure``: read the file, ``pipeline.run``
+What is timed, each in a fresh process (``measure.measure``: read the file, ``pipeline.run``
 with the model's card, ``Result.write``):
 
 * load s: the model load from disk inside ``pipeline.run`` (card, sha256, networks built,
@@ -60,15 +60,14 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
+from TransferSegLib.models import list_models, method_of, model_dirs
+from TransferSegLib.resample import grid_shape
 
-from real_size import (QUICK_SPEED_INPUTS, SPEED_INPUTS, json_saver, measure, phantom_file,  # noqa: E402
-                       speed_input)
-from TransferSegLib.models import list_models, method_of, model_dirs  # noqa: E402
-from TransferSegLib.resample import grid_shape  # noqa: E402
+from common import QUICK_SPEED_INPUTS, SPEED_INPUTS, grid_text, json_saver, phantom_file, speed_input
+from measure import measure
 
 GOALS_S = {"ct": 90.0, "dbt": 60.0}  # end to end on 2 CPU cores
 GPU_GOAL_S = 5.0  # segment s on a GPU
@@ -91,8 +90,6 @@ def machine(threads: int, device: str) -> dict:
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_at_start": list(os.getloadavg()),
            "python": platform.python_version()}
     if device.startswith("cuda"):
-        import torch
-
         out["gpu"] = torch.cuda.get_device_name(torch.device(device)) if torch.cuda.is_available() else None
     return out
 
@@ -122,7 +119,7 @@ def cli_run(kind: str, input_path: Path, card_path: str, output: Path, threads: 
     and the stage times it prints."""
     command = transferseg_command() + [KINDS[kind][1], str(input_path), "-o", str(output), "--model", card_path,
                                        "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
@@ -133,7 +130,7 @@ def cli_run(kind: str, input_path: Path, card_path: str, output: Path, threads: 
 
 
 def best(runs: list) -> dict:
-    """Each time the best of the runs (:func:`real_size._child`'s numbers), peak RSS the largest."""
+    """Each time the best of the runs (:func:`measure.end_to_end`'s numbers), peak RSS the largest."""
     out = {"load_s": min(r["timings_s"]["load_model"] for r in runs),
            "segment_s": min(r["run_s"] - r["timings_s"]["load_model"] for r in runs),
            "write_s": min(r["write_s"] for r in runs), "read_input_s": min(r["load_input_s"] for r in runs),
@@ -142,10 +139,6 @@ def best(runs: list) -> dict:
     if "gpu_peak_gib" in runs[0]:
         out["gpu_peak_gib"] = float(max(r["gpu_peak_gib"] for r in runs))
     return out
-
-
-def grid_text(shape, spacing) -> str:
-    return f"{'×'.join(map(str, shape))} ({'×'.join(f'{s:.2f}' for s in spacing)} mm)"
 
 
 class Inputs:

@@ -12,12 +12,13 @@ The models come from the ``transfer`` recipe (``Resources/configs/ct-liver-tumor
 Parts (``--parts``, default all):
 
 * ``table``: the 2D network (the recipe's ``source`` model, run slice by slice) and the shipped 3D
-  network on the first N of ``bench/real_size.py``'s clinical grids (512², 0.6–1.0 mm pixels,
+  network on the first N clinical grids of ``common.ct_cases`` (512², 0.6–1.0 mm pixels,
   1–5 mm slices, stored LPS axial, RAS-flipped, oblique or as sagittal slices), beside the default
   3D U-Net; the same pipeline (working grid, post-processing) for all, Dice on the input grid:
   liver (1 ∪ 2) per case, tumor (2) global, seconds per volume.
-* ``quality``: the shipped path end to end (``bench/real_size.py``'s CT part: a fresh process per
-  case reads the file, runs ``pipeline.run``, writes the result), Dice on the input grid.
+* ``quality``: the shipped path end to end (``common.ct_part``, also real_size.py's CT part: a
+  fresh process per case reads the file, runs ``pipeline.run``, writes the result), Dice on the
+  input grid.
 * ``speed``: a 512×512×100 CT (~0.7 mm pixels) end to end in a fresh process, the model and the
   default 3D U-Net side by side.
 
@@ -30,26 +31,33 @@ Parts (``--parts``, default all):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL
 
-from real_size import (compare_part, ct100_side_by_side, ct_part, json_saver, merge_parts,  # noqa: E402
-                       part_arguments, ship_card)
+from common import (ROOT, compare_part, ct100_side_by_side, heldout_protocol, json_saver, merge_parts,
+                    part_arguments, quality_part, selected_parts, ship_card)
 
 PARTS = ("table", "quality", "speed")
 MODELS = {"ahnet": ("ct-liver-tumor-ahnet", "MC-GCN (2D)", "AH-Net (3D)"),
           "acs": ("ct-liver-tumor-acs", "2D U-Net", "ACS U-Net (3D)")}
 
 
-def main(argv=None) -> int:
-    from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL
+def ship(name: str, model: Path, results: dict, folder: Path) -> Path:
+    """The model's card and weights into ``folder``, with the run's numbers in ``metrics``."""
+    metrics = {}
+    if "table" in results:
+        metrics["heldout_clinical_2d_vs_3d"] = {
+            "protocol": heldout_protocol(len(results["table"]["cases"]), "the same pipeline for every network"),
+            **results["table"]["summary"]}
+    if "speed" in results:
+        metrics["speed_cpu_2_threads"] = {k: results["speed"][k] for k in (name, "unet3d") if k in results["speed"]}
+    return ship_card(model, metrics, folder, results.get("quality"))
 
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), required=True)
     parser.add_argument("--run", default=None, help="the transfer recipe's output folder (default runs/NAME)")
@@ -60,7 +68,7 @@ def main(argv=None) -> int:
     name, row_2d, row_3d = MODELS[args.model]
     run = Path(args.run or ROOT / "runs" / name)
     model = run / "model" / f"{name}.json"
-    parts = [p for p in args.parts.split(",") if p in PARTS]
+    parts = selected_parts(args.parts, PARTS)
     results = {"run": str(run), "threads": args.threads, "quick": args.quick}
 
     save = json_saver(results, args.json)
@@ -74,8 +82,7 @@ def main(argv=None) -> int:
                          args.threads, args.quick, args.cases, results.setdefault("table", {}), save,
                          figure=args.figure)
         if "quality" in parts:
-            print("\nquality end to end (fresh process per case, Dice on the input grid):", flush=True)
-            ct_part(model, work, args.threads, args.quick, results.setdefault("quality", {}), save)
+            quality_part(model, work, args.threads, args.quick, results, save)
         if "speed" in parts:
             print("\nspeed:", flush=True)
             speed = results.setdefault("speed", {})
@@ -85,18 +92,7 @@ def main(argv=None) -> int:
     save()
     merge_parts(results, args.merge, PARTS)
     if args.ship:
-        card = json.loads(model.read_text(encoding="utf-8"))
-        metrics = dict(card.get("metrics") or {})
-        if "table" in results:
-            metrics["heldout_clinical_2d_vs_3d"] = {
-                "protocol": f"{len(results['table']['cases'])} held-out 512² phantoms (seeds from 5000, 0.6–1.0 mm "
-                            "pixels, 1–5 mm slices, stored LPS axial, RAS-flipped, oblique or sagittal); the same "
-                            "pipeline for every network; Dice on the input grid: liver (1 ∪ 2) per case, tumor (2) "
-                            "global", **results["table"]["summary"]}
-        if "speed" in results:
-            metrics["speed_cpu_2_threads"] = {k: results["speed"][k] for k in (args.model, "unet3d")
-                                              if k in results["speed"]}
-        ship_card(model, metrics, Path(args.ship), results.get("quality"))
+        ship(args.model, model, results, Path(args.ship))
     return 0
 
 

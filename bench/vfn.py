@@ -4,14 +4,14 @@
 Parts (``--parts``, default all):
 
 * ``repro``: the paper's Table 1 comparison.  For each held-out phantom (the same 12
-  clinical grids as ``bench/real_size.py``: 512², 0.6–1.0 mm pixels, 1–5 mm slices, stored
+  clinical grids as ``common.ct_cases``: 512², 0.6–1.0 mm pixels, 1–5 mm slices, stored
   LPS axial, RAS-flipped, oblique or as sagittal slices) the three view networks run once on
   the model's working grid, and every fusion is applied to the same three predictions:
   majority vote, STAPLE, the VFN and the VFN without the image.  Dice against the truth
   taken to the working grid (labels_to_spacing, as in training): liver (labels 1 ∪ 2) per
   case, tumor (label 2) global; per view and per fusion.  Times of the views and of each fusion.
-* ``quality``: the shipped path end to end (``bench/real_size.py``'s CT part with the VFN
-  model: a fresh process per case reads the file, runs ``pipeline.run``, writes the result),
+* ``quality``: the shipped path end to end (``common.ct_part``, also real_size.py's CT part, with
+  the VFN model: a fresh process per case reads the file, runs ``pipeline.run``, writes the result),
   Dice on the input grid, and whether every output lies on the input's exact grid.
 * ``speed``: a 512×512×100 CT (~0.7 mm pixels) end to end in a fresh process for the VFN model
   and for the default 3D U-Net (side by side), with the fusion's time as a share of the three
@@ -30,21 +30,23 @@ Parts (``--parts``, default all):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
+from TransferSegLib.methods import MethodContext
+from TransferSegLib.methods.multiview import fuse, predict_views
+from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL, find_model, load_model
+from TransferSegLib.phantoms import ct_phantom
+from TransferSegLib.resample import labels_to_spacing, to_orientation, to_spacing
+from TransferSegLib.views import VIEWS
 
-from real_size import (ct100_side_by_side, ct_cases, ct_part, dice_summary, json_saver, merge_parts,  # noqa: E402
-                       part_arguments, print_dice_table, ship_card, stored_as)
-from TransferSegLib.metrics import dice  # noqa: E402
+from common import (ROOT, ct100_side_by_side, ct_cases, dice_summary, json_saver, liver_and_tumor, merge_parts,
+                    part_arguments, print_dice_table, quality_part, selected_parts, shape_text, ship_card, stored_as)
 
 MODEL = ROOT / "Resources" / "models" / "ct-liver-tumor-vfn.json"
 FUSIONS = ("majority", "staple", "vfn", "vfn-noimage")
@@ -52,11 +54,6 @@ PARTS = ("repro", "quality", "speed")
 
 
 def _context(volume, loaded, threads):
-    import torch
-
-    from TransferSegLib.methods import MethodContext
-    from TransferSegLib.resample import to_orientation, to_spacing
-
     torch.set_num_threads(threads)
     oriented, turn = to_orientation(volume, loaded.card.get("working_orientation"))
     working = to_spacing(oriented, loaded.card["working_spacing_mm"])
@@ -64,12 +61,6 @@ def _context(volume, loaded, threads):
 
 
 def repro_part(model, threads: int, quick: bool, out: dict, save=lambda: None) -> dict:
-    from TransferSegLib.methods.multiview import fuse, predict_views
-    from TransferSegLib.models import load_model
-    from TransferSegLib.phantoms import ct_phantom
-    from TransferSegLib.resample import labels_to_spacing
-    from TransferSegLib.views import VIEWS
-
     loaded = load_model(model)
     rows = out.setdefault("cases", [])
     for seed, shape, storage in ct_cases(quick):
@@ -89,12 +80,10 @@ def repro_part(model, threads: int, quick: bool, out: dict, save=lambda: None) -
             predictions[fusion] = fuse(context, views, fusion)[0]
             row["seconds"][fusion] = time.perf_counter() - tic
         for name, labels in predictions.items():
-            row["dice"][name] = {"liver": float(dice(labels > 0, truth > 0)),
-                                 "tumor_overlap2": 2 * int(((labels == 2) & (truth == 2)).sum()),
-                                 "tumor_voxels": int((labels == 2).sum() + (truth == 2).sum())}
+            row["dice"][name] = liver_and_tumor(labels, truth)
         rows.append(row)
         save()
-        print(f"  seed {seed} {'×'.join(map(str, shape)):>12} {storage:<24} liver "
+        print(f"  seed {seed} {shape_text(shape):>12} {storage:<24} liver "
               + " ".join(f"{n} {row['dice'][n]['liver']:.3f}" for n in predictions)
               + f"  views {row['seconds']['views']:.1f} s", flush=True)
     names = list(VIEWS) + list(FUSIONS)
@@ -112,10 +101,6 @@ def repro_part(model, threads: int, quick: bool, out: dict, save=lambda: None) -
 
 
 def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lambda: None) -> dict:
-    from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL, load_model
-    from TransferSegLib.methods.multiview import predict_views
-    from TransferSegLib.resample import to_spacing
-
     volume, path = ct100_side_by_side({"vfn": model, "unet3d": DEFAULT_SEGMENTATION_MODEL}, threads, quick, work,
                                       out, save)
     t = out["vfn"]["timings_s"]
@@ -133,17 +118,15 @@ def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lam
     rectangular = time.perf_counter() - tic
     k, j, i = context.volume.spacing
     square_volume = to_spacing(context.volume, [j, j, i])
-    from TransferSegLib.methods import MethodContext
-
     square = MethodContext(square_volume, loaded, context.device)
     tic = time.perf_counter()
     predict_views(square)
     squared = time.perf_counter() - tic
     out["pixels"] = {"working_grid": list(context.volume.shape), "square_grid": list(square_volume.shape),
                      "rectangular_s": rectangular, "square_s": squared, "ratio": squared / rectangular}
-    print(f"  three views on the working grid {'×'.join(map(str, context.volume.shape))} (3 × 2 mm coronal/"
+    print(f"  three views on the working grid {shape_text(context.volume.shape)} (3 × 2 mm coronal/"
           f"sagittal pixels): {rectangular:.1f} s; on square 2 × 2 mm pixels "
-          f"{'×'.join(map(str, square_volume.shape))}: {squared:.1f} s ({squared / rectangular:.2f}×)", flush=True)
+          f"{shape_text(square_volume.shape)}: {squared:.1f} s ({squared / rectangular:.2f}×)", flush=True)
     save()
     path.unlink()
     return out
@@ -151,11 +134,8 @@ def speed_part(model, threads: int, quick: bool, work: Path, out: dict, save=lam
 
 def ship(model, results: dict, folder: Path) -> Path:
     """The model's card and weights into ``folder``, with the held-out numbers in ``metrics``."""
-    from TransferSegLib.models import find_model
-
     card_path = find_model(model)
-    card = json.loads(card_path.read_text(encoding="utf-8"))
-    metrics = dict(card.get("metrics") or {})
+    metrics = {}
     if "repro" in results:
         metrics["heldout_clinical_fusions"] = {
             "protocol": "12 held-out 512² phantoms (seeds 5000–5011, 0.6–1.0 mm pixels, 1–5 mm slices, stored LPS "
@@ -173,7 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=str(MODEL))
     part_arguments(parser, PARTS)
     args = parser.parse_args(argv)
-    parts = [p for p in args.parts.split(",") if p in PARTS]  # "none": only --merge and --ship
+    parts = selected_parts(args.parts, PARTS)
     results = {"model": args.model, "threads": args.threads, "quick": args.quick}
 
     save = json_saver(results, args.json)
@@ -184,8 +164,7 @@ def main(argv=None) -> int:
             print("reproduction (working grid; views once, every fusion on the same predictions):", flush=True)
             repro_part(args.model, args.threads, args.quick, results.setdefault("repro", {}), save)
         if "quality" in parts:
-            print("\nquality end to end (fresh process per case, Dice on the input grid):", flush=True)
-            ct_part(args.model, work, args.threads, args.quick, results.setdefault("quality", {}), save)
+            quality_part(args.model, work, args.threads, args.quick, results, save)
         if "speed" in parts:
             print("\nspeed:", flush=True)
             speed_part(args.model, args.threads, args.quick, work, results.setdefault("speed", {}), save)

@@ -14,29 +14,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from TransferSegLib.phantoms import ct_phantom
+from TransferSegLib.resample import back_to, grid_shape, to_spacing
 
-from TransferSegLib.metrics import dice  # noqa: E402
-from TransferSegLib.phantoms import ct_phantom  # noqa: E402
-from TransferSegLib.resample import back_to, grid_shape, to_spacing  # noqa: E402
+from common import liver_and_tumor, pooled_tumor_dice
 
 
 CANDIDATES = ([2.0, 1.0, 1.0], [3.0, 1.5, 1.5], [3.0, 2.0, 2.0], [4.0, 2.5, 2.5], [4.5, 4.4, 4.4])
 
 
-def ceiling(volume, labels, spacing) -> tuple:
-    """(liver Dice, tumor overlap ×2, tumor voxels predicted + true) of the one-hot truth through the
-    working grid and back; the last two pool over cases into the global tumor Dice."""
+def ceiling(volume, labels, spacing) -> dict:
+    """The :func:`common.liver_and_tumor` scores of the one-hot truth through the working grid and back."""
     onehot = np.stack([(labels == c).astype(np.float32) for c in range(3)])
     working = [to_spacing(volume.with_array(channel), spacing) for channel in onehot]
     encoded = np.stack([np.round(w.array * 255).astype(np.uint8) for w in working])
-    back = back_to(encoded, working[0], volume, kind="argmax")
-    tumor, truth = back == 2, labels == 2
-    return dice(back > 0, labels > 0), 2 * int((tumor & truth).sum()), int(tumor.sum() + truth.sum())
+    return liver_and_tumor(back_to(encoded, working[0], volume, kind="argmax"), labels)
 
 
 def main() -> int:
@@ -55,11 +50,10 @@ def main() -> int:
     print()
     print("working spacing (k, j, i) mm | liver Dice ceiling | tumor Dice ceiling (global) | voxels of a 512²×100 CT")
     for spacing in CANDIDATES:
-        scores = np.array(rows[tuple(spacing)], float)
+        scores = rows[tuple(spacing)]
         voxels = int(np.prod(grid_shape(clinical, (2.5, 0.7, 0.7), spacing)))
-        tumor = scores[:, 1].sum() / max(scores[:, 2].sum(), 1.0)
-        print(f"{' × '.join(f'{v:g}' for v in spacing):>27} | {scores[:, 0].min():.3f} (worst) | "
-              f"{tumor:.3f}{'':>21} | {voxels / 1e6:5.2f} M")
+        print(f"{' × '.join(f'{v:g}' for v in spacing):>27} | {min(s['liver'] for s in scores):.3f} (worst) | "
+              f"{pooled_tumor_dice(scores):.3f}{'':>21} | {voxels / 1e6:5.2f} M")
     return 0
 
 
