@@ -5,9 +5,12 @@ a converter that dropped running_mean/var (NOTES.md) or a weight would fail.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +22,8 @@ from torchvision.models.convnext import LayerNorm2d
 
 from TransferSegLib.nets import UNet2D
 from TransferSegLib.nets.acs import ACSConv, MeanACSConv, SoftACSConv
-from TransferSegLib.conversion import convert_from_source, load_converted, save_converted
+from TransferSegLib.conversion import convert_from_source, save_converted
+from TransferSegLib.models import load_model, read_card, save_model
 from TransferSegLib.nets.convert import CONVERSION_MODES, InflatedConvTranspose3d, LayerNorm3d, convert
 from TransferSegLib.volume import TransferSegError
 
@@ -436,7 +440,7 @@ def test_parameter_free_custom_modules_pass_and_bad_modes_are_refused():
 
 
 # --------------------------------------------------------------------------------------
-# Sources, safetensors, the sidecar
+# Sources, and the converted model saved as a model card
 # --------------------------------------------------------------------------------------
 def test_convert_from_source_loads_local_safetensors_weights_strictly(tmp_path):
     model = randomise(tv("resnet18"), seed=3)
@@ -467,26 +471,48 @@ def test_convert_from_source_loads_local_safetensors_weights_strictly(tmp_path):
     assert info["pretrained_weights"]["sha256"] and model3d.conv1.weight.shape == (64, 3, 7, 7, 7)
 
 
-def test_save_converted_writes_safetensors_and_a_sidecar_that_load_converted_reads(tmp_path):
+def test_a_converted_model_is_a_model_card_that_load_model_reads_back(tmp_path):
+    """The one weights format: safetensors + a model card whose architecture is "converted", the
+    conversion recorded in the card, the outputs of the model loaded back identical."""
     model3d, _ = convert_from_source("transferseg:unet2d", "soft_acs", num_classes=2,
                                      config={"base_channels": 4, "levels": 3})
     randomise(model3d)
-    sidecar = save_converted(model3d, tmp_path / "unet.safetensors")
-    record = json.loads(sidecar.read_text(encoding="utf-8"))
+    card_path = save_converted(model3d, tmp_path / "unet.safetensors")
+    assert card_path == tmp_path / "unet.json"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.json", "unet.safetensors"]  # nothing partial
+    card = read_card(card_path)  # checked like any card
+    assert card["architecture"] == {"name": "converted", "config": {
+        "source": "unet2d", "config": {"base_channels": 4, "levels": 3, "out_channels": 2}, "to": "soft_acs"}}
+    record = card["training"]["converted_from"]
     assert (record["source"], record["mode"], record["num_classes"]) == ("transferseg:unet2d", "soft_acs", 2)
-    import hashlib
-    assert record["weights"]["sha256"] == hashlib.sha256((tmp_path / "unet.safetensors").read_bytes()).hexdigest()
-    loaded, info = load_converted(tmp_path / "unet.safetensors")
+    assert record["parameters_3d"] == n_params(model3d) and record["reinitialised"] == []
+    assert card["weights"]["sha256"] == hashlib.sha256((tmp_path / "unet.safetensors").read_bytes()).hexdigest()
+    loaded = load_model(tmp_path / "unet.safetensors")
     x = torch.randn(1, 3, 4, 16, 16)
-    torch.testing.assert_close(loaded.eval()(x), model3d.eval()(x))
+    torch.testing.assert_close(loaded.network(x), model3d.eval()(x), rtol=0, atol=0)
     with pytest.raises(TransferSegError, match="never pickle"):
         save_converted(model3d, tmp_path / "unet.pt")
+    with pytest.raises(TransferSegError, match="in-memory .*Sequential"):  # no card can say how to rebuild it
+        save_converted(convert(nn.Sequential(nn.Conv2d(1, 2, 3)), "acs"), tmp_path / "seq.safetensors")
+
+
+def test_pretrained_weights_with_a_new_head_round_trip_through_the_card(tmp_path):
+    model = randomise(tv("resnet18"), seed=3)
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    model3d, info = convert_from_source("torchvision:resnet18", "acs", num_classes=4, weights_path=weights)
+    card = json.loads(save_converted(model3d, tmp_path / "r18_acs.safetensors", info).read_text(encoding="utf-8"))
+    record = card["training"]["converted_from"]
+    assert record["reinitialised"] == ["fc.weight", "fc.bias"]
+    assert record["pretrained_weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert card["architecture"]["config"] == {"source": "torchvision:resnet18", "config": {"num_classes": 4},
+                                              "to": "acs"}
+    loaded = load_model(tmp_path / "r18_acs.json")
+    x = torch.randn(2, 3, 16, 16, 16)
+    torch.testing.assert_close(loaded.network(x), model3d.eval()(x), rtol=0, atol=0)
 
 
 def test_convert_from_source_reads_a_transferseg_model_card(tmp_path):
-    from TransferSegLib.models import save_model
-
     net = randomise(small_unet(), seed=5).eval()
     card = {"name": "unet2d-demo", "version": "0.0.1", "task": "segmentation",
             "labels": [{"name": "liver", "label": 1, "color": [0.8, 0.4, 0.3]}],
@@ -498,27 +524,24 @@ def test_convert_from_source_reads_a_transferseg_model_card(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(model3d(x[:, :, None])[:, :, 0], net(x), rtol=1e-5, atol=1e-5)
     save_converted(model3d, tmp_path / "unet3d.safetensors")
-    loaded, _ = load_converted(tmp_path / "unet3d.safetensors")
-    torch.testing.assert_close(loaded.eval()(x[:, :, None]), model3d(x[:, :, None]))
+    loaded = load_model(tmp_path / "unet3d.safetensors")
+    torch.testing.assert_close(loaded.network(x[:, :, None]), model3d(x[:, :, None]), rtol=0, atol=0)
+    # the source card's task, labels, preprocessing and patch carry over: a model the pipeline can run
+    assert {k: loaded.card[k] for k in ("task", "labels", "preprocessing", "patch_size")} == \
+        {k: card[k] for k in ("task", "labels", "preprocessing", "patch_size")}
+    assert loaded.card["architecture"]["config"] == {"source": "unet2d", "config": net.config, "to": "2.5d"}
 
 
-def test_convert_command_writes_weights_and_sidecar(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    from TransferSegLib.conversion import load_converted
-
+def test_convert_command_writes_weights_and_their_model_card(tmp_path):
     out = tmp_path / "unet_acs.safetensors"
     config = {"in_channels": 3, "out_channels": 2, "base_channels": 4, "levels": 3}
     result = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "convert", "--from", "transferseg:unet2d",
                              "--config", json.dumps(config), "--to", "acs", "-o", str(out)],
                             capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert result.returncode == 0, result.stderr
-    sidecar = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
-    assert sidecar["mode"] == "acs" and sidecar["parameters_2d"] == sidecar["parameters_3d"]
-    model, _ = load_converted(out)
-    assert sum(p.numel() for p in model.parameters()) == sidecar["parameters_3d"]
+    record = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["training"]["converted_from"]
+    assert record["mode"] == "acs" and record["parameters_2d"] == record["parameters_3d"]
+    assert n_params(load_model(out).network) == record["parameters_3d"]
     bad = subprocess.run([sys.executable, "-m", "TransferSegLib.cli", "convert", "--from", str(tmp_path / "x.pth"),
                           "--to", "acs", "-o", str(tmp_path / "y.safetensors")], capture_output=True, text=True, encoding="utf-8",
                          timeout=300)

@@ -1,23 +1,28 @@
 """2D models converted to 3D from where they come from — a torchvision builder, a TransferSeg
-architecture, a 2D safetensors checkpoint or a model card — and the converted weights saved and
-read back with a JSON record (the ``transferseg convert`` command).  The conversion itself is
+architecture, a 2D safetensors checkpoint or a model card — and saved as a model like any other
+(the ``transferseg convert`` command): ``NAME.safetensors`` and its card ``NAME.json``, whose
+architecture is ``"converted"`` (:func:`TransferSegLib.nets.convert.converted_network`) and whose
+``training.converted_from`` records the conversion, so :func:`TransferSegLib.models.load_model`
+reads it back (sha256 checked, loaded strictly).  The conversion itself is
 :func:`TransferSegLib.nets.convert.convert`."""
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from .atomic import atomic_output
-from .models import load_model
-from .nets.convert import CONVERSION_MODES, build_2d, check_mode, convert
+from .models import load_model, save_model
+from .nets.convert import CONVERSION_MODES, build_2d, check_mode, config_2d, convert
 from .volume import TransferSegError
-from .weights import read_state_dict, refuse_pickle_suffix, save_state_dict, sha256_file
+from .weights import read_state_dict, refuse_pickle_suffix, sha256_file
 
-__all__ = ["convert_from_source", "load_converted", "save_converted"]
+__all__ = ["convert_from_source", "save_converted"]
+
+#: what a card needs that a bare 2D network does not say; a model card source gives its own
+_CARD_PLACEHOLDERS = {"task": "segmentation", "labels": [], "preprocessing": {}, "patch_size": [1, 1, 1]}
 
 
 def _load_2d_weights(model: nn.Module, path: Path, architecture: str, num_classes: int | None) -> list[str]:
@@ -57,8 +62,9 @@ def convert_from_source(source: str, to: str = "acs", num_classes: int | None = 
     ``info["reinitialised"]``; every other tensor must fit exactly.  Pickle files are refused.
 
     ``info`` (JSON-serialisable) says source, architecture, config, mode, num_classes, the 2D
-    weights' path and sha256, parameter counts and re-initialised keys; :func:`save_converted`
-    writes it as the sidecar and :func:`load_converted` rebuilds the network from it.
+    weights' path and sha256, parameter counts and re-initialised keys, and ``card``: a model card
+    source's task, labels, preprocessing and patch size (else None); :func:`save_converted` writes
+    it into the converted model's card.
     """
 
     mode = check_mode(to)
@@ -66,7 +72,7 @@ def convert_from_source(source: str, to: str = "acs", num_classes: int | None = 
         if given is not None:
             refuse_pickle_suffix(str(given))
     pretrained = Path(weights_path).expanduser() if weights_path is not None else None
-    card_network = None
+    card_network, card = None, None
     if source.startswith(("torchvision:", "transferseg:")):
         architecture = source
     else:
@@ -80,6 +86,7 @@ def convert_from_source(source: str, to: str = "acs", num_classes: int | None = 
                 card_network = loaded.network
                 architecture = loaded.card["architecture"]["name"]
                 config = loaded.card["architecture"].get("config", {})
+                card = {key: loaded.card[key] for key in _CARD_PLACEHOLDERS}
             else:
                 raise TransferSegError(
                     f"{source}: say which 2D architecture these weights belong to, e.g. "
@@ -104,18 +111,23 @@ def convert_from_source(source: str, to: str = "acs", num_classes: int | None = 
         "parameters_3d": model3d.transferseg_conversion["parameters_3d"],
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        "card": card,
     }
     model3d.transferseg_conversion = {**model3d.transferseg_conversion, **info}
     return model3d, info
 
 
 def save_converted(model3d: nn.Module, path, info: dict | None = None) -> Path:
-    """Write ``model3d``'s state dict to ``path`` (.safetensors) and a JSON sidecar beside it.
+    """Write ``model3d`` as a model: ``path`` (.safetensors) and its card beside it (``path`` with
+    ``.json``), atomically (:func:`TransferSegLib.models.save_model`); returns the card's path.
 
-    Both files are written atomically (``TransferSegLib.io.atomic_output``).  The sidecar
-    (``path`` with ``.json``) holds ``info`` (default: the model's ``transferseg_conversion``,
-    set by :func:`convert` / :func:`convert_from_source`: source, architecture, mode, …) plus
-    ``weights``: file name, sha256 and size.  Returns the sidecar's path.
+    The card is named ``path``'s stem; its architecture is ``{"name": "converted", "config":
+    {"source", "config", "to"}}``, so :func:`TransferSegLib.models.load_model` rebuilds the network
+    and loads the weights strictly, and ``training.converted_from`` holds ``info`` (default: the
+    model's ``transferseg_conversion``, set by :func:`convert_from_source`: source, architecture,
+    mode, parameter counts, re-initialised keys, …).  Task, labels, preprocessing and patch size
+    come from the source's model card; a network from elsewhere gets placeholders (a segmentation
+    without labels or preprocessing, patch [1, 1, 1]) until it is trained into a model.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -123,40 +135,19 @@ def save_converted(model3d: nn.Module, path, info: dict | None = None) -> Path:
     record = dict(info if info is not None else getattr(model3d, "transferseg_conversion", {}))
     if "mode" not in record:
         raise TransferSegError("save_converted: this model does not say how it was converted; pass info=")
-    digest = save_state_dict(model3d.state_dict(), path,
-                             metadata={"format": "pt", "transferseg_conversion": record["mode"]})
-    record["weights"] = {"file": path.name, "sha256": digest, "bytes": path.stat().st_size}
-    sidecar = path.with_suffix(".json")
-    with atomic_output(sidecar) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return sidecar
-
-
-def load_converted(path) -> tuple[nn.Module, dict]:
-    """Rebuild a model written by :func:`save_converted` and load its weights strictly (sha256 checked)."""
-
-    path = Path(path)
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        raise TransferSegError(f"{path}: the conversion record {sidecar.name} is missing beside the weights")
-    try:
-        info = json.loads(sidecar.read_text(encoding="utf-8"))
-        mode = info["mode"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TransferSegError(f"{sidecar}: not a TransferSeg conversion record ({e})") from None
-    architecture = info.get("architecture")
+    architecture = record.get("architecture")
     if architecture is None:
-        raise TransferSegError(f"{sidecar}: this model was converted from an in-memory {info.get('from_class', 'model')}; "
-                               f"convert that model again and load {path.name} into it with load_state_dict")
-    state = read_state_dict(path)
-    expected = info.get("weights", {}).get("sha256")
-    if expected != sha256_file(path):
-        raise TransferSegError(f"{path}: checksum mismatch with {sidecar.name}; the file is damaged or not this model's")
-    model3d = convert(build_2d(architecture, info.get("num_classes"), info.get("config")), mode)
-    try:
-        model3d.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise TransferSegError(f"{path}: the weights do not fit {architecture} converted to "
-                               f"{CONVERSION_MODES[mode]}: {str(e).splitlines()[0]}") from None
-    model3d.transferseg_conversion = {**model3d.transferseg_conversion, **info}
-    return model3d, info
+        raise TransferSegError(f"{path}: this model was converted from an in-memory "
+                               f"{record.get('from_class', 'model')}, and a model card must say how to rebuild its "
+                               "network; convert it with convert_from_source (a torchvision:, transferseg: or file "
+                               "source)")
+    fields = record.pop("card", None)
+    description = f"{record.get('source', architecture)} converted to 3D ({CONVERSION_MODES[record['mode']]})"
+    if fields is None:
+        fields = copy.deepcopy(_CARD_PLACEHOLDERS)
+        description += "; not yet a model to run: its labels, preprocessing and patch size are placeholders"
+    config = {"source": architecture.removeprefix("transferseg:"),
+              "config": config_2d(architecture, record.get("num_classes"), record.get("config")), "to": record["mode"]}
+    card = {"name": path.stem, "version": "1.0.0", "description": description, **fields,
+            "architecture": {"name": "converted", "config": config}, "training": {"converted_from": record}}
+    return save_model(model3d, card, path.parent)

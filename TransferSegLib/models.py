@@ -54,7 +54,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import same_file
+from .atomic import atomic_output, same_file
 from .cards import COMPONENT_NAME, VIEWS, check_card, is_composed
 from .progress import one_line
 from .volume import TransferSegError
@@ -234,9 +234,10 @@ def _shape(shape) -> str:
 def _check_fits(component: str, spec: dict, keys: dict, header: dict, weights_path: Path, prefix: str) -> None:
     """Compare the file's keys and shapes with the architecture's, built on the meta device (no
     memory), so an absurd config is refused at once instead of dying in the allocator."""
+    # torch and the networks load with a model's weights, not with this module: reading cards
+    # (`transferseg models`, the Slicer module's model list before torch is installed) stays torch-free
     import torch
-
-    from .nets import build_network
+    from .nets import build_network  # imports torch too
 
     arch = spec["architecture"]
     with torch.device("meta"):
@@ -260,9 +261,8 @@ def _check_fits(component: str, spec: dict, keys: dict, header: dict, weights_pa
 def load_model(name_or_path, device="cpu") -> LoadedModel:
     """Load a model by name or path: card checked, sha256 verified, the file's shapes checked
     against every component's architecture, weights loaded strictly, eval mode."""
-    import torch
-
-    from .nets import build_network
+    import torch  # not at the top: see _check_fits
+    from .nets import build_network  # imports torch too
 
     card_path = find_model(name_or_path)
     card = _read_card(card_path)
@@ -339,8 +339,6 @@ def save_model(network_or_components, card: dict, folder, storage_dtype: str | N
     card["weights"] = {"file": weights.name, "sha256": digest, "bytes": weights.stat().st_size}
     if storage_dtype:
         card["weights"]["dtype"] = storage_dtype
-    from .io import atomic_output
-
     card_path = folder / f"{name}.json"
     with atomic_output(card_path) as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -367,7 +365,7 @@ def compose_models(components: dict, folder, *, name: str, method: str, method_c
             raise TransferSegError(f"component name {component!r} may hold only letters, digits, '_' and '-'")
     if not isinstance(method, str) or not method:
         raise TransferSegError("compose needs a method name, e.g. multiview")
-    from .methods import METHODS, get_method  # the registry; methods import this module, so not at the top
+    from .methods import METHODS, get_method  # the methods import torch; this module stays torch-free (see _check_fits)
 
     try:
         get_method(method)

@@ -13,7 +13,8 @@ requires (known dtypes, byte ranges that fit their shapes and tile the data exac
 forged file is one clear error, even when a card's sha256 vouches for it, never a traceback
 from inside safetensors or torch.
 
-Imports nothing above :mod:`TransferSegLib.volume` (``nets/`` imports this module).
+Imports nothing above :mod:`TransferSegLib.atomic` and :mod:`TransferSegLib.volume` (``nets/`` imports
+this module), and torch only when a tensor is read or written.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import json
 import math
 from pathlib import Path
 
+from .atomic import atomic_output
 from .volume import TransferSegError
 
 __all__ = ["PICKLE_SUFFIXES", "read_header", "read_state_dict", "refuse_pickle_suffix", "save_state_dict",
@@ -158,7 +160,7 @@ def read_state_dict(path, sha256: str | None = None) -> dict:
 
     The file is read once and loaded from memory, so any file name works and, with ``sha256``,
     the bytes loaded are exactly the bytes verified (no second read for a swapped file to slip into)."""
-    from safetensors.torch import load
+    from safetensors.torch import load  # imports torch: reading a header (and a model card) stays torch-free
 
     path = Path(path).expanduser()
     read_header(path)
@@ -180,9 +182,7 @@ def save_state_dict(state: dict, path, metadata: dict | None = None) -> str:
     earlier one (a module used twice) is written as its own copy, which safetensors requires.
     ``metadata`` is a flat str → str dict stored in the header.  The file is mode 0644.
     """
-    from safetensors.torch import save_file
-
-    from .io import atomic_output
+    from safetensors.torch import save_file  # imports torch: see read_state_dict
 
     path = Path(path)
     if path.suffix != ".safetensors":

@@ -11,3 +11,4 @@ from .ahnet import *  # noqa
 from .convert import *  # noqa
 from .vfn import *  # noqa
 from .hdenseunet import *  # noqa  (with denseunet.py's networks)
+from .specks import *  # noqa

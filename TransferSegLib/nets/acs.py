@@ -39,6 +39,7 @@ from torch import nn
 
 from ..labels import VIEWS
 from ..volume import TransferSegError
+from .checks import describe_size
 
 __all__ = ["ACSConv", "MeanACSConv", "SoftACSConv", "acs_channel_split", "VIEWS", "PADDING_MODES"]
 
@@ -55,10 +56,6 @@ def acs_channel_split(out_channels: int) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------------------------------------
 # argument checking
-
-
-def _describe(sizes) -> str:
-    return "×".join(str(int(s)) for s in sizes)
 
 
 def _is_int(value) -> bool:
@@ -205,7 +202,7 @@ class _ACSConvNd(nn.Module):
         unbatched = x.dim() == 4
         if x.dim() not in (4, 5):
             raise TransferSegError(
-                f"{name} expects a 5D tensor (N, C, D, H, W) or an unbatched (C, D, H, W), got shape {_describe(x.shape)}"
+                f"{name} expects a 5D tensor (N, C, D, H, W) or an unbatched (C, D, H, W), got shape {describe_size(x.shape)}"
             )
         if unbatched:
             x = x.unsqueeze(0)
@@ -216,7 +213,7 @@ class _ACSConvNd(nn.Module):
                     for n, (l, r), d, s in zip(x.shape[2:], pads, self.dilation, self.stride)]
         if min(out_size) < 1 or min(x.shape[2:]) < 1:
             raise TransferSegError(
-                f"{name}: input {_describe(x.shape[2:])} (D×H×W) is too small for a {k}×{k}×{k} kernel with "
+                f"{name}: input {describe_size(x.shape[2:])} (D×H×W) is too small for a {k}×{k}×{k} kernel with "
                 f"dilation {self.dilation} and padding {self.padding!r}"
             )
         if self.padding_mode in ("reflect", "circular"):
@@ -225,7 +222,7 @@ class _ACSConvNd(nn.Module):
                 if max(l, r) > n - (self.padding_mode == "reflect"):
                     raise TransferSegError(
                         f"{name}: padding_mode={self.padding_mode!r} needs the padding {self.padding!r} to be "
-                        f"{limit} the input size {_describe(x.shape[2:])} on every axis"
+                        f"{limit} the input size {describe_size(x.shape[2:])} on every axis"
                     )
         if self.padding_mode != "zeros" and any(l or r for l, r in pads):
             # nn.Conv3d pads all three axes in the mode first; so do we, and then pad nothing.

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..volume import TransferSegError
+from .checks import check_input, check_positive
+from .mcgcn import MCGCN, RESNET_BACKBONES, check_backbone, encoder_channels, pad_to_multiple
 from .registry import register
-from .mcgcn import (MCGCN, RESNET_BACKBONES, check_backbone, check_input, check_positive,
-                    encoder_channels, pad_to_multiple)
 
 __all__ = ["AHNet", "transfer_mcgcn_to_ahnet"]
 

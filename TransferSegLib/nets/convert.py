@@ -72,8 +72,9 @@ from torchvision.models import convnext
 from torchvision.ops import misc as tv_misc
 
 from ..volume import TransferSegError
-from .registry import register
+from .acs import ACSConv, MeanACSConv, SoftACSConv
 from .layers3d import InflatedConvTranspose3d, LayerNorm3d
+from .registry import build_network, register
 from .torchvision3d import FORWARDS_3D
 from .unet import SliceStack2D
 
@@ -162,11 +163,7 @@ def _convert_conv(conv: nn.Conv2d, mode: str):
 
 
 def _convert_conv_acs(conv: nn.Conv2d, mode: str):
-    try:
-        from . import acs
-    except ImportError as e:  # pragma: no cover - acs.py ships with this package
-        raise _CannotConvert("Conv2d", f"ACS convolutions are not available ({e})") from None
-    cls = {"acs": acs.ACSConv, "mean_acs": acs.MeanACSConv, "soft_acs": acs.SoftACSConv}[mode]
+    cls = {"acs": ACSConv, "mean_acs": MeanACSConv, "soft_acs": SoftACSConv}[mode]
     new = cls.from_conv2d(conv)
     new_state = new.state_dict()
 
@@ -531,7 +528,8 @@ def convert(model: nn.Module, to: str = "acs") -> nn.Module:
     ``"3d"``.  The copy keeps every module's train/eval flag and every parameter's
     ``requires_grad``, holds exactly the 2D state dict's keys with the replaced layers' tensors
     transformed (checked strictly; Soft-ACS adds its ``view_weights``), and records the
-    conversion in its ``transferseg_conversion`` dict (read by :func:`save_converted`).
+    conversion in its ``transferseg_conversion`` dict (which
+    :func:`TransferSegLib.conversion.save_converted` writes into its model card).
 
     Raises TransferSegError naming each module that cannot be converted, e.g.
     "cannot convert features.3 (Conv2d with kernel (3, 1)) to ACS: …".
@@ -557,11 +555,18 @@ def convert(model: nn.Module, to: str = "acs") -> nn.Module:
     return model3d
 
 
+def config_2d(architecture: str, num_classes: int | None, config: dict | None) -> dict:
+    """``config`` with the output size ``num_classes`` (when given) under the name ``architecture``
+    takes it by: torchvision's ``num_classes``, a TransferSeg network's ``out_channels``."""
+    config = dict(config or {})
+    if num_classes is not None:
+        config["num_classes" if architecture.startswith("torchvision:") else "out_channels"] = num_classes
+    return config
+
+
 def build_2d(architecture: str, num_classes: int | None, config: dict | None) -> nn.Module:
     """A randomly initialised 2D network: ``torchvision:NAME`` or a TransferSeg architecture name."""
-    from .registry import build_network
-
-    config = dict(config or {})
+    config = config_2d(architecture, num_classes, config)
     if architecture.startswith("torchvision:"):
         name = architecture.split(":", 1)[1]
         try:
@@ -573,16 +578,11 @@ def build_2d(architecture: str, num_classes: int | None, config: dict | None) ->
         config["weights"] = None  # never download; pretrained weights come from a local safetensors file
         if "weights_backbone" in parameters:
             config["weights_backbone"] = None
-        if num_classes is not None:
-            config["num_classes"] = num_classes
         try:
             return builder(**config)
         except (TypeError, ValueError) as e:
             raise TransferSegError(f"torchvision {name} cannot be built with {config}: {e}") from None
-    name = architecture.split(":", 1)[1] if architecture.startswith("transferseg:") else architecture
-    if num_classes is not None:
-        config["out_channels"] = num_classes
-    return build_network(name, config)
+    return build_network(architecture.removeprefix("transferseg:"), config)
 
 
 @register("converted")

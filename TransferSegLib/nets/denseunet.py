@@ -25,8 +25,9 @@ import torch.utils.checkpoint as cp
 from torch import nn
 
 from ..volume import TransferSegError
+from ..weights import read_state_dict
+from .checks import check_input, check_positive
 from .registry import register
-from .mcgcn import check_input, check_positive
 from .unet import SliceStack2D
 
 __all__ = ["DenseUNet", "DenseUNet2D", "DenseUNet2DSlices", "DenseUNet3D", "load_densenet161_encoder"]
@@ -337,8 +338,6 @@ def load_densenet161_encoder(model: DenseUNet2D, path) -> dict:
     Refused with a clear error: a file with no encoder key at all, or one whose shapes do not fit
     (e.g. a small configuration, or another DenseNet).
     """
-    from ..weights import read_state_dict
-
     if not isinstance(model, DenseUNet) or model.dims != 2:
         raise TransferSegError(f"DenseNet-161 weights load into a DenseUNet2D encoder, not {type(model).__name__}")
     source = read_state_dict(path)

@@ -21,8 +21,8 @@ from ..volume import TransferSegError
 from .registry import register
 from . import denseunet
 from .denseunet import *  # noqa: F401,F403  (re-exported: nets/__init__ star-imports this module only)
+from .checks import check_input
 from .denseunet import DenseUNet2D, DenseUNet3D
-from .mcgcn import check_input
 
 __all__ = ["HDenseUNet", "to_adjacent_slices", "from_adjacent_slices", *denseunet.__all__]
 

@@ -21,7 +21,6 @@ finds every 3D counterpart by the same name.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -29,6 +28,7 @@ from torch import nn
 
 from ..volume import TransferSegError
 from ..weights import read_state_dict
+from .checks import check_input, check_positive
 from .registry import register
 from .unet import SliceStack2D
 
@@ -71,21 +71,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: tuple[int, ...]) -> torch.Tensor:
     for e in reversed(extra):  # F.pad lists the last axis first
         pads += [0, e]
     return F.pad(x, pads, mode="replicate")
-
-
-def check_input(name: str, x: torch.Tensor, in_channels: int, dims: int) -> None:
-    axes = "N, C, D, H, W" if dims == 3 else "N, C, H, W"
-    if x.ndim != dims + 2:
-        shape = "×".join(str(int(s)) for s in x.shape)
-        raise TransferSegError(f"{name} expects a {dims + 2}D tensor ({axes}), got shape {shape}")
-    if x.shape[1] != in_channels:
-        raise TransferSegError(f"{name} expects {in_channels} input channel(s), got {x.shape[1]}")
-
-
-def check_positive(name: str, **values) -> None:
-    for arg, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise TransferSegError(f"{name}: {arg} must be a positive integer, got {value!r}")
 
 
 class GlobalConvolution(nn.Module):

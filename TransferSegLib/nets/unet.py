@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..volume import TransferSegError
+from .checks import check_input
 from .registry import register
 
 __all__ = ["UNet3D", "UNet2D", "SliceStack2D", "MultiSliceUNet2D"]
@@ -49,27 +50,6 @@ def _double_conv(dims: int, cin: int, cmid: int, cout: int, norm: str) -> nn.Seq
         conv(cin, cmid, 3, padding=1), _norm(dims, norm, cmid), nn.ReLU(inplace=True),
         conv(cmid, cout, 3, padding=1), _norm(dims, norm, cout), nn.ReLU(inplace=True),
     )
-
-
-def _describe(sizes) -> str:
-    return "×".join(str(int(s)) for s in sizes)
-
-
-def _check_input(name: str, x: torch.Tensor, in_channels: int, multiple: tuple[int, ...]) -> None:
-    """Clear errors for the wrong rank, channel count or a spatial size off the multiple."""
-    dims = len(multiple)
-    if x.ndim != dims + 2:
-        raise TransferSegError(
-            f"{name} expects a {dims + 2}D tensor (N, C, {'D, ' if dims == 3 else ''}H, W), got shape {_describe(x.shape)}"
-        )
-    if x.shape[1] != in_channels:
-        raise TransferSegError(f"{name} expects {in_channels} input channel(s), got {x.shape[1]}")
-    spatial = tuple(x.shape[2:])
-    if any(s % m for s, m in zip(spatial, multiple)):
-        raise TransferSegError(
-            f"{name} input spatial size {_describe(spatial)} is not a multiple of {_describe(multiple)}; "
-            f"pad it (the sliding-window inferer does) or choose fewer levels"
-        )
 
 
 def _check_config(name: str, norm: str, **positive: int) -> None:
@@ -129,7 +109,8 @@ class _UNet(nn.Module):
         return {"encoder": list(self.encoder.parameters()), "decoder": decoder}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(type(self).__name__, x, self.in_channels, self.size_multiple)
+        check_input(type(self).__name__, x, self.in_channels, self.dims, self.size_multiple,
+                    remedy="choose fewer levels")
         skips = []
         for i, block in enumerate(self.encoder):
             x = block(self.pool(x) if i else x)
@@ -235,7 +216,7 @@ class SliceStack2D(nn.Module):
         return {"network": list(self.net.parameters())}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(type(self).__name__, x, 1, self.size_multiple)
+        check_input(type(self).__name__, x, 1, 3, self.size_multiple, remedy="choose fewer levels")
         n, _, depth, height, width = x.shape
         half = self.n_slices // 2
         offsets = torch.arange(-half, half + 1, device=x.device)

@@ -8,20 +8,16 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_output
 from ..volume import TransferSegError
+from ..weights import sha256_file
 
 CHECKPOINT_FORMAT = "transferseg-checkpoint-1"
 # keys that change how a run is executed or reported, not what it computes: a resumed run may change them
 RUNTIME_KEYS = ("threads", "workers", "device", "progress_bar", "checkpoint_every", "keep_checkpoints", "log_every")
-
-
-def _sha256(path: Path) -> str:
-    from ..weights import sha256_file
-
-    return sha256_file(path)
 
 
 def _json_default(value):
@@ -61,8 +57,6 @@ def write_json(path: Path, payload) -> None:
 
 def save_checkpoint(out: Path, step: int, network: nn.Module, optimizer, state: dict, keep: int) -> Path:
     """Write checkpoint-<step>/ file by file (each atomically), then point checkpoint.json at it."""
-    from safetensors.torch import save_file
-
     folder = out / f"checkpoint-{step:08d}"
     weights = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
@@ -70,10 +64,10 @@ def save_checkpoint(out: Path, step: int, network: nn.Module, optimizer, state: 
     for name, tensors in (("weights.safetensors", weights), ("optimizer.safetensors", opt_tensors)):
         with atomic_output(folder / name) as tmp:
             save_file(tensors, str(tmp))
-            files[name] = _sha256(tmp)
+            files[name] = sha256_file(tmp)
     with atomic_output(folder / "optimizer.json") as tmp:
         tmp.write_text(json.dumps(opt_meta, default=_json_default) + "\n", encoding="utf-8")
-        files["optimizer.json"] = _sha256(tmp)
+        files["optimizer.json"] = sha256_file(tmp)
     write_json(folder / "state.json", dict(state, format=CHECKPOINT_FORMAT, step=step, files=files))
     write_json(out / "checkpoint.json", {"latest": folder.name, "step": step})
     # older ones beyond ``keep``, and leftovers of a killed run past this step, are not pointed at
@@ -97,11 +91,23 @@ def load_checkpoint(out: Path) -> Optional[dict]:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise TransferSegError(f"{folder}: not a TransferSeg checkpoint of format {CHECKPOINT_FORMAT}")
     for name, digest in state["files"].items():
-        if not (folder / name).exists() or _sha256(folder / name) != digest:
+        if not (folder / name).exists() or sha256_file(folder / name) != digest:
             raise TransferSegError(f"{folder / name}: missing or damaged (checksum mismatch); delete {folder.name} "
                                    "and checkpoint.json to restart from scratch")
     state["folder"] = folder
     return state
+
+
+def restore_network(state: dict, network: nn.Module, device) -> None:
+    """The checkpoint's weights (``state`` from :func:`load_checkpoint`) into ``network``."""
+    network.load_state_dict(load_file(str(state["folder"] / "weights.safetensors"), device=str(device)))
+
+
+def restore_optimizer(state: dict, optimizer, device) -> None:
+    """The checkpoint's optimizer state (``state`` from :func:`load_checkpoint`) into ``optimizer``."""
+    tensors = load_file(str(state["folder"] / "optimizer.safetensors"), device=str(device))
+    meta = json.loads((state["folder"] / "optimizer.json").read_text(encoding="utf-8"))
+    optimizer.load_state_dict(optimizer_from_files(tensors, meta))
 
 
 def remove_partial_files(out: Path) -> None:

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..datasets import check_vary
+from ..labels import VIEWS
 from ..losses import LOSSES, REGRESSION_LOSSES, build_loss
-from ..volume import TransferSegError
+from ..preprocessing import preprocess
+from ..resample import to_orientation
+from ..volume import TransferSegError, Volume
 
 OPTIMIZERS = {"adam": ("lr", "betas", "eps", "weight_decay", "amsgrad"),
               "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
@@ -84,6 +88,7 @@ def _check_loss(spec, key: str) -> dict:
 
 
 def _check_stage(stage, n: int) -> dict:
+    """One training stage, checked key by key, with its defaults filled in."""
     key = f"stages[{n}]"
     _section(stage, key, ("name", "steps", "frozen", "freeze_bn", "optimizer", "group_lr", "schedule", "loss",
                           "heads", "network"),
@@ -91,96 +96,107 @@ def _check_stage(stage, n: int) -> dict:
     out = {"name": stage.get("name", f"stage{n}"), "steps": _int(stage["steps"], f"{key}.steps", 1)}
     if not isinstance(out["name"], str) or not out["name"]:
         config_error(f"{key}.name", f"must be a non-empty string; got {out['name']!r}")
-    frozen = stage.get("frozen", [])
-    if not isinstance(frozen, list) or not all(isinstance(g, str) for g in frozen):
-        config_error(f"{key}.frozen", f"must be a list of parameter group names; got {frozen!r}")
-    out["frozen"] = list(frozen)
-    if not isinstance(stage.get("freeze_bn", False), bool):
-        config_error(f"{key}.freeze_bn", f"must be true or false; got {stage['freeze_bn']!r}")
-    out["freeze_bn"] = stage.get("freeze_bn", False)
-    heads = stage.get("heads")
-    if heads is not None and not (isinstance(heads, dict) and heads and all(
-            isinstance(k, str) and _is_number(v) and v >= 0 for k, v in heads.items())):
-        config_error(f"{key}.heads", f"must be {{output head: loss weight}}, e.g. {{\"hff\": 1.0, \"net2d\": 0.5}}; "
-              f"got {heads!r}")
-    out["heads"] = dict(heads) if heads else None
-    options = stage.get("network", {})
-    if not (isinstance(options, dict) and all(isinstance(k, str) and k and isinstance(v, (bool, int, float, str))
-                                              for k, v in options.items())):
-        config_error(f"{key}.network", f"must be {{module.attribute: value}}, e.g. {{\"net2d.unet_connections\": false}}; "
-              f"got {options!r}")
-    out["network"] = dict(options)
-
-    opt = dict(stage["optimizer"]) if isinstance(stage["optimizer"], dict) else stage["optimizer"]
-    if not isinstance(opt, dict) or opt.get("name") not in OPTIMIZERS:
-        config_error(f"{key}.optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}; "
-              f"got {opt.get('name') if isinstance(opt, dict) else opt!r}")
-    _section(opt, f"{key}.optimizer", ("name",) + OPTIMIZERS[opt["name"]], required=("lr",))
-    _number(opt["lr"], f"{key}.optimizer.lr", 0.0)
-    for name in ("eps", "weight_decay", "momentum", "dampening"):
-        if name in opt:
-            _number(opt[name], f"{key}.optimizer.{name}", 0.0)
-    if "betas" in opt and not (isinstance(opt["betas"], list) and len(opt["betas"]) == 2
-                               and all(_is_number(b) and 0 <= b < 1 for b in opt["betas"])):
-        config_error(f"{key}.optimizer.betas", f"must be [β1, β2] in [0, 1); got {opt['betas']!r}")
-    for name in ("amsgrad", "nesterov"):
-        if name in opt and not isinstance(opt[name], bool):
-            config_error(f"{key}.optimizer.{name}", f"must be true or false; got {opt[name]!r}")
-    out["optimizer"] = opt
-
+    out.update(_check_stage_network(stage, key))
+    out["optimizer"] = _check_optimizer(stage["optimizer"], f"{key}.optimizer")
     group_lr = stage.get("group_lr", {})
     if not isinstance(group_lr, dict):
         config_error(f"{key}.group_lr", f"must be an object {{group: lr}}; got {group_lr!r}")
     for group, lr in group_lr.items():
         _number(lr, f"{key}.group_lr.{group}", 0.0)
     out["group_lr"] = dict(group_lr)
+    out["schedule"] = _check_schedule(stage.get("schedule", {"name": "constant"}), f"{key}.schedule")
+    out["loss"] = _check_stage_loss(stage["loss"], f"{key}.loss")
+    return out
 
-    schedule = stage.get("schedule", {"name": "constant"})
+
+def _check_stage_network(stage: dict, key: str) -> dict:
+    """What a stage does to the network: frozen groups (and their BatchNorms), trained heads, attributes set."""
+    frozen = stage.get("frozen", [])
+    if not isinstance(frozen, list) or not all(isinstance(g, str) for g in frozen):
+        config_error(f"{key}.frozen", f"must be a list of parameter group names; got {frozen!r}")
+    if not isinstance(stage.get("freeze_bn", False), bool):
+        config_error(f"{key}.freeze_bn", f"must be true or false; got {stage['freeze_bn']!r}")
+    heads = stage.get("heads")
+    if heads is not None and not (isinstance(heads, dict) and heads and all(
+            isinstance(k, str) and _is_number(v) and v >= 0 for k, v in heads.items())):
+        config_error(f"{key}.heads", f"must be {{output head: loss weight}}, e.g. {{\"hff\": 1.0, \"net2d\": 0.5}}; "
+              f"got {heads!r}")
+    options = stage.get("network", {})
+    if not (isinstance(options, dict) and all(isinstance(k, str) and k and isinstance(v, (bool, int, float, str))
+                                              for k, v in options.items())):
+        config_error(f"{key}.network", f"must be {{module.attribute: value}}, e.g. {{\"net2d.unet_connections\": false}}; "
+              f"got {options!r}")
+    return {"frozen": list(frozen), "freeze_bn": stage.get("freeze_bn", False), "heads": dict(heads) if heads else None,
+            "network": dict(options)}
+
+
+def _check_optimizer(spec, key: str) -> dict:
+    opt = dict(spec) if isinstance(spec, dict) else spec
+    if not isinstance(opt, dict) or opt.get("name") not in OPTIMIZERS:
+        config_error(f"{key}.name", f"must be one of {', '.join(OPTIMIZERS)}; "
+              f"got {opt.get('name') if isinstance(opt, dict) else opt!r}")
+    _section(opt, key, ("name",) + OPTIMIZERS[opt["name"]], required=("lr",))
+    _number(opt["lr"], f"{key}.lr", 0.0)
+    for name in ("eps", "weight_decay", "momentum", "dampening"):
+        if name in opt:
+            _number(opt[name], f"{key}.{name}", 0.0)
+    if "betas" in opt and not (isinstance(opt["betas"], list) and len(opt["betas"]) == 2
+                               and all(_is_number(b) and 0 <= b < 1 for b in opt["betas"])):
+        config_error(f"{key}.betas", f"must be [β1, β2] in [0, 1); got {opt['betas']!r}")
+    for name in ("amsgrad", "nesterov"):
+        if name in opt and not isinstance(opt[name], bool):
+            config_error(f"{key}.{name}", f"must be true or false; got {opt[name]!r}")
+    return opt
+
+
+def _check_schedule(schedule, key: str) -> dict:
     if not isinstance(schedule, dict) or schedule.get("name") not in SCHEDULES:
-        config_error(f"{key}.schedule.name", f"must be one of {', '.join(SCHEDULES)}; "
+        config_error(f"{key}.name", f"must be one of {', '.join(SCHEDULES)}; "
               f"got {schedule.get('name') if isinstance(schedule, dict) else schedule!r}")
-    _section(schedule, f"{key}.schedule", ("name",) + SCHEDULES[schedule["name"]], required=SCHEDULES[schedule["name"]])
+    _section(schedule, key, ("name",) + SCHEDULES[schedule["name"]], required=SCHEDULES[schedule["name"]])
     if schedule["name"] == "step":
-        _int(schedule["step_size"], f"{key}.schedule.step_size", 1)
-        _number(schedule["gamma"], f"{key}.schedule.gamma", 0.0)
+        _int(schedule["step_size"], f"{key}.step_size", 1)
+        _number(schedule["gamma"], f"{key}.gamma", 0.0)
     if schedule["name"] == "poly":
-        _number(schedule["power"], f"{key}.schedule.power", 0.0)
+        _number(schedule["power"], f"{key}.power", 0.0)
     if schedule["name"] == "multistep":
         milestones = schedule["milestones"]
         if not (isinstance(milestones, list) and milestones and all(_is_number(m) and 0 < m < 1 for m in milestones)
                 and milestones == sorted(milestones)):
-            config_error(f"{key}.schedule.milestones", f"must be increasing fractions of the stage's steps in (0, 1), "
+            config_error(f"{key}.milestones", f"must be increasing fractions of the stage's steps in (0, 1), "
                   f"e.g. [0.667, 0.833]; got {milestones!r}")
-        _number(schedule["gamma"], f"{key}.schedule.gamma", 0.0)
-    out["schedule"] = dict(schedule)
+        _number(schedule["gamma"], f"{key}.gamma", 0.0)
+    return dict(schedule)
 
-    loss = stage["loss"] if isinstance(stage["loss"], dict) else {"name": stage["loss"]}
-    loss = dict(loss)
+
+def _check_stage_loss(spec, key: str) -> dict:
+    """A stage's loss and the switch to another one (at a step, an epoch or on a plateau)."""
+    loss = dict(spec if isinstance(spec, dict) else {"name": spec})
     switch = loss.get("switch")
-    _check_loss({k: v for k, v in loss.items() if k != "switch"}, f"{key}.loss")
-    if switch is not None:
-        skey = f"{key}.loss.switch"
-        _section(switch, skey, ("to", "at_step", "at_epoch", "on_plateau"), required=("to",))
-        switch = dict(switch, to=_check_loss(switch["to"], f"{skey}.to"))
-        triggers = [t for t in ("at_step", "at_epoch", "on_plateau") if t in switch]
-        if len(triggers) != 1:
-            config_error(skey, f"needs exactly one of at_step, at_epoch, on_plateau; got {triggers or 'none'}")
-        if "at_step" in switch:
-            _int(switch["at_step"], f"{skey}.at_step", 0)
-        if "at_epoch" in switch:
-            _int(switch["at_epoch"], f"{skey}.at_epoch", 0)
-        if "on_plateau" in switch:
-            plateau = dict(switch["on_plateau"]) if isinstance(switch["on_plateau"], dict) else switch["on_plateau"]
-            _section(plateau, f"{skey}.on_plateau", ("patience", "min_delta", "window"), required=("patience",))
-            _int(plateau["patience"], f"{skey}.on_plateau.patience", 1)
-            plateau.setdefault("min_delta", 0.0)
-            plateau.setdefault("window", 1)
-            _number(plateau["min_delta"], f"{skey}.on_plateau.min_delta", 0.0)
-            _int(plateau["window"], f"{skey}.on_plateau.window", 1)
-            switch["on_plateau"] = plateau
-        loss["switch"] = switch
-    out["loss"] = loss
-    return out
+    _check_loss({k: v for k, v in loss.items() if k != "switch"}, key)
+    if switch is None:
+        return loss
+    skey = f"{key}.switch"
+    _section(switch, skey, ("to", "at_step", "at_epoch", "on_plateau"), required=("to",))
+    switch = dict(switch, to=_check_loss(switch["to"], f"{skey}.to"))
+    triggers = [t for t in ("at_step", "at_epoch", "on_plateau") if t in switch]
+    if len(triggers) != 1:
+        config_error(skey, f"needs exactly one of at_step, at_epoch, on_plateau; got {triggers or 'none'}")
+    if "at_step" in switch:
+        _int(switch["at_step"], f"{skey}.at_step", 0)
+    if "at_epoch" in switch:
+        _int(switch["at_epoch"], f"{skey}.at_epoch", 0)
+    if "on_plateau" in switch:
+        plateau = dict(switch["on_plateau"]) if isinstance(switch["on_plateau"], dict) else switch["on_plateau"]
+        _section(plateau, f"{skey}.on_plateau", ("patience", "min_delta", "window"), required=("patience",))
+        _int(plateau["patience"], f"{skey}.on_plateau.patience", 1)
+        plateau.setdefault("min_delta", 0.0)
+        plateau.setdefault("window", 1)
+        _number(plateau["min_delta"], f"{skey}.on_plateau.min_delta", 0.0)
+        _int(plateau["window"], f"{skey}.on_plateau.window", 1)
+        switch["on_plateau"] = plateau
+    loss["switch"] = switch
+    return loss
 
 
 TOP_LEVEL = ("name", "version", "task", "description", "seed", "architecture", "init_weights", "labels", "data",
@@ -315,8 +331,6 @@ def _check_data(c: dict) -> None:
         data["seed"] = _int(data.get("seed", 0), "data.seed", 0)
         if not isinstance(data.setdefault("options", {}), dict):
             config_error("data.options", f"must be a JSON object of {data['phantom']}_phantom arguments; got {data['options']!r}")
-        from ..datasets import check_vary
-
         try:
             check_vary(data["phantom"], data.setdefault("vary", {}))
         except TransferSegError as e:
@@ -343,8 +357,6 @@ def _check_grid(c: dict) -> None:
     if not isinstance(c.setdefault("preprocessing", {}), dict):
         config_error("preprocessing", f"must be a JSON object such as {{\"hu_window\": [-200, 250]}}; got {c['preprocessing']!r}")
     try:
-        from ..preprocessing import preprocess
-
         preprocess(np.zeros((1, 1, 1), np.float32), c["preprocessing"])
     except TransferSegError as e:
         config_error("preprocessing", str(e))
@@ -357,9 +369,6 @@ def _check_grid(c: dict) -> None:
         c["expected_spacing_mm"] = c["working_spacing_mm"]
     orientation = c.setdefault("working_orientation", None)
     if orientation is not None:
-        from ..resample import to_orientation
-        from ..volume import Volume
-
         try:
             to_orientation(Volume(np.zeros((1, 1, 1), np.float32)), orientation)
         except TransferSegError as e:
@@ -370,8 +379,6 @@ def _check_grid(c: dict) -> None:
         config_error("patch_size", f"must be [k, j, i], three positive whole numbers; got {patch!r}")
     view = c.setdefault("view", None)
     if view is not None:
-        from ..views import VIEWS
-
         if view not in VIEWS:
             config_error("view", f"must be null or one of {', '.join(VIEWS)}; got {view!r}")
         if c["working_orientation"] is None:

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from ..atomic import atomic_output
 
@@ -46,9 +48,6 @@ class RunLog:
 
     def plot(self, path: Path, title: str) -> None:
         """Loss (per stage and loss), learning rates and validation Dice against the step."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         def column(name):
             return np.array([float(r[name]) if r.get(name) not in ("", None) else np.nan for r in self.rows])
 

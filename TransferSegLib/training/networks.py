@@ -8,7 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models import load_model
+from ..nets import MCGCN, SliceStack2D, build_network, transfer_mcgcn_to_ahnet
+from ..nets.convert import convert
 from ..volume import TransferSegError
+from ..weights import read_state_dict
 from .config import config_error
 
 
@@ -22,8 +26,6 @@ def _import_architecture(arch: dict) -> None:
 
 def network_from_config(config: dict, device) -> tuple:
     """``(network on device, the init_weights report or None)``."""
-    from ..nets import build_network
-
     arch = config["architecture"]
     _import_architecture(arch)
     torch.manual_seed(config["seed"])  # the same initial weights in every process and run
@@ -108,9 +110,6 @@ def load_weights_into(network: nn.Module, state: dict, prefix: str = "", strict:
 def _transferred_weights(mcgcn_model: str, ahnet: nn.Module, seed: int) -> dict:
     """The state of an AH-Net like ``ahnet`` whose encoder is the MC-GCN model's (AH-Net sec. 3.2),
     built after reseeding so that its fresh decoder equals ``ahnet``'s own initialisation."""
-    from ..models import load_model
-    from ..nets import MCGCN, SliceStack2D, transfer_mcgcn_to_ahnet
-
     mcgcn = load_model(mcgcn_model, device="cpu").network
     if isinstance(mcgcn, SliceStack2D):
         mcgcn = mcgcn.net
@@ -125,10 +124,6 @@ def _transferred_weights(mcgcn_model: str, ahnet: nn.Module, seed: int) -> dict:
 
 def _converted_weights(model_2d: str, arch_config: dict) -> dict:
     """The state of the trained 2D model converted as ``arch_config`` says (a "converted" architecture)."""
-    from ..models import load_model
-    from ..nets import SliceStack2D, build_network
-    from ..nets.convert import convert
-
     loaded = load_model(model_2d, device="cpu")
     network = loaded.network.net if isinstance(loaded.network, SliceStack2D) else loaded.network
     name = loaded.card["architecture"]["name"]
@@ -145,9 +140,6 @@ def _converted_weights(model_2d: str, arch_config: dict) -> dict:
 
 
 def _initial_weights(path: str) -> dict:
-    from ..models import load_model
-    from ..weights import read_state_dict
-
     if path.endswith(".safetensors"):
         file = Path(path).expanduser()
         if not file.exists():

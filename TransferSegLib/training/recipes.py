@@ -50,12 +50,18 @@ from typing import Optional
 
 import numpy as np
 
-from ..atomic import check_output_folder
+from ..atomic import atomic_output, check_output_folder
+from ..fusion import fusion_input
 from ..labels import VIEWS
+from ..methods.cascade import DEFAULTS
+from ..models import compose_models, load_model, save_model
+from ..preprocessing import preprocess
 from ..progress import CancelToken, ProgressCallback, StageProgress, check_cancel
+from ..views import directions_of, predict_view
 from ..volume import TransferSegError
 from .config import validate_config
 from .sampling import cached_working_case, cases_from_spec, write_stack
+from .specks import specks, validate_specks
 from .trainer import train
 
 __all__ = ["RECIPES", "cascade", "fusion_channels", "is_recipe", "multiview", "run_recipe", "transfer",
@@ -186,10 +192,6 @@ def _train_once(config: dict, out: Path, progress, cancel, max_steps=None):
 
 
 def _predict_stack(case, view_models: dict, config: dict, path: Path, cancel) -> None:
-    from ..fusion import fusion_input
-    from ..preprocessing import preprocess
-    from ..views import directions_of, predict_view
-
     sub = validate_config(_view_config(config, "axial", [case.name], path.parent.parent))
     array, target, spacing = cached_working_case(case, sub, Path(sub["data"]["cache"]) if sub["data"].get("cache") else None)
     image = preprocess(array, config.get("preprocessing"))
@@ -203,8 +205,6 @@ def _predict_stack(case, view_models: dict, config: dict, path: Path, cancel) ->
 def multiview(config: dict, output_dir, progress: Optional[ProgressCallback] = None,
               cancel: Optional[CancelToken] = None, max_steps: Optional[int] = None) -> Path:
     """Run the multiview recipe into ``output_dir``; returns the composed model's card path."""
-    from ..models import compose_models, load_model
-
     c = validate_multiview(config)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,8 +268,6 @@ def multiview(config: dict, output_dir, progress: Optional[ProgressCallback] = N
     stored = json.loads(card.read_text(encoding="utf-8"))
     stored["training"]["recipe"] = {"config": c, "splits": [{"views": t, "fusion": f} for t, f, _ in groups],
                                     "seconds": {k: round(v, 1) for k, v in timings.items()}}
-    from ..atomic import atomic_output
-
     with atomic_output(card) as tmp:
         tmp.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
     return card
@@ -290,8 +288,6 @@ def _cascade_config(config: dict, part: str, out: Path) -> dict:
 def validate_cascade(config: dict) -> dict:
     """A checked copy of a cascade recipe config; every part is checked by the trainer."""
     c = _checked_copy(config, "cascade", CASCADE_KEYS, ("name", "labels", "data", "coarse", "net2d", "hybrid"))
-    from ..methods.cascade import DEFAULTS
-
     if not isinstance(c.setdefault("method", {}), dict):
         _fail("method", "must be a JSON object of methods.cascade settings")
     unknown = sorted(set(c["method"]) - set(DEFAULTS))
@@ -319,8 +315,6 @@ def cascade(config: dict, output_dir, progress: Optional[ProgressCallback] = Non
     3D DenseUNet alone, Table II's third row; not shipped).  The coarse and hybrid networks are
     composed into one fp16 model, method ``cascade``.  Running it again resumes.
     """
-    from ..models import compose_models
-
     c = validate_cascade(config)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -343,8 +337,6 @@ def cascade(config: dict, output_dir, progress: Optional[ProgressCallback] = Non
                           storage_dtype="float16")
     stored = json.loads(card.read_text(encoding="utf-8"))
     stored["training"]["recipe"] = {"config": c, "seconds": {k: round(v, 1) for k, v in timings.items()}}
-    from ..atomic import atomic_output
-
     with atomic_output(card) as tmp:
         tmp.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
     return card
@@ -397,8 +389,6 @@ def transfer(config: dict, output_dir, progress: Optional[ProgressCallback] = No
     The target is written as the fp16 model ``NAME`` (OUT/model), its card naming both runs and
     their times.  Running it again resumes; a finished part is not redone.
     """
-    from ..models import load_model, save_model
-
     c = validate_transfer(config)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -423,10 +413,11 @@ def transfer(config: dict, output_dir, progress: Optional[ProgressCallback] = No
     return save_model(loaded.network, card, out / "model", storage_dtype="float16")
 
 
-RECIPES = {"multiview": multiview, "cascade": cascade, "transfer": transfer}
+RECIPES = {"multiview": multiview, "cascade": cascade, "transfer": transfer, "specks": specks}
 
 
-VALIDATORS = {"multiview": validate_multiview, "cascade": validate_cascade, "transfer": validate_transfer}
+VALIDATORS = {"multiview": validate_multiview, "cascade": validate_cascade, "transfer": validate_transfer,
+              "specks": validate_specks}
 
 
 def validate_recipe(config: dict) -> dict:

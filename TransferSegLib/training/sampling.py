@@ -2,10 +2,12 @@
 patches drawn from them with augmentation (:class:`PatchSampler`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import multiprocessing
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,6 +17,10 @@ import torch
 from scipy import ndimage
 
 from ..atomic import atomic_output
+from ..datasets import find_cases, phantom_cases
+from ..preprocessing import preprocess
+from ..resample import labels_to_spacing, to_orientation, to_spacing
+from ..views import directions_of, to_view, view_permutation
 from ..volume import TransferSegError
 
 
@@ -61,8 +67,6 @@ def write_stack(path, image: np.ndarray, target: np.ndarray, spacing) -> None:
 
 
 def cases_from_spec(data: dict) -> list:
-    from ..datasets import find_cases, phantom_cases
-
     if "stacks" in data:
         folder = Path(data["stacks"])
         if not folder.is_dir():
@@ -88,8 +92,6 @@ def cases_from_spec(data: dict) -> list:
 def _working_case(case, spacing, orientation, heatmap: bool):
     """``case`` loaded and put on the working grid with the pipeline's own resampling:
     ``(image array, target array, source spacing)``."""
-    from ..resample import labels_to_spacing, to_orientation, to_spacing
-
     volume, target = case.load()
     if target is None:
         raise TransferSegError(f"case {case.name} has no label map; training needs labelled data")
@@ -109,8 +111,6 @@ def _working_case(case, spacing, orientation, heatmap: bool):
 
 
 def _cache_key(case, config: dict) -> str:
-    import hashlib
-
     what = {"case": case.name, "image": str(getattr(case, "image_path", None)), "seed": getattr(case, "seed", None),
             "options": getattr(case, "options", None), "spacing": config["working_spacing_mm"],
             "orientation": config["working_orientation"], "task": config["task"], "version": 2}
@@ -132,8 +132,6 @@ def cached_working_case(case, config: dict, cache: Optional[Path]):
     image, target, spacing = _working_case(case, config["working_spacing_mm"], config["working_orientation"],
                                            config["task"] == "heatmap")
     if path is not None:
-        from ..atomic import atomic_output
-
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:
             with open(tmp, "wb") as f:
@@ -144,9 +142,6 @@ def cached_working_case(case, config: dict, cache: Optional[Path]):
 def load_cases(cases: list, config: dict, cache: Optional[Path], workers: int, report=None) -> list:
     """Every case as a :class:`TrainingCase`; ``workers`` processes generate / resample them."""
     if workers > 1 and len(cases) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(cached_working_case, case, config, cache) for case in cases]
             loaded = []
@@ -164,8 +159,6 @@ def load_cases(cases: list, config: dict, cache: Optional[Path], workers: int, r
 
 
 def load_case(case, config: dict, loaded=None) -> TrainingCase:
-    from ..preprocessing import preprocess
-
     if loaded is None:
         loaded = cached_working_case(case, config, None)
     array, target, _ = loaded
@@ -182,8 +175,6 @@ def load_case(case, config: dict, loaded=None) -> TrainingCase:
     else:
         image = preprocess(array, config["preprocessing"])
     if config["view"] is not None:  # the view's slice stack: (slice, row, column)
-        from ..views import directions_of, to_view, view_permutation
-
         permutation = view_permutation(directions_of(config["working_orientation"]), config["view"])
         image, target = to_view(image, permutation), to_view(np.asarray(target), permutation)
     if config["task"] == "segmentation":

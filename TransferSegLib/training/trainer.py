@@ -160,14 +160,20 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from ..distributed import Processes
 from ..atomic import check_output_folder
+from ..datasets import split_cases
+from ..inference import sliding_window_inference
+from ..metrics import dice
+from ..models import save_model
 from ..progress import CancelToken, ProgressCallback, check_cancel
 from ..volume import TransferSegError
-from .checkpoints import (check_same_run, load_checkpoint, optimizer_from_files, remove_partial_files,
+from .checkpoints import (check_same_run, load_checkpoint, remove_partial_files, restore_network, restore_optimizer,
                           save_checkpoint, write_json)
 from .config import config_error, is_int, validate_config
+from .distributed import Processes
 from .logs import RunLog, label_key
 from .networks import apply_stage_options, network_from_config, stage_attribute
 from .optim import LossSchedule, PlateauTracker, build_optimizer, freeze_groups, learning_rate_factor, parameter_groups
@@ -235,12 +241,6 @@ def _check_output(output: torch.Tensor, targets: torch.Tensor, config: dict) -> 
 
 def _validate(network: nn.Module, cases: list, config: dict, device) -> Optional[dict]:
     """Dice per label of the sliding-window predictions on the validation cases."""
-    try:
-        from ..inference import sliding_window_inference
-    except ImportError:
-        return None
-    from ..metrics import dice
-
     if not cases or config["task"] != "segmentation":
         return {"validation_cases": len(cases)} if cases else None
     settings = config["inference"]
@@ -325,37 +325,60 @@ def train(config: dict, output_dir=None, progress: Optional[ProgressCallback] = 
 
 
 def _run(config, out, procs, progress, cancel, max_steps, cases):
-    from torch.nn.parallel import DistributedDataParallel
-
-    stages = config["stages"]
-    total = sum(s["steps"] for s in stages)
-    starts = np.cumsum([0] + [s["steps"] for s in stages]).tolist()
-    world, rank = procs.world, procs.rank
-    if config["batch_size"] % world:
-        config_error("batch_size", f"{config['batch_size']} does not split evenly over {world} processes; "
+    total = sum(s["steps"] for s in config["stages"])
+    if config["batch_size"] % procs.world:
+        config_error("batch_size", f"{config['batch_size']} does not split evenly over {procs.world} processes; "
               "use a multiple of the process count")
-
-    # a finished run: nothing to do
-    result_file = out / "result.json"
-    if result_file.exists():
-        finished = json.loads(result_file.read_text(encoding="utf-8"))
-        check_same_run(finished["config"], config, out)
-        card = out / finished["card"]
-        if card.exists():
-            return TrainResult(out, finished["steps"], total, finished["final_loss"], finished["metrics"], card,
-                                     None, out / "log.csv", out / "curves.png")
-
+    finished = _finished_run(config, out, total)
+    if finished is not None:
+        return finished
     if procs.main:
         remove_partial_files(out)
     state = load_checkpoint(out)
     if state is not None:
         check_same_run(state["config"], config, out)
-    step = state["step"] if state else 0
-
     data_spec = config["data"] if cases is None else {"cases": [c.name for c in cases]}
-    all_cases = cases_from_spec(config["data"]) if cases is None else list(cases)
-    from ..datasets import split_cases
+    train_data, val_data = _prepare_cases(config, out, procs, progress, cases)
+    network, groups, built = _prepare_network(config, out, procs, progress, state)
+    loop = _Loop(config, out, procs, progress, cancel, network, groups, built, train_data, val_data, state, max_steps)
+    try:
+        loop.run(state)
+        if loop.step < total:  # stopped by max_steps
+            procs.barrier()
+            return TrainResult(out, loop.step, total, loop.final_loss, {}, None, loop.resumed_from, out / "log.csv",
+                               out / "curves.png")
+        metrics, card_path = {}, None
+        if procs.main:
+            loop.report(0.95, "validating")
+            metrics = _validate(network, val_data, config, procs.device) or {}
+            card_path = _save_final_model(network, config, out, data_spec, total, procs.world, metrics,
+                                          loop.final_loss, trained_spacing(train_data))
+        procs.barrier()
+        loop.report(1.0, "done")
+        return TrainResult(out, loop.step, total, loop.final_loss, metrics, card_path, loop.resumed_from,
+                           out / "log.csv", out / "curves.png")
+    finally:
+        loop.close()
 
+
+def _finished_run(config: dict, out: Path, total: int) -> Optional[TrainResult]:
+    """The result of a run of this config that has finished in ``out`` (its model still there), else None."""
+    result_file = out / "result.json"
+    if not result_file.exists():
+        return None
+    finished = json.loads(result_file.read_text(encoding="utf-8"))
+    check_same_run(finished["config"], config, out)
+    card = out / finished["card"]
+    if not card.exists():
+        return None
+    return TrainResult(out, finished["steps"], total, finished["final_loss"], finished["metrics"], card,
+                       None, out / "log.csv", out / "curves.png")
+
+
+def _prepare_cases(config: dict, out: Path, procs: Processes, progress, cases) -> tuple[list, list]:
+    """The training and validation cases, split by the seed and loaded on their working grid (the
+    validation cases by rank 0 only, which validates)."""
+    all_cases = cases_from_spec(config["data"]) if cases is None else list(cases)
     train_cases, val_cases = split_cases(all_cases, config["validation"]["fraction"], config["seed"])
     if config["validation"]["fraction"] == 0:
         train_cases, val_cases = all_cases, []
@@ -369,12 +392,14 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
             progress(0.0, f"preparing cases {done}/{count}")
 
     loaded = load_cases(train_cases + (val_cases if procs.main else []), config, cache, data.get("workers", 0),
-                         loading)
-    train_data, val_data = loaded[:len(train_cases)], loaded[len(train_cases):]
-    steps_per_epoch = config["steps_per_epoch"] or max(1, math.ceil(len(train_data) / config["batch_size"]))
+                        loading)
+    return loaded[:len(train_cases)], loaded[len(train_cases):]
 
-    device = procs.device
-    network, init_report = network_from_config(config, device)
+
+def _prepare_network(config: dict, out: Path, procs: Processes, progress, state: Optional[dict]) -> tuple:
+    """``(network, its parameter groups, the built values of the attributes stages set)``: the network
+    with its initial weights (reported in OUT/init_weights.json), or the checkpoint's when resuming."""
+    network, init_report = network_from_config(config, procs.device)
     if init_report is not None and procs.main:
         write_json(out / "init_weights.json", init_report)
         skipped = len(init_report["shape_mismatch"]) + len(init_report["not_in_network"])
@@ -382,6 +407,7 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
                        + (f", {skipped} not matched (see init_weights.json)" if skipped else ""))
         if progress is not None:
             progress(0.0, report_text)
+    stages = config["stages"]
     built = {path: getattr(*stage_attribute(network, path, "network"))
              for stage in stages for path in stage["network"]}
     groups = parameter_groups(network)
@@ -392,149 +418,164 @@ def _run(config, out, procs, progress, cancel, max_steps, cases):
                 config_error(f"stages[{n}].{key}", f"names parameter group {unknown[0]!r}, but {config['architecture']['name']} "
                       f"has {', '.join(groups)}")
     if state is not None:
-        from safetensors.torch import load_file
+        restore_network(state, network, procs.device)
+    return network, groups, built
 
-        network.load_state_dict(load_file(str(state["folder"] / "weights.safetensors"), device=str(device)))
 
-    log = RunLog(out / "log.csv", list(groups), config["labels"])
-    if procs.main and state is not None:
-        log.restore(step)
-    resumed_from = step if state is not None else None
-    started = time.perf_counter() - (float(log.rows[-1]["elapsed_s"]) if log.rows else 0.0)
-    bar = None
-    if procs.main:
-        from tqdm import tqdm
+class _Loop:
+    """The training loop over the stages, and what it carries from step to step: the step, the last
+    loss, the log, the progress bar and the patch sampler.  Every rank runs it; rank 0 alone writes."""
 
-        bar = tqdm(total=total, initial=step, desc=config["name"], file=sys.stderr, dynamic_ncols=True,
-                   disable=not (config["progress_bar"] and sys.stderr.isatty()))
-    last_flush = time.perf_counter()
-    final_loss = float(log.rows[-1]["loss"]) if log.rows else None
-    checked_output = False
-    stop = total if max_steps is None else min(total, max_steps)
-
-    def report(fraction, text):
-        if progress is not None and procs.main:
-            progress(fraction, text)
-
-    def checkpoint(stage_index, optimizer, losses):
-        if not procs.main:
-            return
-        log.write()  # before the checkpoint: a resumed run must find every row up to its checkpoint
-        state = {"stage": stage_index, "epochs_done": step // steps_per_epoch, "loss": losses.state(),
-                 "config": config, "processes": world, "seed": config["seed"]}
-        save_checkpoint(out, step, network, optimizer, state, config["keep_checkpoints"])
-        log.plot(out / "curves.png", config["name"])
-
-    sampler = PatchSampler(train_data, config, config["workers"])
-    try:
-        stage_index = next((i for i in range(len(stages)) if step < starts[i + 1]), len(stages))
-        while step < stop:
-            stage = stages[stage_index]
-            bn_eval = freeze_groups(network, groups, stage)
-            apply_stage_options(network, stage, built)
-            checked_output = False  # each stage's heads are checked at its first step
-            network.train()
-            for module in bn_eval:
-                module.eval()
-            model = network
-            if world > 1:
-                model = DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
-            optimizer, base_lrs = build_optimizer(groups, stage)
-            losses = LossSchedule(stage["loss"], steps_per_epoch, device)
-            if state is not None and state["stage"] == stage_index:
-                from safetensors.torch import load_file
-
-                tensors = load_file(str(state["folder"] / "optimizer.safetensors"), device=str(device))
-                meta = json.loads((state["folder"] / "optimizer.json").read_text(encoding="utf-8"))
-                optimizer.load_state_dict(optimizer_from_files(tensors, meta))
-                losses.load_state(state["loss"])
-            state = None
-
-            while step < min(starts[stage_index + 1], stop):
-                check_cancel(cancel)
-                t = step - starts[stage_index]
-                factor = learning_rate_factor(stage["schedule"], t, stage["steps"])
-                for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base * factor
-                loss_name, loss_fn = losses.current(t)
-                torch.manual_seed(step_seed(config["seed"], step, rank))
-                images, targets = sampler.batch(step, range(rank, config["batch_size"], world))
-                images, targets = images.to(device), targets.to(device)
-                if stage["heads"]:
-                    outputs = model(images, heads=tuple(stage["heads"]))
-                    if not checked_output:
-                        _check_heads(outputs, stage)
-                    pairs = [(outputs[name], weight) for name, weight in stage["heads"].items()]
-                else:
-                    pairs = [(model(images), 1.0)]
-                if not checked_output:
-                    for output, _ in pairs:
-                        _check_output(output, targets, config)
-                    checked_output = True
-                loss = sum(weight * loss_fn(output, targets) for output, weight in pairs)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                value = procs.mean(loss)
-                if not math.isfinite(value):
-                    raise TransferSegError(
-                        f"the {loss_name} loss became {value} at step {step + 1} (stage {stage['name']!r}); "
-                        "lower the learning rate or check the data"
-                    )
-                losses.observe(t, value)
-                step += 1
-                final_loss = value
-
-                validation = None
-                if config["validation"]["every"] and step % config["validation"]["every"] == 0:
-                    if procs.main and val_data:
-                        validation = _validate(network, val_data, config, device)
-                    procs.barrier()
-                if procs.main and (step % config["log_every"] == 0 or step == stop or validation):
-                    lrs = {f"lr_{g['group']}": repr(g["lr"]) for g in optimizer.param_groups}
-                    dice = {f"val_dice_{label_key(k)}": repr(v)
-                            for k, v in ((validation or {}).get("validation_dice") or {}).items()}
-                    log.add({"step": step, "epoch": (step - 1) // steps_per_epoch, "stage": stage_index,
-                             "stage_name": stage["name"], "loss": repr(value), "loss_name": loss_name, **lrs, **dice,
-                             "elapsed_s": f"{time.perf_counter() - started:.3f}"})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"{stage['name']} {loss_name} {value:.4g}", refresh=False)
-                report(0.95 * step / total, f"training {stage['name']}")
-                if step % config["checkpoint_every"] == 0 or step == stop:
-                    checkpoint(stage_index, optimizer, losses)
-                    last_flush = time.perf_counter()
-                elif procs.main and time.perf_counter() - last_flush > 60:
-                    log.write()
-                    last_flush = time.perf_counter()
-            if step >= starts[stage_index + 1]:
-                stage_index += 1
-        if bar is not None:
-            bar.close()
-
-        if step < total:  # stopped by max_steps
-            procs.barrier()
-            return TrainResult(out, step, total, final_loss, {}, None, resumed_from, out / "log.csv",
-                                        out / "curves.png")
-        metrics, card_path = {}, None
+    def __init__(self, config, out, procs, progress, cancel, network, groups, built, train_data, val_data,
+                 state, max_steps):
+        self.config, self.out, self.procs, self.progress, self.cancel = config, out, procs, progress, cancel
+        self.network, self.groups, self.built, self.val_data = network, groups, built, val_data
+        self.device = procs.device
+        stages = config["stages"]
+        self.total = sum(s["steps"] for s in stages)
+        self.starts = np.cumsum([0] + [s["steps"] for s in stages]).tolist()  # each stage's first step
+        self.stop = self.total if max_steps is None else min(self.total, max_steps)
+        self.steps_per_epoch = config["steps_per_epoch"] or max(1, math.ceil(len(train_data) / config["batch_size"]))
+        self.step = state["step"] if state else 0
+        self.log = RunLog(out / "log.csv", list(groups), config["labels"])
+        if procs.main and state is not None:
+            self.log.restore(self.step)
+        self.resumed_from = self.step if state is not None else None
+        self.started = time.perf_counter() - (float(self.log.rows[-1]["elapsed_s"]) if self.log.rows else 0.0)
+        self.bar = None
         if procs.main:
-            report(0.95, "validating")
-            metrics = _validate(network, val_data, config, device) or {}
-            card_path = _save_final_model(network, config, out, data_spec, total, world, metrics, final_loss,
-                                          trained_spacing(train_data))
-        procs.barrier()
-        report(1.0, "done")
-        return TrainResult(out, step, total, final_loss, metrics, card_path, resumed_from,
-                                    out / "log.csv", out / "curves.png")
-    finally:
-        sampler.close()
-        if bar is not None:
-            bar.close()
+            self.bar = tqdm(total=self.total, initial=self.step, desc=config["name"], file=sys.stderr,
+                            dynamic_ncols=True, disable=not (config["progress_bar"] and sys.stderr.isatty()))
+        self.last_flush = time.perf_counter()
+        self.final_loss = float(self.log.rows[-1]["loss"]) if self.log.rows else None
+        self.checked_output = False
+        self.sampler = PatchSampler(train_data, config, config["workers"])
+
+    def report(self, fraction: float, text: str) -> None:
+        if self.progress is not None and self.procs.main:
+            self.progress(fraction, text)
+
+    def close(self) -> None:
+        self.sampler.close()
+        if self.bar is not None:
+            self.bar.close()
+
+    def run(self, state: Optional[dict]) -> None:
+        """Train from the current step up to the stop, stage by stage; ``state`` is the checkpoint
+        resumed from (its optimizer and loss schedule restored in the stage it was written in)."""
+        stages, starts = self.config["stages"], self.starts
+        stage_index = next((i for i in range(len(stages)) if self.step < starts[i + 1]), len(stages))
+        while self.step < self.stop:
+            model, optimizer, base_lrs, losses = self._start_stage(stage_index, state)
+            state = None
+            while self.step < min(starts[stage_index + 1], self.stop):
+                self._train_step(stage_index, model, optimizer, base_lrs, losses)
+            if self.step >= starts[stage_index + 1]:
+                stage_index += 1
+        if self.bar is not None:
+            self.bar.close()
+
+    def _start_stage(self, stage_index: int, state: Optional[dict]) -> tuple:
+        """``(model, optimizer, base learning rates, loss schedule)`` of a stage: its groups frozen and
+        network options set, the model wrapped in DDP under torchrun."""
+        stage = self.config["stages"][stage_index]
+        bn_eval = freeze_groups(self.network, self.groups, stage)
+        apply_stage_options(self.network, stage, self.built)
+        self.checked_output = False  # each stage's heads are checked at its first step
+        self.network.train()
+        for module in bn_eval:
+            module.eval()
+        model = self.network
+        if self.procs.world > 1:
+            model = DistributedDataParallel(self.network,
+                                            device_ids=[self.device] if self.device.type == "cuda" else None)
+        optimizer, base_lrs = build_optimizer(self.groups, stage)
+        losses = LossSchedule(stage["loss"], self.steps_per_epoch, self.device)
+        if state is not None and state["stage"] == stage_index:
+            restore_optimizer(state, optimizer, self.device)
+            losses.load_state(state["loss"])
+        return model, optimizer, base_lrs, losses
+
+    def _train_step(self, stage_index: int, model, optimizer, base_lrs: list, losses: LossSchedule) -> None:
+        """One optimizer step on this rank's share of the global batch of the step."""
+        config, stage, rank, world = self.config, self.config["stages"][stage_index], self.procs.rank, self.procs.world
+        check_cancel(self.cancel)
+        t = self.step - self.starts[stage_index]
+        factor = learning_rate_factor(stage["schedule"], t, stage["steps"])
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        loss_name, loss_fn = losses.current(t)
+        torch.manual_seed(step_seed(config["seed"], self.step, rank))
+        images, targets = self.sampler.batch(self.step, range(rank, config["batch_size"], world))
+        images, targets = images.to(self.device), targets.to(self.device)
+        loss = self._loss(model, images, targets, stage, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = self.procs.mean(loss)
+        if not math.isfinite(value):
+            raise TransferSegError(
+                f"the {loss_name} loss became {value} at step {self.step + 1} (stage {stage['name']!r}); "
+                "lower the learning rate or check the data"
+            )
+        losses.observe(t, value)
+        self.step += 1
+        self.final_loss = value
+        self._after_step(stage_index, optimizer, losses, loss_name, value)
+
+    def _loss(self, model, images: torch.Tensor, targets: torch.Tensor, stage: dict, loss_fn) -> torch.Tensor:
+        """The loss of the network's output, or the weighted sum over the stage's heads; the outputs
+        are checked against the targets at a stage's first step."""
+        if stage["heads"]:
+            outputs = model(images, heads=tuple(stage["heads"]))
+            if not self.checked_output:
+                _check_heads(outputs, stage)
+            pairs = [(outputs[name], weight) for name, weight in stage["heads"].items()]
+        else:
+            pairs = [(model(images), 1.0)]
+        if not self.checked_output:
+            for output, _ in pairs:
+                _check_output(output, targets, self.config)
+            self.checked_output = True
+        return sum(weight * loss_fn(output, targets) for output, weight in pairs)
+
+    def _after_step(self, stage_index: int, optimizer, losses: LossSchedule, loss_name: str, value: float) -> None:
+        """Validation every N steps, the log row, the progress bar and report, a checkpoint when due."""
+        config, stage, step = self.config, self.config["stages"][stage_index], self.step
+        validation = None
+        if config["validation"]["every"] and step % config["validation"]["every"] == 0:
+            if self.procs.main and self.val_data:
+                validation = _validate(self.network, self.val_data, config, self.device)
+            self.procs.barrier()
+        if self.procs.main and (step % config["log_every"] == 0 or step == self.stop or validation):
+            lrs = {f"lr_{g['group']}": repr(g["lr"]) for g in optimizer.param_groups}
+            dice = {f"val_dice_{label_key(k)}": repr(v)
+                    for k, v in ((validation or {}).get("validation_dice") or {}).items()}
+            self.log.add({"step": step, "epoch": (step - 1) // self.steps_per_epoch, "stage": stage_index,
+                          "stage_name": stage["name"], "loss": repr(value), "loss_name": loss_name, **lrs, **dice,
+                          "elapsed_s": f"{time.perf_counter() - self.started:.3f}"})
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{stage['name']} {loss_name} {value:.4g}", refresh=False)
+        self.report(0.95 * step / self.total, f"training {stage['name']}")
+        if step % config["checkpoint_every"] == 0 or step == self.stop:
+            self._checkpoint(stage_index, optimizer, losses)
+            self.last_flush = time.perf_counter()
+        elif self.procs.main and time.perf_counter() - self.last_flush > 60:
+            self.log.write()
+            self.last_flush = time.perf_counter()
+
+    def _checkpoint(self, stage_index: int, optimizer, losses: LossSchedule) -> None:
+        if not self.procs.main:
+            return
+        self.log.write()  # before the checkpoint: a resumed run must find every row up to its checkpoint
+        state = {"stage": stage_index, "epochs_done": self.step // self.steps_per_epoch, "loss": losses.state(),
+                 "config": self.config, "processes": self.procs.world, "seed": self.config["seed"]}
+        save_checkpoint(self.out, self.step, self.network, optimizer, state, self.config["keep_checkpoints"])
+        self.log.plot(self.out / "curves.png", self.config["name"])
 
 
 def _save_final_model(network, config, out, data_spec, total, world, metrics, final_loss, spacing_range=None) -> Path:
-    from ..models import save_model
-
     card = _model_card(config, data_spec, total, world, metrics, spacing_range)
     card_path = save_model(network, card, out / "model", storage_dtype=config.get("storage_dtype"))
     write_json(out / "result.json", {"steps": total, "final_loss": final_loss, "metrics": metrics,

@@ -11,6 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 
+import torch
+import torch.distributed as dist
+
+from ..devices import resolve_device
+
 __all__ = ["Processes", "processes", "torchrun_world_size"]
 
 
@@ -33,10 +38,6 @@ class Processes:
     """
 
     def __init__(self, device_spec: str = "auto"):
-        import torch
-        import torch.distributed as dist
-
-        self.dist = dist
         self.world = torchrun_world_size()
         self.rank = int(os.environ.get("RANK", "0"))
         self.owns_group = False
@@ -51,8 +52,6 @@ class Processes:
                 self.owns_group = True
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:
-            from .devices import resolve_device
-
             self.device = resolve_device(device_spec)
 
     @property
@@ -64,19 +63,19 @@ class Processes:
         """A tensor's value averaged over every rank (the value itself outside torchrun)."""
         value = value.detach().clone()
         if self.world > 1:
-            self.dist.all_reduce(value)
+            dist.all_reduce(value)
             value /= self.world
         return float(value)
 
     def barrier(self) -> None:
         """Wait until every rank is here."""
         if self.world > 1:
-            self.dist.barrier()
+            dist.barrier()
 
     def close(self) -> None:
         """Leave the process group if it was joined here."""
         if self.owns_group:
-            self.dist.destroy_process_group()
+            dist.destroy_process_group()
 
 
 @contextlib.contextmanager
