@@ -2,19 +2,26 @@
 
 Every subcommand is a thin adapter: it parses arguments, calls the library, and prints.
 A :class:`TransferSegError` becomes one line on stderr and exit status 2, never a traceback.
+The library's heavy modules (SimpleITK, scipy, torch, matplotlib) are imported inside the commands
+that need them, so that `transferseg --help` and `--version` stay fast.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from . import __version__
-from .models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL
+from .atomic import check_output_folder
+from .models import (DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL, component_specs, compose_models,
+                     list_models, method_of, model_dirs, read_card)
 from .progress import CancelToken, Cancelled, one_line
-from .volume import TransferSegError
+from .volume import TransferSegError, roi_from_ras
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -27,6 +34,7 @@ def _say(text="", file=None, flush=True) -> None:
 
 
 def _cmd_info(args) -> int:
+    # heavy: imported when the command runs (see the module docstring)
     from .io import load_volume
 
     volume = load_volume(args.input)
@@ -60,8 +68,6 @@ class _ProgressPrinter:
             _say(f"PROGRESS {fraction:.4f} {stage}", flush=True)
             return
         if self.bar is None:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=1000, unit="‰", file=sys.stderr, leave=False, disable=not sys.stderr.isatty(),
                             bar_format="{desc:<16} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         if stage != self.stage:
@@ -83,8 +89,6 @@ class _ProgressPrinter:
 
 def _cancel_on_signals() -> CancelToken:
     """SIGINT / SIGTERM cancel the run between windows instead of killing it mid-write."""
-    import signal
-
     token = CancelToken()
 
     def handler(signum, frame):
@@ -100,8 +104,6 @@ def _cancel_on_signals() -> CancelToken:
 def _terminate_as_interrupt() -> None:
     """SIGTERM stops a command as Ctrl-C does (one line, exit 130, every atomic write undone) instead of
     killing it silently; commands that cancel between windows install their own handler over this one."""
-    import signal
-
     def stop(signum, frame):
         raise KeyboardInterrupt
 
@@ -127,8 +129,6 @@ _TASK_NAMES = {"segmentation": "a segmentation model", "heatmap": "a heatmap (le
 def _check_model_task(command: str, model) -> None:
     """`segment` runs segmentation models, `detect` heatmap models: the other kind is refused from
     its card, before any volume is read or any model loaded."""
-    from .models import read_card
-
     card = read_card(model)
     task, wanted = card["task"], _TASK_OF_COMMAND[command]
     if task != wanted:
@@ -143,9 +143,9 @@ def _cmd_segment(args) -> int:
     Checked first, before the model is even looked up (a wrong -o must not cost minutes): the
     cases' names, the output folder (for one volume, also that no file of the run would replace
     it; run_batch checks each case's folder so before any case runs), then the model's task."""
+    # heavy: imported when the command runs (see the module docstring)
     from .batch import find_cases
-    from .distributed import torchrun_world_size
-    from .atomic import check_output_folder
+    from .training.distributed import torchrun_world_size
     from .pipeline import output_names
 
     cases = find_cases(args.input)
@@ -158,8 +158,10 @@ def _cmd_segment(args) -> int:
 
 
 def _segment_one(args, source, output: Path) -> int:
+    # heavy: imported when the command runs (see the module docstring)
     from .io import load_volume
     from .pipeline import check_writable, run
+    from .provenance import command_line
 
     volume = load_volume(source)
     check_writable(volume)
@@ -167,15 +169,15 @@ def _segment_one(args, source, output: Path) -> int:
     if args.roi is not None:
         roi = _parse_box(args.roi, "--roi")  # whole, finite voxel indices: checked by the pipeline
     elif args.roi_ras is not None:
-        from .volume import roi_from_ras
-
         box = _parse_box(args.roi_ras, "--roi-ras")
         roi = roi_from_ras(volume, box[:3], box[3:])
     printer = _ProgressPrinter(args.progress_lines)
     try:
         result = run(volume, model=args.model, device=args.device, roi=roi, progress=printer,
                      cancel=_cancel_on_signals(), return_probabilities=False,
-                     method_options={"fusion": getattr(args, "fusion", None)})
+                     method_options={"fusion": getattr(args, "fusion", None)},
+                     deterministic=getattr(args, "deterministic", False))
+        result.provenance["command"] = command_line()
         result.write(output, input_path=source)
     finally:
         printer.close()
@@ -201,11 +203,15 @@ def _segment_one(args, source, output: Path) -> int:
 
 def _segment_batch(args, cases) -> int:
     """Every case to OUT/<case>, OUT/summary.csv; under torchrun each rank takes its share."""
+    # heavy: imported when the command runs (see the module docstring)
     from .batch import SUMMARY_NAME, run_batch
-    from .distributed import processes
+    from .provenance import use_deterministic
+    from .training.distributed import processes
 
     if args.roi is not None or args.roi_ras is not None:
         raise TransferSegError("--roi and --roi-ras apply to one volume; run the cases that need a box one by one")
+    if args.deterministic:
+        use_deterministic()
     cancel = _cancel_on_signals()
     with processes(args.device) as procs:
         printer = _ProgressPrinter(args.progress_lines) if procs.rank == 0 else None
@@ -240,16 +246,14 @@ def _segment_batch(args, cases) -> int:
 
 
 def _cmd_train(args) -> int:
+    # heavy: imported when the command runs (see the module docstring)
     from .training import load_config, train
+    from .training.recipes import run_recipe
 
     config = load_config(args.config)
     printer = _ProgressPrinter(args.progress_lines)
     try:
         if "recipe" in config:
-            from pathlib import Path
-
-            from .training.recipes import run_recipe
-
             card = run_recipe(config, args.output or Path("runs") / config["name"], progress=printer,
                               cancel=_cancel_on_signals(), max_steps=args.max_steps)
             result = f"model: {card}" if card else "stopped early; run the same command again to resume"
@@ -263,6 +267,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    # heavy: imported when the command runs (see the module docstring)
     from .evaluation import evaluate, format_table
 
     printer = _ProgressPrinter(args.progress_lines)
@@ -278,8 +283,6 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from .models import list_models, model_dirs
-
     cards = list_models()
     if args.json:
         print(json.dumps(cards, indent=2))
@@ -287,8 +290,6 @@ def _cmd_models(args) -> int:
     if not cards:
         _say("no models installed; looked in: " + ", ".join(str(d) for d in model_dirs()))
         return 0
-    from .models import component_specs, method_of
-
     for card in cards:
         labels = ", ".join(seg["name"] for seg in card["labels"])
         parts = ", ".join(f"{name}: {spec['architecture']['name']} patch {spec['patch_size']}"
@@ -304,23 +305,22 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    """A 2D model → 3D (ACS, Mean-/Soft-ACS, 2.5D or I3D), weights kept; safetensors + JSON sidecar."""
+    """A 2D model → 3D (ACS, Mean-/Soft-ACS, 2.5D or I3D), weights kept; safetensors + its model card."""
+    # heavy: imported when the command runs (see the module docstring)
     from .conversion import convert_from_source, save_converted
 
     config = json.loads(args.config) if args.config else None
     model, info = convert_from_source(args.source, to=args.to, num_classes=args.num_classes,
                                       weights_path=args.weights, architecture=args.architecture, config=config)
-    sidecar = save_converted(model, args.output, info)
+    card = save_converted(model, args.output, info)
     _say(f"converted {args.source} to {args.to}: {info['parameters_2d']:,} parameters in 2D, "
           f"{info['parameters_3d']:,} in 3D")
-    _say(f"wrote {args.output} and {sidecar}")
+    _say(f"wrote {args.output} and {card}")
     return 0
 
 
 def _cmd_compose(args) -> int:
     """Separately trained models → one composed model (one safetensors file, one sha256)."""
-    from .models import compose_models
-
     components = {}
     for item in args.component:
         component, sep, model = item.partition("=")
@@ -349,6 +349,7 @@ def _cmd_compose(args) -> int:
 
 
 def _cmd_phantom(args) -> int:
+    # heavy: imported when the command runs (see the module docstring)
     from .phantoms import write_phantoms
 
     paths = write_phantoms(args.kind, args.output, seed=args.seed, count=args.count)
@@ -360,6 +361,7 @@ def _cmd_phantom(args) -> int:
 def _cmd_demo(args) -> int:
     """The main job end to end on phantoms (:func:`TransferSegLib.demo.run_demo`): a line per step as
     it ends, then the summary table and the output folder's layout."""
+    # heavy: imported when the command runs (see the module docstring)
     from .demo import format_summary, run_demo
 
     printer = _ProgressPrinter(lines=False)
@@ -398,41 +400,43 @@ def _named(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
-        prog="transferseg",
-        description="2D-to-3D transfer segmentation (AH-Net, ACS, H-DenseUNet, VFN) for CT and DBT volumes.",
-    )
-    parser.add_argument("--version", action="version", version=f"transferseg {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
-
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a volume's shape, spacing, orientation, intensity range and size")
     p.add_argument("input", type=_named, help="NIfTI / NRRD / MetaImage file or DICOM series folder")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_info)
 
-    def add_run_arguments(p, default_model):
-        p.add_argument("input", nargs="+", type=_named,
-                       help="NIfTI / NRRD / MetaImage file or DICOM series folder; or a folder "
-                       "of them, or several: each case goes to OUTPUT/<case name>, with OUTPUT/summary.csv")
-        p.add_argument("-o", "--output", required=True, type=_named, help="output folder (created if missing)")
-        p.add_argument("--model", default=default_model, type=_named,
-                       help=f"model name or path (default {default_model})")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-        p.add_argument("--roi", help="voxel box k0,j0,i0,k1,j1,i1 (array order, half-open)")
-        p.add_argument("--roi-ras", help="RAS box x0,y0,z0,x1,y1,z1 in mm")
-        p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
-        p.set_defaults(func=_cmd_segment)
 
+def _add_run_arguments(p, default_model) -> None:
+    """What `segment` and `detect` share: inputs, output folder, model, device, region of interest."""
+    p.add_argument("input", nargs="+", type=_named,
+                   help="NIfTI / NRRD / MetaImage file or DICOM series folder; or a folder "
+                   "of them, or several: each case goes to OUTPUT/<case name>, with OUTPUT/summary.csv")
+    p.add_argument("-o", "--output", required=True, type=_named, help="output folder (created if missing)")
+    p.add_argument("--model", default=default_model, type=_named,
+                   help=f"model name or path (default {default_model})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--roi", help="voxel box k0,j0,i0,k1,j1,i1 (array order, half-open)")
+    p.add_argument("--roi-ras", help="RAS box x0,y0,z0,x1,y1,z1 in mm")
+    p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
+    p.add_argument("--deterministic", action="store_true",
+                   help="fixed seeds and PyTorch's deterministic algorithms: the same input, model and machine "
+                   "give byte-identical files (see docs/cli.md for what it costs)")
+    p.set_defaults(func=_cmd_segment)
+
+
+def _add_segment_and_detect(sub) -> None:
     p = sub.add_parser("segment", help="segment a volume; writes .seg.nrrd, label map, result.json, overview.png "
                        "(+ per-view predictions and their disagreement for a multi-view model)")
-    add_run_arguments(p, DEFAULT_SEGMENTATION_MODEL)
+    _add_run_arguments(p, DEFAULT_SEGMENTATION_MODEL)
     p.add_argument("--fusion", choices=("vfn", "vfn-noimage", "majority", "staple"), default=None,
                    help="multi-view models: how the three views are fused (default: the model card's)")
-    add_run_arguments(sub.add_parser(
+    _add_run_arguments(sub.add_parser(
         "detect", help="lesion heatmap and detections (DBT); writes heatmap, detections.json/.csv, overview.png"),
         DEFAULT_DETECTION_MODEL)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a JSON config (resumes from the last checkpoint)")
     p.add_argument("config", type=_named, help="training config (JSON); see Resources/configs/")
     p.add_argument("-o", "--output", default=None, type=_named, help="run folder (default: runs/<name>)")
@@ -440,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a model on a labelled data folder (MSD, LiTS or phantoms)")
     p.add_argument("--model", required=True, type=_named, help="model name or path")
     p.add_argument("--data", required=True, type=_named,
@@ -450,13 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS <0..1> <stage>' lines")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a 2D model to 3D (ACS, mean_acs, soft_acs, 2.5d, 3d), weights kept")
     p.add_argument("--from", dest="source", required=True,
                    help="torchvision:NAME, transferseg:NAME, or a 2D .safetensors checkpoint")
     p.add_argument("--to", default="acs", choices=["acs", "mean_acs", "soft_acs", "2.5d", "3d"],
                    help="conversion (default acs)")
     p.add_argument("-o", "--output", required=True, type=_named,
-                   help="output .safetensors (a .json sidecar is written beside it)")
+                   help="output .safetensors (its model card .json is written beside it)")
     p.add_argument("--weights", default=None, type=_named,
                    help="local 2D weights (.safetensors) for a torchvision: source")
     p.add_argument("--architecture", default=None, help="architecture of a .safetensors source without a card")
@@ -464,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="classifier / output size")
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_compose(sub) -> None:
     p = sub.add_parser("compose", help="assemble separately trained models into one composed model "
                                        "(method + components, one weights file)")
     p.add_argument("-o", "--output", required=True, type=_named, help="output folder: NAME.safetensors + NAME.json")
@@ -479,10 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", default="1.0.0", help="version written in the card (default 1.0.0)")
     p.set_defaults(func=_cmd_compose)
 
+
+def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list installed models and their cards")
     p.add_argument("--json", action="store_true", help="print the cards as JSON")
     p.set_defaults(func=_cmd_models)
 
+
+def _add_phantom(sub) -> None:
     p = sub.add_parser("phantom", help="write seed-deterministic synthetic volumes and a PNG gallery")
     p.add_argument("kind", choices=["ct", "dbt", "shapes"], help="CT abdomen, DBT breast, or ACS shapes")
     p.add_argument("-o", "--output", required=True, type=_named, help="output folder (created if missing)")
@@ -490,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1, help="number of cases (default 1)")
     p.set_defaults(func=_cmd_phantom)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on phantoms: a clinical-grid CT through the default and the "
                        "multi-view model, DBT lesion detection and its FROC, scored against the phantoms' truth")
     p.add_argument("-o", "--output", default="demo-output", type=_named,
@@ -497,6 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="transferseg",
+        description="2D-to-3D transfer segmentation (AH-Net, ACS, H-DenseUNet, VFN) for CT and DBT volumes.",
+    )
+    parser.add_argument("--version", action="version", version=f"transferseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    for add in (_add_info, _add_segment_and_detect, _add_train, _add_evaluate, _add_convert, _add_compose,
+                _add_models, _add_phantom, _add_demo):  # in the order `--help` lists them
+        add(sub)
     return parser
 
 

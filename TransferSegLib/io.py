@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -507,4 +508,15 @@ def save_segmentation(labels: np.ndarray, reference: Volume, path, segments: lis
     }
     with atomic_output(path) as tmp:
         slicerio.write_segmentation(str(tmp), segmentation, index_order="C")
+        _drop_write_time(Path(tmp))
     return path
+
+
+def _drop_write_time(path: Path) -> None:
+    """The NRRD writer stamps the time of writing into a header comment: dropped, so that the same
+    segmentation always gives the same bytes (``--deterministic``)."""
+    data = path.read_bytes()
+    end = data.find(b"\n\n")
+    header = re.sub(rb"# on \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\(GMT\)\.\n", b"", data[:end], count=1)
+    if len(header) != end:
+        path.write_bytes(header + data[end:])

@@ -11,10 +11,11 @@ ratio.  Matplotlib's Agg canvas is used directly: no screen, no pyplot global st
 view networks), :func:`save_scalar_overlay_png` a scalar map with a colorbar (the views'
 disagreement), :func:`save_detections_png` a lesion heatmap with its detections and the
 annotated lesions, :func:`save_froc_png` FROC curves.  Every slice is drawn by
-:func:`_draw_plane`, and every PNG is written atomically.
+:func:`draw_plane`, and every PNG is written atomically.
 """
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -33,8 +34,8 @@ from .labels import CT_LABEL_NAMES
 from .metrics import FROC_RATES
 from .volume import TransferSegError, Volume, anatomical_axes, label_counts
 
-__all__ = ["LABEL_COLORS", "save_detections_png", "save_froc_png", "save_gallery_png", "save_overview_png",
-           "save_scalar_overlay_png", "save_views_side_by_side_png"]
+__all__ = ["LABEL_COLORS", "anatomical_views", "draw_plane", "figure_png", "save_detections_png", "save_froc_png",
+           "save_gallery_png", "save_overview_png", "save_scalar_overlay_png", "save_views_side_by_side_png"]
 
 CT_WINDOW = (-200.0, 250.0)
 # Label value → RGB: 1 liver reddish brown, 2 tumor yellow-green, then distinct hues.
@@ -55,7 +56,7 @@ def _label_color(value: int):
     return tuple(hsv_to_rgb((hue, 0.8, 0.95)))
 
 
-def _views(volume: Volume):
+def anatomical_views(volume: Volume):
     """For axial, coronal, sagittal: (name, normal axis, row axis, column axis, flip rows, flip columns, letters).
 
     Rows and columns are array axes; a flip makes the display run in the radiological direction.
@@ -152,9 +153,9 @@ def _display_point(volume: Volume, view, position_kji):
     return row, col
 
 
-def _draw_plane(ax, volume: Volume, view, index: int, window, labels=None, label_values=(), heatmap=None,
-                heat_max=0.0, heat_cmap="hot", heat_floor=0.05, heat_alpha=0.55, boxes=None, markers=None,
-                contours_only=False, title=None):
+def draw_plane(ax, volume: Volume, view, index: int, window, labels=None, label_values=(), heatmap=None,
+               heat_max=0.0, heat_cmap="hot", heat_floor=0.05, heat_alpha=0.55, boxes=None, markers=None,
+               contours_only=False, title=None):
     """Draw one anatomical slice (``view`` from :func:`_views`, slice ``index`` along its normal) into ``ax``.
 
     Labels are a transparent fill plus a contour per value (``contours_only``: the contour alone);
@@ -238,10 +239,10 @@ def _draw_case(axes_row, volume: Volume, labels=None, heatmap=None, boxes=None, 
     elif heatmap is None:
         heat_max = 0.0
 
-    for ax, view in zip(axes_row, _views(volume)):
+    for ax, view in zip(axes_row, anatomical_views(volume)):
         index = int(np.clip(focus[view[1]], 0, volume.shape[view[1]] - 1))
-        _draw_plane(ax, volume, view, index, window, labels=labels, label_values=values, heatmap=heatmap,
-                    heat_max=heat_max, boxes=boxes, markers=markers)
+        draw_plane(ax, volume, view, index, window, labels=labels, label_values=values, heatmap=heatmap,
+                   heat_max=heat_max, boxes=boxes, markers=markers)
 
     if title:  # wrapped: a long title beside a short slice would run off the figure
         axes_row[0].set_ylabel(textwrap.fill(title, _TITLE_CHARS), fontsize=8)
@@ -259,12 +260,20 @@ def _draw_case(axes_row, volume: Volume, labels=None, heatmap=None, boxes=None, 
     return handles
 
 
-def _save(fig: Figure, path) -> Path:
+def figure_png(fig: Figure) -> bytes:
+    """A figure as PNG bytes, drawn the way every PNG here is (e.g. for embedding in a page)."""
     FigureCanvasAgg(fig)
     for text in fig.findobj(Text):  # a "$" in a card's name or a file name is a dollar, not TeX to parse
         text.set_parse_math(False)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, facecolor="white")
+    return buffer.getvalue()
+
+
+def _save(fig: Figure, path) -> Path:
+    data = figure_png(fig)
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
+        tmp.write_bytes(data)
     return Path(path)
 
 
@@ -320,7 +329,7 @@ def _labels_centre(label_maps) -> list | None:
 
 
 def _view_named(volume: Volume, view: str):
-    views = {v[0]: v for v in _views(volume)}
+    views = {v[0]: v for v in anatomical_views(volume)}
     if view not in views:
         raise TransferSegError(f"view must be one of {', '.join(views)}; got {view!r}")
     return views[view]
@@ -358,8 +367,8 @@ def save_views_side_by_side_png(volume: Volume, label_maps: dict, path, view: st
     args = chosen[1:6]
     union = np.zeros(_plane(volume.array, normal, index, *args[1:]).shape, bool)
     for ax, (name, labels) in zip(axes, maps.items()):
-        _draw_plane(ax, volume, chosen, index, window, labels=labels, label_values=_present_labels(labels),
-                    title=f"{name}\n{view} {index}")
+        draw_plane(ax, volume, chosen, index, window, labels=labels, label_values=_present_labels(labels),
+                   title=f"{name}\n{view} {index}")
         union |= _plane(labels, normal, index, *args[1:]) > 0
     if zoom and union.any():
         rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
@@ -401,10 +410,10 @@ def save_scalar_overlay_png(volume: Volume, values, path, colorbar_label: str, v
     names = CT_LABEL_NAMES if label_names is None else dict(label_names)
     fig = Figure(figsize=(3 * _PANEL_INCHES + 0.8, _PANEL_INCHES), layout="constrained")
     axes = fig.subplots(1, 3)
-    for ax, view in zip(axes, _views(volume)):
+    for ax, view in zip(axes, anatomical_views(volume)):
         index = int(np.clip(int(focus[view[1]]), 0, volume.shape[view[1]] - 1))
-        _draw_plane(ax, volume, view, index, window, labels=contours, label_values=label_values, heatmap=values,
-                    heat_max=float(vmax), heat_cmap=cmap, heat_floor=floor, heat_alpha=0.8, contours_only=True)
+        draw_plane(ax, volume, view, index, window, labels=contours, label_values=label_values, heatmap=values,
+                   heat_max=float(vmax), heat_cmap=cmap, heat_floor=floor, heat_alpha=0.8, contours_only=True)
     fig.colorbar(ScalarMappable(Normalize(0.0, float(vmax)), cmap=cmap), ax=list(axes), shrink=0.85,
                  label=colorbar_label)
     handles = [Line2D([], [], color=_label_color(v), label=f"{names.get(v, 'label')} outline") for v in label_values]
