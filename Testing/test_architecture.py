@@ -17,8 +17,9 @@ LIBRARY = ROOT / "TransferSegLib"
 
 LAYERS = [
     {"__init__", "volume", "labels", "progress", "devices", "terminology"},            # foundations
-    {"atomic", "headers", "io", "resample", "weights", "preprocessing", "heatmaps",     # files, arrays, checks
-     "metrics", "losses", "fusion", "scope", "cards", "render", "distributed"},
+    {"atomic", "headers", "dicom_file", "io", "resample", "weights", "preprocessing", "heatmaps",  # files, arrays, checks
+     "metrics", "losses", "fusion", "scope", "cards", "render", "report", "dicom_out", "calcifications",
+     "provenance"},
     {"nets", "phantoms", "datasets", "inference", "views"},                             # networks and data
     {"methods"},                                                                        # how a model runs
     {"models"},                                                                         # model cards → networks

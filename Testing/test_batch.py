@@ -20,7 +20,8 @@ from TransferSegLib.pipeline import run
 from TransferSegLib.progress import CancelToken, Cancelled
 from TransferSegLib.volume import TransferSegError
 
-SEGMENT_FILES = ["labelmap.nii.gz", "overview.png", "result.json", "segmentation.seg.nrrd"]
+SEGMENT_FILES = ["labelmap.nii.gz", "lesions.csv", "overview.png", "report.html", "result.json",
+                 "segmentation.seg.nrrd"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -165,4 +165,4 @@ def test_ten_step_ahnet_heatmap_training_on_dbt_phantoms_writes_a_heatmap_model(
     model = load_model(result.card_path)
     volume, _ = phantom_cases("dbt", 1, 99, **TINY_PHANTOM)[0].load()
     detected = run(volume, model, device="cpu")
-    assert detected.heatmap.shape == volume.shape and isinstance(detected.detections, list)
+    assert detected.heatmap_on_input().shape == volume.shape and isinstance(detected.detections, list)

@@ -14,18 +14,20 @@ from matplotlib.image import imread
 
 from TransferSegLib import demo
 from TransferSegLib.cli import main
+from TransferSegLib.io import load_volume
 from TransferSegLib.phantoms import CT_DEFAULT_SHAPE, ct_phantom, dbt_phantom
 
 SMALL = dict(seed=3, ct_shape=CT_DEFAULT_SHAPE, dbt_shape=(16, 128, 96), dbt_volumes=3, device="cpu")
 PROMISED = {
     "ct": ["ct.nii.gz", "truth.nii.gz", "truth.png"],
-    "ct-unet3d": ["segmentation.seg.nrrd", "labelmap.nii.gz", "overview.png", "result.json"],
+    "ct-unet3d": ["segmentation.seg.nrrd", "labelmap.nii.gz", "overview.png", "lesions.csv", "report.html",
+                  "result.json"],
     "ct-vfn": ["segmentation.seg.nrrd", "labelmap.nii.gz", "views/axial.nii.gz", "views/coronal.nii.gz",
-               "views/sagittal.nii.gz", "disagreement.nii.gz", "overview.png", "views.png", "result.json",
-               "views-side-by-side.png", "disagreement.png"],
+               "views/sagittal.nii.gz", "disagreement.nii.gz", "overview.png", "views.png", "lesions.csv",
+               "report.html", "result.json", "views-side-by-side.png", "disagreement.png"],
     "dbt": ["dbt.nii.gz", "lesions.json"],
-    "dbt-ahnet": ["heatmap.nii.gz", "detections.json", "detections.csv", "overview.png", "result.json",
-                  "detections.png"],
+    "dbt-ahnet": ["heatmap.nii.gz", "detections.json", "detections.csv", "overview.png", "lesions.csv", "report.html",
+                  "result.json", "detections.png"],
     "froc": ["froc.json", "froc.png"],
 }
 PROMISED_FILES = sorted([f"{step}/{name}" for step, names in PROMISED.items() for name in names]
@@ -60,6 +62,12 @@ def test_every_promised_file_is_written_and_valid(small_demo):
             assert image.ndim == 3 and min(image.shape[:2]) > 100 and image[..., :3].std() > 0.05, name
         elif name.endswith(".seg.nrrd"):
             assert _array(path).size > 0, name  # stores the segments' extent, not the whole grid
+        elif name == "dbt-ahnet/heatmap.nii.gz":  # on the model's working grid, covering the DBT's box exactly
+            heatmap, dbt = load_volume(path), load_volume(out / "dbt" / "dbt.nii.gz")
+            corners = [[-0.5, -0.5, -0.5], [n - 0.5 for n in heatmap.shape]]
+            np.testing.assert_allclose(heatmap.ijk_to_ras_points(np.array(corners)),
+                                       dbt.ijk_to_ras_points(np.array([[-0.5, -0.5, -0.5], [n - 0.5 for n in dbt.shape]])),
+                                       atol=1e-4)
         elif name.endswith(".nii.gz"):
             array = _array(path)
             shape = ct_shape if name.startswith("ct") else tuple(SMALL["dbt_shape"])

@@ -412,6 +412,14 @@ def test_resolve_device_rejects_unknown_names():
         resolve_device("gpu")
 
 
+def test_mps_is_chosen_by_name_only_where_torch_has_it():
+    if torch.backends.mps.is_available():
+        assert resolve_device("mps").type == "mps" and resolve_device("auto").type in ("cuda", "cpu")
+    else:
+        with pytest.raises(TransferSegError, match="device 'MPS' was requested but .* no Apple GPU.*'cpu'"):
+            resolve_device("MPS")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; runs on a GPU machine")
 def test_cuda_autocast_matches_cpu_and_oom_falls_back_to_cpu():
     array, network = _volume(), _pointwise()

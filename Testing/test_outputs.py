@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from torch import nn
 
 from conftest import LIVER_TUMOR_SEGMENTS
-from TransferSegLib import cli, render
+from TransferSegLib import cli, pipeline, render
 from TransferSegLib.heatmaps import find_peaks
 from TransferSegLib.io import atomic_output_folder, load_volume, save_volume
 from TransferSegLib.phantoms import ct_phantom, dbt_phantom
@@ -21,8 +21,10 @@ from TransferSegLib.pipeline import Result, run
 from TransferSegLib.progress import CancelToken, Cancelled
 from TransferSegLib.volume import TransferSegError, Volume
 
-SEGMENTATION_FILES = ["segmentation.seg.nrrd", "labelmap.nii.gz", "overview.png", "result.json"]
-HEATMAP_FILES = ["heatmap.nii.gz", "detections.json", "detections.csv", "overview.png", "result.json"]
+SEGMENTATION_FILES = ["segmentation.seg.nrrd", "labelmap.nii.gz", "overview.png", "lesions.csv", "report.html",
+                      "result.json"]
+HEATMAP_FILES = ["heatmap.nii.gz", "detections.json", "detections.csv", "overview.png", "lesions.csv", "report.html",
+                 "result.json"]
 CARD = {"name": "test-card", "version": "0.0.1", "task": "segmentation", "labels": LIVER_TUMOR_SEGMENTS,
         "weights": {"sha256": None}}
 
@@ -108,7 +110,7 @@ def test_views_and_disagreement_are_listed_and_written_on_the_input_grid(tmp_pat
     result.views = {"sagittal": foreground, "axial": classes}  # any insertion order: the list order is fixed
     result.disagreement = rng.random(shape).astype(np.float32)
     expected = ["segmentation.seg.nrrd", "labelmap.nii.gz", "views/axial.nii.gz", "views/sagittal.nii.gz",
-                "disagreement.nii.gz", "overview.png", "views.png", "result.json"]
+                "disagreement.nii.gz", "overview.png", "views.png", "lesions.csv", "report.html", "result.json"]
     assert result.outputs() == expected
     result.write(tmp_path / "out")
     out = tmp_path / "out"
@@ -137,7 +139,7 @@ def test_a_failure_while_writing_leaves_a_new_target_absent(tmp_path, monkeypatc
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(render, "save_overview_png", fail)  # after the .seg.nrrd and the label map
+    monkeypatch.setattr(pipeline, "save_overview_png", fail)  # after the .seg.nrrd and the label map
     with pytest.raises(type(error)):
         _segmentation_result().write(tmp_path / "new" / "deeper" / "out")
     assert list(tmp_path.iterdir()) == []  # no target, no staging folder, no parents made for them
@@ -157,7 +159,7 @@ def test_a_failure_while_writing_leaves_an_existing_target_exactly_as_it_was(tmp
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(render, "save_overview_png", fail)
+    monkeypatch.setattr(pipeline, "save_overview_png", fail)
     second = _segmentation_result(seed=2)
     second.views = {"axial": np.zeros(second.volume.shape, np.uint8)}
     with pytest.raises(type(error)):
@@ -269,7 +271,7 @@ def test_a_system_error_while_writing_is_one_line_and_writes_nothing(tmp_path, t
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "overview.png"))
 
-    monkeypatch.setattr(render, "save_overview_png", disk_full)
+    monkeypatch.setattr(pipeline, "save_overview_png", disk_full)
     monkeypatch.setattr(cli, "_cancel_on_signals", CancelToken)  # keep pytest's own Ctrl-C handler
     assert cli.main(["segment", str(source), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
                      "--device", "cpu"]) == 2

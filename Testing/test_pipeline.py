@@ -42,10 +42,10 @@ def test_segment_cli_writes_every_output_on_the_input_grid(tmp_path, tiny_model,
     fractions = [float(p[1]) for p in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 3
     out = tmp_path / "out"
-    files = ["segmentation.seg.nrrd", "labelmap.nii.gz", "overview.png", "result.json"]
+    files = ["segmentation.seg.nrrd", "labelmap.nii.gz", "overview.png", "lesions.csv", "report.html", "result.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted(files)
     assert json.loads((out / "result.json").read_text(encoding="utf-8"))["files"] == files
-    assert result.stdout.splitlines()[-4:] == [str(out / name) for name in files]
+    assert result.stdout.splitlines()[-len(files):] == [str(out / name) for name in files]
     reference = sitk.ReadImage(str(source))
     for name in ("labelmap.nii.gz", "segmentation.seg.nrrd"):
         image = sitk.ReadImage(str(out / name))
@@ -189,19 +189,25 @@ def test_detect_cli_writes_heatmap_and_detections(tmp_path, tiny_heatmap_model):
     result = _cli("detect", source, "-o", tmp_path / "out", "--model", tiny_heatmap_model, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
-    files = ["heatmap.nii.gz", "detections.json", "detections.csv", "overview.png", "result.json"]
+    files = ["heatmap.nii.gz", "detections.json", "detections.csv", "overview.png", "lesions.csv", "report.html",
+             "result.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted(files)
     assert json.loads((out / "result.json").read_text(encoding="utf-8"))["files"] == files
     detections = json.loads((out / "detections.json").read_text(encoding="utf-8"))["detections"]
     assert 1 <= len(detections) <= 5
     heatmap = load_volume(out / "heatmap.nii.gz")
-    assert heatmap.shape == volume.shape and 0.0 <= heatmap.array.min() and heatmap.array.max() <= 1.0
+    summary = json.loads((out / "result.json").read_text(encoding="utf-8"))
+    assert list(heatmap.shape) == summary["heatmap_grid"]["shape"] and 0.0 <= heatmap.array.min()
+    assert heatmap.array.max() <= 1.0
     top = detections[0]
-    # the reported confidence is the heatmap's value at the reported peak, and positions agree in RAS
-    assert heatmap.array[tuple(top["position_kji"])] == pytest.approx(top["confidence"], abs=1e-5)
+    assert top["kind"] == "lesion" and summary["detections_by_kind"] == {"lesion": len(detections)}
+    # the reported confidence is the heatmap's value at the reported peak (found on the heatmap's grid),
+    # and positions agree in RAS
+    assert heatmap.array.max() == pytest.approx(top["confidence"], abs=1e-5)
     np.testing.assert_allclose(volume.ijk_to_ras_points([top["position_kji"]])[0], top["position_ras"], atol=1e-3)
     csv_rows = (out / "detections.csv").read_text(encoding="utf-8").splitlines()
-    assert csv_rows[0].startswith("rank,confidence,k,j,i") and len(csv_rows) == len(detections) + 1
+    assert csv_rows[0].startswith("rank,kind,confidence,k,j,i") and len(csv_rows) == len(detections) + 1
+    assert csv_rows[1].split(",")[1] == "lesion"
 
 
 def test_postprocess_in_the_bounding_box_equals_the_whole_volume():

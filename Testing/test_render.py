@@ -32,7 +32,7 @@ def _marked_volume(directions):
 def test_views_are_anatomical_and_radiological(directions):
     volume = _marked_volume(directions)
     planes = {}
-    for name, normal, row_ax, col_ax, flip_r, flip_c, _ in render._views(volume):
+    for name, normal, row_ax, col_ax, flip_r, flip_c, _ in render.anatomical_views(volume):
         index = int(np.argwhere(volume.array > 0).mean(axis=0)[normal].round())
         planes[name] = render._plane(volume.array, normal, index, row_ax, col_ax, flip_r, flip_c)
     rows, cols = planes["axial"].shape

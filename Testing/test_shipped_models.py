@@ -121,7 +121,8 @@ def test_default_detection_model_reproduces_its_heldout_froc():
     for seed in range(test["data"]["seed"], test["data"]["seed"] + test["data"]["count"]):
         volume, lesions = dbt_phantom(seed, **test["data"]["options"])
         result = run(volume, model, device="cpu")
-        assert result.heatmap.shape == volume.shape and np.isfinite(result.heatmap).all()
+        assert np.isfinite(result.heatmap.array).all()
+        np.testing.assert_allclose(result.heatmap.spacing, loaded.card["working_spacing_mm"], rtol=0.05)
         assert all(0 <= p < n for d in result.detections for p, n in zip(d.position_kji, volume.shape))
         detections.append(result.detections)
         boxes.append(lesions)

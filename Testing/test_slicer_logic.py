@@ -23,6 +23,7 @@ import vtk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "TransferSeg"))
 from TransferSegModuleLib import logic as L  # noqa: E402
+from TransferSegModuleLib.scene import grid_of  # noqa: E402
 from TransferSegModuleLib.logic import TransferSegLogic  # noqa: E402
 
 from TransferSegLib.io import load_volume, save_volume  # noqa: E402
@@ -396,8 +397,15 @@ def test_dbt_run_shows_heatmap_and_detections_with_a_live_threshold(scene, tmp_p
     assert detections, "the detector found nothing: the markups checks below would be empty"
     heatmap = out.heatmap
     assert heatmap.GetName() == "DBT lesion heatmap"
-    assert geometry_of(heatmap)[0] == geometry_of(node)[0]
-    np.testing.assert_allclose(geometry_of(heatmap)[1], geometry_of(node)[1], atol=1e-9)
+    # the heatmap keeps the model's working grid (1 × 0.5 × 0.5 mm, not the input's 0.4 mm pixels) over the input's box
+    written = load_volume(tmp_path / "out" / "heatmap.nii.gz")
+    shown, grid = grid_of(heatmap), grid_of(node)
+    assert shown.shape == written.shape != volume.shape
+    np.testing.assert_allclose(shown.spacing, written.spacing, atol=1e-9)
+    np.testing.assert_allclose(shown.directions, grid.directions, atol=1e-9)
+    box = np.array([[-0.5, -0.5, -0.5], [n - 0.5 for n in shown.shape]])
+    whole = np.array([[-0.5, -0.5, -0.5], [n - 0.5 for n in volume.shape]])
+    np.testing.assert_allclose(shown.ijk_to_ras_points(box), grid.ijk_to_ras_points(whole), atol=1e-4)
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "heatmap.nii.gz")))
     np.testing.assert_allclose(slicer.util.arrayFromVolume(heatmap), expected, atol=1e-6)
     assert heatmap.GetDisplayNode().GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"

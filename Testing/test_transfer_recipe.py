@@ -197,4 +197,5 @@ def test_dbt_recipe_trains_both_heatmap_networks_with_the_shared_keys(tmp_path, 
     assert card["architecture"]["name"] == "ahnet" and card["name"] == "dbt-lesion-ahnet"
     volume, _ = dbt_phantom(7, (16, 40, 40), pixel_mm=0.5)
     result = run(volume, model=str(card_path), device="cpu")
-    assert result.heatmap.shape == volume.shape and isinstance(result.detections, list)
+    assert result.heatmap_on_input().shape == volume.shape and isinstance(result.detections, list)
+    np.testing.assert_allclose(result.heatmap.spacing, card.get("working_spacing_mm") or volume.spacing, rtol=0.05)

@@ -144,7 +144,19 @@ def test_detections_on_the_working_grid_land_on_the_input_grid(tiny_model, tmp_p
     model = _composed(tiny_model, tmp_path, blob_method, task="heatmap", working_spacing_mm=[1.0, 0.5, 0.5],
                       peaks={"threshold": 0.5, "min_distance": [2, 4, 4]})
     result = run(volume, model, device="cpu")
-    assert result.heatmap.shape == shape and result.heatmap.dtype == np.float32
+    # the heatmap stays on the working grid (40 × 60 × 44 voxels of 1 × 0.5 × 0.5 mm), covering the input's box exactly
+    assert result.heatmap.shape == (40, 60, 44) and result.heatmap.array.dtype == np.float32
+    np.testing.assert_allclose(result.heatmap.spacing, (1.0, 0.5, 0.5))
+    np.testing.assert_allclose(result.heatmap.directions, volume.directions)
+    corner = volume.ijk_to_ras_points(np.array([[-0.5, -0.5, -0.5]]))
+    np.testing.assert_allclose(result.heatmap.ijk_to_ras_points(np.array([[-0.5, -0.5, -0.5]])), corner, atol=1e-6)
+    # its peak is the blob's centre in RAS, and brought back onto the input grid it peaks at the blob
+    peak = np.unravel_index(np.argmax(result.heatmap.array), result.heatmap.shape)
+    centre_ras = volume.ijk_to_ras_points(centre[None].astype(float))[0]
+    assert np.linalg.norm(result.heatmap.ijk_to_ras_points(np.array([peak], float))[0] - centre_ras) < 0.5
+    back = result.heatmap_on_input()
+    assert back.shape == shape and back.dtype == np.float32
+    assert np.all(np.abs(np.array(np.unravel_index(np.argmax(back), shape)) - centre) <= [0, 3, 3])
     assert len(result.detections) == 1
     found = result.detections[0]
     assert np.all(np.abs(np.asarray(found.position_kji) - centre) <= [0, 3, 3])  # within a working voxel

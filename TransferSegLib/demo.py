@@ -22,8 +22,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL
+from .atomic import atomic_output, check_output_folder
+from .heatmaps import find_peaks
+from .io import save_labelmap, save_volume
+from .metrics import FROC_RATES, dice, froc
+from .models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL, LoadedModel, find_model, load_model
+from .phantoms import CT_LABEL_NAMES, ct_phantom, dbt_phantom
+from .pipeline import VIEW_NAMES, run
 from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
+from .render import (save_detections_png, save_froc_png, save_overview_png, save_scalar_overlay_png,
+                     save_views_side_by_side_png)
 from .volume import TransferSegError
 
 __all__ = ["DEMO_CT_SHAPE", "DEMO_DBT_VOLUMES", "DEMO_MODELS", "format_summary", "run_demo"]
@@ -51,23 +59,17 @@ _LAYOUT = {
 
 def _peak_defaults() -> dict:
     """find_peaks' own defaults, for a card whose ``peaks`` leaves one out."""
-    from .heatmaps import find_peaks
-
     parameters = inspect.signature(find_peaks).parameters
     return {name: parameters[name].default for name in ("threshold", "min_distance", "max_peaks")}
 
 
 def _dice_pair(labels: np.ndarray, truth: np.ndarray) -> dict:
     """Liver including tumor (labels ≥ 1) and tumor (label 2) Dice against the phantom's truth."""
-    from .metrics import dice
-
     return {"liver": float(dice(labels >= 1, truth >= 1)), "tumor": float(dice(labels == 2, truth == 2))}
 
 
 def _operating_point(detections_per_volume, boxes_per_volume) -> dict:
     """Lesions found and false positives of a fixed set of detections, counted by :func:`metrics.froc`."""
-    from .metrics import froc
-
     curve = froc(detections_per_volume, boxes_per_volume)
     volumes, lesions = curve["volumes"], curve["lesions"]
     return {"found": int(round(curve["tpr"][-1] * lesions)), "lesions": lesions,
@@ -89,8 +91,6 @@ def _focus(truth: np.ndarray, labels: np.ndarray) -> Optional[list]:
 
 
 def _write_json(path: Path, data) -> Path:
-    from .atomic import atomic_output
-
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
@@ -108,8 +108,6 @@ class _Demo:
 
     def model_or_skip(self, step: str, name: str) -> Optional[str]:
         """The model's name when it is installed; else one line said and a skipped row in the table."""
-        from .models import find_model
-
         try:
             find_model(name)
         except TransferSegError as e:
@@ -147,8 +145,6 @@ def run_demo(output_dir, seed: int = 0, device: str = "auto", progress: Optional
     A model that is not installed skips its step (said through ``log`` and in the summary's
     ``skipped``); the phantoms are always made.
     """
-    from .atomic import atomic_output, check_output_folder
-
     out = check_output_folder(output_dir)
     if isinstance(dbt_volumes, bool) or int(dbt_volumes) != dbt_volumes or dbt_volumes < 1:
         raise TransferSegError(f"dbt_volumes must be a whole number ≥ 1; got {dbt_volumes!r}")
@@ -198,10 +194,6 @@ def run_demo(output_dir, seed: int = 0, device: str = "auto", progress: Optional
 
 
 def _ct_step(demo: _Demo, seed: int, shape, report) -> tuple:
-    from .io import save_labelmap, save_volume
-    from .phantoms import CT_LABEL_NAMES, ct_phantom
-    from .render import save_overview_png
-
     start = time.perf_counter()
     report(0.0, "CT phantom")
     volume, truth = ct_phantom(seed, shape=shape)
@@ -225,9 +217,6 @@ def _ct_step(demo: _Demo, seed: int, shape, report) -> tuple:
 
 def _segment_step(demo: _Demo, step: str, model: str, volume, truth, ct_path, device, report, cancel) -> dict:
     """One CT model: segment, write, score; for a multi-view model also each view's label map."""
-    from .pipeline import VIEW_NAMES, run
-    from .render import save_scalar_overlay_png, save_views_side_by_side_png
-
     start = time.perf_counter()
     result = run(volume, model=model, device=device, progress=report.sub(0.0, 0.8), cancel=cancel)
     segmented = time.perf_counter()
@@ -275,9 +264,6 @@ def _segment_step(demo: _Demo, step: str, model: str, volume, truth, ct_path, de
 
 
 def _dbt_step(demo: _Demo, seed: int, shape, report) -> tuple:
-    from .io import save_volume
-    from .phantoms import dbt_phantom
-
     start = time.perf_counter()
     report(0.0, "DBT phantom")
     volume, lesions = dbt_phantom(seed, shape=shape)
@@ -291,67 +277,104 @@ def _dbt_step(demo: _Demo, seed: int, shape, report) -> tuple:
     return volume, lesions, dbt_path
 
 
+@dataclasses.dataclass(frozen=True)
+class _Detector:
+    """The detector as the demo runs it: ``sweep`` keeps every heatmap peak (for the FROC); the
+    detections at the card's threshold are the first of them (:meth:`at_threshold`)."""
+
+    loaded: LoadedModel
+    sweep: LoadedModel
+    threshold: float
+    max_peaks: int
+    load_s: float
+
+    @classmethod
+    def load(cls, model: str) -> "_Detector":
+        start = time.perf_counter()
+        loaded = load_model(model)
+        load_s = time.perf_counter() - start
+        peaks = dict(_peak_defaults(), **(loaded.card.get("peaks") or {}))
+        threshold, max_peaks = float(peaks["threshold"]), int(peaks["max_peaks"])
+        sweep = dataclasses.replace(loaded, card=dict(loaded.card, peaks=dict(
+            peaks, threshold=0.0, max_peaks=max(FROC_MAX_PEAKS, max_peaks))))
+        return cls(loaded, sweep, threshold, max_peaks, load_s)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.card["name"]
+
+    def at_threshold(self, detections) -> list:
+        return [d for d in detections if d.confidence >= self.threshold][:self.max_peaks]
+
+
 def _detect_steps(demo: _Demo, model: str, volume, lesions, dbt_path, seed, shape, count, device, report,
                   cancel) -> list:
     """The detector on the ``dbt`` phantom (written, drawn) and on ``count - 1`` more (the FROC)."""
-    from .metrics import FROC_RATES, froc
-    from .models import load_model
-    from .phantoms import dbt_phantom
-    from .pipeline import run
-    from .render import save_detections_png, save_froc_png
-
     start = time.perf_counter()
-    loaded = load_model(model)
-    load = time.perf_counter() - start
-    peaks = dict(_peak_defaults(), **(loaded.card.get("peaks") or {}))
-    threshold, max_peaks = float(peaks["threshold"]), int(peaks["max_peaks"])
-    # every peak, for the FROC; the detections at the card's threshold are the first of them
-    sweep = dataclasses.replace(loaded, card=dict(loaded.card, peaks=dict(
-        peaks, threshold=0.0, max_peaks=max(FROC_MAX_PEAKS, max_peaks))))
-
-    def at_threshold(detections):
-        return [d for d in detections if d.confidence >= threshold][:max_peaks]
-
+    detector = _Detector.load(model)
     share = 1.0 / count
-    result = run(volume, sweep, device=device, progress=report.sub(0.0, 0.8 * share), cancel=cancel)
+    row, peaks = _detect_step(demo, detector, volume, lesions, dbt_path, device, report.sub(0.0, 0.8 * share),
+                              cancel, start)
+    check_cancel(cancel)
+    froc_row = _froc_step(demo, detector, peaks, lesions, seed, shape, count, device, report, cancel)
+    report(1.0, "done")
+    return [row, froc_row]
+
+
+def _detect_step(demo: _Demo, detector: _Detector, volume, lesions, dbt_path, device, progress, cancel,
+                 start: float) -> tuple:
+    """The ``dbt-ahnet`` step: its row, and every heatmap peak of the ``dbt`` phantom (for the FROC);
+    the detections at the detector's threshold are written and drawn over the heatmap."""
+    name, threshold = detector.name, detector.threshold
+    result = run(volume, detector.sweep, device=device, progress=progress, cancel=cancel)
     detected = time.perf_counter()
-    all_peaks, boxes = [result.detections], [lesions]
-    result = dataclasses.replace(result, card=loaded.card, detections=at_threshold(result.detections))
+    peaks = result.detections
+    result = dataclasses.replace(result, card=detector.loaded.card, detections=detector.at_threshold(peaks))
     folder = demo.out / "dbt-ahnet"
     written = result.write(folder, input_path=dbt_path)
     point = _operating_point([result.detections], [lesions])
     picture = save_detections_png(
-        volume, result.heatmap, result.detections, lesions, folder / "detections.png",
-        title=f"{loaded.card['name']} at its threshold {threshold:g}: {point['found']} of {point['lesions']} "
+        volume, result.heatmap_on_input(), result.detections, lesions, folder / "detections.png",
+        title=f"{name} at its threshold {threshold:g}: {point['found']} of {point['lesions']} "
               f"lesion(s) found, {point['false_positives']} false positive(s); lesion boxes dashed")
     demo.wrote(*written.values(), picture)
     end = time.perf_counter()
-    rows = [{"step": "dbt-ahnet", "model": loaded.card["name"], "task": "heatmap", "device": result.device,
-             "threshold": threshold, "lesions_found": point,
-             "timings_s": {"load": load, "segment": detected - start - load, "write": end - detected,
-                           "total": end - start}}]
-    demo.done("dbt-ahnet", start, f"{loaded.card['name']}: {point['found']} of {point['lesions']} lesion(s) found, "
-                                  f"{point['false_positives']} false positive(s) at threshold {threshold:g} → {folder}")
-    del result
-    check_cancel(cancel)
+    load = detector.load_s
+    row = {"step": "dbt-ahnet", "model": name, "task": "heatmap", "device": result.device,
+           "threshold": threshold, "lesions_found": point,
+           "timings_s": {"load": load, "segment": detected - start - load, "write": end - detected,
+                         "total": end - start}}
+    demo.done("dbt-ahnet", start, f"{name}: {point['found']} of {point['lesions']} lesion(s) found, "
+                                  f"{point['false_positives']} false positive(s) at threshold {threshold:g} "
+                                  f"→ {folder}")
+    return row, peaks
 
+
+def _froc_step(demo: _Demo, detector: _Detector, first_peaks, first_lesions, seed, shape, count, device, report,
+               cancel) -> dict:
+    """The ``froc`` step over ``count`` DBT phantoms, seeds ``seed``…: the first one's peaks are given
+    (the ``dbt`` phantom), the others are made and run here; its row."""
+    name, threshold = detector.name, detector.threshold
     start = time.perf_counter()
     seconds = 0.0
+    share = 1.0 / count
+    all_peaks, boxes = [first_peaks], [first_lesions]
     for n in range(1, count):
         report(n * share, f"DBT phantom {n + 1} of {count}")
         other, other_lesions = dbt_phantom(seed + n, shape=shape)
         began = time.perf_counter()
-        found = run(other, sweep, device=device, progress=report.sub(n * share, (n + 1) * share), cancel=cancel)
+        found = run(other, detector.sweep, device=device, progress=report.sub(n * share, (n + 1) * share),
+                    cancel=cancel)
         seconds += time.perf_counter() - began
         all_peaks.append(found.detections)
         boxes.append(other_lesions)
         del other, found
     detected = time.perf_counter()
     curve = froc(all_peaks, boxes)
-    point = _operating_point([at_threshold(d) for d in all_peaks], boxes)
+    point = _operating_point([detector.at_threshold(d) for d in all_peaks], boxes)
     folder = demo.out / "froc"
-    data = {"model": loaded.card["name"], "seeds": list(range(seed, seed + count)), "dbt_shape": shape,
-            "peaks": sweep.card["peaks"], "default_threshold": dict(point, threshold=threshold),
+    data = {"model": name, "seeds": list(range(seed, seed + count)), "dbt_shape": shape,
+            "peaks": detector.sweep.card["peaks"], "default_threshold": dict(point, threshold=threshold),
             "tpr_at_fp_per_volume": {f"{rate:g}": curve["tpr_at"][rate] for rate in FROC_RATES},
             "lesions": curve["lesions"], "volumes": curve["volumes"], "fp_per_volume": curve["fp_per_volume"],
             "tpr": curve["tpr"], "thresholds": [None if np.isinf(t) else t for t in curve["thresholds"]],
@@ -359,20 +382,18 @@ def _detect_steps(demo: _Demo, model: str, volume, lesions, dbt_path, seed, shap
                         "(once per box), other peaks are false positives; peaks are every local maximum of "
                         "pipeline.run's heatmap at the card's min_distance"}
     json_path = _write_json(folder / "froc.json", data)
-    png = save_froc_png({loaded.card["name"]: curve}, folder / "froc.png",
-                        title=f"FROC of {loaded.card['name']} on {count} DBT phantom(s) (seeds {seed}–{seed + count - 1})",
+    png = save_froc_png({name: curve}, folder / "froc.png",
+                        title=f"FROC of {name} on {count} DBT phantom(s) (seeds {seed}–{seed + count - 1})",
                         points={f"threshold {threshold:g}: {point['found']} of {point['lesions']} found, "
                                 f"{point['false_positives']} FP": (point["fp_per_volume"], point["tpr"])})
     demo.wrote(json_path, png)
     end = time.perf_counter()
-    rows.append({"step": "froc", "model": loaded.card["name"], "task": "heatmap", "threshold": threshold,
-                 "volumes": count, "lesions_found": point,
-                 "tpr_at_fp_per_volume": data["tpr_at_fp_per_volume"],
-                 "timings_s": {"load": 0.0, "segment": seconds, "write": end - detected, "total": end - start}})
     demo.done("froc", start, f"{count} DBT phantoms, {curve['lesions']} lesions: TPR "
                              f"{curve['tpr_at'][max(FROC_RATES)]:.2f} at {max(FROC_RATES):g} FP/volume → {folder}")
-    report(1.0, "done")
-    return rows
+    return {"step": "froc", "model": name, "task": "heatmap", "threshold": threshold,
+            "volumes": count, "lesions_found": point,
+            "tpr_at_fp_per_volume": data["tpr_at_fp_per_volume"],
+            "timings_s": {"load": 0.0, "segment": seconds, "write": end - detected, "total": end - start}}
 
 
 def _lesions_text(point: dict) -> str:

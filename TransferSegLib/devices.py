@@ -12,7 +12,7 @@ __all__ = ["empty_cache", "is_out_of_memory", "resolve_device", "synchronize"]
 
 
 def resolve_device(spec="auto") -> torch.device:
-    """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` → a torch.device.
+    """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` → a torch.device.
 
     Raises TransferSegError, saying what to choose instead, when a GPU is asked for but
     PyTorch cannot use one.
@@ -22,9 +22,15 @@ def resolve_device(spec="auto") -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")
+    if text == "mps":  # Apple's GPU; chosen explicitly ('auto' keeps to CUDA or the CPU)
+        if not torch.backends.mps.is_available():
+            raise TransferSegError(f"device '{spec}' was requested but this PyTorch build finds no Apple GPU (MPS needs "
+                                   "an Apple-silicon Mac and macOS 12.3 or later); choose device 'cpu' or 'auto'")
+        return torch.device("mps")
     match = re.fullmatch(r"cuda(?::(\d+))?", text)
     if match is None:
-        raise TransferSegError(f"unknown device '{spec}'; use 'auto', 'cpu', 'cuda' or 'cuda:N' (N = GPU number)")
+        raise TransferSegError(f"unknown device '{spec}'; use 'auto', 'cpu', 'cuda', 'cuda:N' (N = GPU number) "
+                               "or 'mps' (Apple GPU)")
     if not torch.cuda.is_available():
         if torch.version.cuda is None:
             why = "this PyTorch build has no CUDA support (a CPU-only build)"

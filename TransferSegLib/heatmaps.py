@@ -79,12 +79,17 @@ def box_contains(box, point_kji) -> bool:
 
 @dataclass
 class Detection:
-    """One peak of a heatmap: where, how confident, and the half-maximum box around it."""
+    """One detection: where, how confident, its box, and its kind.
+
+    ``kind`` is ``"lesion"`` for a plain heatmap's peak, or what a composed detector found:
+    ``"mass"`` or ``"calcification_cluster"`` (the DBT phantoms' kinds).
+    """
 
     position_kji: list
     position_ras: Optional[list]
     confidence: float
     box_kji: list
+    kind: str = "lesion"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,26 +16,38 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
+from .atomic import atomic_output_folder, available_memory_bytes, check_output_folder
+from .devices import resolve_device
+from .dicom_out import DicomOutputs, dicom_output_name, dicom_outputs
+from .heatmaps import Detection, find_peaks
+from .io import atomic_output, save_labelmap, save_scalar, save_segmentation
 from .labels import VIEWS as VIEW_NAMES
+from .methods import MethodContext, MethodOutput, check_options, get_method
 from .models import DEFAULT_SEGMENTATION_MODEL, LoadedModel, load_model, read_card
 from .progress import CancelToken, ProgressCallback, StageProgress, check_cancel
+from .provenance import now, provenance, use_deterministic
+from .render import save_gallery_png, save_overview_png
+from .report import lesion_report, write_report_files
+from .resample import back_to, grid_shape, to_orientation, to_spacing
 from .scope import check_input, check_result
-from .volume import TransferSegError, Volume, label_counts
+from .volume import TransferSegError, Volume, check_roi, label_counts
 
 __all__ = ["VIEW_NAMES", "Result", "check_working_grid", "check_writable", "output_names", "run", "postprocess"]
 
 
 
 
-def output_names(task: str, views=VIEW_NAMES, disagreement: bool = True) -> list:
+def output_names(task: str, views=VIEW_NAMES, disagreement: bool = True, dicom: bool = True) -> list:
     """The files a run of ``task`` writes, relative to its folder, in a fixed order (result.json last):
     :meth:`Result.outputs` for a result with ``views`` and a ``disagreement``.  The defaults name
     every file a run of ``task`` may write, before the run says which (a multi-view method writes
-    the views and their disagreement, a single network neither).
+    the views and their disagreement, a single network neither; only a DICOM input gets ``dicom``).
 
     Segmentation: segmentation.seg.nrrd, labelmap.nii.gz; heatmap task: heatmap.nii.gz,
-    detections.json, detections.csv; then views/axial|coronal|sagittal.nii.gz and
-    disagreement.nii.gz, overview.png, views.png when there are views, result.json.
+    detections.json, detections.csv; with ``dicom`` segmentation.dcm (a DICOM SEG) or
+    detections-sr.dcm (a DICOM SR); then views/axial|coronal|sagittal.nii.gz and
+    disagreement.nii.gz, overview.png, views.png when there are views, lesions.csv, report.html,
+    result.json.
     """
     unknown = set(views) - set(VIEW_NAMES)
     if unknown:
@@ -44,12 +56,15 @@ def output_names(task: str, views=VIEW_NAMES, disagreement: bool = True) -> list
         names = ["heatmap.nii.gz", "detections.json", "detections.csv"]
     else:
         names = ["segmentation.seg.nrrd", "labelmap.nii.gz"]
+    if dicom:
+        names.append(dicom_output_name(task))
     names += [f"views/{view}.nii.gz" for view in VIEW_NAMES if view in views]
     if disagreement:
         names.append("disagreement.nii.gz")
     names.append("overview.png")
     if views:
         names.append("views.png")
+    names += ["lesions.csv", "report.html"]
     names.append("result.json")
     return names
 
@@ -82,7 +97,9 @@ class Result:
     device: str
     timings: dict
     probabilities: Optional[np.ndarray] = None  # uint8 (K, k, j, i), probability × 255
-    heatmap: Optional[np.ndarray] = None
+    # heatmap task: the network's response on the model's working grid, with that grid's exact geometry
+    # (at a DBT's 0.1 mm it is 25× smaller than the input); heatmap_on_input() gives it on the input grid
+    heatmap: Optional[Volume] = None
     roi_kji: Optional[tuple] = None
     detections: list = field(default_factory=list)  # heatmap task: TransferSegLib.heatmaps.Detection
     fallbacks: list = field(default_factory=list)
@@ -90,6 +107,26 @@ class Result:
     views: dict = field(default_factory=dict)
     disagreement: Optional[np.ndarray] = None
     method_summary: dict = field(default_factory=dict)  # e.g. the views' disagreement, for result.json
+    working: Optional[Volume] = None  # heatmap task: the input on the working grid (the overview is drawn there)
+    on_input: Optional[object] = field(default=None, repr=False)  # heatmap task: how to bring it back
+    dicom: Optional[DicomOutputs] = field(default=None, repr=False)  # set by write: a DICOM input's SEG or SR
+    provenance: dict = field(default_factory=dict)  # versions, model, device, command, times (provenance.py)
+    _lesions: Optional[dict] = field(default=None, init=False, repr=False)  # lesions(), measured once
+
+    def __post_init__(self):
+        if self.heatmap is not None and not isinstance(self.heatmap, Volume):  # an array on the input's grid
+            self.heatmap = Volume(self.heatmap, self.volume.spacing, self.volume.directions, self.volume.origin)
+        if self.heatmap is not None and self.working is None:
+            self.working = self.volume
+
+    def heatmap_on_input(self) -> Optional[np.ndarray]:
+        """The heatmap resampled linearly onto the input's grid (float32, the input's shape): for
+        drawing over the input itself; costs a full-size float array, so it is made only on request."""
+        if self.heatmap is None:
+            return None
+        if self.on_input is None:  # built on the input's grid
+            return self.heatmap.array
+        return self.on_input.values(self.heatmap.array, fill=0.0)
 
     @property
     def segments(self) -> list:
@@ -105,10 +142,18 @@ class Result:
         counts = label_counts(self.labels)
         return {seg["name"]: round(float(counts[seg["label"]]) * voxel_ml, 3) for seg in self.segments}
 
+    def lesions(self) -> dict:
+        """Per-lesion rows and their summary (:func:`TransferSegLib.report.lesion_report`), measured once."""
+        if self._lesions is None:
+            self._lesions = lesion_report(self)
+        return self._lesions
+
     def outputs(self) -> list:
         """Every file :meth:`write` writes, relative to its folder, in a fixed order (result.json last):
-        :func:`output_names` of this result's task, views and disagreement."""
-        return output_names(self.task, self.views, self.disagreement is not None)
+        :func:`output_names` of this result's task, views and disagreement (and its DICOM file, once
+        :meth:`write` has found the input to be DICOM)."""
+        return output_names(self.task, self.views, self.disagreement is not None,
+                            dicom=bool(self.dicom is not None and self.dicom.names))
 
     def summary(self) -> dict:
         card = self.card
@@ -120,10 +165,16 @@ class Result:
             "input": self.volume.summary(),
             "roi_kji": list(self.roi_kji) if self.roi_kji else None,
             "detections": len(self.detections) if self.task == "heatmap" else None,
+            **({"detections_by_kind": _count_kinds(self.detections)} if self.task == "heatmap" else {}),
+            **({"heatmap_grid": {"shape": list(self.heatmap.shape), "spacing_mm": list(self.heatmap.spacing)}}
+               if self.heatmap is not None else {}),
             "fallbacks": self.fallbacks,
             "warnings": self.warnings,
+            "lesions": self.lesions(),
+            "dicom": self.dicom.note if self.dicom is not None else "not written: the result has not been written",
             "files": self.outputs(),
             **({"method": self.method_summary} if self.method_summary else {}),
+            **({"provenance": self.provenance} if self.provenance else {}),
         }
 
     def write(self, folder, input_path=None) -> dict:
@@ -132,47 +183,50 @@ class Result:
         The files are written into a staging folder and moved in only when every one is complete
         (:func:`~TransferSegLib.io.atomic_output_folder`): a failure or cancellation leaves
         ``folder`` as it was, other files in it are never touched, and files of an earlier run
-        with the same names are replaced.  Refuses to overwrite ``input_path``.
+        with the same names are replaced.  Refuses to overwrite ``input_path``.  When ``input_path``
+        is DICOM (a series folder or a multi-frame file), a DICOM SEG or SR referencing it is written
+        too (:mod:`~TransferSegLib.dicom_out`); result.json["dicom"] says whether, or why not.
         """
-        from .atomic import atomic_output_folder, check_output_folder
-
-        names = self.outputs()
         check_writable(self.volume)
+        # built before anything is staged: a source it cannot describe leaves out the DICOM file, not the run
+        self.dicom = dicom_outputs(input_path, self.volume, self.card, labels=self.labels, detections=self.detections)
+        names = self.outputs()
         folder = check_output_folder(folder, names, input_path)
         with atomic_output_folder(folder, names) as staging:
             self._write_files(staging)
         return {name: folder / name for name in names}
 
     def _write_files(self, folder: Path) -> None:
-        from .io import atomic_output, save_labelmap, save_scalar, save_segmentation
-        from .render import save_gallery_png, save_overview_png
-
         start = time.perf_counter()
         label_names = {seg["label"]: seg["name"] for seg in self.segments}
         if self.task == "heatmap":
-            save_scalar(self.heatmap, self.volume, folder / "heatmap.nii.gz")
+            save_scalar(self.heatmap.array, self.heatmap, folder / "heatmap.nii.gz")
             rows = [d.to_dict() for d in self.detections]
             with atomic_output(folder / "detections.json") as tmp:
                 tmp.write_text(json.dumps({"model": self.card["name"], "detections": rows}, indent=2) + "\n",
                                encoding="utf-8")
             with atomic_output(folder / "detections.csv") as tmp:
-                lines = ["rank,confidence,k,j,i,r_mm,a_mm,s_mm,k0,j0,i0,k1,j1,i1"]
+                lines = ["rank,kind,confidence,k,j,i,r_mm,a_mm,s_mm,k0,j0,i0,k1,j1,i1"]
                 for n, d in enumerate(self.detections, 1):
-                    lines.append(",".join(str(v) for v in [n, f"{d.confidence:.6g}", *d.position_kji,
+                    lines.append(",".join(str(v) for v in [n, d.kind, f"{d.confidence:.6g}", *d.position_kji,
                                                           *(d.position_ras or ["", "", ""]), *d.box_kji]))
                 tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         else:
             save_segmentation(self.labels, self.volume, folder / "segmentation.seg.nrrd", self.segments)
             save_labelmap(self.labels, self.volume, folder / "labelmap.nii.gz")
+        if self.dicom is not None:
+            self.dicom.save(folder)
         for view in VIEW_NAMES:
             if view in self.views:
                 save_scalar(self.views[view], self.volume, folder / "views" / f"{view}.nii.gz")
         if self.disagreement is not None:
             save_scalar(self.disagreement, self.volume, folder / "disagreement.nii.gz")
         if self.task == "heatmap":
-            save_overview_png(self.volume, folder / "overview.png", heatmap=self.heatmap,
-                              boxes=[{"box_kji": d.box_kji, "kind": "detection"} for d in self.detections[:10]],
-                              title=f"{self.card['name']} — {len(self.detections)} detection(s)")
+            # drawn on the heatmap's own (working) grid: a clinical DBT's 0.1 mm voxels add nothing to a PNG
+            boxes = [{"box_kji": _box_between(d.box_kji, self.volume, self.working), "kind": d.kind}
+                     for d in self.detections[:10]]
+            save_overview_png(self.working, folder / "overview.png", heatmap=self.heatmap.array, boxes=boxes,
+                              title=f"{self.card['name']} — {_detections_title(self.detections)}")
         else:
             save_overview_png(self.volume, folder / "overview.png", labels=self.labels, label_names=label_names,
                               title=f"{self.card['name']} — " + ", ".join(
@@ -197,9 +251,35 @@ class Result:
                 rows.append(dict(volume=self.volume, heatmap=self.disagreement, focus=focus, heat_max=1.0,
                                  title="view disagreement (0 agree – 1)"))
             save_gallery_png(rows, folder / "views.png")
+        write_report_files(self, folder, self.lesions())
         self.timings["write"] = time.perf_counter() - start
         with atomic_output(folder / "result.json") as tmp:
             tmp.write_text(json.dumps(self.summary(), indent=2) + "\n", encoding="utf-8")
+
+
+def _count_kinds(detections) -> dict:
+    counts = {}
+    for d in detections:
+        counts[d.kind] = counts.get(d.kind, 0) + 1
+    return counts
+
+
+def _detections_title(detections) -> str:
+    counts = _count_kinds(detections)
+    if set(counts) <= {"lesion"}:
+        return f"{len(detections)} detection(s)"
+    return ", ".join(f"{n} {kind.replace('_', ' ')}{'s' if n != 1 else ''}" for kind, n in sorted(counts.items()))
+
+
+def _box_between(box_kji, source: Volume, target: Volume) -> list:
+    """A half-open voxel box on ``source``'s grid as the box on ``target``'s grid that covers it (through RAS)."""
+    k0, j0, i0, k1, j1, i1 = box_kji
+    corners = np.array([[k, j, i] for k in (k0 - 0.5, k1 - 0.5) for j in (j0 - 0.5, j1 - 0.5)
+                        for i in (i0 - 0.5, i1 - 0.5)], float)
+    kji = target.ras_to_ijk_points(source.ijk_to_ras_points(corners))
+    lo = np.clip(np.floor(kji.min(axis=0) + 0.5 + 1e-6), 0, target.shape).astype(int)
+    hi = np.clip(np.ceil(kji.max(axis=0) + 0.5 - 1e-6), 0, target.shape).astype(int)
+    return [int(v) for v in lo] + [int(v) for v in np.maximum(hi, lo + 1)]
 
 
 def postprocess(labels: np.ndarray, spec: Optional[dict], spacing=None) -> np.ndarray:
@@ -289,13 +369,15 @@ def _bounding_box(mask: np.ndarray, margin: int):
 
 def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", roi=None,
         progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-        return_probabilities: bool = False, method_options: Optional[dict] = None) -> Result:
+        return_probabilities: bool = False, method_options: Optional[dict] = None,
+        deterministic: bool = False) -> Result:
     """Segment ``volume`` with ``model`` (a name, a path, or a :class:`LoadedModel`).
 
     The volume (or its ROI) is turned to the card's ``working_orientation`` and resampled to its
     ``working_spacing_mm`` (both optional), the card's method runs there, and its outputs come
     back onto the input's exact grid (probabilities linearly, slab by slab) before the labels
-    are taken.  A card with neither field runs on the input grid as it is.
+    are taken.  A card with neither field runs on the input grid as it is.  A heatmap stays on
+    the working grid (with its exact geometry); its detections come back onto the input grid.
 
     Args:
         roi: ``(k0, j0, i0, k1, j1, i1)`` voxel box (half-open, array order); outputs stay full size.
@@ -304,12 +386,13 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
         return_probabilities: also give the uint8 class probabilities on the input grid.
         method_options: per-run choices for the card's method, e.g. ``{"fusion": "staple"}``
             for a multi-view model.
+        deterministic: fixed seeds and PyTorch's deterministic algorithms for the rest of the
+            process (:func:`~TransferSegLib.provenance.use_deterministic`): the same input, model
+            and machine then give byte-identical files.
     """
-    from .devices import resolve_device
-    from .volume import check_roi
-    from .methods import MethodContext, check_options, get_method
-    from .resample import to_orientation, to_spacing
-
+    started = now()
+    if deterministic:
+        use_deterministic()
     report = StageProgress(progress)
     timings = {}
     start = time.perf_counter()
@@ -328,7 +411,6 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     box = check_roi(roi, volume.shape) if roi is not None else None
     region = _crop(volume, box) if box is not None else volume
     warnings = scope_warnings + spacing_warnings(region, card) + _constant_warning(region)
-
     check_working_grid(region, card)
     start = time.perf_counter()
     report(0.02, "resampling")
@@ -339,20 +421,32 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
     check_cancel(cancel)
 
     start = time.perf_counter()
-    output = method(MethodContext(working, loaded, target, report.sub(0.04, 0.9), cancel, options))
+    output = method(MethodContext(working, loaded, target, report.sub(0.04, 0.9), cancel, options, native=oriented))
     timings["inference"] = time.perf_counter() - start
     timings.update({f"inference_{part}": seconds for part, seconds in output.timings.items()})
     check_cancel(cancel)
 
+    back = _OnInputGrid(working, oriented, turn, box, volume.shape)
+    result = _result_on_input(volume, region, card, output, back, return_probabilities, report, timings, cancel)
+    result.warnings = warnings + result.warnings
+    result.roi_kji = tuple(int(v) for v in box) if box is not None else None
+    result.provenance = provenance(card, result.device, started, now(), deterministic)
+    return result
+
+
+def _result_on_input(volume: Volume, region: Volume, card: dict, output: MethodOutput, back: "_OnInputGrid",
+                     return_probabilities: bool, report, timings: dict, cancel) -> Result:
+    """The method's outputs as a :class:`Result` on the input's grid: labels (and probabilities)
+    resampled back and post-processed, or the heatmap kept on the working grid and its detections
+    placed on the input grid."""
     start = time.perf_counter()
     report(0.9, "resampling back")
-    back = _OnInputGrid(working, oriented, turn, box, volume.shape)
     task = card.get("task", "segmentation")
     labels, probabilities, heatmap = None, None, None
     if task == "segmentation":
         labels, probabilities = back.labels(output, return_probabilities)
     else:
-        heatmap = back.values(output.heatmap, fill=0.0)
+        heatmap = Volume(output.heatmap, back.working.spacing, back.working.directions, back.working.origin)
         labels = np.zeros(volume.shape, np.uint8)
     views = {name: back.values(values, fill=0) for name, values in output.views.items()}
     disagreement = back.values(output.disagreement, fill=0) if output.disagreement is not None else None
@@ -361,22 +455,25 @@ def run(volume: Volume, model=DEFAULT_SEGMENTATION_MODEL, device: str = "auto", 
 
     start = time.perf_counter()
     report(0.95, "post-processing")
-    labels = postprocess(labels, card.get("postprocessing"), volume.spacing)
-    labels, implausible = check_result(labels, region, card)  # no plausible organ: no labels, and why
-    warnings += implausible
-    detections = []
-    if task == "heatmap":
-        from .heatmaps import find_peaks
-
-        peaks = dict(card.get("peaks") or {})  # e.g. {"threshold": 0.2, "min_distance": [2, 8, 8]}: working voxels
-        detections = [back.detection(d, volume) for d in find_peaks(output.heatmap, working, **peaks)]
+    implausible, detections = [], []
+    if task == "segmentation":
+        labels = postprocess(labels, card.get("postprocessing"), volume.spacing)
+        labels, implausible = check_result(labels, region, card)  # no plausible organ: no labels, and why
+    else:
+        found = output.detections
+        if found is None:  # a plain heatmap network: its peaks, on the working grid
+            peaks = dict(card.get("peaks") or {})  # e.g. {"threshold": 0.2, "min_distance": [2, 8, 8]}: working voxels
+            found = find_peaks(output.heatmap, back.working, **peaks)
+        detections = [back.detection(d, back.working, volume) for d in found]
+        detections += [back.detection(d, back.oriented, volume) for d in output.native_detections]
+        detections.sort(key=lambda d: -d.confidence)
     timings["postprocess"] = time.perf_counter() - start
     report(1.0, "done")
     return Result(volume=volume, labels=labels, card=card, device=output.device, timings=timings,
-                  probabilities=probabilities, heatmap=heatmap,
-                  roi_kji=tuple(int(v) for v in box) if box is not None else None,
-                  detections=detections, fallbacks=list(output.fallbacks), warnings=warnings,
-                  views=views, disagreement=disagreement, method_summary=dict(output.summary))
+                  probabilities=probabilities, heatmap=heatmap, detections=detections,
+                  fallbacks=list(output.fallbacks), warnings=implausible, views=views, disagreement=disagreement,
+                  method_summary=dict(output.summary), working=back.working if task == "heatmap" else None,
+                  on_input=back if task == "heatmap" else None)
 
 
 # float32 bytes per working voxel while a method runs: the image, each class's probability and the
@@ -389,9 +486,6 @@ def check_working_grid(volume: Volume, card: dict) -> tuple:
     """The shape of ``volume`` on the card's working grid, refused with :class:`TransferSegError` when it
     would not fit in the memory free now: from the header alone, before anything is resampled or
     allocated (an absurd spacing, e.g. 1e9 mm or 200 mm voxels, would otherwise die in the allocator)."""
-    from .atomic import available_memory_bytes
-    from .resample import grid_shape, to_orientation
-
     spacing = card.get("working_spacing_mm")
     header = Volume(np.zeros((1, 1, 1), np.float32), volume.spacing, volume.directions)
     oriented, turn = to_orientation(header, card.get("working_orientation"))
@@ -417,8 +511,6 @@ def spacing_warnings(volume: Volume, card: dict) -> list:
     finer than half its minimum or coarser than twice its maximum.  Without it, within 2× of
     ``expected_spacing_mm``.  Spacings are compared in the working orientation's axis order.
     """
-    from .resample import to_orientation
-
     trained = card.get("trained_spacing_mm")
     expected = card.get("expected_spacing_mm")
     if not trained and not expected:
@@ -477,8 +569,6 @@ class _OnInputGrid:
         """Linear back (images, heatmaps, uint8 probabilities), in the values' own dtype."""
         if values is None:
             return None
-        from .resample import back_to
-
         if self.resampled:
             values = back_to(values, self.working, self.oriented)
         return self._place(values, fill)
@@ -487,8 +577,6 @@ class _OnInputGrid:
         """``(labels, probabilities or None)``: the argmax (or the method's ``decide``) of the
         probabilities brought back linearly, slab by slab (the method's own labels when nothing
         was resampled)."""
-        from .resample import back_to
-
         probabilities = None
         if not self.resampled:
             labels = output.labels
@@ -511,20 +599,12 @@ class _OnInputGrid:
                 probabilities = full
         return labels, probabilities
 
-    def detection(self, detection, volume: Volume):
-        """A detection found on the working grid, placed on the input grid (through RAS)."""
-        from .heatmaps import Detection
-
-        ras = self.working.ijk_to_ras_points(np.asarray(detection.position_kji, float)[None])
+    def detection(self, detection: Detection, grid: Volume, volume: Volume) -> Detection:
+        """A detection found on ``grid`` (the working grid, or the oriented input region), placed on
+        the input grid (through RAS)."""
+        ras = grid.ijk_to_ras_points(np.asarray(detection.position_kji, float)[None])
         position = np.round(volume.ras_to_ijk_points(ras)[0]).astype(int)
         position = np.clip(position, 0, np.asarray(volume.shape) - 1)
-        k0, j0, i0, k1, j1, i1 = detection.box_kji
-        corners = np.array([[k, j, i] for k in (k0 - 0.5, k1 - 0.5) for j in (j0 - 0.5, j1 - 0.5)
-                            for i in (i0 - 0.5, i1 - 0.5)], float)
-        kji = volume.ras_to_ijk_points(self.working.ijk_to_ras_points(corners))
-        lo = np.clip(np.floor(kji.min(axis=0) + 0.5 + 1e-6), 0, volume.shape).astype(int)
-        hi = np.clip(np.ceil(kji.max(axis=0) + 0.5 - 1e-6), 0, volume.shape).astype(int)
-        hi = np.maximum(hi, lo + 1)
         position_ras = volume.ijk_to_ras_points(position[None].astype(float))[0].round(3).tolist()
         return Detection([int(v) for v in position], position_ras, detection.confidence,
-                         [int(v) for v in lo] + [int(v) for v in hi])
+                         _box_between(detection.box_kji, grid, volume), detection.kind)

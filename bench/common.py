@@ -42,6 +42,10 @@ VARIED = json.loads((ROOT / "Resources" / "configs" / "ct-liver-tumor-unet3d.jso
 CT_STORAGE = ("as generated (LPS axial)", "RAS-flipped", "oblique", "sagittal")
 # the clinical-size inputs of the speed runs: (seed, phantom options); tiny ones with --quick
 SPEED_INPUTS = {"ct": (5200, {"shape": (100, 512, 512)}), "dbt": (5300, {"shape": (40, 1024, 768), "pixel_mm": 0.1})}
+# clinical DBT reconstructions: a Hologic-sized one (232 M voxels) and a Siemens-sized one (505 M voxels)
+DBT_SIZES = {"speed": SPEED_INPUTS["dbt"],
+             "hologic": (5301, {"shape": (50, 2457, 1890), "pixel_mm": 0.1}),
+             "siemens": (5302, {"shape": (50, 3584, 2816), "pixel_mm": 0.085})}
 QUICK_SPEED_INPUTS = {"ct": (5200, {"shape": (20, 128, 128)}), "dbt": (5300, {"shape": (8, 256, 192), "pixel_mm": 0.4})}
 
 

@@ -45,6 +45,7 @@ included.
     OMP_NUM_THREADS=2 .venv/bin/python bench/speed.py --repeat 3 --json runs/speed.json  # about 8 minutes a repeat
     .venv/bin/python bench/speed.py --models ct-liver-tumor-vfn dbt-lesion-ahnet --repeat 3
     .venv/bin/python bench/speed.py --device cuda --json runs/speed-gpu.json
+    .venv/bin/python bench/speed.py --models dbt-lesion-ahnet --dbt-size hologic   # a clinical DBT (also: siemens)
     .venv/bin/python bench/speed.py --quick      # tiny inputs: a smoke test of the script, not a result
 """
 from __future__ import annotations
@@ -66,7 +67,7 @@ import torch
 from TransferSegLib.models import list_models, method_of, model_dirs
 from TransferSegLib.resample import grid_shape
 
-from common import QUICK_SPEED_INPUTS, SPEED_INPUTS, grid_text, json_saver, phantom_file, speed_input
+from common import DBT_SIZES, QUICK_SPEED_INPUTS, SPEED_INPUTS, grid_text, json_saver, phantom_file, speed_input
 from measure import measure
 
 GOALS_S = {"ct": 90.0, "dbt": 60.0}  # end to end on 2 CPU cores
@@ -291,12 +292,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cli", action="store_true",
                         help="end to end = read + load + segment + write in the measuring process, no CLI run")
     parser.add_argument("--quick", action="store_true", help="tiny inputs: a smoke test of the script, not a result")
+    parser.add_argument("--dbt-size", choices=tuple(DBT_SIZES), default="speed",
+                        help="the DBT input: speed (40×1024×768 at 0.1 mm, default), hologic (50×2457×1890 at 0.1 mm) "
+                        "or siemens (50×3584×2816 at 0.085 mm)")
     parser.add_argument("--work", type=Path, help="folder for inputs and outputs (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.threads < 1:
         parser.error("--repeat and --threads must be at least 1")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         parser.error(f"--device must be cpu, cuda or cuda:N; got {args.device!r}")
+    SPEED_INPUTS["dbt"] = DBT_SIZES[args.dbt_size]  # the DBT input every detection model gets
     cards = shipped_cards(args.models)
     if not cards:
         parser.error("no models found")

@@ -23,7 +23,7 @@ from TransferSegLib.volume import TransferSegError
 from .devices import child_python
 from .results import detection_rows, link_companions, segment_rows, write_segments_into
 from .scene import check_input_node, grid_of, remove_nodes
-from .voxels import BackgroundCall, NodeVoxels, read_scalar_output, read_view_labels, write_input
+from .voxels import BackgroundCall, NodeVoxels, read_heatmap_output, read_scalar_output, read_view_labels, write_input
 
 if TYPE_CHECKING:  # the logic starts jobs; a job only calls back into it
     from .logic import TransferSegLogic
@@ -378,7 +378,7 @@ class ResultImport:
         if "disagreement.nii.gz" in files:
             self._steps.append((read_scalar_output, folder / "disagreement.nii.gz", self._disagreement))
         if "heatmap.nii.gz" in files:
-            self._steps.append((read_scalar_output, folder / "heatmap.nii.gz", self._heatmap))
+            self._steps.append((read_heatmap_output, folder / "heatmap.nii.gz", self._heatmap))
         if "detections.json" in files:
             self._steps.append((None, folder / "detections.json", self._detections))
         self._reading = None  # (BackgroundCall, builder, file)
@@ -398,9 +398,10 @@ class ResultImport:
         self.outputs.disagreement = self.logic.scalarOverlay(
             image, f"{self.inputNode.GetName()} view disagreement", self.reference, DISAGREEMENT_COLORS, lower=0.05)
 
-    def _heatmap(self, path: Path, image) -> None:
+    def _heatmap(self, path: Path, read) -> None:
+        image, grid = read  # on the model's working grid, over the input's box: Slicer overlays it by geometry
         self.outputs.heatmap = self.logic.scalarOverlay(
-            image, f"{self.inputNode.GetName()} lesion heatmap", self.reference, HEATMAP_COLORS, lower=0.05)
+            image, f"{self.inputNode.GetName()} lesion heatmap", grid, HEATMAP_COLORS, lower=0.05)
 
     def _detections(self, path: Path, _) -> None:
         detections = json.loads(path.read_text(encoding="utf-8"))["detections"]

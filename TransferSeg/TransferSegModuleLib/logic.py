@@ -43,11 +43,11 @@ from .jobs import (DISAGREEMENT_COLORS, FUSIONS, done_status, failure_message, p
                    status_text)
 from .scene import (TERMINOLOGY_FILE, add_volume_node, segment_array, terminology_context,  # noqa: F401,E402
                     volume_from_node)
-from .voxels import Stopped, read_scalar_output, read_view_labels  # noqa: F401,E402
+from .voxels import Stopped, read_heatmap_output, read_scalar_output, read_view_labels  # noqa: F401,E402
 
 __all__ = ["DISAGREEMENT_COLORS", "DISPLAY_PARAMETERS", "FUSIONS", "MODULE_NAME", "TERMINOLOGY_FILE", "VIEW_NAMES",
            "GpuQuery", "Stopped", "TransferSegLogic", "TransferSegOutputs", "add_segmentation_node", "add_volume_node",
-           "done_status", "failure_message", "parse_progress_line", "query_mps", "read_scalar_output",
+           "done_status", "failure_message", "parse_progress_line", "query_mps", "read_heatmap_output", "read_scalar_output",
            "read_view_labels", "remove_nodes", "segment_array", "status_text", "terminology_context",
            "terminology_string", "volume_from_node"]
 
@@ -227,8 +227,8 @@ class TransferSegLogic:
         return None
 
     def scalarOverlay(self, image, name: str, reference: Volume, colors, lower: float):
-        """A probability volume (:func:`read_scalar_output`: in [0, 1], or × 255 when stored as uint8) on the
-        input's grid, coloured, transparent below ``lower``.  The node takes ``image`` over, in its own type."""
+        """A probability volume (:func:`read_scalar_output`: in [0, 1], or × 255 when stored as uint8) on
+        ``reference``'s grid (the input's, or a heatmap's working grid), coloured, transparent below ``lower``.  The node takes ``image`` over, in its own type."""
         scale = 255.0 if image.GetScalarType() == vtk.VTK_UNSIGNED_CHAR else 1.0
         node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         try:

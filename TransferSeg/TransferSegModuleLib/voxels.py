@@ -141,9 +141,7 @@ def _check_on_grid(name: str, size_ijk, spacing, origin, direction, reference: V
         raise TransferSegError(f"{name} does not lie on the input volume's grid")
 
 
-def _file_on_grid(path: Path, reference: Volume) -> int:
-    """Check from its header alone that an output image lies exactly on ``reference``'s grid; returns its
-    number of components."""
+def _header(path: Path):
     import SimpleITK as sitk  # bundled with Slicer; imported when a run ends, not when the module loads
 
     reader = sitk.ImageFileReader()
@@ -152,9 +150,34 @@ def _file_on_grid(path: Path, reference: Volume) -> int:
         reader.ReadImageInformation()
     except RuntimeError as e:
         raise TransferSegError(f"{path.name} cannot be read ({str(e).strip().splitlines()[-1]})") from None
+    return reader
+
+
+def _file_on_grid(path: Path, reference: Volume) -> int:
+    """Check from its header alone that an output image lies exactly on ``reference``'s grid; returns its
+    number of components."""
+    reader = _header(path)
     _check_on_grid(path.name, reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
                    reference)
     return reader.GetNumberOfComponents()
+
+
+def file_grid_over(path: Path, reference: Volume) -> Volume:
+    """The grid of an output image stored on a grid of its own (a heatmap on the model's working grid), as
+    a :class:`Volume` of one broadcast zero; checked from its header to cover exactly ``reference``'s box
+    with ``reference``'s directions, so that Slicer lays it over the input where the model saw it."""
+    reader = _header(path)
+    if reader.GetNumberOfComponents() != 1:
+        raise TransferSegError(f"{path.name} has several components; a single one was expected")
+    grid = Volume(np.broadcast_to(np.float32(0), tuple(reader.GetSize())[::-1]), tuple(reader.GetSpacing())[::-1],
+                  _LPS[:, None] * np.asarray(reader.GetDirection()).reshape(3, 3), _LPS * np.asarray(reader.GetOrigin()))
+    corners = [[-0.5, -0.5, -0.5], [n - 0.5 for n in grid.shape]], [[-0.5, -0.5, -0.5], [n - 0.5 for n in reference.shape]]
+    same = (np.allclose(grid.directions, reference.directions, atol=1e-6)
+            and np.allclose(grid.ijk_to_ras_points(np.array(corners[0])), reference.ijk_to_ras_points(np.array(corners[1])),
+                            atol=1e-3))
+    if not same:
+        raise TransferSegError(f"{path.name} does not cover the input volume's box")
+    return grid
 
 
 def nifti_layout(path: Path):
@@ -223,6 +246,13 @@ def _sitk_voxels(path: Path):
 
     image = sitk.ReadImage(str(path))
     return image, sitk.GetArrayViewFromImage(image)
+
+
+def read_heatmap_output(path: Path, reference: Volume, stop: threading.Event):
+    """``(image, grid)``: a heatmap stored on the model's working grid (:func:`file_grid_over`), read as
+    :func:`read_scalar_output` reads an image on the input's grid."""
+    grid = file_grid_over(path, reference)
+    return read_scalar_output(path, grid, stop), grid
 
 
 def read_scalar_output(path: Path, reference: Volume, stop: threading.Event):

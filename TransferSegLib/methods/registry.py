@@ -57,6 +57,9 @@ class MethodContext:
     progress: Optional[Callable] = None
     cancel: Optional[object] = None
     options: dict = field(default_factory=dict)  # per-run choices, e.g. {"fusion": "staple"}
+    # the volume at its own resolution (oriented like ``volume``, before resampling), for a stage
+    # that needs every voxel (calcification specks); None where the caller has only the working grid
+    native: Optional[Volume] = None
 
     @property
     def card(self) -> dict:
@@ -94,3 +97,7 @@ class MethodOutput:
     # labels from probabilities (K, …) on a 0…255 scale, where a method's rule is not the argmax
     # (e.g. the cascade's nested thresholds); used again on the input grid after resampling
     decide: Optional[Callable] = None
+    # heatmap task: detections on the working grid (None: the pipeline finds the heatmap's peaks with
+    # the card's "peaks" settings) and detections found on the native grid (context.native)
+    detections: Optional[list] = None
+    native_detections: list = field(default_factory=list)
