@@ -151,3 +151,37 @@ def test_the_checks_catch_a_loop_and_an_upward_import():
     graph = {"TransferSegLib.volume": {"TransferSegLib.models"}, "TransferSegLib.models": {"TransferSegLib.volume"}}
     assert _cycles(graph) == [["TransferSegLib.models", "TransferSegLib.volume"]]
     assert _layer(_unit("TransferSegLib.models")) > _layer(_unit("TransferSegLib.volume"))
+
+
+def _unexplained_imports(source: str, name: str) -> list:
+    """Imports inside functions with no comment saying why: on the import's line, or on the comment line
+    directly above it or above the block of imports it belongs to."""
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for inner in ast.walk(node):
+            if not isinstance(inner, (ast.Import, ast.ImportFrom)):
+                continue
+            row = inner.lineno - 1
+            explained = "#" in lines[row]
+            while not explained and row > 0 and lines[row - 1].strip().startswith(("import ", "from ", "#")):
+                row -= 1
+                explained = "#" in lines[row]
+            if not explained:
+                found.append(f"{name}:{inner.lineno}: {lines[inner.lineno - 1].strip()}")
+    return found
+
+
+def test_imports_inside_functions_say_why():
+    """Imports sit at the top of the module; one inside a function says why (an optional dependency,
+    torch kept out of `transferseg --help`, code the Slicer module imports before torch is installed)."""
+    found = [hit for path in sorted(LIBRARY.rglob("*.py"))
+             for hit in _unexplained_imports(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))]
+    assert not found, "move these to the top of their module, or say why beside them:\n" + "\n".join(found)
+
+
+def test_the_import_check_catches_an_unexplained_import():
+    source = "def f():\n    import os\n    return os\n\n\ndef g():\n    # optional: only some runs\n    import json\n"
+    assert _unexplained_imports(source, "m") == ["m:2: import os"]

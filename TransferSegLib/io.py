@@ -457,7 +457,7 @@ def save_segmentation(labels: np.ndarray, reference: Volume, path, segments: lis
     Every non-zero value in ``labels`` must have a segment.  The file opens in 3D Slicer
     (Segmentations) and reads back with ``slicerio.read_segmentation``.
     """
-    import slicerio
+    import slicerio  # not bundled with Slicer, whose module imports this one: only a .seg.nrrd write needs it
 
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):

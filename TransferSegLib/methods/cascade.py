@@ -30,6 +30,8 @@ from scipy import ndimage
 from ..inference import sliding_window_inference
 from ..preprocessing import preprocess
 from ..progress import StageProgress, check_cancel
+from ..resample import to_spacing
+from ..views import predict_view
 from ..volume import TransferSegError
 from .registry import MethodContext, MethodOutput, register_method
 from .single import run_component
@@ -74,9 +76,6 @@ def _settings(context: MethodContext) -> dict:
 def liver_box(context: MethodContext, component, margin_mm: float, report=None):
     """``(box, coarse foreground volume in mL)``: the coarse network's largest foreground component
     as a (k0, j0, i0, k1, j1, i1) box on the working grid, grown by ``margin_mm``; None if empty."""
-    from ..resample import to_spacing
-    from ..views import predict_view
-
     spec = component.spec
     volume = context.volume
     spacing = spec.get("working_spacing_mm")

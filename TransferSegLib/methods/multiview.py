@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from ..fusion import disagreement_summary, fusion_input, majority_vote, staple, view_disagreement
+from ..inference import sliding_window_inference
 from ..preprocessing import preprocess
 from ..progress import StageProgress, check_cancel
 from ..views import VIEWS, predict_view
@@ -78,8 +79,6 @@ def predict_views(context: MethodContext, report=None) -> list:
 
 def fuse(context: MethodContext, views: list, fusion: str, report=None) -> tuple:
     """``(labels, uint8 probabilities, device, fallbacks)`` of ``fusion`` over the three views."""
-    from ..inference import sliding_window_inference
-
     components = context.model.components
     choices = fusion_choices(components)
     if fusion not in choices:
