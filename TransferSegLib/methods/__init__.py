@@ -11,6 +11,6 @@ A method is a function ``run(context: MethodContext) -> MethodOutput`` registere
 """
 from .registry import (METHODS, OPTIONS, MethodContext, MethodOutput, check_options, get_method,  # noqa: F401
                        register_method)
-from . import cascade, multiview, single  # noqa: F401,E402  (each registers its method)
+from . import cascade, dbt, multiview, single  # noqa: F401,E402  (each registers its method)
 
 __all__ = ["METHODS", "MethodContext", "MethodOutput", "check_options", "get_method", "register_method"]

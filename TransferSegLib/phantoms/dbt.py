@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -54,6 +55,121 @@ def _tomosynthesis_blur(volume, slice_mm, pixel_mm, sweep_deg, leak=0.25, decay_
     return out
 
 
+def _check_options(pixel_mm, slice_mm, masses, calcification_clusters) -> None:
+    for name, value in (("pixel_mm", pixel_mm), ("slice_mm", slice_mm)):
+        if not value > 0:
+            raise TransferSegError(f"{name} must be positive; got {value}")
+    for name, value in (("masses", masses), ("calcification_clusters", calcification_clusters)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
+            raise TransferSegError(f"{name} must be a whole number ≥ 0 or None; got {value!r}")
+
+
+@dataclass
+class _Breast:
+    """The compressed breast's shape and tissue constants (all drawn from stream 10, in this order)."""
+
+    half_height: float   # mm, along the chest wall
+    depth: float         # mm, chest wall to nipple
+    yc: float
+    thickness: float
+    zc: float
+    rho0: float          # where the rounded, uncompressed edge starts
+    skin: float
+    beta: float
+    fibroglandular: float
+    mu_fat: float
+    mu_gland: float
+    rho: np.ndarray = None   # (rows, columns) normalised in-plane radius
+    z: np.ndarray = None     # (slices, 1, 1) mm
+
+    def mask(self, shrink: float) -> np.ndarray:
+        """The breast ``shrink`` mm inside its outer surface, (slices, rows, columns) bool."""
+        r = self.rho * self.depth / max(self.depth - shrink, 1e-6)
+        edge = np.maximum(r - self.rho0, 0.0) / (1.0 - self.rho0)
+        return (edge[None] ** 2 + ((self.z - self.zc) / (self.thickness / 2.0 - shrink)) ** 2 <= 1.0) & (r <= 1.0)[None]
+
+
+def _draw_breast(rng, shape, sk, p, beta) -> _Breast:
+    nk, nj, ni = shape
+    b = _Breast(
+        half_height=nj * p * rng.uniform(0.38, 0.46),
+        depth=ni * p * rng.uniform(0.62, 0.9),
+        yc=nj * p * rng.uniform(0.46, 0.54),
+        thickness=(nk - rng.uniform(1.0, 3.0)) * sk,
+        zc=(nk - 1) * sk / 2.0 + rng.uniform(-0.3, 0.3) * sk,
+        rho0=rng.uniform(0.55, 0.75),
+        skin=rng.uniform(1.2, 2.0),
+        beta=rng.uniform(2.8, 3.2) if beta is None else float(beta),
+        fibroglandular=rng.uniform(0.15, 0.45),
+        mu_fat=rng.uniform(0.22, 0.3),
+        mu_gland=0.0,
+    )
+    b.mu_gland = b.mu_fat + rng.uniform(0.2, 0.3)
+    x = (np.arange(ni) + 0.5) * p                          # mm from the chest wall
+    y = np.arange(nj) * p
+    b.z = np.arange(nk)[:, None, None] * sk
+    theta = np.arctan2((y[:, None] - b.yc) / b.half_height, x[None, :] / b.depth)
+    ripple = 1.0 + sum(rng.uniform(0.0, 0.03) * np.cos(m * theta + rng.uniform(0, 2 * np.pi)) for m in (2, 3, 4))
+    b.rho = np.hypot((y[:, None] - b.yc) / b.half_height, x[None, :] / b.depth) / ripple
+    return b
+
+
+def _breast_tissue(rng, breast: _Breast, shape, sk, p) -> np.ndarray:
+    """Fat and fibroglandular tissue (a thresholded power-law field), skin, air: float32 in [0, 1]."""
+    inside = breast.mask(0.0)
+    interior = breast.mask(breast.skin)
+    field = _power_law_field(rng, shape, (sk, p, p), breast.beta)
+    field += 0.4 * np.clip(1.0 - breast.rho, 0.0, 1.0)[None]      # denser tissue towards the centre
+    threshold = np.quantile(field[interior], 1.0 - breast.fibroglandular) if interior.any() else 0.0
+    gland = 1.0 / (1.0 + np.exp(-(field - threshold) / 0.15))
+    vol = (breast.mu_fat + (breast.mu_gland - breast.mu_fat) * gland).astype(np.float32)
+    vol[inside & ~interior] = breast.mu_gland                      # skin
+    vol[~inside] = 0.0
+    return vol
+
+
+def _add_lesions(vol, seed, breast: _Breast, spacing, masses, calcification_clusters) -> list:
+    """Masses blended into ``vol``, then calcification clusters on top; their box dicts."""
+    boxes = []
+    mrng = stream(seed, 11)
+    n_masses = int(stream(seed, 14).choice(3, p=[0.4, 0.4, 0.2])) if masses is None else int(masses)
+    interior_kji = np.argwhere(breast.mask(breast.skin + 3.0))
+    for _ in range(n_masses):
+        boxes.append(_add_mass(vol, mrng, interior_kji, spacing, breast.mu_gland, breast.depth, breast.thickness))
+    crng = stream(seed, 12)
+    n_clusters = int(stream(seed, 15).choice(3, p=[0.5, 0.35, 0.15])) if calcification_clusters is None \
+        else int(calcification_clusters)
+    calc = np.zeros_like(vol)
+    for _ in range(n_clusters):
+        boxes.append(_add_calcification_cluster(calc, crng, interior_kji, spacing))
+    vol += calc * (1.0 - vol)
+    return boxes
+
+
+def _acquire(vol, seed, sk, p, sweep_deg) -> np.ndarray:
+    """The acquisition: limited-angle blur and quantum noise, clipped to [0, 1]."""
+    vol = _tomosynthesis_blur(vol, sk, p, sweep_deg)
+    nrng = stream(seed, 13)
+    vol += nrng.uniform(0.012, 0.025) * unit_noise(nrng, vol.shape, (0.0, 0.6, 0.6))
+    np.clip(vol, 0.0, 1.0, out=vol)
+    return vol
+
+
+def _placed(vol, seed, spacing, boxes) -> Volume:
+    """The volume in RAS (i → anterior, j → left, k → superior); each box gains ``box_ras_mm``."""
+    directions = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])   # columns: i→A, j→L, k→S
+    geo = stream(seed, 16)
+    origin = np.array([geo.uniform(60.0, 140.0), geo.uniform(60.0, 110.0), geo.uniform(-60.0, -20.0)])
+    volume = Volume(vol, spacing=spacing, directions=directions, origin=origin)
+    for box in boxes:
+        k0, j0, i0, k1, j1, i1 = box["box_kji"]
+        corners = np.array([[k, j, i] for k in (k0 - 0.5, k1 - 0.5) for j in (j0 - 0.5, j1 - 0.5)
+                            for i in (i0 - 0.5, i1 - 0.5)])
+        ras = volume.ijk_to_ras_points(corners)
+        box["box_ras_mm"] = [round(float(v), 3) for v in np.concatenate([ras.min(axis=0), ras.max(axis=0)])]
+    return volume
+
+
 def dbt_phantom(seed: int, shape=None, *, masses=None, calcification_clusters=None,
                 pixel_mm: float = 0.4, slice_mm: float = 1.0, sweep_deg: float = 7.5, beta: float | None = None):
     """A synthetic Digital Breast Tomosynthesis volume (cranio-caudal view) with lesion boxes.
@@ -82,84 +198,20 @@ def dbt_phantom(seed: int, shape=None, *, masses=None, calcification_clusters=No
         ``box_kji`` [k0, j0, i0, k1, j1, i1] (voxel indices, half-open, of the lesion before
         the out-of-plane blur), ``center_kji`` (float voxel indices of the lesion centre),
         ``box_ras_mm`` [R0, A0, S0, R1, A1, S1] (the box's outer voxel faces in RAS mm) and
-        ``size_mm`` (mass diameter or cluster diameter).
+        ``size_mm`` (mass diameter or cluster diameter); a cluster's dict also holds
+        ``specks_kji`` (each speck's centre voxel [k, j, i], the pixel its peak sits on) and
+        ``speck_sizes_mm`` (each speck's diameter), in the order they were drawn.
     """
     seed = check_seed(seed)
-    nk, nj, ni = check_shape(shape, DBT_DEFAULT_SHAPE, (4, 32, 32), "DBT phantom")
-    for name, value in (("pixel_mm", pixel_mm), ("slice_mm", slice_mm)):
-        if not value > 0:
-            raise TransferSegError(f"{name} must be positive; got {value}")
-    for name, value in (("masses", masses), ("calcification_clusters", calcification_clusters)):
-        if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
-            raise TransferSegError(f"{name} must be a whole number ≥ 0 or None; got {value!r}")
+    shape = check_shape(shape, DBT_DEFAULT_SHAPE, (4, 32, 32), "DBT phantom")
+    _check_options(pixel_mm, slice_mm, masses, calcification_clusters)
     p, sk = float(pixel_mm), float(slice_mm)
     rng = stream(seed, 10)
-    # --- the compressed breast -------------------------------------------------------------------
-    half_height = nj * p * rng.uniform(0.38, 0.46)        # along the chest wall
-    depth = ni * p * rng.uniform(0.62, 0.9)                # chest wall to nipple
-    yc = nj * p * rng.uniform(0.46, 0.54)
-    thickness = (nk - rng.uniform(1.0, 3.0)) * sk
-    zc = (nk - 1) * sk / 2.0 + rng.uniform(-0.3, 0.3) * sk
-    rho0 = rng.uniform(0.55, 0.75)                         # where the rounded, uncompressed edge starts
-    skin = rng.uniform(1.2, 2.0)
-    beta = rng.uniform(2.8, 3.2) if beta is None else float(beta)
-    fibroglandular = rng.uniform(0.15, 0.45)
-    mu_fat = rng.uniform(0.22, 0.3)
-    mu_gland = mu_fat + rng.uniform(0.2, 0.3)
-    x = (np.arange(ni) + 0.5) * p                          # mm from the chest wall
-    y = np.arange(nj) * p
-    z = np.arange(nk)[:, None, None] * sk
-    theta = np.arctan2((y[:, None] - yc) / half_height, x[None, :] / depth)
-    ripple = 1.0 + sum(rng.uniform(0.0, 0.03) * np.cos(m * theta + rng.uniform(0, 2 * np.pi)) for m in (2, 3, 4))
-    rho = np.hypot((y[:, None] - yc) / half_height, x[None, :] / depth) / ripple     # (rows, columns)
-
-    def breast(shrink):
-        r = rho * depth / max(depth - shrink, 1e-6)
-        edge = np.maximum(r - rho0, 0.0) / (1.0 - rho0)
-        return (edge[None] ** 2 + ((z - zc) / (thickness / 2.0 - shrink)) ** 2 <= 1.0) & (r <= 1.0)[None]
-
-    inside = breast(0.0)
-    interior = breast(skin)
-    field = _power_law_field(rng, (nk, nj, ni), (sk, p, p), beta)
-    field += 0.4 * np.clip(1.0 - rho, 0.0, 1.0)[None]      # denser tissue towards the centre
-    threshold = np.quantile(field[interior], 1.0 - fibroglandular) if interior.any() else 0.0
-    gland = 1.0 / (1.0 + np.exp(-(field - threshold) / 0.15))
-    vol = (mu_fat + (mu_gland - mu_fat) * gland).astype(np.float32)
-    vol[inside & ~interior] = mu_gland                      # skin
-    vol[~inside] = 0.0
-
-    # --- lesions --------------------------------------------------------------------------------
-    boxes = []
-    mrng = stream(seed, 11)
-    n_masses = int(stream(seed, 14).choice(3, p=[0.4, 0.4, 0.2])) if masses is None else int(masses)
-    interior_kji = np.argwhere(breast(skin + 3.0))
-    for _ in range(n_masses):
-        boxes.append(_add_mass(vol, mrng, interior_kji, (sk, p, p), mu_gland, depth, thickness))
-    crng = stream(seed, 12)
-    n_clusters = int(stream(seed, 15).choice(3, p=[0.5, 0.35, 0.15])) if calcification_clusters is None \
-        else int(calcification_clusters)
-    calc = np.zeros_like(vol)
-    for _ in range(n_clusters):
-        boxes.append(_add_calcification_cluster(calc, crng, interior_kji, (sk, p, p)))
-    vol += calc * (1.0 - vol)
-
-    # --- acquisition: limited-angle blur and quantum noise -----------------------------------------
-    vol = _tomosynthesis_blur(vol, sk, p, sweep_deg)
-    nrng = stream(seed, 13)
-    vol += nrng.uniform(0.012, 0.025) * unit_noise(nrng, vol.shape, (0.0, 0.6, 0.6))
-    np.clip(vol, 0.0, 1.0, out=vol)
-
-    directions = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])   # columns: i→A, j→L, k→S
-    geo = stream(seed, 16)
-    origin = np.array([geo.uniform(60.0, 140.0), geo.uniform(60.0, 110.0), geo.uniform(-60.0, -20.0)])
-    volume = Volume(vol, spacing=(sk, p, p), directions=directions, origin=origin)
-    for box in boxes:
-        k0, j0, i0, k1, j1, i1 = box["box_kji"]
-        corners = np.array([[k, j, i] for k in (k0 - 0.5, k1 - 0.5) for j in (j0 - 0.5, j1 - 0.5)
-                            for i in (i0 - 0.5, i1 - 0.5)])
-        ras = volume.ijk_to_ras_points(corners)
-        box["box_ras_mm"] = [round(float(v), 3) for v in np.concatenate([ras.min(axis=0), ras.max(axis=0)])]
-    return volume, boxes
+    breast = _draw_breast(rng, shape, sk, p, beta)
+    vol = _breast_tissue(rng, breast, shape, sk, p)
+    boxes = _add_lesions(vol, seed, breast, (sk, p, p), masses, calcification_clusters)
+    vol = _acquire(vol, seed, sk, p, sweep_deg)
+    return _placed(vol, seed, (sk, p, p), boxes), boxes
 
 
 def _box_of(mask, offset) -> list:
@@ -227,6 +279,7 @@ def _add_calcification_cluster(calc, rng, interior_kji, spacing) -> dict:
     centre_idx = interior_kji[rng.integers(len(interior_kji))].astype(float)
     centre_mm = centre_idx * np.array(spacing)
     touched = np.zeros(calc.shape, dtype=bool)
+    specks, sizes = [], []
     for _ in range(int(rng.integers(5, 21))):
         offset = rng.normal(0.0, radius / 2.0, size=3) * [0.5, 1.0, 1.0]
         if np.linalg.norm(offset) > radius:
@@ -246,6 +299,8 @@ def _add_calcification_cluster(calc, rng, interior_kji, spacing) -> dict:
         patch = calc[k, js[0]:js[-1] + 1, is_[0]:is_[-1] + 1]
         np.maximum(patch, g, out=patch)
         touched[k, js[0]:js[-1] + 1, is_[0]:is_[-1] + 1] |= g >= 0.2 * peak
+        specks.append([k, j0, i0])
+        sizes.append(round(float(size_mm), 3))
     if not touched.any():
         k, j, i = (int(round(v)) for v in centre_idx)
         touched[k, j, i] = True
@@ -255,4 +310,6 @@ def _add_calcification_cluster(calc, rng, interior_kji, spacing) -> dict:
         "box_kji": _box_of(touched, np.zeros(3, dtype=int)),
         "center_kji": [round(float(v), 2) for v in centre_idx],
         "size_mm": round(2.0 * radius, 2),
+        "specks_kji": specks,
+        "speck_sizes_mm": sizes,
     }

@@ -4,8 +4,8 @@
 recipe labels the candidates of phantom volumes (a candidate is a speck when it lies on a
 phantom speck's slice, within ``match_mm`` in-plane of its centre), fits
 :class:`~TransferSegLib.nets.SpeckClassifier` to them, picks the cluster threshold on validation
-phantoms (the lowest confidence with at most ``target_fp_per_volume`` false clusters per
-volume), scores held-out phantoms and writes the model::
+phantoms (0.5, or the lowest confidence with at most ``target_fp_per_volume`` false clusters
+per volume where that is higher), scores held-out phantoms and writes the model::
 
     {"recipe": "specks", "name": "dbt-calcifications", "version": "1.0.0", "task": "heatmap",
      "description": "...", "seed": 0, "labels": [...], "threads": 1,
@@ -29,6 +29,8 @@ import copy
 import hashlib
 import json
 import math
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Optional
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_output, check_output_folder
-from ..calcifications import (DEFAULTS, FEATURES, KIND, group_specks, speck_candidates, speck_features,
+from ..calcifications import (CANDIDATE_SETTINGS, DEFAULTS, FEATURES, KIND, group_specks, speck_candidates, speck_features,
                               speck_probabilities)
 from ..datasets import phantom_cases
 from ..metrics import froc
@@ -129,8 +131,9 @@ def label_candidates(kji: np.ndarray, boxes: list, spacing, match_mm: float) -> 
 
 def _case_file(case, folder: Path, detector: dict, match_mm: float) -> Path:
     """The candidates of one phantom, computed once into ``folder/<seed>-<key>.npz`` (the key
-    changes with the phantom's options, the detector settings and the features)."""
-    key = json.dumps({"options": case.options, "detector": detector, "match_mm": match_mm, "features": FEATURES},
+    changes with the phantom's options, the settings that change candidates and the features)."""
+    settings = {k: v for k, v in dict(DEFAULTS, **detector).items() if k in CANDIDATE_SETTINGS}
+    key = json.dumps({"options": case.options, "candidates": settings, "match_mm": match_mm, "features": FEATURES},
                      sort_keys=True, default=list)
     path = folder / f"{case.seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz"
     if path.exists():
@@ -217,11 +220,16 @@ def _score(detections: list, cases: list, threshold: float) -> dict:
             "candidate_seconds_per_volume": round(float(np.mean([c["seconds"][0] for c in cases])), 3)}
 
 
-def choose_threshold(detections: list, cases: list, target_fp: float) -> float:
-    """The lowest cluster confidence whose false positives per volume stay at most ``target_fp``."""
+def choose_threshold(detections: list, cases: list, target_fp: float, floor: float = 0.5) -> float:
+    """The cluster threshold: ``floor`` (a cluster more likely than not), raised to the lowest
+    confidence that keeps the false positives per volume at most ``target_fp`` where the
+    validation clusters need it."""
     boxes = [[list(map(int, b)) for b in case["clusters"]] for case in cases]
     curve = froc(detections, boxes, rates=(target_fp,))
-    allowed = [t for f, t in zip(curve["fp_per_volume"], curve["thresholds"]) if f <= target_fp + 1e-12]
+    over = [t for f, t in zip(curve["fp_per_volume"], curve["thresholds"]) if f > target_fp + 1e-12]
+    if not over or max(over) < floor:
+        return floor
+    allowed = [t for f, t in zip(curve["fp_per_volume"], curve["thresholds"]) if f <= target_fp + 1e-12 and t > max(over)]
     finite = [t for t in allowed if np.isfinite(t)]
     return math.floor(float(min(finite)) * 1e4) / 1e4 if finite else 1.0   # rounded down: the point stays in
 
@@ -253,7 +261,8 @@ def _run(c: dict, out: Path, report: StageProgress, cancel, max_steps) -> Option
     tests = [_load_set(spec, out / "cases" / f"test{n}", detector, c["match_mm"],
                        report.sub(0.7 + 0.2 * n / len(c["test"]), 0.7 + 0.2 * (n + 1) / len(c["test"])), cancel)
              for n, spec in enumerate(c["test"])]
-    timings["candidates_s"] = round(time.perf_counter() - tic, 1)
+    timings["this_run_candidates_s"] = round(time.perf_counter() - tic, 1)   # 0 where the cases were cached
+    timings["candidates_s"] = round(sum(float(case["seconds"][0]) for case in train + valid), 1)   # phantoms aside
     tic = time.perf_counter()
     features = np.concatenate([case["features"] for case in train])
     labels = np.concatenate([case["labels"] for case in train])
@@ -292,7 +301,8 @@ def _card(c: dict, network, settings: dict, metrics: dict, train: list, labels: 
                                "max": [max(slices), max(pixels), max(pixels)]},
         "calcifications": {"settings": settings, "features": list(FEATURES)},
         "training": {"recipe": {"config": c, "seconds": timings}, "candidates": int(len(labels)),
-                     "specks": int(labels.sum()), "phantoms": len(train)},
+                     "specks": int(labels.sum()), "phantoms": len(train),
+                     "on": f"{platform.machine()}, {os.cpu_count()} CPUs, {c['threads']} torch thread(s)"},
         "metrics": metrics,
     }
     if c.get("description"):
