@@ -307,6 +307,30 @@ def _check_pixels(name: str, ds, frames: int, rows: int, columns: int) -> None:
                 f"bytes of the {needed} that {frames} frames of {rows}×{columns} need; the file is probably truncated "
                 "(e.g. an interrupted copy or download)"
             )
+    elif not _ends_its_fragments(Path(name), element.value_tell or 0):
+        raise TransferSegError(f"{name}: the compressed pixel data has no end (its sequence delimiter is missing); the "
+                               "file is probably truncated (e.g. an interrupted copy or download)")
+
+
+_SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD) with length 0: encapsulated pixel data ends
+
+
+def _ends_its_fragments(path: Path, start: int, chunk: int = 1 << 20) -> bool:
+    """Whether the encapsulated pixel data that starts at byte ``start`` is closed by its sequence
+    delimiter: pydicom decodes frames cut just inside the delimiter without a word.  The tail is read
+    first (pixel data is nearly always the last element); the rest only if the tail lacks it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(start, size - chunk))
+        if _SEQUENCE_END in f.read():
+            return True
+        f.seek(start)
+        carry = b""
+        while block := f.read(chunk):
+            if _SEQUENCE_END in carry + block:
+                return True
+            carry = block[-(len(_SEQUENCE_END) - 1):]
+    return False
 
 
 # --- geometry from the functional groups ----------------------------------------------------------------------
