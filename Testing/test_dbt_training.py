@@ -20,6 +20,7 @@ from TransferSegLib.models import load_model, save_model
 from TransferSegLib.nets import AHNet, MCGCN, MultiSliceMCGCN, build_network, transfer_mcgcn_to_ahnet
 from TransferSegLib.phantoms import ct_phantom, dbt_phantom
 from TransferSegLib.training import network_from_config, train, validate_config
+from TransferSegLib.training.sampling import _cache_key
 from TransferSegLib.volume import TransferSegError
 
 TINY_PHANTOM = {"shape": [32, 64, 64], "pixel_mm": 1.6, "masses": 1, "calcification_clusters": 1}
@@ -90,6 +91,33 @@ def test_dbt_case_boxes_without_loading_and_ct_cases_unchanged():
     np.testing.assert_array_equal(ct.load()[1], ct_phantom(0)[1])
     with pytest.raises(TransferSegError, match="'ct'.*'dbt'"):
         phantom_cases("mri", 1, 0)
+
+
+def test_a_heatmap_target_keeps_only_its_kinds_and_floors_sigma_in_mm():
+    options = dict(TINY_PHANTOM, masses=2, calcification_clusters=2)
+    plain = phantom_cases("dbt", 1, 5, **options)[0]
+    masses = phantom_cases("dbt", 1, 5, target={"kinds": ["mass"], "sigma_floor_mm": 3.0}, **options)[0]
+    volume, boxes = dbt_phantom(5, **options)
+    assert plain.boxes == boxes and masses.boxes == [b for b in boxes if b["kind"] == "mass"]
+    assert {b["kind"] for b in boxes} == {"mass", "calcification_cluster"} and len(masses.boxes) == 2
+    image, heatmap = masses.load()
+    np.testing.assert_array_equal(image.array, volume.array)
+    floor = [3.0 / s for s in volume.spacing]  # σ of at least 3 mm, in voxels of each axis
+    np.testing.assert_array_equal(heatmap, gaussian_heatmap(volume.shape, masses.boxes, min_sigma=floor))
+    for cluster in (b for b in boxes if b["kind"] == "calcification_cluster"):  # no target where the clusters are
+        k, j, i = (int(round(v)) for v in cluster["center_kji"])
+        assert heatmap[k, j, i] < plain.load()[1][k, j, i] or plain.load()[1][k, j, i] < 1e-3
+    assert np.count_nonzero(heatmap > 0.5) > np.count_nonzero(gaussian_heatmap(volume.shape, masses.boxes) > 0.5)
+    # the training cache tells the targets apart, and a case without one keeps its old cache name
+    config = {"working_spacing_mm": [1.0, 0.5, 0.5], "working_orientation": None, "task": "heatmap"}
+    assert _cache_key(plain, config) != _cache_key(masses, config)
+    assert _cache_key(plain, config) == _cache_key(DBTPhantomCase(plain.name, seed=5, options=plain.options), config)
+    for bad, match in (({"kinds": ["cyst"]}, "kinds"), ({"sigma_floor_mm": -1}, "sigma_floor_mm"),
+                       ({"sigma": 1}, "keys")):
+        with pytest.raises(TransferSegError, match=match):
+            phantom_cases("dbt", 1, 5, target=bad, **options)
+    with pytest.raises(TransferSegError, match="CT phantoms"):
+        phantom_cases("ct", 1, 0, target={"kinds": ["mass"]})
 
 
 # --- the slice-wise MC-GCN ------------------------------------------------------------------------

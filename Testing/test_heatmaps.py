@@ -127,3 +127,14 @@ def test_found_by_kind_counts_the_lesions_of_the_froc_operating_point():
     everything = found_by_kind(detections, boxes, rate=1.0)["kinds"]
     assert everything["calcification_cluster"] == {"found": 2, "lesions": 2}
     assert found_by_kind([[_det([1, 1, 1], 0.9)]], [[[0, 0, 0, 2, 2, 2]]])["kinds"] == {"lesion": {"found": 1, "lesions": 1}}
+
+
+def test_min_sigma_widens_only_the_axes_below_the_floor():
+    box = [4, 10, 20, 8, 30, 28]  # σ from the box: 1, 5, 2 voxels
+    h = gaussian_heatmap((12, 40, 40), [box], min_sigma=[0.5, 3.0, 4.0])  # floors: k and j keep theirs, i widens
+    k, j, i = np.arange(12), np.arange(40), np.arange(40)
+    expected = (np.exp(-0.5 * ((k - 5.5) / 1.0) ** 2)[:, None, None] * np.exp(-0.5 * ((j - 19.5) / 5.0) ** 2)[None, :, None]
+                * np.exp(-0.5 * ((i - 23.5) / 4.0) ** 2)[None, None, :])
+    inside = expected >= np.exp(-0.5 * 16)  # each Gaussian is drawn within ±4σ
+    np.testing.assert_allclose(h[inside], expected[inside], atol=1e-6)
+    np.testing.assert_array_equal(gaussian_heatmap((12, 40, 40), [box], min_sigma=0.5), gaussian_heatmap((12, 40, 40), [box]))

@@ -227,26 +227,55 @@ class DBTPhantomCase(Case):
     phantom's lesion boxes (:func:`TransferSegLib.heatmaps.gaussian_heatmap`, each lesion
     peaking at 1); ``boxes`` are those lesions (dicts with ``box_kji``), what
     :func:`TransferSegLib.metrics.froc` scores detections against.
+
+    ``target`` (:data:`HEATMAP_TARGET_KEYS`) shapes the heatmap: ``kinds`` keeps only those
+    lesion kinds in it (and in ``boxes``), e.g. ``["mass"]`` for a mass detector composed with
+    a calcification stage; ``sigma_floor_mm`` is the smallest σ of a Gaussian, so a 5 mm mass
+    gets a target wide enough to learn (eq. 5 ties σ to the box alone).
     """
 
     seed: int = 0
     options: dict = field(default_factory=dict)
+    target: dict = field(default_factory=dict)
     _boxes: Optional[list] = field(default=None, repr=False)
 
     def _phantom(self):
         volume, boxes = phantoms.dbt_phantom(self.seed, **self.options)
-        self._boxes = boxes
-        return volume, boxes
+        kinds = self.target.get("kinds")
+        self._boxes = [box for box in boxes if kinds is None or box["kind"] in kinds]
+        return volume, self._boxes
 
     def load(self):
         volume, boxes = self._phantom()
-        return volume, gaussian_heatmap(volume.shape, boxes)
+        floor = float(self.target.get("sigma_floor_mm", 0.0))
+        return volume, gaussian_heatmap(volume.shape, boxes, min_sigma=[floor / s for s in volume.spacing])
 
     @property
     def boxes(self) -> list:
         if self._boxes is None:
             self._phantom()
         return self._boxes
+
+
+#: the keys of a DBT phantom's heatmap ``target`` (:class:`DBTPhantomCase`)
+HEATMAP_TARGET_KEYS = ("kinds", "sigma_floor_mm")
+LESION_KINDS = ("mass", "calcification_cluster")
+
+
+def check_heatmap_target(target: dict) -> dict:
+    """``target`` as :class:`DBTPhantomCase` takes it, or a TransferSegError naming what is wrong."""
+    if not isinstance(target, dict):
+        raise TransferSegError(f"a heatmap target is a JSON object with {', '.join(HEATMAP_TARGET_KEYS)}; got {target!r}")
+    unknown = sorted(set(target) - set(HEATMAP_TARGET_KEYS))
+    if unknown:
+        raise TransferSegError(f"heatmap target keys are {', '.join(HEATMAP_TARGET_KEYS)}; got {unknown}")
+    kinds = target.get("kinds")
+    if kinds is not None and not (isinstance(kinds, list) and kinds and set(kinds) <= set(LESION_KINDS)):
+        raise TransferSegError(f"heatmap target kinds must be a non-empty list of {', '.join(LESION_KINDS)}; got {kinds!r}")
+    floor = target.get("sigma_floor_mm", 0.0)
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 20:
+        raise TransferSegError(f"heatmap target sigma_floor_mm must be a number of mm in [0, 20]; got {floor!r}")
+    return target
 
 
 VARY_KEYS = {"ct": ("slices", "rows"), "dbt": ("slices", "pixel_mm", "extent_mm")}
@@ -302,11 +331,12 @@ def _varied_options(kind: str, seed: int, options: dict, vary: dict) -> dict:
     return out
 
 
-def phantom_cases(kind: str, count: int, seed: int, vary: Optional[dict] = None, **options) -> list[Case]:
+def phantom_cases(kind: str, count: int, seed: int, vary: Optional[dict] = None, target: Optional[dict] = None,
+                  **options) -> list[Case]:
     """``count`` in-memory phantom cases with seeds ``seed, seed + 1, …``.
 
     ``"ct"``: :class:`CTPhantomCase` (label maps 0/1/2);
-    ``"dbt"``: :class:`DBTPhantomCase` (heatmap targets, ``case.boxes``).
+    ``"dbt"``: :class:`DBTPhantomCase` (heatmap targets shaped by ``target``, ``case.boxes``).
     ``options`` are the phantom function's keyword arguments (e.g. ``shape``, ``pixel_mm``);
     ``vary`` draws each case's grid from ranges, so a model trains on the spacings users have
     (see :func:`_varied_options`).
@@ -314,9 +344,12 @@ def phantom_cases(kind: str, count: int, seed: int, vary: Optional[dict] = None,
     if kind not in ("ct", "dbt"):
         raise TransferSegError(f"phantom cases for training are 'ct' (label maps) or 'dbt' (lesion heatmaps); got {kind!r}")
     vary = check_vary(kind, dict(vary or {}))
+    if target and kind != "dbt":
+        raise TransferSegError("a heatmap target shapes DBT phantoms' heatmaps; CT phantoms have label maps")
+    extra = {"target": check_heatmap_target(dict(target))} if target else {}
     make = CTPhantomCase if kind == "ct" else DBTPhantomCase
-    return [make(f"{kind}-phantom-{seed + n}", seed=seed + n, options=_varied_options(kind, seed + n, options, vary))
-            for n in range(count)]
+    return [make(f"{kind}-phantom-{seed + n}", seed=seed + n, options=_varied_options(kind, seed + n, options, vary),
+                 **extra) for n in range(count)]
 
 
 def split_cases(cases: list, validation_fraction: float, seed: int):

@@ -38,7 +38,7 @@ def _box(box) -> tuple:
 
 
 def gaussian_heatmap(shape: Sequence[int], boxes, normalise: str = "peak", sigma_fraction: float = 0.25,
-                     dtype=np.float32) -> np.ndarray:
+                     dtype=np.float32, min_sigma=0.5) -> np.ndarray:
     """AH-Net eq. (5): the sum over lesions of 3D Gaussians fitted to their boxes.
 
     Args:
@@ -46,6 +46,8 @@ def gaussian_heatmap(shape: Sequence[int], boxes, normalise: str = "peak", sigma
         boxes: a list of ``box_kji`` lists, or of dicts holding ``"box_kji"``.
         normalise: ``"peak"`` (each Gaussian peaks at 1) or ``"density"`` (÷ √det(2πΣ), eq. 5 as printed).
         sigma_fraction: σ per axis as a fraction of the box extent on that axis (0.25: box = ±2σ).
+        min_sigma: the smallest σ in voxels, one value or one per axis (k, j, i): a floor that
+            gives small lesions a target wide enough to learn (see :class:`DBTPhantomCase`).
 
     Each Gaussian is evaluated inside its ±4σ box only (beyond it it is below 3.4e-4 of its peak).
     """
@@ -57,7 +59,7 @@ def gaussian_heatmap(shape: Sequence[int], boxes, normalise: str = "peak", sigma
         k0, j0, i0, k1, j1, i1 = _box(box)
         lo, hi = np.array([k0, j0, i0]), np.array([k1, j1, i1])
         centre = (lo + hi - 1.0) / 2.0  # voxel centres of a half-open box
-        sigma = np.maximum((hi - lo) * sigma_fraction, 0.5)
+        sigma = np.maximum((hi - lo) * sigma_fraction, np.maximum(np.broadcast_to(min_sigma, (3,)), 0.5))
         start = np.maximum(np.floor(centre - 4 * sigma), 0).astype(int)
         stop = np.minimum(np.ceil(centre + 4 * sigma) + 1, shape).astype(int)
         if np.any(stop <= start):

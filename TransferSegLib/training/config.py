@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..datasets import check_vary
+from ..datasets import check_heatmap_target, check_vary
 from ..labels import VIEWS
 from ..losses import LOSSES, REGRESSION_LOSSES, build_loss
 from ..preprocessing import preprocess
@@ -321,7 +321,8 @@ def _check_data(c: dict) -> None:
         if "limit" in data:
             _int(data["limit"], "data.limit", 1)
     elif isinstance(data, dict) and "phantom" in data:
-        _section(data, "data", ("phantom", "count", "seed", "options", "vary", "workers", "cache", "select"),
+        _section(data, "data", ("phantom", "count", "seed", "options", "vary", "target", "workers", "cache",
+                                 "select"),
                  required=("count",))
         if data["phantom"] not in ("ct", "dbt"):
             config_error("data.phantom", f"must be 'ct' or 'dbt'; got {data['phantom']!r}")
@@ -335,6 +336,13 @@ def _check_data(c: dict) -> None:
             check_vary(data["phantom"], data.setdefault("vary", {}))
         except TransferSegError as e:
             config_error("data.vary", str(e))
+        if data.get("target") is not None:
+            if data["phantom"] != "dbt":
+                config_error("data.target", "shapes DBT phantoms' heatmaps; CT phantoms have label maps")
+            try:
+                check_heatmap_target(data["target"])
+            except TransferSegError as e:
+                config_error("data.target", str(e))
         data["workers"] = _int(data.get("workers", 0), "data.workers", 0)
         cache = data.setdefault("cache", None)
         if cache is not None and cache is not False and not isinstance(cache, str):

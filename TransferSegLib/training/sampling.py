@@ -79,7 +79,7 @@ def cases_from_spec(data: dict) -> list:
         cases = cases[: data["limit"]] if data.get("limit") else cases
     else:
         cases = phantom_cases(data["phantom"], data["count"], data["seed"], vary=data.get("vary"),
-                              **data.get("options", {}))
+                              target=data.get("target"), **data.get("options", {}))
     if data.get("select"):
         by_name = {case.name: case for case in cases}
         missing = [name for name in data["select"] if name not in by_name]
@@ -114,6 +114,8 @@ def _cache_key(case, config: dict) -> str:
     what = {"case": case.name, "image": str(getattr(case, "image_path", None)), "seed": getattr(case, "seed", None),
             "options": getattr(case, "options", None), "spacing": config["working_spacing_mm"],
             "orientation": config["working_orientation"], "task": config["task"], "version": 2}
+    if getattr(case, "target", None):  # only then, so the caches of cases without one stay valid
+        what["target"] = case.target
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', case.name)}-{digest}.npz"
 
