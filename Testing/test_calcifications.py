@@ -231,9 +231,10 @@ def test_the_threshold_is_one_half_unless_false_clusters_need_more():
 
 
 def test_one_card_one_method_detects_masses_and_clusters_each_with_its_kind(tmp_path, classifier):
-    """The dbt_lesions method behind one composed card: masses from the shipped AH-Net on its working
-    grid, clusters from the speck classifier at the input's own 0.2 mm pixels; each detection has its
-    kind, lands on the input grid, and the painted cluster is found where it was painted."""
+    """The dbt_lesions method behind one composed card: masses from a heatmap network on its working
+    grid (a small AH-Net here; the shipped detector is this composition), clusters from the speck
+    classifier at the input's own 0.2 mm pixels; each detection has its kind, lands on the input
+    grid, and the painted cluster is found where it was painted."""
     from TransferSegLib.models import compose_models
     from TransferSegLib.pipeline import run
 
@@ -242,7 +243,16 @@ def test_one_card_one_method_detects_masses_and_clusters_each_with_its_kind(tmp_
             "architecture": {"name": "speck_classifier", "config": {"in_features": len(FEATURES), "hidden": [16]}},
             "preprocessing": {}, "patch_size": [1, 1, 1], "working_spacing_mm": None}
     specks = save_model(classifier, card, tmp_path / "specks")
-    composed = compose_models({"masses": "dbt-lesion-ahnet", "calcifications": str(specks)}, tmp_path / "composed",
+    torch.manual_seed(0)
+    ahnet = {"in_channels": 1, "out_channels": 1, "backbone": "resnet18", "stem_slices": 3, "growth_rate": 4,
+             "dense_layers": 1, "bottleneck_factor": 2, "psp_sizes": [4, 2]}
+    masses = save_model(build_network("ahnet", ahnet),
+                        {"name": "masses-test", "version": "1.0.0", "task": "heatmap", "labels": [{"name": "mass", "label": 1}],
+                         "architecture": {"name": "ahnet", "config": ahnet}, "preprocessing": {"normalise": "minmax"},
+                         "patch_size": [16, 64, 64], "working_spacing_mm": [1.0, 0.5, 0.5],
+                         "peaks": {"threshold": 0.25, "min_distance": [3, 10, 10], "max_peaks": 20},
+                         "inference": {"activation": "none", "overlap": 0.25}}, tmp_path / "masses")
+    composed = compose_models({"masses": str(masses), "calcifications": str(specks)}, tmp_path / "composed",
                               name="dbt-two-kinds", method="dbt_lesions", labels_from="masses",
                               method_config={"calcifications": dict(DEFAULTS)})
     volume, centre_mm = _painted(0.2)

@@ -21,12 +21,16 @@ def _power_law_field(rng, shape, spacing, beta, f0=0.02) -> np.ndarray:
     f^-β in the slice (projection-slice theorem).  ``f0`` (cycles/mm) flattens the lowest
     frequencies so the field is not dominated by one blob.
     """
+    # in this order, and in place, so a clinical-size volume (50 × 3584 × 2816) holds as few
+    # full-size float64 arrays at once as the transforms need; the values are the same
+    spectrum = np.fft.rfftn(rng.standard_normal(shape))
     fk = np.fft.fftfreq(shape[0], spacing[0])[:, None, None]
     fj = np.fft.fftfreq(shape[1], spacing[1])[None, :, None]
     fi = np.fft.rfftfreq(shape[2], spacing[2])[None, None, :]
-    amplitude = (fk ** 2 + fj ** 2 + fi ** 2 + f0 ** 2) ** (-(beta + 1.0) / 4.0)
-    spectrum = np.fft.rfftn(rng.standard_normal(shape)) * amplitude
-    field = np.fft.irfftn(spectrum, s=shape, axes=(0, 1, 2)).astype(np.float32)
+    spectrum *= (fk ** 2 + fj ** 2 + fi ** 2 + f0 ** 2) ** (-(beta + 1.0) / 4.0)
+    field = np.fft.irfftn(spectrum, s=shape, axes=(0, 1, 2))
+    del spectrum
+    field = field.astype(np.float32)
     field -= field.mean()
     field /= max(float(field.std()), 1e-12)
     return field
