@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "TransferSegLib"
 
 LAYERS = [
-    {"__init__", "volume", "labels", "progress", "devices", "terminology"},            # foundations
+    {"__init__", "volume", "labels", "progress", "devices", "terminology", "lesion_table"},  # foundations
     {"atomic", "headers", "dicom_file", "io", "resample", "weights", "preprocessing", "heatmaps",  # files, arrays, checks
      "metrics", "losses", "fusion", "scope", "cards", "render", "report", "dicom_out", "calcifications",
      "provenance"},

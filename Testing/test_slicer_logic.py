@@ -431,7 +431,8 @@ def test_dbt_run_shows_heatmap_and_detections_with_a_live_threshold(scene, tmp_p
         kind = d.get("kind") or "detection"
         assert table.GetCellText(n, 0) == f"{kind} {n + 1}" and table.GetCellText(n, 1) == (d.get("kind") or "")
         assert float(table.GetCellText(n, 2)) == pytest.approx(d["confidence"], abs=5e-4)
-        assert [float(table.GetCellText(n, c)) for c in (3, 4, 5)] == pytest.approx(d["position_ras"], abs=0.05)
+        assert [float(table.GetCellText(n, table.GetColumnIndex(axis))) for axis in "RAS"] == pytest.approx(
+            d["position_ras"], abs=0.05)
 
     confidences = sorted(d["confidence"] for d in detections)
     threshold = confidences[len(confidences) // 2]

@@ -1,6 +1,7 @@
-"""A run's results in view, on slicer-core's real MRML scene (no mocks): the findings table against the
-label map it was made from, a table row jumping the slice views there, the segmentation in 3D, and a
-run written into an output segmentation the user picked (twice: the same nodes, the same segments).
+"""A run's results in view, on slicer-core's real MRML scene (no mocks): the findings table measured from
+a label map (a result without a report has it; test_slicer_findings_report.py checks the report's table)
+against that label map, a table row jumping the slice views there, the segmentation in 3D, and a run
+written into an output segmentation the user picked (twice: the same nodes, the same segments).
 """
 from __future__ import annotations
 

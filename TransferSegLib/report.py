@@ -37,6 +37,8 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, cKDTree
 
 from .atomic import atomic_output
+from .lesion_table import (DETECTION_COLUMNS, HEADINGS, SEGMENTATION_COLUMNS, TEXT_COLUMNS, cell_text,
+                           shown_columns, shown_text)
 from .render import CT_WINDOW, LABEL_COLORS, anatomical_views, draw_plane, figure_png
 from .volume import TransferSegError, Volume, anatomical_axes, describe_shape, label_counts, orientation_name
 
@@ -50,25 +52,6 @@ _LESION_WORDS = ("tumor", "tumour", "lesion")
 CC_VIEWS = ("CC", "XCCL", "XCCM")  # cranio-caudal views: slices stacked from the detector (inferior) up
 RETROAREOLAR_MM = 5.0  # closer than this to the nipple (coronal plane) a lesion is behind it: no clock face
 MAX_CROPS = 20  # lesions drawn in report.html (the largest, or the most confident); the table lists all
-
-SEGMENTATION_COLUMNS = ["lesion", "label", "volume_ml", "longest_axial_mm", "perpendicular_mm", "axial_slice_s_mm",
-                        "centre_r_mm", "centre_a_mm", "centre_s_mm", "mean_hu", "sd_hu", "surface_distance_mm",
-                        "voxels", "k", "j", "i", "k0", "j0", "i0", "k1", "j1", "i1"]
-DETECTION_COLUMNS = ["lesion", "kind", "confidence", "size_mm", "depth_mm", "position_r_mm", "position_a_mm",
-                     "position_s_mm", "laterality", "clock_face", "nipple_distance_mm", "k", "j", "i",
-                     "k0", "j0", "i0", "k1", "j1", "i1"]
-
-# The table's columns (the rest are in lesions.csv): heading and unit.
-_HEADINGS = {
-    "lesion": ("#", ""), "label": ("Label", ""), "volume_ml": ("Volume", "mL"),
-    "longest_axial_mm": ("Longest axial", "mm"), "perpendicular_mm": ("Perpendicular", "mm"),
-    "centre_r_mm": ("Centre R", "mm"), "centre_a_mm": ("A", "mm"), "centre_s_mm": ("S", "mm"),
-    "mean_hu": ("Mean", "HU"), "sd_hu": ("SD", "HU"), "surface_distance_mm": ("To surface", "mm"),
-    "axial_slice_s_mm": ("Measured at S", "mm"),
-    "kind": ("Kind", ""), "confidence": ("Confidence", ""), "size_mm": ("Size", "mm"), "depth_mm": ("Depth", "mm"),
-    "position_r_mm": ("Position R", "mm"), "position_a_mm": ("A", "mm"), "position_s_mm": ("S", "mm"),
-    "laterality": ("Side", ""), "clock_face": ("Clock", ""), "nipple_distance_mm": ("To nipple", "mm"),
-}
 
 
 # --- which labels are lesions -------------------------------------------------------------------
@@ -422,24 +405,13 @@ def write_report_files(result, folder, report: Optional[dict] = None) -> list:
 
 
 # --- lesions.csv --------------------------------------------------------------------------------------
-def _text(value, column: str = "") -> str:
-    """A cell as lesions.csv and report.html both write it: fixed decimals per column (3 for mL and
-    confidences, 1 for mm and HU), empty for None."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        text = f"{value:.{3 if column.endswith('_ml') or column == 'confidence' else 1}f}"
-        return text[1:] if text.startswith("-") and not text.strip("-0.") else text  # no "-0.0"
-    return str(value)
-
-
 def lesions_csv(report: dict) -> str:
     """The report's rows as CSV text, one line per lesion under a header of its columns."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(report["columns"])
     for row in report["rows"]:
-        writer.writerow([_text(row[c], c) for c in report["columns"]])
+        writer.writerow([cell_text(row[c], c) for c in report["columns"]])
     return out.getvalue()
 
 
@@ -571,27 +543,19 @@ def _plural(noun: str) -> str:
     return noun + ("es" if noun.endswith(("s", "x", "sh", "ch")) else "s")
 
 
-def _shown_columns(report: dict) -> list:
-    columns = [c for c in _HEADINGS if c in report["columns"]]
-    if report["kind"] == "segmentation" and len(report["summary"]["lesion_labels"]) <= 1:
-        columns.remove("label")
-    return columns
-
-
 def _table(report: dict, max_crops: int) -> list:
-    columns = _shown_columns(report)
-    text_columns = {"label", "kind", "laterality", "clock_face"}
-    head = "".join(f'<th scope="col" class="{"text" if c in text_columns else "num"}">{html.escape(_HEADINGS[c][0])}'
-                   + (f"<small>{_HEADINGS[c][1]}</small>" if _HEADINGS[c][1] else "<small>&nbsp;</small>") + "</th>"
+    columns = shown_columns(report)
+    head = "".join(f'<th scope="col" class="{"text" if c in TEXT_COLUMNS else "num"}">{html.escape(HEADINGS[c][0])}'
+                   + (f"<small>{HEADINGS[c][1]}</small>" if HEADINGS[c][1] else "<small>&nbsp;</small>") + "</th>"
                    for c in columns)
     body = []
     for row in report["rows"]:
         cells = []
         for c in columns:
-            value = html.escape(_text(row[c], c).replace("_", " ") if c == "kind" else _text(row[c], c))
+            value = html.escape(shown_text(row[c], c))
             if c == "lesion" and row["lesion"] <= max_crops:  # a link to its crop
                 value = f'<a href="#lesion-{row["lesion"]}">{value}</a>'
-            cells.append(f'<td data-column="{c}"{" class=text" if c in text_columns else ""}>{value}</td>')
+            cells.append(f'<td data-column="{c}"{" class=text" if c in TEXT_COLUMNS else ""}>{value}</td>')
         body.append(f'<tr data-lesion="{row["lesion"]}">' + "".join(cells) + "</tr>")
     what = "Lesions" if report["kind"] == "segmentation" else "Detections"
     if not body:
@@ -601,7 +565,7 @@ def _table(report: dict, max_crops: int) -> list:
 
 
 def _caption(kind: str, row: dict) -> str:
-    cell = {c: _text(v, c) for c, v in row.items()}
+    cell = {c: cell_text(v, c) for c, v in row.items()}
     if kind == "segmentation":
         return (f"Lesion {row['lesion']} ({row['label']}): {cell['volume_ml']} mL, {cell['longest_axial_mm']} × "
                 f"{cell['perpendicular_mm']} mm axially, mean {cell['mean_hu']} HU, "

@@ -21,7 +21,7 @@ import slicer
 from TransferSegLib.models import find_model, method_of
 from TransferSegLib.volume import TransferSegError
 from .devices import child_python
-from .results import detection_rows, link_companions, segment_rows, write_segments_into
+from .results import detection_rows, link_companions, report_rows, run_report, segment_rows, write_segments_into
 from .scene import check_input_node, grid_of, remove_nodes
 from .voxels import BackgroundCall, NodeVoxels, read_heatmap_output, read_scalar_output, read_view_labels, write_input
 
@@ -366,6 +366,7 @@ class ResultImport:
         self.reference = grid_of(inputNode)  # outputs are checked against and placed on this grid
         self.outputs = TransferSegOutputs()
         self.confidences = None  # the detections' confidences, once read
+        self.result = result  # its "lesions" (the run's report) fill the findings table
         files, folder = list(result["files"]), Path(folder)
         # (reader on a worker thread, or None: the builder reads; file; builder(file, what was read))
         self._steps = []
@@ -388,8 +389,15 @@ class ResultImport:
     def _segmentation(self, path: Path, _) -> None:
         self.outputs.segmentation = self.logic.readSegmentation(path, f"{self.inputNode.GetName()} TransferSeg",
                                                                  self.inputNode, self.card)
-        rows = segment_rows(self.outputs.segmentation, self.card, self.reference)
-        self.outputs.findings = self.logic.findingsTable(rows, f"{self.inputNode.GetName()} TransferSeg findings")
+        report = run_report(self.result, "segmentation")  # None for a result from before reports
+        if report is None:
+            rows = segment_rows(self.outputs.segmentation, self.card, self.reference)
+        else:  # the organs from the label map, then the report's lesions
+            organs = segment_rows(self.outputs.segmentation, self.card, self.reference,
+                                  skip=report["summary"]["lesion_labels"])
+            rows = report_rows(report, organs)
+        self.outputs.findings = self.logic.findingsTable(rows, f"{self.inputNode.GetName()} TransferSeg findings",
+                                                         report=report)
 
     def _view(self, view: str, path: Path, labels) -> None:
         self.outputs.views[view] = self.logic.viewSegmentation(labels, view, self.reference, self.inputNode, self.card)
@@ -406,9 +414,10 @@ class ResultImport:
     def _detections(self, path: Path, _) -> None:
         detections = json.loads(path.read_text(encoding="utf-8"))["detections"]
         self.outputs.detections = self.logic.addDetections(path, f"{self.inputNode.GetName()} detections", self.card)
-        self.outputs.findings = self.logic.findingsTable(detection_rows(detections),
-                                                         f"{self.inputNode.GetName()} detections table",
-                                                         detections=True)
+        report = run_report(self.result, "detections")  # None for a result from before reports
+        rows = detection_rows(detections) if report is None else report_rows(report)
+        self.outputs.findings = self.logic.findingsTable(rows, f"{self.inputNode.GetName()} detections table",
+                                                         detections=True, report=report)
         self.confidences = [float(d["confidence"]) for d in detections]
 
     def _link(self) -> None:

@@ -269,11 +269,12 @@ class TransferSegLogic:
             raise
         return node
 
-    def findingsTable(self, rows: list, name: str, detections: bool = False):
-        """A table node listing a run's findings (:func:`results.segment_rows` or :func:`results.detection_rows`)."""
+    def findingsTable(self, rows: list, name: str, detections: bool = False, report: dict | None = None):
+        """A table node listing a run's findings: :func:`results.report_rows` of the run's ``report``
+        (result.json's "lesions"), or without one :func:`results.segment_rows` or :func:`results.detection_rows`."""
         node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
         try:
-            results.fill_findings_table(node, rows, detections)
+            results.fill_findings_table(node, rows, detections, report)
         except Exception:
             remove_nodes(self.scene, [node])
             raise

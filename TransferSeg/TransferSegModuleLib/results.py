@@ -1,20 +1,32 @@
-"""What a run found, in view: a findings table (each tumor component, or each detection), jumping the
-slice views to a row, the segmentation in 3D, and a run written into an output segmentation the user
-picked (its segments replaced, its companion nodes swapped for the new run's)."""
+"""What a run found, in view: a findings table (the organs, then each lesion of the run's report with the
+report's measurements, or each detection), jumping the slice views to a row, the segmentation in 3D, and a
+run written into an output segmentation the user picked (its segments replaced, its companion nodes swapped
+for the new run's)."""
 from __future__ import annotations
+
+from typing import Collection, Optional
 
 import numpy as np
 import slicer
 import vtk
 from vtk.util.numpy_support import vtk_to_numpy
 
+from TransferSegLib.lesion_table import HEADINGS, TEXT_COLUMNS, decimals, shown_columns, shown_text
 from TransferSegLib.volume import Volume
 
 #: a segment whose terminology category is this is a finding (a tumor, a lesion): one table row per component
 ALTERED_STRUCTURE = "49755003"  # SCT "Morphologically Altered Structure"
-#: columns of the findings table
-SEGMENT_COLUMNS = ("Finding", "Segment", "Volume (mL)", "R", "A", "S")
-DETECTION_COLUMNS = ("Finding", "Kind", "Confidence", "R", "A", "S")
+#: the findings table of a result without a report (result.json before "lesions"): (key, column, unit)
+SEGMENT_TABLE = (("finding", "Finding", ""), ("segment", "Segment", ""), ("volume_ml", "Volume (mL)", "mL"),
+                 ("r", "R", "mm"), ("a", "A", "mm"), ("s", "S", "mm"))
+DETECTION_TABLE = (("finding", "Finding", ""), ("kind", "Kind", ""), ("confidence", "Confidence", ""),
+                   ("r", "R", "mm"), ("a", "A", "mm"), ("s", "S", "mm"))
+#: columns of the findings table without a report
+SEGMENT_COLUMNS = tuple(title for _, title, _ in SEGMENT_TABLE)
+DETECTION_COLUMNS = tuple(title for _, title, _ in DETECTION_TABLE)
+#: a report's centre columns are named R, A, S in the table, as without a report: :func:`row_position` reads them
+CENTRE_COLUMNS = {"centre_r_mm": "R", "centre_a_mm": "A", "centre_s_mm": "S",
+                  "position_r_mm": "R", "position_a_mm": "A", "position_s_mm": "S"}
 #: node-reference roles from an output segmentation to the other nodes of its run
 COMPANION_ROLES = {"axial": "TransferSeg.view.axial", "coronal": "TransferSeg.view.coronal",
                    "sagittal": "TransferSeg.view.sagittal", "disagreement": "TransferSeg.disagreement",
@@ -67,10 +79,11 @@ def label_extent(voxels: np.ndarray, label: int):
     return count, centre, box
 
 
-def segment_rows(segmentation_node, card: dict, reference: Volume) -> list:
+def segment_rows(segmentation_node, card: dict, reference: Volume, skip: Collection[str] = ()) -> list:
     """Findings-table rows of a segmentation on ``reference``'s grid: an organ is one row, a finding (tumor)
     one row per 26-connected component (as the card's largest-component clean-up counts them), largest first.
     Each row: ``{"finding", "segment", "volume_ml", "ras"}`` (the centre of the voxels, in RAS mm).
+    Segments named in ``skip`` (those the run's report lists lesion by lesion) are left out.
     Only a finding's own box is labelled; an organ is measured a slab at a time."""
     from scipy import ndimage  # bundled with Slicer; loaded when a run ends, not when Slicer starts (about 0.7 s)
 
@@ -80,6 +93,8 @@ def segment_rows(segmentation_node, card: dict, reference: Volume) -> list:
     rows = []
     for n in range(segmentation.GetNumberOfSegments()):
         name = segmentation.GetNthSegment(n).GetName()
+        if name in skip:
+            continue
         held = segment_labelmap(segmentation, segmentation.GetNthSegmentID(n))
         extent = label_extent(held[0], held[1]) if held is not None else None
         if extent is None:
@@ -109,33 +124,81 @@ def detection_rows(detections: list) -> list:
             for n, d in enumerate(detections, 1) if d.get("position_ras") is not None]
 
 
-def fill_findings_table(table, rows: list, detections: bool) -> None:
-    """Replace a table node's columns with ``rows`` (:func:`segment_rows` or :func:`detection_rows`)."""
-    columns = DETECTION_COLUMNS if detections else SEGMENT_COLUMNS
+# --- a run's report as the findings table ----------------------------------------------------------
+def run_report(result: dict, kind: str) -> Optional[dict]:
+    """``result.json``'s lesion report (``"lesions"``) when it is one of ``kind`` ("segmentation" or
+    "detections"); None for a result written before runs had reports."""
+    report = (result or {}).get("lesions")
+    if not isinstance(report, dict) or report.get("kind") != kind or not {"columns", "rows"} <= report.keys():
+        return None
+    return report
+
+
+def report_columns(report: dict) -> list:
+    """``[(key, column, unit)]`` of the findings table of a run's report: the finding's name (its segment or
+    kind and its number in the report, e.g. "liver tumor 3" for report.html's # 3), a segmentation's segment,
+    then the columns report.html shows (:func:`~TransferSegLib.lesion_table.shown_columns`) under its headings,
+    the unit in brackets; the centre's columns are R, A, S (mm), as in every findings table."""
+    columns = [("finding", "Finding", "")]
+    if report["kind"] == "segmentation":
+        columns.append(("label", "Segment", ""))  # the lesion's label; an organ row's own segment
+    for key in shown_columns(report):
+        if key in ("lesion", "label"):  # in the finding's name, and in Segment
+            continue
+        heading, unit = HEADINGS[key]
+        columns.append((key, CENTRE_COLUMNS.get(key) or (f"{heading} ({unit})" if unit else heading), unit))
+    return columns
+
+
+def report_rows(report: dict, organs=()) -> list:
+    """Rows ``{key: value}`` of :func:`report_columns`: ``organs`` (:func:`segment_rows` without the report's
+    lesion labels: volume and centre) then one row per lesion of the report, in its order and with its numbers."""
+    centre = [key for key in CENTRE_COLUMNS if key in report["columns"]]
+    rows = [{"finding": organ["finding"], "label": organ["segment"], "volume_ml": organ["volume_ml"],
+             **dict(zip(centre, organ["ras"]))} for organ in organs]
+    for lesion in report["rows"]:
+        kind = shown_text(lesion.get("kind"), "kind") or "detection"  # in words, as report.html shows it
+        what = lesion["label"] if report["kind"] == "segmentation" else kind
+        rows.append({**lesion, "finding": f"{what} {lesion['lesion']}"})
+    return rows
+
+
+def fill_findings_table(table, rows: list, detections: bool = False, report: Optional[dict] = None) -> None:
+    """Replace a table node's columns with ``rows``: with ``report`` (:func:`run_report`), those of
+    :func:`report_rows` under :func:`report_columns`; without, :func:`segment_rows` or :func:`detection_rows`
+    under :data:`SEGMENT_COLUMNS` or :data:`DETECTION_COLUMNS`.  Numbers stay numbers, rounded as lesions.csv
+    writes them; a column that some row has no value for (an organ's diameters, a clock face the geometry
+    does not allow) holds text, empty there, as lesions.csv writes it: Slicer's table view would show NaN."""
+    if report is not None:
+        columns, detections = report_columns(report), report["kind"] == "detections"
+    else:
+        columns = DETECTION_TABLE if detections else SEGMENT_TABLE
+        rows = [dict(row, **dict(zip("ras", row["ras"]))) for row in rows]
     data = vtk.vtkTable()
-    for title in columns:
-        array = vtk.vtkStringArray() if title in ("Finding", "Segment", "Kind") else vtk.vtkDoubleArray()
-        array.SetName(title)
-        data.AddColumn(array)
-    for row in rows:
-        values = [row["finding"], row["kind"] if detections else row["segment"],
-                  row["confidence"] if detections else row["volume_ml"], *row["ras"]]
-        for c, value in enumerate(values):
-            array = data.GetColumn(c)
-            if isinstance(array, vtk.vtkStringArray):
-                array.InsertNextValue(str(value))
+    for key, name, _ in columns:
+        text = _is_text(key) or any(row.get(key) is None for row in rows)
+        array = vtk.vtkStringArray() if text else vtk.vtkDoubleArray()
+        array.SetName(name)
+        for row in rows:
+            value = row.get(key)
+            if text:  # a report's cells as report.html shows them; without one, as before reports
+                array.InsertNextValue(shown_text(value, key) if report is not None else str(value))
             else:
-                array.InsertNextValue(round(float(value), 3 if c == 2 else 1))
+                array.InsertNextValue(round(float(value), decimals(key)))
+        data.AddColumn(array)
     modifying = table.StartModify()
     table.SetAndObserveTable(data)
     table.SetUseColumnTitleAsColumnHeader(True)  # the titles are the header, not a first row
-    if not detections:
-        table.SetColumnUnitLabel("Volume (mL)", "mL")
-    for axis in "RAS":
-        table.SetColumnUnitLabel(axis, "mm")
+    for _, name, unit in columns:
+        if unit:
+            table.SetColumnUnitLabel(name, unit)
     table.SetAttribute("TransferSeg.Findings", "detections" if detections else "segments")
     table.SetLocked(True)  # a record of the run: not edited in the table views
     table.EndModify(modifying)
+
+
+def _is_text(key: str) -> bool:
+    return key in TEXT_COLUMNS or key in ("finding", "segment")
 
 
 def table_row(table, model_row: int) -> int:
