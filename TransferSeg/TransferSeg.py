@@ -3,7 +3,8 @@
 Module / Widget / Test as in Slicer's scripted-module template.  The Widget reads the
 parameter node, asks for and installs missing Python packages on first use, starts a run
 (:class:`TransferSegModuleLib.logic.SegmentJob`: the model runs in a child process, so the GUI
-never freezes), follows its progress, offers Cancel, and shows and exports the results.  All
+never freezes) or a batch of them (:class:`TransferSegModuleLib.batch.BatchJob`: checked volumes, or every
+item of a sequence), follows its progress, offers Cancel, and shows and exports the results.  All
 scene logic is the Qt-free :class:`TransferSegLogic` (TransferSegModuleLib/logic.py), tested
 headless on slicer-core.
 """
@@ -36,6 +37,7 @@ from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL, find_model, model_
 from TransferSegLib.volume import TransferSegError  # noqa: E402
 from TransferSegModuleLib import dependencies, widget_state  # noqa: E402
 from TransferSegModuleLib import logic as L  # noqa: E402
+from TransferSegModuleLib.batch import BATCH_MODES, BatchJob, batch_inputs  # noqa: E402
 from TransferSegModuleLib.jobs import SegmentJob  # noqa: E402
 from TransferSegModuleLib.logic import (DISPLAY_PARAMETERS, FUSIONS, TERMINOLOGY_FILE, VIEW_NAMES,  # noqa: E402
                                         GpuQuery, TransferSegLogic, terminology_context)
@@ -62,7 +64,7 @@ MODEL_NAMES, DEFAULT_MODEL = widget_state.model_choices(_installedCards())
 DEVICES = widget_state.device_choices(mps=False)
 #: the parameters bound to combo boxes: name -> (choices, default); a saved scene may name others
 CHOICES = {"task": (list(TASKS), "ct"), "model": (MODEL_NAMES, DEFAULT_MODEL), "device": (DEVICES, "auto"),
-           "fusion": (list(FUSIONS), "vfn")}
+           "fusion": (list(FUSIONS), "vfn"), "batch": (list(BATCH_MODES), "off")}
 
 
 def loadTerminology() -> None:
@@ -118,6 +120,8 @@ class TransferSegParameterNode:
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.25
     exportFolder: Path = Path.home()
+    batch: Annotated[str, Choice(list(BATCH_MODES))] = "off"
+    batchSequence: slicer.vtkMRMLSequenceBrowserNode
 
 
 class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -162,6 +166,8 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportNrrdButton.connect("clicked(bool)", lambda: self.onExport("labelmap-nrrd"))
         self.ui.exportNiftiButton.connect("clicked(bool)", lambda: self.onExport("labelmap-nifti"))
         self.ui.exportSegmentationButton.connect("clicked(bool)", lambda: self.onExport("segmentation"))
+        # the checked volumes live in the combo box only (a parameter node cannot bind a list of nodes to it)
+        self.ui.batchVolumesSelector.connect("checkedNodesChanged()", self._checkCanApply)
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
         self.initializeParameterNode()
@@ -196,6 +202,10 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                  "majority": _("Majority vote"), "staple": _("STAPLE")}
         for index, fusion in enumerate(FUSIONS):
             self.ui.fusionComboBox.setItemText(index, names[fusion])
+        batches = {"off": _("The input volume"), "volumes": _("Each checked volume"),
+                   "sequence": _("Every item of a sequence")}
+        for index, mode in enumerate(BATCH_MODES):
+            self.ui.batchComboBox.setItemText(index, batches[mode])
 
     def _relabelDevices(self):
         """The device items, the CUDA one with the GPU nvidia-smi named once it has answered."""
@@ -319,14 +329,27 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._applyDisplay(reaction.display_changed)
         self._checkCanApply()
 
+    def _runPlan(self):
+        """What a click on Segment runs (the input volume, the checked volumes or a sequence's items)."""
+        p = self._parameterNode
+        if p is None:
+            return widget_state.run_plan("off", None, [], None)
+        return widget_state.run_plan(p.batch, p.inputVolume, self.ui.batchVolumesSelector.checkedNodes(),
+                                     p.batchSequence)
+
     def _checkCanApply(self):
         p = self._parameterNode
-        buttons = widget_state.buttons(bool(p and p.inputVolume), bool(p) and p.model in self._cards, self._run.busy,
-                                       bool(p and p.outputSegmentation))
+        plan = self._runPlan()
+        installed = bool(p) and p.model in self._cards
+        buttons = widget_state.buttons(plan.count > 0, installed, self._run.busy, bool(p and p.outputSegmentation))
         self.ui.segmentButton.enabled = buttons.segment
         self.ui.cancelButton.enabled = buttons.cancel
-        self.ui.segmentButton.toolTip = _("Run the model on the selected volume") if buttons.ready else _(
-            "Select an input volume (and install a model)")
+        self.ui.segmentButton.text = plan.button
+        self.ui.segmentButton.toolTip = plan.hint if installed or not plan.count else _("Install a model first")
+        mode = p.batch if p else "off"
+        self.ui.batchVolumesSelector.enabled = mode == "volumes"
+        self.ui.batchSequenceSelector.enabled = mode == "sequence"
+        self.ui.outputSelector.enabled = not plan.batch  # a batch makes a new segmentation per volume
         for button in (self.ui.exportNrrdButton, self.ui.exportNiftiButton, self.ui.exportSegmentationButton):
             button.enabled = buttons.export
         self.ui.show3DButton.enabled = buttons.show3d
@@ -436,10 +459,15 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.statusLabel.text = _("Not started: the required packages were not installed.")
                     return
                 card = self._cards.get(p.model) or {}
-                job = self.logic.startSegmentation(
-                    p.inputVolume, card.get("_path") or p.model, device=p.device, roiNode=p.roi,
-                    fusion=p.fusion if widget_state.is_multiview(card) else None,
-                    outputSegmentation=p.outputSegmentation)
+                model = card.get("_path") or p.model
+                fusion = p.fusion if widget_state.is_multiview(card) else None
+                if self._runPlan().batch:
+                    inputs = batch_inputs(self.logic, p.batch, self.ui.batchVolumesSelector.checkedNodes(),
+                                          p.batchSequence)
+                    job = BatchJob(self.logic, inputs, model, device=p.device, roi_node=p.roi, fusion=fusion)
+                else:
+                    job = self.logic.startSegmentation(p.inputVolume, model, device=p.device, roiNode=p.roi,
+                                                       fusion=fusion, outputSegmentation=p.outputSegmentation)
                 self._run.start(job)
                 self.ui.logTextEdit.clear()
                 self.ui.progressBar.setValue(0)
@@ -471,10 +499,15 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if finished.outputs is not None:
             if finished.outputs.segmentation is not None:
-                p.outputSegmentation = finished.outputs.segmentation  # the next run writes into it
+                if not finished.batch:  # a batch made one segmentation per volume: none is the next run's output
+                    p.outputSegmentation = finished.outputs.segmentation  # the next run writes into it
                 if p.show3DWhenDone:
                     self._resetThreeDView()
             slicer.util.resetSliceViews()
+            if finished.failures:
+                self.ui.logCollapsibleButton.collapsed = False
+                slicer.util.warningDisplay(_("Some volumes could not be segmented:\n\n{failures}").format(
+                    failures="\n".join(f"{name}: {message}" for name, message in finished.failures)))
         elif finished.state == SegmentJob.FAILED:
             self.ui.logCollapsibleButton.collapsed = False
             slicer.util.errorDisplay(_("The segmentation failed: {message}").format(message=finished.message))

@@ -1,13 +1,14 @@
 """What the module's panel decides, without Qt: what a parameter change does, what the buttons enable,
-what the status line and the display controls say, and what happens to a run when the scene or Slicer
-closes.  The widget (TransferSeg.py) reads the parameter node, calls these and applies the answers to
-its controls; the tests call them on a real MRML scene.
+what a click on Segment runs (one volume, or a batch), what the status line and the display controls say,
+and what happens to a run when the scene or Slicer closes.  The widget (TransferSeg.py) reads the parameter
+node, calls these and applies the answers to its controls; the tests call them on a real MRML scene.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from TransferSegLib.models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL, method_of
+from .batch import BatchJob, sequence_length
 from .jobs import VIEW_NAMES, SegmentJob, TransferSegOutputs, alive
 from .results import show_3d
 
@@ -128,6 +129,33 @@ def buttons(has_input: bool, model_installed: bool, busy: bool, has_segmentation
 
 
 @dataclass
+class RunPlan:
+    """What a click on Segment runs, in the panel's batch mode (:data:`~.batch.BATCH_MODES`)."""
+
+    count: int  # how many volumes (0: nothing to run yet)
+    button: str  # the Segment button's text
+    hint: str  # its tool tip: what it runs, or what to select first
+    batch: bool  # a batch (new segmentations, one per volume) rather than one run
+
+
+def run_plan(mode: str, input_node, checked_volumes, browser) -> RunPlan:
+    """``mode`` "off": the input volume; "volumes": the checked volumes; "sequence": every item of the
+    ``browser``'s volume sequence."""
+    if mode == "volumes":
+        count = len({node.GetID() for node in checked_volumes if node is not None})
+        return RunPlan(count, f"Segment {count} volume{'' if count == 1 else 's'}" if count else "Segment",
+                       "Run the model on each checked volume, one after the other" if count else
+                       "Check the volumes to segment in the Batch section", batch=True)
+    if mode == "sequence":
+        count = sequence_length(browser)
+        return RunPlan(count, f"Segment {count} sequence item{'' if count == 1 else 's'}" if count else "Segment",
+                       "Run the model on every item of the sequence, one after the other" if count else
+                       "Select a sequence of volumes in the Batch section", batch=True)
+    return RunPlan(int(input_node is not None), "Segment", "Run the model on the selected volume"
+                   if input_node is not None else "Select an input volume", batch=False)
+
+
+@dataclass
 class DisplayControls:
     views: dict  # view → its checkbox enabled
     overlay: bool  # the overlay checkbox and the opacity slider
@@ -155,16 +183,20 @@ def repair_message(name: str, old: str, new: str) -> str:
 
 @dataclass
 class Finished:
-    """A run that ended: its state, the status line, the nodes it made (when done) and its error."""
+    """A run that ended: its state, the status line, the nodes it made (when done) and its error; for a
+    batch, the inputs that failed (name, error)."""
 
     state: str
     status: str
     outputs: TransferSegOutputs | None
     message: str
+    batch: bool = False
+    failures: list = field(default_factory=list)
 
 
 class PanelRun:
-    """The panel's run: at most one job, the last run's results, and what closing does.
+    """The panel's run: at most one job (a :class:`SegmentJob` or a :class:`BatchJob`), the last run's results,
+    and what closing does.
 
     :meth:`poll` (the widget's timer) advances the job and hands back its new log lines; when the job has
     ended it returns a :class:`Finished`.  Closing the scene cancels the job (its cancel returns at once; the
@@ -173,7 +205,7 @@ class PanelRun:
     """
 
     def __init__(self):
-        self.job: SegmentJob | None = None
+        self.job: SegmentJob | BatchJob | None = None
         self.outputs: TransferSegOutputs | None = None
         self._logged = 0
 
@@ -181,7 +213,7 @@ class PanelRun:
     def busy(self) -> bool:
         return self.job is not None
 
-    def start(self, job: SegmentJob) -> None:
+    def start(self, job: SegmentJob | BatchJob) -> None:
         self.job, self._logged = job, 0
 
     def poll(self, show3d_when_done: bool = False) -> tuple[list, Finished | None]:
@@ -198,7 +230,9 @@ class PanelRun:
             self.outputs = job.outputs
             if show3d_when_done and job.outputs.segmentation is not None:
                 show_3d(job.outputs.segmentation)
-        return lines, Finished(state, job.status, job.outputs if state == job.DONE else None, job.message)
+        batch = isinstance(job, BatchJob)
+        return lines, Finished(state, job.status, job.outputs if state == job.DONE else None, job.message,
+                               batch=batch, failures=list(job.failures) if batch else [])
 
     def cancel(self) -> None:
         if self.job is not None:
