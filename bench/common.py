@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 
 from TransferSegLib import pipeline
-from TransferSegLib.io import atomic_output, image_on, save_volume
+from TransferSegLib.io import atomic_output, image_on
 from TransferSegLib.metrics import dice
 from TransferSegLib.models import load_model
 from TransferSegLib.phantoms import ct_phantom, dbt_phantom
@@ -105,11 +105,22 @@ def write_ct(volume, path: Path) -> Path:
     return path
 
 
+#: a DBT phantom's [0, 1] intensities as a detector's reconstruction stores them: 12-bit whole numbers
+DBT_LEVELS = 4095
+
+
 def phantom_file(kind: str, path: Path, seed: int, **options) -> tuple:
-    """A ``ct_phantom`` (written as int16) or ``dbt_phantom`` (float32) written to ``path``:
-    ``(volume, truth, path)``, truth being the label map or the lesion boxes."""
+    """A ``ct_phantom`` (written as int16, gzip) or ``dbt_phantom`` written to ``path``:
+    ``(volume, truth, path)``, truth being the label map or the lesion boxes.  A DBT goes to an
+    uncompressed ``.nii`` of 12-bit values in uint16 (``path``'s ``.nii.gz`` becomes ``.nii``), the
+    size and type of a vendor's 16-bit reconstruction (a 50 × 3584 × 2816 one is 1 GB)."""
     volume, truth = (ct_phantom if kind == "ct" else dbt_phantom)(seed, **options)
-    return volume, truth, (write_ct(volume, path) if kind == "ct" else save_volume(volume, path))
+    if kind == "ct":
+        return volume, truth, write_ct(volume, path)
+    path = path.with_name(path.name.removesuffix(".gz"))
+    sitk.WriteImage(image_on(np.round(volume.array * DBT_LEVELS).astype(np.uint16), volume), str(path),
+                    useCompression=False)
+    return volume, truth, path
 
 
 def speed_input(kind: str, work: Path, quick: bool = False, name: str = None) -> tuple:
@@ -143,7 +154,7 @@ def ct_cases(quick: bool) -> list:
 
 
 # --- written files read back -----------------------------------------------------------------
-def _header(path: Path):
+def file_header(path: Path):
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -152,10 +163,10 @@ def _header(path: Path):
 
 def grid_matches(input_path: Path, output_paths) -> dict:
     """Size, origin, spacing and direction of each written file against the input file's (SimpleITK)."""
-    ref = _header(input_path)
+    ref = file_header(input_path)
     worst, same = 0.0, True
     for path in output_paths:
-        out = _header(path)
+        out = file_header(path)
         same &= out.GetDimension() == ref.GetDimension() == 3 and out.GetSize() == ref.GetSize()
         for a, b in ((out.GetOrigin(), ref.GetOrigin()), (out.GetSpacing(), ref.GetSpacing()),
                      (out.GetDirection(), ref.GetDirection())):
@@ -164,7 +175,7 @@ def grid_matches(input_path: Path, output_paths) -> dict:
 
 
 def spacing_kji(path: Path) -> list:
-    return list(reversed(_header(path).GetSpacing()))  # (k, j, i)
+    return list(reversed(file_header(path).GetSpacing()))  # (k, j, i)
 
 
 def read_labels(path: Path) -> np.ndarray:

@@ -67,7 +67,8 @@ import torch
 from TransferSegLib.models import list_models, method_of, model_dirs
 from TransferSegLib.resample import grid_shape
 
-from common import DBT_SIZES, QUICK_SPEED_INPUTS, SPEED_INPUTS, grid_text, json_saver, phantom_file, speed_input
+from common import (DBT_SIZES, QUICK_SPEED_INPUTS, SPEED_INPUTS, file_header, grid_text, json_saver, phantom_file,
+                    speed_input)
 from measure import measure
 
 GOALS_S = {"ct": 90.0, "dbt": 60.0}  # end to end on 2 CPU cores
@@ -146,16 +147,24 @@ class Inputs:
     """The phantom files, each made once: the clinical-size input per kind, and the same seed on
     each working grid asked for (``native``)."""
 
-    def __init__(self, work: Path, quick: bool):
+    def __init__(self, work: Path, quick: bool, dbt_size: str = "speed"):
         self.work, self.quick, self.made = work, quick, {}
+        self.names = {"ct": "ct-speed", "dbt": f"dbt-{dbt_size}" + ("-quick" if quick else "")}
 
     def clinical(self, kind: str) -> dict:
         if kind not in self.made:
             start = time.perf_counter()
-            volume, _, path = speed_input(kind, self.work, self.quick)
-            self.made[kind] = {"path": path, "shape": list(volume.shape), "spacing_mm": list(volume.spacing)}
-            print(f"  made the {KINDS[kind][0]} input {grid_text(volume.shape, volume.spacing)} in "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
+            made = sorted(self.work.glob(f"{self.names[kind]}.nii*"))
+            if made:  # made by an earlier run into the same --work folder: a clinical DBT takes minutes to draw
+                header = file_header(made[0])
+                shape, spacing = list(header.GetSize())[::-1], list(header.GetSpacing())[::-1]
+                print(f"  reused the {KINDS[kind][0]} input {made[0]}", flush=True)
+            else:
+                volume, _, path = speed_input(kind, self.work, self.quick, name=self.names[kind])
+                made, shape, spacing = [path], list(volume.shape), list(volume.spacing)
+                print(f"  made the {KINDS[kind][0]} input {grid_text(shape, spacing)} in "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
+            self.made[kind] = {"path": made[0], "shape": shape, "spacing_mm": spacing}
         return self.made[kind]
 
     def native(self, kind: str, spacing) -> dict:
@@ -321,7 +330,7 @@ def main(argv=None) -> int:
 
     save = json_saver(results, args.json)
 
-    inputs = Inputs(work, args.quick)
+    inputs = Inputs(work, args.quick, args.dbt_size)
     for card in cards:
         try:
             results["models"][card["name"]] = measure_model(card, inputs, args, work)
