@@ -195,7 +195,7 @@ def test_old_form_cards_load_as_one_component_named_network(tiny_model, tmp_path
     assert set(loaded.network.state_dict()) == set(header)
 
 
-@pytest.mark.parametrize("name", ["ct-liver-tumor-unet3d", "dbt-lesion-ahnet"])
+@pytest.mark.parametrize("name", ["ct-liver-tumor-unet3d", "ct-liver-tumor-ahnet"])
 def test_shipped_models_load_unchanged_as_single(name):
     card_path = SHIPPED / f"{name}.json"
     weights = SHIPPED / f"{name}.safetensors"
