@@ -112,6 +112,7 @@ class TransferSegParameterNode:
     fusion: Annotated[str, Choice(list(FUSIONS))] = "vfn"
     modelsFolder: Path = DEFAULT_MODELS_FOLDER
     outputSegmentation: slicer.vtkMRMLSegmentationNode
+    outputDetections: slicer.vtkMRMLMarkupsFiducialNode
     show3DWhenDone: bool = False
     showAxial: bool = True
     showCoronal: bool = True
@@ -315,13 +316,16 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         reaction = self._state.parameter_changed(p.task, p.model, TransferSegLogic.displayParameters(p.parameterNode),
-                                                 self._cards, p.inputVolume, p.outputSegmentation)
+                                                 self._cards, p.inputVolume, p.outputSegmentation, p.outputDetections)
         for name, value in reaction.set.items():
             setattr(p, name, value)  # fires this again
         if reaction.again:
             return
         card = self._cards.get(p.model)
         self.ui.fusionLabel.visible = self.ui.fusionComboBox.visible = reaction.multiview
+        detections = reaction.output == "detections"  # a heatmap model writes a point list, no segmentation
+        self.ui.outputLabel.visible = self.ui.outputSelector.visible = not detections
+        self.ui.outputDetectionsLabel.visible = self.ui.outputDetectionsSelector.visible = detections
         self.ui.modelDescriptionLabel.text = TransferSegLogic.modelSummary(card) if card else _(
             "No model is installed.")
         self._updateDisplayControls()
@@ -349,7 +353,8 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         mode = p.batch if p else "off"
         self.ui.batchVolumesSelector.enabled = mode == "volumes"
         self.ui.batchSequenceSelector.enabled = mode == "sequence"
-        self.ui.outputSelector.enabled = not plan.batch  # a batch makes a new segmentation per volume
+        # a batch makes new nodes for each volume
+        self.ui.outputSelector.enabled = self.ui.outputDetectionsSelector.enabled = not plan.batch
         for button in (self.ui.exportNrrdButton, self.ui.exportNiftiButton, self.ui.exportSegmentationButton):
             button.enabled = buttons.export
         self.ui.show3DButton.enabled = buttons.show3d
@@ -467,7 +472,8 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     job = BatchJob(self.logic, inputs, model, device=p.device, roi_node=p.roi, fusion=fusion)
                 else:
                     job = self.logic.startSegmentation(p.inputVolume, model, device=p.device, roiNode=p.roi,
-                                                       fusion=fusion, outputSegmentation=p.outputSegmentation)
+                                                       fusion=fusion, outputSegmentation=p.outputSegmentation,
+                                                       outputDetections=p.outputDetections)
                 self._run.start(job)
                 self.ui.logTextEdit.clear()
                 self.ui.progressBar.setValue(0)
@@ -498,6 +504,8 @@ class TransferSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
             return
         if finished.outputs is not None:
+            if finished.outputs.detections is not None and not finished.batch:
+                p.outputDetections = finished.outputs.detections  # the next detection run writes into it
             if finished.outputs.segmentation is not None:
                 if not finished.batch:  # a batch made one segmentation per volume: none is the next run's output
                     p.outputSegmentation = finished.outputs.segmentation  # the next run writes into it
@@ -575,7 +583,8 @@ class TransferSegTest(ScriptedLoadableModuleTest):
             self.assertGreater(dice(liver, truth >= 1), 0.5)
             self.assertIsNotNone(job.outputs.findings)  # the findings table: liver, and each tumor component
         else:
-            self.delayDisplay("torch (>= 2.4) is not installed: testing the scene logic only (no segmentation run)")
+            self.delayDisplay(f"torch ({dependencies.TORCH_REQUIREMENT}) is not installed: testing the scene "
+                              "logic only (no segmentation run)")
             segmentation = L.add_segmentation_node(slicer.mrmlScene, truth, volume, card["labels"],
                                                    "CT phantom TransferSeg", reference_node=node)
             np.testing.assert_array_equal(logic.labelmapArray(segmentation, node), truth)

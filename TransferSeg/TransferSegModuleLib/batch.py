@@ -6,7 +6,9 @@ The inputs are a list of volume nodes (:func:`volume_inputs`: each result lands 
 under that volume's study), or every item of a sequence (:class:`SequenceBatch`): each item's volume is
 segmented on a hidden copy in the scene, and each node the run makes (the segmentation, its findings table,
 a multi-view model's views …) is stored as the item, at the same index value, of an output sequence of its
-own, synchronized in the same browser, so scrubbing the sequence shows each item's results.
+own, synchronized in the same browser, so scrubbing the sequence shows each item's results.  A batch again on
+the same sequence replaces the output sequences of the earlier one, once it is done: a cancelled or failed
+rerun leaves them as they were.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from .scene import remove_nodes
 BATCH_MODES = ("off", "volumes", "sequence")
 #: attribute on the sequences a batch writes (value: the output's role), so a later batch never reads one as input
 OUTPUT_ATTRIBUTE = "TransferSeg.BatchOutput"
+#: node-reference role from each output sequence to the volume sequence it came from: a rerun replaces them
+INPUT_SEQUENCE_ROLE = "TransferSeg.BatchInput"
 VOLUME_CLASS = "vtkMRMLScalarVolumeNode"
 
 
@@ -46,6 +50,9 @@ class VolumeInput:
         return outputs
 
     def release(self) -> None:
+        pass
+
+    def finish(self, done: bool) -> None:
         pass
 
 
@@ -92,6 +99,22 @@ def output_roles(outputs: TransferSegOutputs) -> list:
     return [(role, node) for role, node in roles if node is not None]
 
 
+def output_sequences(browser, sequence) -> list:
+    """The output sequences in ``browser`` that a batch over ``sequence`` wrote (those from before outputs named
+    their volume sequence count too: a browser's batch only ever reads one)."""
+    synchronized = vtk.vtkCollection()
+    browser.GetSynchronizedSequenceNodes(synchronized, False)
+    found = []
+    for n in range(synchronized.GetNumberOfItems()):
+        node = synchronized.GetItemAsObject(n)
+        if node is None or not node.GetAttribute(OUTPUT_ATTRIBUTE):
+            continue
+        source = node.GetNodeReferenceID(INPUT_SEQUENCE_ROLE)
+        if source is None or source == sequence.GetID():
+            found.append(node)
+    return found
+
+
 class SequenceBatch:
     """Every item of a browser's volume sequence in; one output sequence per kind of output node out.
 
@@ -100,12 +123,18 @@ class SequenceBatch:
     (it failed, or the batch was cancelled before it) shows an empty node there.  Where the browser has proxy
     nodes (Slicer's Sequences logic makes them), each output's proxy takes the display of the first item's
     node, and the segmentation's proxy refers to the input's proxy as its reference geometry.
+
+    The output sequences of an earlier batch over the same sequence stay untouched while this one runs;
+    :meth:`finish` removes them once this batch is done, or, when it was cancelled or failed, removes this
+    batch's own instead (a first batch keeps the items it finished).
     """
 
     def __init__(self, logic, browser):
         self.logic, self.browser = logic, browser
         self.sequence = volume_sequence(browser)
         self.sequences: dict = {}  # role -> the output sequence node
+        self.earlier = output_sequences(browser, self.sequence)  # replaced once this batch is done
+        self._finished = False
 
     def inputs(self) -> list:
         return [SequenceItemInput(self, n) for n in range(self.sequence.GetNumberOfDataNodes())]
@@ -150,6 +179,7 @@ class SequenceBatch:
         scene, browser = self.logic.scene, self.browser
         sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", node.GetName())
         sequence.SetAttribute(OUTPUT_ATTRIBUTE, role)
+        sequence.SetNodeReferenceID(INPUT_SEQUENCE_ROLE, self.sequence.GetID())
         sequence.SetIndexName(self.sequence.GetIndexName())  # the browser synchronizes only matching indexes
         sequence.SetIndexUnit(self.sequence.GetIndexUnit())
         sequence.SetIndexType(self.sequence.GetIndexType())
@@ -174,17 +204,47 @@ class SequenceBatch:
         return sequence
 
     def proxies(self) -> TransferSegOutputs:
-        """The browser's proxy nodes of the output sequences, as a run's outputs (None where there is none)."""
-        proxy = {role: self.browser.GetProxyNode(sequence) for role, sequence in self.sequences.items()
-                 if alive(sequence)}
-        views = {role.split(" ", 1)[1]: node for role, node in proxy.items() if role.startswith("view ") and node}
-        outputs = TransferSegOutputs(segmentation=proxy.get("segmentation"), views=views,
-                                     disagreement=proxy.get("disagreement"), heatmap=proxy.get("heatmap"),
-                                     detections=proxy.get("detections"), findings=proxy.get("findings"))
+        """The browser's proxy nodes of the output sequences, as a run's outputs (None where there is none),
+        shown in the slice views."""
+        outputs = self._outputs()
         volume_proxy = self.browser.GetProxyNode(self.sequence)
         if volume_proxy is not None:  # the run showed the hidden copy: show the browser's volume instead
             self.logic.showResult(volume_proxy, outputs)
         return outputs
+
+    def _outputs(self) -> TransferSegOutputs:
+        proxy = {role: self.browser.GetProxyNode(sequence) for role, sequence in self.sequences.items()
+                 if alive(sequence)}
+        views = {role.split(" ", 1)[1]: node for role, node in proxy.items() if role.startswith("view ") and node}
+        return TransferSegOutputs(segmentation=proxy.get("segmentation"), views=views,
+                                  disagreement=proxy.get("disagreement"), heatmap=proxy.get("heatmap"),
+                                  detections=proxy.get("detections"), findings=proxy.get("findings"))
+
+    def finish(self, done: bool) -> None:
+        """The batch ended (once is enough): ``done``, the earlier batch's output sequences give way to this one's;
+        else, if there are earlier ones, this batch's own go and the slice views show the earlier ones again."""
+        if self._finished:
+            return
+        self._finished = True
+        if done:
+            self._remove(self.earlier)
+        elif self.earlier and self.sequences:
+            self._remove(list(self.sequences.values()))
+            self.sequences = {sequence.GetAttribute(OUTPUT_ATTRIBUTE): sequence for sequence in self.earlier}
+            shown = self._outputs()
+            volume_proxy = self.browser.GetProxyNode(self.sequence)
+            if volume_proxy is not None:  # what the views showed before: the slice layers only, no display changes
+                self.logic.setSliceLayers(volume_proxy, shown.heatmap or shown.disagreement)
+
+    def _remove(self, sequences: list) -> None:
+        """Remove output sequences with their proxies (the browser's nodes that show them)."""
+        nodes = []
+        for sequence in sequences:
+            if not alive(sequence):
+                continue
+            nodes += [self.browser.GetProxyNode(sequence), sequence]
+            self.browser.RemoveSynchronizedSequenceNode(sequence.GetID())
+        remove_nodes(self.logic.scene, nodes)
 
 
 def _display_count(node) -> int:
@@ -209,6 +269,9 @@ class SequenceItemInput:
     def release(self) -> None:
         remove_nodes(self.batch.logic.scene, [self._node])
         self._node = None
+
+    def finish(self, done: bool) -> None:
+        self.batch.finish(done)
 
 
 def batch_inputs(logic, mode: str, volumes, browser) -> list:
@@ -345,6 +408,7 @@ class BatchJob:
 
     def _end(self, cancelled: bool = False) -> None:
         self.seconds = time.monotonic() - self.started
+        self._finish_inputs(done=not cancelled and bool(self.segmented))
         count, done = len(self.inputs), len(self.segmented)
         noun = "volume" if count == 1 else "volumes"
         failed = "; ".join(f"{name} ({message.splitlines()[0] if message else 'failed'})"
@@ -362,6 +426,14 @@ class BatchJob:
             self.message = self.status = f"{head} in {format_seconds(self.seconds)}" + (
                 f"; failed: {failed}" if self.failures else "")
         self.log.append(self.status)
+
+    def _finish_inputs(self, done: bool) -> None:
+        """Tell the inputs the batch ended (a sequence's then replaces its earlier output sequences, or keeps them)."""
+        for item in self.inputs:
+            try:
+                item.finish(done)
+            except Exception as e:  # the batch's results stay; what could not be tidied is said in the log
+                self.log.append(f"{item.name}: {e}")
 
     def cancel(self) -> None:
         """Cancel the current run and start no other; returns at once (the next :meth:`poll` ends the batch)."""

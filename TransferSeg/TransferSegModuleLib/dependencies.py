@@ -15,9 +15,12 @@ import platform
 import re
 from pathlib import Path
 
-#: torch floor, not a pin: TransferSegLib calls torch.is_autocast_enabled(device_type), new in 2.4
-TORCH_MINIMUM = (2, 4)
+#: torch floor, not a pin: the oldest torch the test suite passes on (bench/old_torch.sh runs it). The one
+#: place it is set: pyproject.toml, README.md and docs/setup.md say the same (Testing/test_dependencies.py).
+TORCH_MINIMUM = (2, 2)
 TORCH_REQUIREMENT = ">=" + ".".join(map(str, TORCH_MINIMUM))
+#: the last torch built for Intel Macs; built against NumPy 1.x, it cannot exchange arrays with NumPy 2
+MAC_INTEL_LAST_TORCH = "2.2.2"
 #: import name -> pip requirement; the child process needs the first four, the GUI psutil (Cancel)
 PIP_PACKAGES = {
     "safetensors": "safetensors>=0.4",
@@ -99,15 +102,27 @@ def missing_pip_packages() -> list:
     return [requirement for name, requirement in PIP_PACKAGES.items() if not _installed(name)]
 
 
-def no_torch_wheel(system: str | None = None, machine: str | None = None) -> str | None:
-    """Why no PyTorch build that meets :data:`TORCH_REQUIREMENT` exists for this computer, in one line,
-    or None where one does.  ``system`` and ``machine`` default to this computer's
-    (``platform.system()``, ``platform.machine()``).  PyTorch has built no macOS Intel (x86_64)
-    wheels since 2.2."""
+def numpy_version() -> str | None:
+    """The installed NumPy's version, from its package metadata (without importing it); None if missing."""
+    try:
+        return importlib.metadata.version("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def no_torch_wheel(system: str | None = None, machine: str | None = None,
+                   numpy: str | None = None) -> str | None:
+    """Why no PyTorch build that meets :data:`TORCH_REQUIREMENT` can run on this computer, in one line,
+    or None where one can.  ``system``, ``machine`` and ``numpy`` (a version) default to this computer's
+    (``platform.system()``, ``platform.machine()``, :func:`numpy_version`).  PyTorch built no macOS
+    Intel (x86_64) wheels after 2.2, and 2.2 needs NumPy 1.x: where Slicer's Python has NumPy 2, no
+    torch can run there."""
     system = platform.system() if system is None else system
     machine = (platform.machine() if machine is None else machine).lower()
-    if system == "Darwin" and machine in ("x86_64", "amd64", "i386"):
-        return (f"PyTorch {TORCH_REQUIREMENT} is not built for Intel Macs (the last macOS x86_64 build is 2.2), "
-                "so TransferSeg cannot run its models here; use a Mac with Apple silicon, Linux or Windows, "
-                "or run the transferseg command on such a computer and load its outputs into Slicer")
+    numpy = numpy_version() if numpy is None else numpy
+    if system == "Darwin" and machine in ("x86_64", "amd64", "i386") and version_at_least(numpy or "", (2,)):
+        return (f"The last PyTorch for Intel Macs ({MAC_INTEL_LAST_TORCH}) works only with NumPy 1.x, and this "
+                f"Python has NumPy {numpy}, so TransferSeg cannot run its models here; use a Mac with Apple "
+                "silicon, Linux or Windows, or run the transferseg command in a Python with "
+                f"torch {MAC_INTEL_LAST_TORCH} and numpy<2, and load its outputs into Slicer")
     return None

@@ -21,7 +21,8 @@ import slicer
 from TransferSegLib.models import find_model, method_of
 from TransferSegLib.volume import TransferSegError
 from .devices import child_python
-from .results import detection_rows, link_companions, report_rows, run_report, segment_rows, write_segments_into
+from .results import (INPUT_ROLE, detection_rows, link_companions, report_rows, run_report, segment_rows,
+                      write_points_into, write_segments_into)
 from .scene import check_input_node, grid_of, remove_nodes
 from .voxels import BackgroundCall, NodeVoxels, read_heatmap_output, read_scalar_output, read_view_labels, write_input
 
@@ -110,14 +111,17 @@ class SegmentJob:
     SEGMENTING, IMPORTING, DONE, CANCELLED, FAILED = "Segmenting", "Importing", "Done", "Cancelled", "Failed"
 
     def __init__(self, logic: "TransferSegLogic", input_node, model: str, device: str = "auto", roi_node=None,
-                 fusion: str | None = None, python: str | None = None, output_segmentation=None):
-        """``output_segmentation``: a segmentation node to write into (its segments replaced when the run is
-        done, the nodes an earlier run linked to it replaced by this run's); None: a new one."""
+                 fusion: str | None = None, python: str | None = None, output_segmentation=None,
+                 output_detections=None):
+        """``output_segmentation``: a segmentation node a segmentation run writes into (its segments replaced
+        when the run is done, the nodes an earlier run linked to it replaced by this run's); None: a new one.
+        ``output_detections``: the same for a detection (heatmap) model's run: a point list whose points are
+        replaced, and whose heatmap and table give way to this run's."""
         self.started = time.monotonic()
         self.seconds = None  # the run's wall time, once done
         self.logic, self.input_node, self.model, self.device = logic, input_node, model, device
         self.roi_node, self.fusion, self.python = roi_node, fusion, python
-        self.output_segmentation = output_segmentation
+        self.output_segmentation, self.output_detections = output_segmentation, output_detections
         self.state, self.fraction, self.stage, self.message = self.SEGMENTING, 0.0, "starting", ""
         self.status = "Initializing"
         self.log: list[str] = []
@@ -315,8 +319,9 @@ class SegmentJob:
         out = self._folder / "out"
         try:
             self.result = json.loads((out / "result.json").read_text(encoding="utf-8"))
+            heatmap = self.card.get("task") == "heatmap"
             self._importer = ResultImport(self.logic, self.input_node, out, self.result, self.card,
-                                          target=self.output_segmentation)
+                                          target=self.output_detections if heatmap else self.output_segmentation)
         except Exception as e:
             self._finish(self.FAILED, f"importing the result failed: {e}")
             return
@@ -358,8 +363,9 @@ class ResultImport:
     its node then takes over (:func:`read_view_labels`, :func:`read_scalar_output`); the node is built
     on the GUI thread when the read is done.  Only the .seg.nrrd goes through Slicer's own reader, on
     the GUI thread (one uint8 label map: about 0.1 s for 512 × 512 × 200).  :meth:`step` never
-    blocks; :meth:`cancel` and any error remove every node built so far.  With a ``target`` segmentation,
-    the last step writes the new segments into it (the target is untouched until then)."""
+    blocks; :meth:`cancel` and any error remove every node built so far.  With a ``target`` (a segmentation,
+    or for a detection run a point list), the last step writes the new segments or points into it (the target
+    and the nodes linked to it are untouched until then)."""
 
     def __init__(self, logic: "TransferSegLogic", inputNode, folder, result: dict, card: dict, target=None):
         self.logic, self.inputNode, self.card, self.target = logic, inputNode, card, target
@@ -421,17 +427,26 @@ class ResultImport:
         self.confidences = [float(d["confidence"]) for d in detections]
 
     def _link(self) -> None:
-        """Write into the target segmentation (if any), and link this run's other nodes to the output
-        segmentation, replacing (removing) those an earlier run had linked to it."""
-        new = self.outputs.segmentation
-        if new is None:
+        """Write into the target (if any), and link this run's other nodes to its output node (the segmentation,
+        or a detection run's point list), replacing (removing) those an earlier run had linked to it."""
+        outputs, target = self.outputs, self.target
+        if outputs.segmentation is not None:
+            new = outputs.segmentation
+            if alive(target) and target is not new:
+                write_segments_into(target, new, self.inputNode)
+                remove_nodes(self.logic.scene, [new])
+                outputs.segmentation = new = target
+        elif outputs.detections is not None:
+            new = outputs.detections
+            if alive(target) and target is not new:
+                write_points_into(target, new)
+                remove_nodes(self.logic.scene, [new])
+                outputs.detections = new = target
+            new.SetNodeReferenceID(INPUT_ROLE, self.inputNode.GetID())  # a later input lets go of it
+        else:
             return
-        target = self.target
-        if target is not None and target is not new and alive(target):
-            write_segments_into(target, new, self.inputNode)
-            remove_nodes(self.logic.scene, [new])
-            self.outputs.segmentation = new = target
-        linked = dict(self.outputs.views, disagreement=self.outputs.disagreement, findings=self.outputs.findings)
+        linked = dict(outputs.views, disagreement=outputs.disagreement, heatmap=outputs.heatmap,
+                      findings=outputs.findings)
         remove_nodes(self.logic.scene, link_companions(new, linked))
 
     @property
@@ -478,7 +493,7 @@ class ResultImport:
         if self._reading is not None:
             self._reading[0].stop.set()
         self._steps = []
-        # the user's output segmentation is never removed: it is written into only in the last step
+        # the user's output node is never removed: it is written into only in the last step
         remove_nodes(self.logic.scene, [n for n in self.outputs.nodes() if n is not self.target])
         self.outputs = TransferSegOutputs()
 

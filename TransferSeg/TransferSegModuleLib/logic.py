@@ -17,8 +17,9 @@ What a run puts in the scene (every file comes from ``result.json["files"]``):
   volume and centre) or ``<volume> detections table`` (each detection: kind, confidence, position).
 
 Run into an output segmentation the user picked, a segmentation run replaces its segments (the node
-stays) and the nodes an earlier run linked to it (views, disagreement, findings): running again adds
-no node.
+stays) and the nodes an earlier run linked to it (views, disagreement, findings); run into an output point
+list, a detection run replaces its points (the node and its display stay) and its heatmap and table:
+running again adds no node.
 """
 from __future__ import annotations
 
@@ -163,12 +164,13 @@ class TransferSegLogic:
 
     # --- running ----------------------------------------------------------------------------
     def startSegmentation(self, inputNode, model: str, device: str = "auto", roiNode=None, fusion=None,
-                          python: str | None = None, outputSegmentation=None) -> SegmentJob:
+                          python: str | None = None, outputSegmentation=None, outputDetections=None) -> SegmentJob:
         """Start a run in a child process and return its job (poll it).  ``model``: a name or a card's path.
-        ``outputSegmentation``: a segmentation node to write into (None: a new one).  Invalid input raises
+        ``outputSegmentation``: a segmentation node a segmentation model writes into; ``outputDetections``: a
+        point list a detection model writes into (None: a new one).  Invalid input raises
         :class:`TransferSegError` before any process starts."""
         return SegmentJob(self, inputNode, model, device=device, roi_node=roiNode, fusion=fusion, python=python,
-                          output_segmentation=outputSegmentation)
+                          output_segmentation=outputSegmentation, output_detections=outputDetections)
 
     # --- the scene --------------------------------------------------------------------------
     def importResult(self, inputNode, folder, result: dict, card: dict) -> TransferSegOutputs:

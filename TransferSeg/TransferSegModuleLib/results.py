@@ -1,7 +1,7 @@
 """What a run found, in view: a findings table (the organs, then each lesion of the run's report with the
 report's measurements, or each detection), jumping the slice views to a row, the segmentation in 3D, and a
-run written into an output segmentation the user picked (its segments replaced, its companion nodes swapped
-for the new run's)."""
+run written into an output node the user picked (an output segmentation's segments, or a detection run's
+output point list's points, replaced; its companion nodes swapped for the new run's)."""
 from __future__ import annotations
 
 from typing import Collection, Optional
@@ -27,10 +27,14 @@ DETECTION_COLUMNS = tuple(title for _, title, _ in DETECTION_TABLE)
 #: a report's centre columns are named R, A, S in the table, as without a report: :func:`row_position` reads them
 CENTRE_COLUMNS = {"centre_r_mm": "R", "centre_a_mm": "A", "centre_s_mm": "S",
                   "position_r_mm": "R", "position_a_mm": "A", "position_s_mm": "S"}
-#: node-reference roles from an output segmentation to the other nodes of its run
+#: node-reference roles from a run's output node (its segmentation, or a detection run's point list) to the
+#: other nodes of its run
 COMPANION_ROLES = {"axial": "TransferSeg.view.axial", "coronal": "TransferSeg.view.coronal",
                    "sagittal": "TransferSeg.view.sagittal", "disagreement": "TransferSeg.disagreement",
-                   "findings": "TransferSeg.findings"}
+                   "heatmap": "TransferSeg.heatmap", "findings": "TransferSeg.findings"}
+#: node-reference role from a detection run's output point list to the volume the run read (a segmentation
+#: names it as its reference geometry)
+INPUT_ROLE = "TransferSeg.input"
 
 
 def is_finding(described: dict) -> bool:
@@ -250,25 +254,25 @@ def shows_in_3d(segmentation_node) -> bool:
                 and segmentation_node.GetSegmentation().ContainsRepresentation(surface))
 
 
-def companions(segmentation_node) -> dict:
-    """``{key: node}`` of the nodes a run linked to its output segmentation (:data:`COMPANION_ROLES`)."""
+def companions(output_node) -> dict:
+    """``{key: node}`` of the nodes a run linked to its output node (:data:`COMPANION_ROLES`)."""
     found = {}
     for key, role in COMPANION_ROLES.items():
-        node = segmentation_node.GetNodeReference(role)
+        node = output_node.GetNodeReference(role)
         if node is not None and node.GetScene() is not None:
             found[key] = node
     return found
 
 
-def link_companions(segmentation_node, nodes: dict) -> list:
-    """Reference ``nodes`` (key → node or None) from the output segmentation; returns the nodes an earlier
-    run had linked that these replace (the caller removes them)."""
+def link_companions(output_node, nodes: dict) -> list:
+    """Reference ``nodes`` (key → node or None) from a run's output node (the segmentation, or a detection
+    run's point list); returns the nodes an earlier run had linked that these replace (the caller removes them)."""
     replaced = []
     for key, role in COMPANION_ROLES.items():
-        old, new = segmentation_node.GetNodeReference(role), nodes.get(key)
+        old, new = output_node.GetNodeReference(role), nodes.get(key)
         if old is not None and old is not new and old.GetScene() is not None:
             replaced.append(old)
-        segmentation_node.SetNodeReferenceID(role, new.GetID() if new is not None else None)
+        output_node.SetNodeReferenceID(role, new.GetID() if new is not None else None)
     return replaced
 
 
@@ -280,6 +284,20 @@ def write_segments_into(target, source, reference_node) -> None:
     try:
         target.GetSegmentation().DeepCopy(source.GetSegmentation())
         target.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+        if target.GetDisplayNode() is None:
+            target.CreateDefaultDisplayNodes()
+    finally:
+        target.EndModify(modifying)
+
+
+def write_points_into(target, source) -> None:
+    """Replace the control points of ``target`` (the user's output point list) by those of ``source`` (a
+    detection run's points, their labels, descriptions, confidences and lock), keeping the target node (its
+    ID, name, place in the scene) and its display node: the colours and glyph sizes the user chose stay.
+    The caller then removes ``source``."""
+    modifying = target.StartModify()
+    try:
+        target.CopyContent(source, True)  # Slicer's copy of a node's content: not its name, references or display
         if target.GetDisplayNode() is None:
             target.CreateDefaultDisplayNodes()
     finally:

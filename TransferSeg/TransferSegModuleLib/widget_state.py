@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from TransferSegLib.models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL, method_of
 from .batch import BatchJob, sequence_length
 from .jobs import VIEW_NAMES, SegmentJob, TransferSegOutputs, alive
-from .results import show_3d
+from .results import INPUT_ROLE, show_3d
 
 #: task → (model-card task, default model); the widget adds each task's shown text
 TASKS = {"ct": ("segmentation", DEFAULT_SEGMENTATION_MODEL), "dbt": ("heatmap", DEFAULT_DETECTION_MODEL)}
@@ -48,6 +48,7 @@ class Reaction:
     set: dict = field(default_factory=dict)  # parameters to set, in this order
     again: bool = False  # setting them fires the change again: nothing else to do now
     multiview: bool = False  # show the fusion choice
+    output: str = "segmentation"  # which output choice shows: "segmentation", or "detections" for a heatmap model
     display_changed: frozenset = frozenset()  # display parameters to apply to the slice views
 
 
@@ -57,7 +58,8 @@ class PanelState:
     Task and model stay consistent (a new task picks its default model, a new model sets its task); a
     new model that is multi-view selects its card's fusion; only a changed display parameter touches the
     slice views, so a new device never resets the user's layers; a new input volume lets go of an output
-    segmentation made for another volume (the next run makes a new one, rather than overwriting it).
+    segmentation or output point list made for another volume (the next run makes a new one, rather than
+    overwriting it).
     """
 
     def __init__(self):
@@ -70,7 +72,7 @@ class PanelState:
         self.input = input_id
 
     def parameter_changed(self, task: str, model: str, display: dict, cards: dict, input_node=None,
-                          output_segmentation=None) -> Reaction:
+                          output_segmentation=None, output_detections=None) -> Reaction:
         """``cards``: name → card of the listed models, in the combo's order."""
         card = cards.get(model)
         reaction = Reaction()
@@ -89,10 +91,12 @@ class PanelState:
             if is_multiview(card):
                 reaction.set["fusion"] = method_of(card)["config"].get("fusion", "vfn")
         self.task, self.model = task, model
-        return self._rest(reaction, card, display, input_node, output_segmentation)
+        return self._rest(reaction, card, display, input_node, output_segmentation, output_detections)
 
-    def _rest(self, reaction: Reaction, card, display: dict, input_node, output_segmentation) -> Reaction:
+    def _rest(self, reaction: Reaction, card, display: dict, input_node, output_segmentation,
+              output_detections) -> Reaction:
         reaction.multiview = is_multiview(card)
+        reaction.output = "detections" if task_of(card) == "dbt" else "segmentation"
         reaction.display_changed = frozenset(name for name in display if display[name] != self.display.get(name))
         self.display = dict(display)
         input_id = input_node.GetID() if input_node is not None else None
@@ -100,15 +104,20 @@ class PanelState:
             self.input = input_id
             if output_segmentation is not None and not output_fits(output_segmentation, input_node):
                 reaction.set["outputSegmentation"] = None
+            if output_detections is not None and not output_fits(output_detections, input_node):
+                reaction.set["outputDetections"] = None
         return reaction
 
 
-def output_fits(segmentation_node, input_node) -> bool:
-    """Whether a run on ``input_node`` may write into ``segmentation_node``: it has no reference volume yet
-    (e.g. made empty by the user), or that volume is ``input_node``."""
-    if segmentation_node is None or input_node is None:
+def output_fits(output_node, input_node) -> bool:
+    """Whether a run on ``input_node`` may write into ``output_node`` (a segmentation, or a point list): it
+    was made for no volume yet (e.g. by the user), or for ``input_node`` (a segmentation's reference volume,
+    the volume a point list's run read)."""
+    if output_node is None or input_node is None:
         return True
-    reference = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+    role = output_node.GetReferenceImageGeometryReferenceRole() if output_node.IsA("vtkMRMLSegmentationNode") \
+        else INPUT_ROLE
+    reference = output_node.GetNodeReference(role)
     return reference is None or reference.GetID() == input_node.GetID()
 
 
