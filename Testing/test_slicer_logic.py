@@ -865,38 +865,7 @@ print(int(L.segment_array(out.segmentation, "liver tumor", volume).sum()))
     assert int(lines[-1]) == (labels == 2).sum()
 
 
-# --- dependencies, saved scenes, display, devices ------------------------------------------------------
-def test_torch_version_floor_is_compared_as_numbers():
-    from TransferSegModuleLib.dependencies import TORCH_MINIMUM, TORCH_REQUIREMENT, version_at_least
-
-    assert TORCH_REQUIREMENT == ">=2.4" and TORCH_MINIMUM == (2, 4)
-    for version in ("2.4", "2.4.0", "2.4.1+cu121", "2.4.0+cpu", "2.5.0a0+git1234", "2.10.0", "2.14.1", "3.0",
-                    "2.4.0.post1"):
-        assert version_at_least(version, TORCH_MINIMUM), version
-    for version in ("2.3.1", "2.3.1+cu118", "1.13.1", "2.4.0rc1", "2.4.0.dev20240601", "2", "0.4.1", "", "nightly"):
-        assert not version_at_least(version, TORCH_MINIMUM), version
-
-
-def test_a_computer_without_a_torch_build_gets_one_line_saying_so():
-    from TransferSegModuleLib.dependencies import TORCH_REQUIREMENT, no_torch_wheel
-
-    said = no_torch_wheel("Darwin", "x86_64")
-    assert said and "\n" not in said and "Intel Mac" in said and TORCH_REQUIREMENT in said
-    for system, machine in (("Darwin", "arm64"), ("Linux", "x86_64"), ("Linux", "aarch64"), ("Windows", "AMD64")):
-        assert no_torch_wheel(system, machine) is None, (system, machine)
-    assert no_torch_wheel() is None  # this machine (Linux x86_64) has wheels
-
-
-def test_torch_status_reads_the_installed_version_without_importing_torch():
-    import importlib.metadata
-
-    code = ("import sys\nfrom TransferSegModuleLib import dependencies as d\n"
-            "print(d.torch_status(), d.torch_version(), 'torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", cwd=ROOT / "TransferSeg")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["ok", importlib.metadata.version("torch"), "False"]
-
-
+# --- saved scenes, display, devices --------------------------------------------------------------------
 def test_a_saved_scene_naming_a_model_that_is_not_installed_falls_back_to_the_default(tmp_path):
     """Slicer's combo box connector raises on a value it does not list: the GUI repairs the node first."""
     scene = new_scene()

@@ -50,8 +50,12 @@ def resolve_device(spec="auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+#: torch >= 2.4 raises torch.OutOfMemoryError on any device; before, only CUDA had a class for it
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+    if isinstance(error, (_OUT_OF_MEMORY, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)  # PyTorch's CPU allocator
 

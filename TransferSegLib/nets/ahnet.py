@@ -41,10 +41,17 @@ class _Conv3d(nn.Conv3d):
     def _conv_forward(self, x, weight, bias):
         if (self.kernel_size != (1, 1, 1) and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.padding_mode == "zeros"
-                and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")):
+                and torch.backends.mkldnn.is_available() and not _cpu_autocast_enabled()):
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation,
                                                      self.groups)
         return super()._conv_forward(x, weight, bias)
+
+
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled()
 
 
 def _conv_bn(conv: nn.Conv3d, bn: nn.BatchNorm3d, x: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ from torchvision.ops import misc as tv_misc
 
 from ..volume import TransferSegError
 from .acs import ACSConv, MeanACSConv, SoftACSConv
-from .layers3d import InflatedConvTranspose3d, LayerNorm3d
+from .layers3d import InflatedConvTranspose3d, LayerNorm3d, LPPool3d
 from .registry import build_network, register
 from .torchvision3d import FORWARDS_3D
 from .unet import SliceStack2D
@@ -233,7 +233,8 @@ def _convert_avg_pool(pool: nn.AvgPool2d, mode: str):
 
 def _convert_lp_pool(pool: nn.LPPool2d, mode: str):
     geometry = _pool_geometry(pool, mode, ("kernel_size", "stride"))
-    return nn.LPPool3d(pool.norm_type, **geometry, ceil_mode=pool.ceil_mode), _same
+    lp_pool3d = getattr(nn, "LPPool3d", LPPool3d)  # ours on torch < 2.3
+    return lp_pool3d(pool.norm_type, **geometry, ceil_mode=pool.ceil_mode), _same
 
 
 def _convert_max_unpool(pool: nn.MaxUnpool2d, mode: str):
@@ -335,7 +336,8 @@ _LEAF_CONVERTERS = {
 
 #: torch.nn classes that hold parameters and work on any number of spatial axes (or on flat features).
 _DIMENSION_AGNOSTIC = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.GroupNorm, nn.SyncBatchNorm, nn.PReLU,
-                       nn.Embedding, nn.MultiheadAttention, nn.BatchNorm1d, nn.RMSNorm)
+                       nn.Embedding, nn.MultiheadAttention, nn.BatchNorm1d,
+                       *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))  # nn.RMSNorm: torch >= 2.4
 _NO_3D_COUNTERPART = (nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold, nn.FractionalMaxPool2d)
 
 # Best-effort scan of a custom module's own methods for 2D-only operations.

@@ -1,5 +1,6 @@
 """3D modules that torch.nn lacks, which the 2D→3D converter (:mod:`.convert`) builds: a transposed
-convolution inflated from a 2D one with any kernel, and a channels-first LayerNorm for 3D."""
+convolution inflated from a 2D one with any kernel, a channels-first LayerNorm for 3D, and, for torch
+< 2.3 only, the LPPool3d those versions lack."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ from torch import nn
 
 from ..volume import TransferSegError
 
-__all__ = ["InflatedConvTranspose3d", "LayerNorm3d"]
+__all__ = ["InflatedConvTranspose3d", "LayerNorm3d", "LPPool3d"]
 
 
 class InflatedConvTranspose3d(nn.Module):
@@ -69,3 +70,16 @@ class LayerNorm3d(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x.permute(0, 2, 3, 4, 1), self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 4, 1, 2, 3)
+
+
+class LPPool3d(nn.Module):
+    """``nn.LPPool3d`` for torch < 2.3, which lacks it: the formula of torch 2.3's ``F.lp_pool3d``."""
+
+    def __init__(self, norm_type: float, kernel_size, stride=None, ceil_mode: bool = False):
+        super().__init__()
+        self.norm_type, self.kernel_size, self.stride, self.ceil_mode = norm_type, kernel_size, stride, ceil_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = (self.kernel_size,) * 3 if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        out = F.avg_pool3d(x.pow(self.norm_type), kernel, self.stride, 0, self.ceil_mode)
+        return (torch.sign(out) * F.relu(torch.abs(out))).mul(math.prod(kernel)).pow(1.0 / self.norm_type)

@@ -285,7 +285,7 @@ def _model_card(config: dict, data_spec, total: int, world: int, metrics: dict, 
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1, np.uint64)[0]) >> 1  # NumPy 1.x too
 
 
 def train(config: dict, output_dir=None, progress: Optional[ProgressCallback] = None,
