@@ -64,6 +64,8 @@ LARGE = {"hologic": {"seed": 5400, "count": 1, "options": {"shape": [50, 2457, 1
 QUICK = {"tuning": 2, "froc_heldout": 3, "froc_heldout_clinical": 1}
 SWEEP = {"threshold": 0.0, "max_peaks": 50}  # every mass peak, for the FROC
 CHECK_COUNT = 10
+#: the detector's label: the transfer recipe's "lesion" (SNOMED CT Lesion of the breast), for masses and clusters alike
+LABELS = json.loads((ROOT / "Resources" / "configs" / "dbt-lesion-ahnet.json").read_text(encoding="utf-8"))["labels"]
 DESCRIPTION = ("DBT masses (3D AH-Net heatmap, ResNet18 encoder transferred from the MC-GCN, on a 1 × 0.5 × 0.5 mm "
                "working grid) and calcification clusters (bright specks at the input's own resolution, a learned "
                "speck classifier, specks grouped within about 1 cm²), each detection with its kind; trained on "
@@ -202,6 +204,10 @@ def main(argv=None) -> int:
                                name="dbt-lesion-ahnet", method="dbt_lesions", labels_from="masses", version="2.0.0",
                                method_config={"calcifications": calc["calcifications"]["settings"]},
                                description=DESCRIPTION, storage_dtype="float16")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["labels"] = LABELS  # both kinds: a lesion of the breast (the mass stage's own label is "mass")
+    card_path.write_text(json.dumps(card, indent=2) + "
+", encoding="utf-8")
     model = load_model(card_path)
     cluster = float(model.method["config"]["calcifications"]["threshold"])
     count = (lambda key, n: QUICK.get(key, 1) if args.quick else n)
@@ -239,7 +245,7 @@ def main(argv=None) -> int:
                                  version="2.0.0", method_config=card["method"]["config"], description=DESCRIPTION,
                                  storage_dtype="float16")
         final = json.loads(shipped.read_text(encoding="utf-8"))
-        final.update(peaks=card["peaks"], metrics=card["metrics"])
+        final.update(labels=LABELS, peaks=card["peaks"], metrics=card["metrics"])
         shipped.write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {shipped}")
     return 0
