@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "TransferSeg"))
 from TransferSegModuleLib import logic as L  # noqa: E402
 from TransferSegModuleLib.scene import grid_of  # noqa: E402
 from TransferSegModuleLib.logic import TransferSegLogic  # noqa: E402
+from TransferSegModuleLib import results  # noqa: E402
 
 from TransferSegLib.io import load_volume, save_volume  # noqa: E402
 from TransferSegLib.volume import TransferSegError, Volume  # noqa: E402
@@ -417,7 +418,9 @@ def test_dbt_run_shows_heatmap_and_detections_with_a_live_threshold(scene, tmp_p
     assert points.GetName() == "DBT detections" and points.GetNumberOfControlPoints() == len(detections)
     for n, d in enumerate(detections):
         np.testing.assert_allclose(points.GetNthControlPointPositionWorld(n), d["position_ras"], atol=1e-4)
-        assert points.GetNthControlPointLabel(n) == f"{d['confidence']:.2f}"
+        assert points.GetNthControlPointLabel(n) == results.point_label(d)  # its kind, then its confidence
+        assert points.GetNthControlPointLabel(n) == {"mass": "mass ", "calcification_cluster": "calc "}.get(
+            d["kind"], "") + f"{d['confidence']:.2f}"
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     assert sh.GetItemParent(sh.GetItemByDataNode(points)) == study
     # the status line counts the lesions with their confidences; the table lists each detection where it is

@@ -252,14 +252,16 @@ class TransferSegLogic:
         return node
 
     def addDetections(self, path: Path, name: str, card: dict):
-        """A locked point list, one point per detection at its RAS position, labelled with its confidence."""
+        """A locked point list, one point per detection at its RAS position, labelled with its confidence, after
+        its kind when a model finds several (:func:`results.point_label`: "mass 0.58", "calc 1.00")."""
         detections = json.loads(path.read_text(encoding="utf-8"))["detections"]
         node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
         try:
             node.CreateDefaultDisplayNodes()
             for n, d in enumerate(detections, 1):
-                index = node.AddControlPoint(*[float(v) for v in d["position_ras"]], f"{d['confidence']:.2f}")
-                node.SetNthControlPointDescription(index, f"detection {n}: confidence {d['confidence']:.4f}, "
+                index = node.AddControlPoint(*[float(v) for v in d["position_ras"]], results.point_label(d))
+                kind = str(d.get("kind") or "lesion").replace("_", " ")
+                node.SetNthControlPointDescription(index, f"detection {n} ({kind}): confidence {d['confidence']:.4f}, "
                                                           f"box (k, j, i) {d['box_kji']}")
             node.SetAttribute("TransferSeg.Confidences", json.dumps([float(d["confidence"]) for d in detections]))
             node.SetLocked(True)

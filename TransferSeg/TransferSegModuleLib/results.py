@@ -121,6 +121,17 @@ def segment_rows(segmentation_node, card: dict, reference: Volume, skip: Collect
     return rows
 
 
+#: a detection's kind as its markups point's label shows it (a plain heatmap's "lesion": the confidence alone)
+POINT_KINDS = {"mass": "mass", "calcification_cluster": "calc"}
+
+
+def point_label(detection: dict) -> str:
+    """The label of a detection's markups point: its confidence, after its kind for a model of several kinds."""
+    kind = POINT_KINDS.get(detection.get("kind") or "lesion")
+    confidence = f"{float(detection['confidence']):.2f}"
+    return f"{kind} {confidence}" if kind else confidence
+
+
 def detection_rows(detections: list) -> list:
     """Findings-table rows of ``detections.json``'s detections, as ranked there (by confidence)."""
     return [{"finding": f"{d.get('kind') or 'detection'} {n}", "kind": d.get("kind") or "",
