@@ -22,14 +22,8 @@ from TransferSegModuleLib.logic import TransferSegLogic  # noqa: E402
 
 from TransferSegLib.volume import TransferSegError, Volume  # noqa: E402
 
-from test_slicer_logic import _LOGICS, CT_MODEL, add_input, assert_on_grid, new_scene, oblique  # noqa: E402
-
-
-@pytest.fixture
-def scene():
-    scene = new_scene()
-    yield scene
-    scene.Clear(1)
+from test_slicer_logic import (_LOGICS, CT_MODEL, add_input, assert_on_grid, new_scene, oblique,  # noqa: E402
+                               scene)  # the shared fixture
 
 
 @pytest.fixture(scope="module")

@@ -32,16 +32,9 @@ from TransferSegLib.io import save_volume  # noqa: E402
 from TransferSegLib.models import find_model  # noqa: E402
 
 from test_slicer_batch import of_class, sequence_scene  # noqa: E402
-from test_slicer_logic import DBT_MODEL, add_input, cli, new_scene, run_job  # noqa: E402
+from test_slicer_logic import DBT_MODEL, add_input, cli, run_job, scene  # noqa: E402  (scene: the shared fixture)
 
 SHAPE = (16, 128, 96)  # as the other DBT tests: a run takes about 10 s, most of it the child's start
-
-
-@pytest.fixture
-def scene():
-    scene = new_scene()
-    yield scene
-    scene.Clear(1)
 
 
 @pytest.fixture(scope="module")

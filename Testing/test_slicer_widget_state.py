@@ -23,16 +23,9 @@ from TransferSegModuleLib.jobs import TransferSegOutputs  # noqa: E402
 from TransferSegModuleLib.logic import DISPLAY_PARAMETERS, TransferSegLogic  # noqa: E402
 from TransferSegModuleLib.results import shows_in_3d  # noqa: E402
 
-from test_slicer_logic import CT_MODEL, DBT_MODEL, add_input, new_scene  # noqa: E402
+from test_slicer_logic import CT_MODEL, DBT_MODEL, add_input, scene  # noqa: E402  (scene: the shared fixture)
 
 MULTIVIEW_MODEL = "ct-liver-tumor-vfn"
-
-
-@pytest.fixture
-def scene():
-    scene = new_scene()
-    yield scene
-    scene.Clear(1)
 
 
 @pytest.fixture(scope="module")

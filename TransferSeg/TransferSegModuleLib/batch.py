@@ -19,7 +19,7 @@ import vtk
 
 from TransferSegLib.models import find_model
 from TransferSegLib.volume import TransferSegError
-from .jobs import SegmentJob, TransferSegOutputs, alive, format_seconds
+from .jobs import SegmentJob, TransferSegOutputs, alive, format_seconds, wait_while
 from .scene import remove_nodes
 
 #: how the panel's Segment button takes its inputs: the input volume, the checked volumes, a sequence's items
@@ -456,12 +456,4 @@ class BatchJob:
         self._end(cancelled=True)
 
     def wait(self, timeout: float = 1800.0, interval: float = 0.05) -> str:
-        deadline = time.monotonic() + timeout
-        while self.poll() == self.SEGMENTING:
-            if time.monotonic() > deadline:
-                self.close()
-                self.message = f"timed out after {timeout:.0f} s"
-                self.state, self.status = self.FAILED, f"Failed: {self.message}"
-                break
-            time.sleep(interval)
-        return self.state
+        return wait_while(self, (self.SEGMENTING,), timeout, interval)

@@ -268,15 +268,7 @@ class SegmentJob:
         return bool(self.card) and method_of(self.card)["name"] == "multiview"
 
     def wait(self, timeout: float = 600.0, interval: float = 0.05) -> str:
-        deadline = time.monotonic() + timeout
-        while self.poll() in (self.SEGMENTING, self.IMPORTING):
-            if time.monotonic() > deadline:
-                self.close()
-                self.message = f"timed out after {timeout:.0f} s"
-                self.state, self.status = self.FAILED, f"Failed: {self.message}"
-                break
-            time.sleep(interval)
-        return self.state
+        return wait_while(self, (self.SEGMENTING, self.IMPORTING), timeout, interval)
 
     def cancel(self) -> None:
         """Stop the input's writing, kill the child and everything it started (psutil: the same on
@@ -354,6 +346,20 @@ class SegmentJob:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+
+
+def wait_while(job, busy: tuple, timeout: float, interval: float) -> str:
+    """Poll ``job`` (a :class:`SegmentJob` or a batch) until its state leaves ``busy``; past ``timeout`` seconds
+    it is closed and fails.  For scripts and tests: the panel polls from a timer instead.  Returns the state."""
+    deadline = time.monotonic() + timeout
+    while job.poll() in busy:
+        if time.monotonic() > deadline:
+            job.close()
+            job.message = f"timed out after {timeout:.0f} s"
+            job.state, job.status = job.FAILED, f"Failed: {job.message}"
+            break
+        time.sleep(interval)
+    return job.state
 
 
 class ResultImport:
