@@ -14,7 +14,8 @@ import SimpleITK as sitk
 from TransferSegLib.io import load_volume, save_labelmap, save_volume
 from TransferSegLib.models import load_model
 from TransferSegLib.phantoms import ct_phantom
-from TransferSegLib.pipeline import postprocess, run
+from TransferSegLib.heatmaps import Detection
+from TransferSegLib.pipeline import _detections_title, postprocess, run
 from TransferSegLib.progress import CancelToken, Cancelled
 from TransferSegLib.volume import TransferSegError
 
@@ -283,3 +284,13 @@ def test_a_card_with_a_bad_postprocessing_step_is_refused_when_read(tmp_path, ti
     (folder / card["weights"]["file"]).symlink_to(tiny_model.parent / card["weights"]["file"])
     with pytest.raises(TransferSegError, match=message):
         read_card(folder / tiny_model.name)
+
+
+def test_the_overview_title_counts_each_kind_in_words():
+    def found(kind):
+        return Detection([0, 0, 0], None, 0.5, [0, 0, 0, 1, 1, 1], kind=kind)
+
+    assert _detections_title([found("mass")] * 10 + [found("calcification_cluster")]) == \
+        "1 calcification cluster, 10 masses"
+    assert _detections_title([found("mass"), found("calcification_cluster")] * 2) == "2 calcification clusters, 2 masses"
+    assert _detections_title([found("lesion")] * 3) == "3 detection(s)"

@@ -278,7 +278,9 @@ def _detections_title(detections) -> str:
     counts = _count_kinds(detections)
     if set(counts) <= {"lesion"}:
         return f"{len(detections)} detection(s)"
-    return ", ".join(f"{n} {kind.replace('_', ' ')}{'s' if n != 1 else ''}" for kind, n in sorted(counts.items()))
+    words = {kind: kind.replace("_", " ") for kind in counts}
+    return ", ".join(f"{n} {words[kind] if n == 1 else words[kind] + ('es' if kind.endswith('s') else 's')}"
+                     for kind, n in sorted(counts.items()))
 
 
 def _box_between(box_kji, source: Volume, target: Volume) -> list:
