@@ -185,3 +185,37 @@ def test_imports_inside_functions_say_why():
 def test_the_import_check_catches_an_unexplained_import():
     source = "def f():\n    import os\n    return os\n\n\ndef g():\n    # optional: only some runs\n    import json\n"
     assert _unexplained_imports(source, "m") == ["m:2: import os"]
+
+
+
+def _top_level_names(path: Path) -> set:
+    """What ``from <path's module> import X`` can take: top-level functions, classes, assignments and imports."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def test_every_bench_script_parses_and_imports_only_what_exists():
+    """The benchmarks are run by hand, never by CI, so a script that no longer parses (or imports a
+    bench module's name or a library module that is gone) would go unseen until a user runs it."""
+    bench = ROOT / "bench"
+    local = {p.stem for p in bench.glob("*.py")}
+    for path in sorted(bench.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))  # a SyntaxError names the line
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
+                continue
+            top = node.module.split(".")[0]
+            if top == "TransferSegLib":
+                target = ROOT / Path(*node.module.split("."))
+                assert target.with_suffix(".py").is_file() or (target / "__init__.py").is_file(), (path.name, node.module)
+            elif top in local:
+                missing = [a.name for a in node.names if a.name not in _top_level_names(bench / f"{top}.py")]
+                assert not missing, (path.name, top, missing)

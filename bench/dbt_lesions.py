@@ -206,8 +206,7 @@ def main(argv=None) -> int:
                                description=DESCRIPTION, storage_dtype="float16")
     card = json.loads(card_path.read_text(encoding="utf-8"))
     card["labels"] = LABELS  # both kinds: a lesion of the breast (the mass stage's own label is "mass")
-    card_path.write_text(json.dumps(card, indent=2) + "
-", encoding="utf-8")
+    card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     model = load_model(card_path)
     cluster = float(model.method["config"]["calcifications"]["threshold"])
     count = (lambda key, n: QUICK.get(key, 1) if args.quick else n)
