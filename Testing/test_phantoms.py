@@ -6,6 +6,7 @@ the specification fails here.
 """
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -277,8 +278,48 @@ def test_ct_coverage_chest_to_abdomen_reaches_above_the_liver_into_the_lungs():
     above = volume.shape[0] - 1 - liver_slices.max()          # k runs superior
     assert above * volume.spacing[0] >= 40.0, (seed, above, volume.spacing)
     assert (tissues[liver_slices.max() + 1:] == phantom_tissues.LUNG).mean() > 0.1
-    with pytest.raises(TransferSegError, match="coverage must be one of liver, abdomen, chest-abdomen or random"):
+    refusal = "coverage must be one of liver, abdomen, chest-abdomen, chest or random"
+    with pytest.raises(TransferSegError, match=refusal):
         phantoms.ct_phantom(1, shape=(12, 64, 64), coverage="head")
+
+
+def test_ct_coverage_random_draws_what_it_drew_before_the_chest_was_added():
+    """'chest' has share 0 and comes last: for every seed, "random" moves the scan as the three older
+    coverages did (recomputed here from their shares and ranges), and never to the chest."""
+    before = {"liver": None, "abdomen": ((-5.0, 40.0), (-260.0, -200.0)),
+              "chest-abdomen": ((70.0, 160.0), (-250.0, -120.0))}
+    weights = np.array([0.4, 0.3, 0.3])
+    drawn = set()
+    for seed in range(200):
+        scan = SimpleNamespace(spacing=(4.5, 0.8, 0.8), origin=np.array([100.0, 90.0, -300.0]),
+                               body_centre=(3.0, -8.0, -1.0))
+        phantom_ct._coverage(seed, "random", scan, 40)
+        rng = phantom_common.stream(seed, 7)
+        name = list(before)[int(rng.choice(3, p=weights / weights.sum()))]
+        drawn.add(name)
+        s_k, centre_z = 4.5, -1.0
+        if before[name] is not None:
+            top, bottom = (rng.uniform(*r) for r in before[name])
+            s_k = float(np.clip((top - bottom) / 40, 1.0, 5.0))
+            centre_z = -300.0 + 39 * s_k - top
+        assert scan.spacing == (s_k, 0.8, 0.8) and scan.body_centre == (3.0, -8.0, centre_z), (seed, name)
+    assert drawn == set(before)
+
+
+def test_ct_coverage_chest_is_the_lower_chest_in_hu_without_a_liver():
+    for seed in (0, 3):
+        volume, labels, tissues = phantoms.ct_phantom(seed, shape=(24, 128, 128), coverage="chest", phase="random",
+                                                      tumor_kinds="mixed", anatomy="random", with_tissues=True)
+        assert not labels.any() and not np.isin(tissues, phantom_tissues.LIVER_TISSUE).any()
+        assert orientation_name(volume.directions) == "LPS axial"
+        array = volume.array
+        lung = ndimage.binary_erosion(tissues == phantom_tissues.LUNG, np.ones((1, 3, 3)))
+        assert lung.mean() > 0.1 and -900 <= np.median(array[lung]) <= -780, seed
+        assert np.median(array[tissues == phantom_tissues.AIR]) < -900
+        heart = np.isin(tissues, [phantom_tissues.MYOCARDIUM, phantom_tissues.BLOOD])
+        muscle = ndimage.binary_erosion(tissues == phantom_tissues.MYOCARDIUM, np.ones((1, 3, 3)))
+        assert heart.any(axis=(1, 2)).mean() > 0.3 and 30 <= np.median(array[muscle]) <= 100, seed   # liver-like HU
+        assert (array > 500).mean() > 0.002                                                 # the spine
 
 
 @pytest.mark.parametrize("phase", ["arterial", "portal"])
@@ -564,5 +605,24 @@ def test_region_phantoms_are_ct_in_hu_without_a_liver(region):
     assert (volume.array > 500).mean() > 0.002                                          # bone
     low, high = phantoms.CT_REGIONS[region][0]
     assert low <= volume.spacing[2] * 128 <= high
-    with pytest.raises(TransferSegError, match="region must be one of head, neck, legs"):
+    with pytest.raises(TransferSegError, match="region must be one of head, neck, pelvis, legs"):
         phantoms.region_phantom(2, "abdomen")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_pelvis_has_bone_a_bladder_near_water_and_bowel_gas(seed):
+    volume, _ = phantoms.region_phantom(seed, "pelvis", shape=(32, 128, 128))
+    array = volume.array
+    ml = float(np.prod(volume.spacing)) / 1000.0
+    body = np.stack([ndimage.binary_fill_holes(s) for s in array > -300])
+    assert (array[body] > 300).mean() > 0.02, seed                                # hip bones, sacrum, femora
+    gas = ndimage.binary_erosion(body, np.ones((1, 5, 5))) & (array < -900)
+    assert gas.sum() * ml > 1.0, seed                                              # in the rectum and bowel
+    smooth = ndimage.gaussian_filter(array, (0.0, 1.5, 1.5))
+    water, n = ndimage.label(ndimage.binary_opening((smooth > -10) & (smooth < 30), np.ones((1, 5, 5))))
+    sizes = ndimage.sum(np.ones_like(water), water, range(1, n + 1)) * ml
+    bladder = water == 1 + int(np.argmax(sizes))
+    x_mm = volume.ijk_to_ras_points(np.argwhere(bladder))[:, 0]
+    assert sizes.max() >= 20.0 and abs(np.median(x_mm) - float(np.median(
+        volume.ijk_to_ras_points(np.argwhere(body))[:, 0]))) < 30.0, (seed, sizes.max())
+    assert -5 <= np.median(array[bladder]) <= 25, seed

@@ -12,10 +12,12 @@ import json
 import numpy as np
 import pytest
 
+import TransferSegLib.methods as methods
 from TransferSegLib.cli import main
 from TransferSegLib.io import save_volume
-from TransferSegLib.models import read_card
-from TransferSegLib.phantoms import ct_phantom
+from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL, load_model, read_card
+from TransferSegLib.phantoms import ct_phantom, region_phantom
+from TransferSegLib.pipeline import run
 from TransferSegLib.scope import check_input, check_result
 from TransferSegLib.volume import TransferSegError, Volume
 
@@ -191,8 +193,6 @@ def test_segment_on_a_head_writes_no_labels_and_says_why(tmp_path, capfd):
 
 
 def test_segment_refuses_an_mr_before_loading_the_network(tmp_path, capfd, monkeypatch):
-    import TransferSegLib.methods as methods
-
     monkeypatch.setattr(methods, "get_method", lambda name: pytest.fail("the network ran on an MR"))
     mr = Volume(np.random.default_rng(2).gamma(2.0, 150.0, (16, 48, 48)).astype(np.float32), (3.0, 1.0, 1.0))
     source = save_volume(mr, tmp_path / "t1.nii.gz")
@@ -203,15 +203,14 @@ def test_segment_refuses_an_mr_before_loading_the_network(tmp_path, capfd, monke
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("region", ["head", "neck", "legs"])
+@pytest.mark.parametrize("region", ["head", "neck", "chest", "pelvis", "legs"])
 def test_the_default_model_on_a_region_without_a_liver_returns_no_tumor_and_no_confident_liver(region):
-    """Phantoms of the head, the neck and the thighs at clinical pixel sizes (0.5–1.3 mm): < 5 mL of labels
-    in all or the 'no liver found' warning, and never a tumor."""
-    from TransferSegLib.models import DEFAULT_SEGMENTATION_MODEL, load_model
-    from TransferSegLib.phantoms import region_phantom
-    from TransferSegLib.pipeline import run
-
-    volume, _ = region_phantom(11, region, shape=(48, 320, 320))
+    """Phantoms of the head, the neck, the chest above the diaphragm, the pelvis and the thighs at clinical
+    pixel sizes (0.7–1.6 mm): < 5 mL of labels in all or the 'no liver found' warning, and never a tumor."""
+    if region == "chest":
+        volume, _ = ct_phantom(11, shape=(48, 320, 320), coverage="chest")
+    else:
+        volume, _ = region_phantom(11, region, shape=(48, 320, 320))
     result = run(volume, model=load_model(DEFAULT_SEGMENTATION_MODEL), device="cpu")
     ml = float(np.prod(volume.spacing)) / 1000.0
     assert (result.labels == 2).sum() == 0, region

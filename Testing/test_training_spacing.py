@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from TransferSegLib import phantoms
-from TransferSegLib.datasets import phantom_cases
+from TransferSegLib.datasets import negative_cases, phantom_cases
 from TransferSegLib.models import load_model
 from TransferSegLib.resample import labels_to_spacing, to_orientation, to_spacing
 from TransferSegLib.training import train, validate_config
+from TransferSegLib.training.sampling import cases_from_spec
 from TransferSegLib.volume import TransferSegError
 
 LABELS = [{"name": "liver", "label": 1}, {"name": "liver tumor", "label": 2}]
@@ -44,6 +45,14 @@ def test_varied_phantoms_have_varied_grids_and_are_reproducible():
     for c in dbt:  # the detector's extent stays about 100 × 75 mm whatever the pixel size
         rows, columns = c.options["shape"][1:]
         assert 88 <= rows * c.options["pixel_mm"] <= 112 and 66 <= columns * c.options["pixel_mm"] <= 84
+    scaled = phantom_cases("dbt", 5, 1, vary={"pixel_mm": [0.085, 0.4], "extent_mm": [100, 75],
+                                              "extent_scale": [2.0, 2.5]})
+    for c, plain in zip(scaled, dbt):  # the same pixel sizes, the breast 2-2.5 times as wide and long
+        assert c.options["pixel_mm"] == plain.options["pixel_mm"]
+        ratio = np.array(c.options["shape"][1:]) / np.array(plain.options["shape"][1:])
+        assert 1.95 <= ratio.min() and ratio.max() <= 2.55 and abs(ratio[0] - ratio[1]) < 0.05
+    with pytest.raises(TransferSegError, match="extent_scale scales vary.extent_mm"):
+        phantom_cases("dbt", 1, 0, vary={"pixel_mm": [0.1, 0.2], "extent_scale": [1, 2]})
     with pytest.raises(TransferSegError, match="'vary' keys for ct"):
         phantom_cases("ct", 1, 0, vary={"pixel_mm": [0.1, 0.2]})
     with pytest.raises(TransferSegError, match="low ≤ high"):
@@ -105,3 +114,25 @@ def test_a_cache_folder_in_a_config_file_is_relative_to_it(tmp_path, monkeypatch
     (folder / "c.json").write_text(json.dumps(_config("cases-cache")), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     assert load_config(folder / "c.json")["data"]["cache"] == str(folder / "cases-cache")
+
+
+def test_negatives_add_ct_phantoms_without_a_liver_to_the_training_cases(tmp_path):
+    """data.negatives: regions without a liver (all-zero labels) beside the CT phantoms, their grids
+    drawn from vary, the regions taken in turn; a bad spec is named before any case is drawn."""
+    spec = {"phantom": "ct", "count": 2, "seed": 5, "vary": {"slices": [12, 16], "rows": [48, 56]},
+            "options": {"phase": "random"}, "negatives": {"count": 3, "seed": 900, "regions": ["pelvis", "chest"]}}
+    cases = cases_from_spec(spec)
+    assert [c.name for c in cases] == ["ct-phantom-5", "ct-phantom-6", "ct-pelvis-900", "ct-chest-901", "ct-pelvis-902"]
+    for case in cases[2:]:
+        volume, labels = case.load()
+        assert volume.shape == tuple(case.options["shape"]) and 12 <= volume.shape[0] <= 16
+        assert labels.shape == volume.shape and not labels.any(), case.name
+        assert volume.array.min() < -500 and volume.array.max() > 300  # CT in HU: air and bone
+    assert [c.options for c in negative_cases(spec["negatives"], vary=spec["vary"], phase="random")] == \
+        [c.options for c in cases[2:]]
+    for bad, message in ((dict(spec["negatives"], regions=["abdomen"]), "negatives.regions"),
+                         (dict(spec["negatives"], count=0), "negatives.count")):
+        with pytest.raises(TransferSegError, match=message):
+            validate_config(_config(tmp_path, data=dict(spec, negatives=bad)))
+    with pytest.raises(TransferSegError, match="data.negatives"):
+        validate_config(_config(tmp_path, data={"phantom": "ct", "count": 2, "negatives": ["pelvis"]}))

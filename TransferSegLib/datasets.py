@@ -220,6 +220,52 @@ class CTPhantomCase(Case):
 
 
 @dataclass
+class CTNegativeCase(Case):
+    """A CT phantom of a region without a liver, for a liver model to learn what is not one:
+    ``region`` "chest" is :func:`~TransferSegLib.phantoms.ct_phantom` with ``coverage="chest"``
+    (the phantom's other ``options``, e.g. its contrast phase, kept), any other a
+    :func:`~TransferSegLib.phantoms.region_phantom` ("head", "neck", "pelvis", "legs") at ``options["shape"]``."""
+
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+    def load(self):
+        options = dict(self.options)
+        region = options.pop("region")
+        if region == "chest":
+            return phantoms.ct_phantom(self.seed, **dict(options, coverage="chest"))
+        return phantoms.region_phantom(self.seed, region, shape=options["shape"])
+
+
+#: the regions ``data.negatives`` may name
+NEGATIVE_REGIONS = ("chest",) + tuple(phantoms.CT_REGIONS)
+
+
+def negative_cases(spec: dict, vary: Optional[dict] = None, **options) -> list[Case]:
+    """``spec["count"]`` :class:`CTNegativeCase` s with seeds ``spec["seed"], …``, the regions taken
+    in turn from ``spec["regions"]`` (a region named twice comes twice as often), each case's grid
+    drawn from ``vary`` as the CT phantoms' is."""
+    regions = spec.get("regions")
+    if not (isinstance(regions, list) and regions and all(r in NEGATIVE_REGIONS for r in regions)):
+        raise TransferSegError(f"negatives.regions must be a list from {', '.join(NEGATIVE_REGIONS)}; got {regions!r}")
+    count, seed = spec.get("count"), spec.get("seed", 0)
+    if not (is_count(count) and is_count(seed, 0)):
+        raise TransferSegError(f"negatives.count (≥ 1) and negatives.seed (≥ 0) are whole numbers; got {count!r}, {seed!r}")
+    vary = check_vary("ct", dict(vary or {}))
+    out = []
+    for n in range(count):
+        region = regions[n % len(regions)]
+        drawn = _varied_options("ct", seed + n, options, vary)
+        drawn["region"] = region
+        out.append(CTNegativeCase(f"ct-{region}-{seed + n}", seed=seed + n, options=drawn))
+    return out
+
+
+def is_count(value, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+@dataclass
 class DBTPhantomCase(Case):
     """A DBT phantom (:func:`TransferSegLib.phantoms.dbt_phantom`) for heatmap training and FROC.
 
@@ -278,7 +324,7 @@ def check_heatmap_target(target: dict) -> dict:
     return target
 
 
-VARY_KEYS = {"ct": ("slices", "rows"), "dbt": ("slices", "pixel_mm", "extent_mm")}
+VARY_KEYS = {"ct": ("slices", "rows"), "dbt": ("slices", "pixel_mm", "extent_mm", "extent_scale")}
 
 
 def check_vary(kind: str, vary: dict) -> dict:
@@ -293,6 +339,8 @@ def check_vary(kind: str, vary: dict) -> dict:
             raise TransferSegError(f"phantom vary.{key} must be {what}; got {value!r}")
     if "extent_mm" in vary and "pixel_mm" not in vary:
         raise TransferSegError("phantom vary.extent_mm sets the rows and columns from vary.pixel_mm; give both")
+    if "extent_scale" in vary and "extent_mm" not in vary:
+        raise TransferSegError("phantom vary.extent_scale scales vary.extent_mm; give both")
     return vary
 
 
@@ -303,7 +351,9 @@ def _varied_options(kind: str, seed: int, options: dict, vary: dict) -> dict:
     slices); the phantom's field of view is fixed by the patient, so ``rows`` sets the pixel
     size (e.g. rows 200–340 give about 0.9–2.5 mm pixels, slices 36–180 give 1–5 mm).
     DBT: ``pixel_mm`` (log-uniform) and ``extent_mm`` [rows_mm, columns_mm] (the detector
-    area, uniform within ±10 %) set the in-plane grid; ``slices`` the slice count.
+    area, uniform within ±10 %) set the in-plane grid; ``slices`` the slice count;
+    ``extent_scale`` [low, high] multiplies the extent by a factor drawn uniformly (from a stream of
+    its own, so the other draws stay as they were), for breasts up to a clinical detector's size.
     """
     if not vary:
         return dict(options)
@@ -325,8 +375,11 @@ def _varied_options(kind: str, seed: int, options: dict, vary: dict) -> dict:
             pixel = float(np.exp(rng.uniform(lo, hi)))
             out["pixel_mm"] = round(pixel, 5)
             if "extent_mm" in vary:
-                shape[1] = max(32, int(round(vary["extent_mm"][0] * rng.uniform(0.9, 1.1) / pixel)))
-                shape[2] = max(32, int(round(vary["extent_mm"][1] * rng.uniform(0.9, 1.1) / pixel)))
+                scale = 1.0
+                if "extent_scale" in vary:
+                    scale = float(np.random.default_rng([int(seed), 7919, 2]).uniform(*vary["extent_scale"]))
+                shape[1] = max(32, int(round(vary["extent_mm"][0] * scale * rng.uniform(0.9, 1.1) / pixel)))
+                shape[2] = max(32, int(round(vary["extent_mm"][1] * scale * rng.uniform(0.9, 1.1) / pixel)))
     out["shape"] = shape
     return out
 

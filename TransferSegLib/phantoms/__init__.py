@@ -20,7 +20,7 @@ command).
 
 Layout: :mod:`.ct` (the scan, contrast phases, tumors, reconstruction) with :mod:`.anatomy` (one
 painter per organ), :mod:`.tissues` and :mod:`.geometry` (shapes on a fine grid); :mod:`.dbt`;
-:mod:`.regions` (head, neck, legs: no liver); :mod:`.shapes`; :mod:`.files` (writing cases and
+:mod:`.regions` (head, neck, pelvis, legs: no liver); :mod:`.shapes`; :mod:`.files` (writing cases and
 a gallery); :mod:`.common` (random streams, argument checks, noise).
 """
 from ..labels import CT_LABEL_NAMES

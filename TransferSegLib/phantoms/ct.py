@@ -84,11 +84,16 @@ TUMOR_KINDS = {
     "subtle": (0.15, {"non-contrast": (-20, -10), "arterial": (-20, -10), "portal": (-22, -10), "delayed": (-20, -10)}),
 }
 #: how far the scan reaches, in body-frame mm (z = 0 the right diaphragm's dome): (top, bottom) ranges
-#: and the share of cases; "chest" and the neck/head/legs have no liver and are scope-test phantoms.
+#: and the share of cases in ``coverage="random"``.  "chest" (the lower chest: heart and lungs; the liver
+#: stays 4 mm under the dome) has share 0 and comes last, so "random" never draws it and draws the others
+#: as before; it and :func:`~TransferSegLib.phantoms.region_phantom` are scans without a liver, for scope
+#: tests.  Its top stays at 150 mm at most, within the chest the phantom paints (lungs, spine, chest wall; the
+#: heart reaches about 85 mm above the dome, the aorta 70 mm, the ribs 50 mm).
 CT_COVERAGE = {
     "liver": (0.4, None),                                # dome of the diaphragm to the kidneys, as before
     "abdomen": (0.3, ((-5.0, 40.0), (-260.0, -200.0))),
     "chest-abdomen": (0.3, ((70.0, 160.0), (-250.0, -120.0))),
+    "chest": (0.0, ((90.0, 150.0), (15.0, 40.0))),      # only when asked for
 }
 
 
@@ -241,6 +246,9 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
             ones, each kept off the large vessels; None keeps the older hypo/hyper-dense tumors.
         coverage: ``"random"`` draws how far the scan reaches (:data:`CT_COVERAGE`: the dome to
             the kidneys, the whole abdomen, the chest to the abdomen), or name one; None: the first.
+            ``"chest"`` (never drawn by ``"random"``) is the lower chest, 90–150 mm down to 15–40 mm
+            above the dome: heart and lungs, all-zero labels.  Slices are at least 1 mm, so past
+            50 slices it may reach lower; up to 90 slices it holds no liver voxel.
         reconstruction: ``"random"`` draws a kernel's blur and the noise (σ 6–32 HU, grain
             0.5–1.8 pixels) per case; None: σ 11–20 HU, grain 0.6–1.1 pixels, no blur.
         randomise: move every tissue's HU within bounds and add a smooth bias field (SynthSeg-style

@@ -4,7 +4,7 @@
 (AIR, SKIN, FAT_SC, MUSCLE, FAT_VISC, LUNG, LIVER, LIVER_PORTAL, LIVER_HEPATIC, SPLEEN,
  KIDNEY_CORTEX, KIDNEY_MEDULLA, RENAL_SINUS, AORTA, VEIN, PORTAL, BONE_CORTEX, BONE_MARROW,
  DISC, CSF, CARTILAGE, BOWEL_WALL, FLUID, GAS, STOOL, BILE, MYOCARDIUM, BLOOD, PANCREAS,
- TABLE_SHELL, TABLE_FOAM, GREY_MATTER, WHITE_MATTER, THYROID, TRACHEA) = range(35)
+ TABLE_SHELL, TABLE_FOAM, GREY_MATTER, WHITE_MATTER, THYROID, TRACHEA, URINE) = range(36)
 TUMOR0 = 64  # tumor n is class TUMOR0 + n
 RIM0 = 128   # the enhancing rim or capsule of tumor n is class RIM0 + n (labelled tumor too)
 LIVER_TISSUE = (LIVER, LIVER_PORTAL, LIVER_HEPATIC)
@@ -19,5 +19,6 @@ CT_TISSUE_NAMES = {
     BOWEL_WALL: "bowel / stomach wall", FLUID: "bowel / stomach fluid", GAS: "bowel / stomach gas",
     STOOL: "stool", BILE: "gallbladder", MYOCARDIUM: "myocardium", BLOOD: "heart blood pool",
     PANCREAS: "pancreas", TABLE_SHELL: "table shell", TABLE_FOAM: "table foam", GREY_MATTER: "grey matter",
-    WHITE_MATTER: "white matter", THYROID: "thyroid", TRACHEA: "trachea", TUMOR0: "liver tumor",
+    WHITE_MATTER: "white matter", THYROID: "thyroid", TRACHEA: "trachea", URINE: "urine (bladder)",
+    TUMOR0: "liver tumor",
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..datasets import check_heatmap_target, check_vary
+from ..datasets import check_heatmap_target, check_vary, negative_cases
 from ..labels import VIEWS
 from ..losses import LOSSES, REGRESSION_LOSSES, build_loss
 from ..preprocessing import preprocess
@@ -322,7 +322,7 @@ def _check_data(c: dict) -> None:
             _int(data["limit"], "data.limit", 1)
     elif isinstance(data, dict) and "phantom" in data:
         _section(data, "data", ("phantom", "count", "seed", "options", "vary", "target", "workers", "cache",
-                                 "select"),
+                                 "select", "negatives"),
                  required=("count",))
         if data["phantom"] not in ("ct", "dbt"):
             config_error("data.phantom", f"must be 'ct' or 'dbt'; got {data['phantom']!r}")
@@ -343,6 +343,15 @@ def _check_data(c: dict) -> None:
                 check_heatmap_target(data["target"])
             except TransferSegError as e:
                 config_error("data.target", str(e))
+        if data.get("negatives") is not None:
+            if data["phantom"] != "ct" or not isinstance(data["negatives"], dict):
+                config_error("data.negatives", "adds CT phantoms without a liver: {\"count\": N, \"seed\": S, "
+                             f"\"regions\": [\"pelvis\", \"chest\", ...]}} with CT phantoms; got {data['negatives']!r}")
+            _section(data["negatives"], "data.negatives", ("count", "seed", "regions"), required=("count", "regions"))
+            try:
+                negative_cases(data["negatives"], vary=data["vary"])
+            except TransferSegError as e:
+                config_error("data.negatives", str(e))
         data["workers"] = _int(data.get("workers", 0), "data.workers", 0)
         cache = data.setdefault("cache", None)
         if cache is not None and cache is not False and not isinstance(cache, str):

@@ -17,7 +17,7 @@ import torch
 from scipy import ndimage
 
 from ..atomic import atomic_output
-from ..datasets import find_cases, phantom_cases
+from ..datasets import find_cases, negative_cases, phantom_cases
 from ..preprocessing import preprocess
 from ..resample import labels_to_spacing, to_orientation, to_spacing
 from ..views import directions_of, to_view, view_permutation
@@ -80,6 +80,8 @@ def cases_from_spec(data: dict) -> list:
     else:
         cases = phantom_cases(data["phantom"], data["count"], data["seed"], vary=data.get("vary"),
                               target=data.get("target"), **data.get("options", {}))
+        if data.get("negatives"):
+            cases += negative_cases(data["negatives"], vary=data.get("vary"), **data.get("options", {}))
     if data.get("select"):
         by_name = {case.name: case for case in cases}
         missing = [name for name in data["select"] if name not in by_name]
