@@ -103,7 +103,9 @@ def test_default_detection_model_card_carries_its_heldout_froc_per_kind():
     assert sources["masses"]["model"] == "dbt-masses-ahnet" and sources["calcifications"]["model"] == "dbt-calcifications"
     masses = json.loads((ROOT / "Resources" / "configs" / "dbt-masses-ahnet.json").read_text(encoding="utf-8"))["data"]
     metrics = card["metrics"]
-    assert metrics["tuning"]["data"]["seed"] + metrics["tuning"]["data"]["count"] <= 5000
+    tuning = metrics["tuning"]["data"]
+    for part in tuning if isinstance(tuning, list) else [tuning]:  # tuning seeds are neither training nor held-out ones
+        assert part["seed"] >= masses["seed"] + masses["count"] and part["seed"] + part["count"] <= 5000, part
     assert metrics["tuning"]["mass_threshold"] == card["peaks"]["threshold"]
     for key in ("froc_heldout", "froc_heldout_clinical", "froc_heldout_check"):
         froc = metrics[key]
@@ -115,6 +117,9 @@ def test_default_detection_model_card_carries_its_heldout_froc_per_kind():
             assert set(metrics[key][kind]["tpr_at_fp_per_volume"]) == set(metrics[key]["tpr_at_fp_per_volume"])
         assert metrics[key]["default_threshold"]["fp_per_volume"] >= 0
         assert set(metrics[key]["default_threshold"]["found"]) == {"mass", "calcification_cluster"}
+    large = metrics["froc_heldout_large_breasts"]  # breasts of a clinical detector's size, where false peaks grow
+    assert large["data"]["vary"]["extent_scale"][0] >= 1.8 and large["data"]["seed"] >= 5000
+    assert large["volumes"] == large["data"]["count"] and set(large["default_threshold"]["found"]) == {"mass", "calcification_cluster"}
     assert metrics["froc_heldout"]["data"]["options"] == {}  # dbt_phantom's default grid
     assert metrics["froc_heldout_clinical"]["data"]["options"] == {"shape": [40, 1024, 768], "pixel_mm": 0.1}
 

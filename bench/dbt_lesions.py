@@ -12,10 +12,10 @@ What runs:
 
 1. ``models.compose_models`` puts both behind one card (method ``dbt_lesions``, half-precision
    weights), with the speck stage's settings as the method's config.
-2. The mass threshold is chosen on tuning phantoms drawn as the training cases are (no training or
-   held-out seed): 20 at 0.085–0.6 mm pixels (3000+) and 10 with breasts 1–2.6 times as large at
-   0.3–0.6 mm (3100+): the lowest peak threshold at which masses and clusters together give at
-   most ``--fp-budget`` false positives per volume.  The cluster threshold is the speck stage's own.
+2. The mass threshold is chosen on tuning phantoms (seeds 3000+, drawn as the training cases are,
+   0.085–0.6 mm pixels; no training or held-out seed): the lowest peak threshold at which masses
+   and clusters together give at most ``--fp-budget`` false positives per volume.  The cluster
+   threshold is the speck stage's own.
 3. Held-out phantoms (seeds no training case had): 40 at ``dbt_phantom``'s default grid (5000+),
    10 at a clinical 0.1 mm grid (6000+), 10 with breasts of clinical size (1.8–2.6 times the
    usual 100 × 75 mm, up to 260 × 195 mm) at 0.3–0.6 mm pixels (6100+), and with ``--large`` one
@@ -58,17 +58,16 @@ from common import ROOT, write_json
 
 KINDS = ("mass", "calcification_cluster")
 VARY = {"pixel_mm": [0.085, 0.6], "extent_mm": [100, 75], "slices": [30, 50]}  # as the training cases
-#: as the last fine-tuning's cases (dbt-masses-ahnet-large.json): breasts up to a clinical detector's size
-VARY_LARGE = {"pixel_mm": [0.3, 0.6], "extent_mm": [100, 75], "extent_scale": [1.0, 2.6], "slices": [30, 55]}
+#: breasts up to a clinical detector's size (1.8-2.6 times 100 x 75 mm), at pixels cheap enough to draw many
+VARY_LARGE = {"pixel_mm": [0.3, 0.6], "extent_mm": [100, 75], "extent_scale": [1.8, 2.6], "slices": [30, 55]}
 TUNING = {"seed": 3000, "count": 20}
-TUNING_LARGE = {"seed": 3100, "count": 10}
 HELD_OUT = {"froc_heldout": {"seed": 5000, "count": 40, "options": {}},
             "froc_heldout_clinical": {"seed": 6000, "count": 10, "options": {"shape": [40, 1024, 768], "pixel_mm": 0.1}},
             "froc_heldout_large_breasts": {"seed": 6100, "count": 10, "options": {},
-                                           "vary": dict(VARY_LARGE, extent_scale=[1.8, 2.6])}}
+                                           "vary": VARY_LARGE}}
 LARGE = {"hologic": {"seed": 5400, "count": 1, "options": {"shape": [50, 2457, 1890], "pixel_mm": 0.1}},
          "siemens": {"seed": 5401, "count": 1, "options": {"shape": [50, 3584, 2816], "pixel_mm": 0.085}}}
-QUICK = {"tuning": 2, "tuning_large": 1, "froc_heldout": 3, "froc_heldout_clinical": 1, "froc_heldout_large_breasts": 1}
+QUICK = {"tuning": 2, "froc_heldout": 3, "froc_heldout_clinical": 1, "froc_heldout_large_breasts": 1}
 SWEEP = {"threshold": 0.0, "max_peaks": 50}  # every mass peak, for the FROC
 CHECK_COUNT = 10
 #: the detector's label: the transfer recipe's "lesion" (SNOMED CT Lesion of the breast), for masses and clusters alike
@@ -206,7 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few volumes: a smoke test, not a result")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "dbt_lesions")
     parser.add_argument("--ship", type=Path, help="write the composed model with its metrics into this folder")
-    parser.add_argument("--version", default="2.1.0", help="the composed model's version (default 2.1.0)")
+    parser.add_argument("--version", default="2.0.0", help="the composed model's version (default 2.0.0, the shipped one)")
     args = parser.parse_args(argv)
     calc = json.loads(Path(args.calcifications).read_text(encoding="utf-8"))
     work = Path(tempfile.mkdtemp(prefix="dbt-lesions-"))
@@ -221,12 +220,8 @@ def main(argv=None) -> int:
     cluster = float(model.method["config"]["calcifications"]["threshold"])
     count = (lambda key, n: QUICK.get(key, 1) if args.quick else n)
 
-    print(f"tuning: {count('tuning', TUNING['count'])} + {count('tuning_large', TUNING_LARGE['count'])} phantoms "
-          "drawn as the training cases", flush=True)
+    print(f"tuning: {count('tuning', TUNING['count'])} phantoms drawn as the training cases", flush=True)
     tuning, _ = detect(sweeping(model), phantoms(dict(TUNING, vary=VARY), count("tuning", TUNING["count"])))
-    large, _ = detect(sweeping(model), phantoms(dict(TUNING_LARGE, vary=VARY_LARGE),
-                                                count("tuning_large", TUNING_LARGE["count"])))
-    tuning += large
     threshold = mass_threshold(tuning, cluster, args.fp_budget)
     thresholds = {"mass": threshold, "calcification_cluster": cluster}
     print(f"mass threshold {threshold:.4f} (cluster threshold {cluster}): {at_thresholds(tuning, thresholds)}")
@@ -235,9 +230,7 @@ def main(argv=None) -> int:
     card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     model = load_model(card_path)
 
-    metrics = {"tuning": {"data": [{"phantom": "dbt", "seed": TUNING["seed"], "count": len(tuning) - len(large),
-                                    "vary": VARY},
-                                   {"phantom": "dbt", "seed": TUNING_LARGE["seed"], "count": len(large), "vary": VARY_LARGE}],
+    metrics = {"tuning": {"data": {"phantom": "dbt", "seed": TUNING["seed"], "count": len(tuning), "vary": VARY},
                           "fp_budget_per_volume": args.fp_budget, "mass_threshold": round(threshold, 4),
                           "default_threshold": at_thresholds(tuning, thresholds)}}
     sets = dict(HELD_OUT, **(LARGE if args.large else {}))

@@ -53,7 +53,9 @@ comments)::
                      eq. (5) heatmaps of the lesion boxes, datasets.DBTPhantomCase); phantoms take
                      "vary": {"slices": [36, 180], "rows": [200, 340]} (CT) or {"pixel_mm": [0.085, 0.4],
                      "extent_mm": [100, 75], "slices": [30, 50], "extent_scale": [1, 2.5]} (DBT) to draw each
-                     case's grid, and
+                     case's grid; CT phantoms take "negatives": {"count": 36, "seed": 2500, "regions":
+                     ["pelvis", "chest", "head", "neck", "legs"]}: scans without a liver (all-zero labels),
+                     the regions in turn, their grids drawn from "vary" (datasets.negative_cases); and
                      "workers": N processes to generate them; "cache": folder (relative to the config file) | false
                      | null (OUT/cases):
                      cases on the working grid are kept there as .npz, so a resumed or repeated run
