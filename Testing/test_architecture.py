@@ -18,7 +18,7 @@ LIBRARY = ROOT / "TransferSegLib"
 LAYERS = [
     {"__init__", "volume", "labels", "progress", "devices", "terminology", "lesion_table"},  # foundations
     {"atomic", "headers", "dicom_file", "io", "resample", "weights", "preprocessing", "heatmaps",  # files, arrays, checks
-     "metrics", "losses", "fusion", "scope", "cards", "render", "report", "dicom_out", "calcifications",
+     "metrics", "losses", "fusion", "scope", "cards", "render", "report", "dicom_out", "calcifications", "masses",
      "provenance"},
     {"nets", "phantoms", "datasets", "inference", "views"},                             # networks and data
     {"methods"},                                                                        # how a model runs

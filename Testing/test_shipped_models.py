@@ -13,6 +13,7 @@ import pytest
 
 from TransferSegLib import metrics
 from TransferSegLib.datasets import phantom_cases
+from TransferSegLib.masses import FEATURES as MASS_FEATURES
 from TransferSegLib.models import DEFAULT_DETECTION_MODEL, DEFAULT_SEGMENTATION_MODEL, find_model, load_model
 from TransferSegLib.phantoms import ct_phantom
 from TransferSegLib.pipeline import run
@@ -95,18 +96,26 @@ def test_default_detection_model_card_carries_its_heldout_froc_per_kind():
     loaded = load_model(DEFAULT_DETECTION_MODEL)
     card = loaded.card
     assert card["task"] == "heatmap" and loaded.method["name"] == "dbt_lesions"
-    assert set(loaded.components) == {"masses", "calcifications"}
+    assert set(loaded.components) == {"masses", "calcifications", "mass_candidates"}
     assert loaded.components["masses"].spec["architecture"]["name"] == "ahnet"
     assert loaded.components["calcifications"].spec["architecture"]["name"] == "speck_classifier"
+    assert loaded.components["mass_candidates"].spec["architecture"]["config"]["in_features"] == len(MASS_FEATURES)
     assert card["working_spacing_mm"] and card["weights"]["dtype"] == "float16"
     sources = card["training"]["composed_from"]
     assert sources["masses"]["model"] == "dbt-masses-ahnet" and sources["calcifications"]["model"] == "dbt-calcifications"
+    assert sources["mass_candidates"]["model"] == "dbt-mass-candidates"
+    rescore = json.loads((ROOT / "Resources" / "configs" / "dbt-mass-candidates.json").read_text(encoding="utf-8"))
+    for part in rescore["data"] + [rescore["validation"]]:  # the rescoring trains on phantoms the AH-Net never saw
+        assert part["seed"] >= 2000 and part["seed"] + part["count"] <= 5000, part
     masses = json.loads((ROOT / "Resources" / "configs" / "dbt-masses-ahnet.json").read_text(encoding="utf-8"))["data"]
     metrics = card["metrics"]
     tuning = metrics["tuning"]["data"]
     for part in tuning if isinstance(tuning, list) else [tuning]:  # tuning seeds are neither training nor held-out ones
         assert part["seed"] >= masses["seed"] + masses["count"] and part["seed"] + part["count"] <= 5000, part
-    assert metrics["tuning"]["mass_threshold"] == card["peaks"]["threshold"]
+    assert metrics["tuning"]["mass_threshold"] == card["method"]["config"]["masses"]["threshold"]
+    for part in rescore["data"]:  # tuning seeds are not the rescoring's training seeds either
+        assert all(p["seed"] + p["count"] <= part["seed"] or p["seed"] >= part["seed"] + part["count"]
+                   for p in (tuning if isinstance(tuning, list) else [tuning])), part
     for key in ("froc_heldout", "froc_heldout_clinical", "froc_heldout_check"):
         froc = metrics[key]
         assert set(froc["tpr_at_fp_per_volume"]) == {"0.01", "0.05", "0.1", "0.15", "0.2", "0.25"}
@@ -135,7 +144,8 @@ def test_default_detection_model_reproduces_its_heldout_froc():
 
     loaded = load_model(DEFAULT_DETECTION_MODEL)
     test = loaded.card["metrics"]["froc_heldout_check"]  # every mass peak; clusters at the card's threshold
-    model = dataclasses.replace(loaded, card=dict(loaded.card, peaks=test["peaks"]))
+    model = dataclasses.replace(loaded, card=dict(loaded.card, peaks=test["peaks"]),
+                                method=dict(loaded.method, config=test["method_config"]))
     detections, boxes = [], []
     for seed in range(test["data"]["seed"], test["data"]["seed"] + test["data"]["count"]):
         volume, lesions = dbt_phantom(seed, **test["data"]["options"])

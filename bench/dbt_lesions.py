@@ -1,4 +1,4 @@
-"""The shipped DBT detector, ``dbt-lesion-ahnet`` 2.x: its two stages composed, its mass threshold
+"""The shipped DBT detector, ``dbt-lesion-ahnet`` 2.x: its stages composed, its mass threshold
 chosen, and its FROC per kind on held-out phantoms, written into its card.
 
 Stages (each trained by its own config in ``Resources/configs/``):
@@ -10,8 +10,8 @@ Stages (each trained by its own config in ``Resources/configs/``):
 
 What runs:
 
-1. ``models.compose_models`` puts both behind one card (method ``dbt_lesions``, half-precision
-   weights), with the speck stage's settings as the method's config.
+1. ``models.compose_models`` puts them behind one card (method ``dbt_lesions``, half-precision
+   weights), with the speck and mass stages' settings as the method's config.
 2. The mass threshold is chosen on tuning phantoms (seeds 3000+, drawn as the training cases are,
    0.085–0.6 mm pixels; no training or held-out seed): the lowest peak threshold at which masses
    and clusters together give at most ``--fp-budget`` false positives per volume.  The cluster
@@ -33,7 +33,8 @@ what ``Testing/test_shipped_models.py`` recomputes).
 
     .venv/bin/python bench/dbt_lesions.py --quick
     .venv/bin/python bench/dbt_lesions.py --masses runs/dbt-masses-ahnet/model/dbt-masses-ahnet.json \\
-        --calcifications runs/dbt-calcifications/model/dbt-calcifications.json --ship Resources/models
+        --calcifications runs/dbt-calcifications/model/dbt-calcifications.json \\
+        --mass-candidates runs/dbt-mass-candidates/model/dbt-mass-candidates.json --ship Resources/models
 """
 from __future__ import annotations
 
@@ -69,23 +70,31 @@ LARGE = {"hologic": {"seed": 5400, "count": 1, "options": {"shape": [50, 2457, 1
          "siemens": {"seed": 5401, "count": 1, "options": {"shape": [50, 3584, 2816], "pixel_mm": 0.085}}}
 QUICK = {"tuning": 2, "froc_heldout": 3, "froc_heldout_clinical": 1, "froc_heldout_large_breasts": 1}
 SWEEP = {"threshold": 0.0, "max_peaks": 50}  # every mass peak, for the FROC
+MASS_SWEEP = {"threshold": 0.0, "max_detections": 50}  # every rescored mass candidate that stands, for the FROC
 CHECK_COUNT = 10
 #: the detector's label: the transfer recipe's "lesion" (SNOMED CT Lesion of the breast), for masses and clusters alike
 LABELS = json.loads((ROOT / "Resources" / "configs" / "dbt-lesion-ahnet.json").read_text(encoding="utf-8"))["labels"]
 DESCRIPTION = ("DBT masses (3D AH-Net heatmap, ResNet18 encoder transferred from the MC-GCN, on a 1 × 0.5 × 0.5 mm "
-               "working grid) and calcification clusters (bright specks at the input's own resolution, a learned "
+               "working grid; its peaks and blob candidates rescored by a learned classifier) and calcification clusters (bright specks at the input's own resolution, a learned "
                "speck classifier, specks grouped within about 1 cm²), each detection with its kind; trained on "
                "synthetic DBT phantoms only (a demo, not for clinical use)")
 PROTOCOL = ("AH-Net sec. 4.1: a detection inside a lesion's 3D box is a true positive (once per box); 'all': every "
             "detection against every box; per kind: that kind's detections against that kind's boxes. Swept over "
-            "every confidence (mass peaks at threshold 0, at most 50; clusters at threshold 0) through pipeline.run; "
-            "default_threshold: the card's mass peak threshold and cluster threshold")
+            "every confidence (masses at threshold 0, at most 50; clusters at threshold 0) through pipeline.run; "
+            "default_threshold: the card's mass threshold and cluster threshold")
+
+
+def rescored(model) -> bool:
+    """Whether the masses are rescored candidates (a ``mass_candidates`` component), not the heatmap's peaks."""
+    return "mass_candidates" in model.components
 
 
 def sweeping(model):
     """``model`` with every mass peak and every cluster kept (the FROC sweeps them)."""
     config = dict(model.method.get("config") or {})
     config["calcifications"] = dict(config.get("calcifications") or {}, threshold=0.0)
+    if rescored(model):
+        config["masses"] = dict(config.get("masses") or {}, **MASS_SWEEP)
     return dataclasses.replace(model, card=dict(model.card, peaks=dict(model.card.get("peaks") or {}, **SWEEP)),
                                method=dict(model.method, config=config))
 
@@ -163,19 +172,22 @@ def froc_by_kind(found: list, spec: dict, count: int, seconds: list) -> dict:
     return out
 
 
-def check_entry(found: list, card: dict) -> dict:
+def check_entry(found: list, card: dict, model) -> dict:
     """``froc_heldout_check``: the first default-grid volumes as the shipped-model test recomputes them."""
     cluster = card["method"]["config"]["calcifications"]["threshold"]
+    config = dict(card["method"]["config"])
+    if rescored(model):
+        config["masses"] = dict(config["masses"], **MASS_SWEEP)
     first = [(kept(ds, {"mass": 0.0, "calcification_cluster": cluster}), bs) for ds, bs in found[:CHECK_COUNT]]
     curve = froc([ds for ds, _ in first], [bs for _, bs in first])
     kinds = found_by_kind([ds for ds, _ in first], [bs for _, bs in first], rate=0.25)["kinds"]
     return {"data": {"phantom": "dbt", "seed": HELD_OUT["froc_heldout"]["seed"], "count": len(first), "options": {}},
-            "peaks": dict(card["peaks"], **SWEEP),
+            "peaks": dict(card["peaks"], **SWEEP), "method_config": config,
             "tpr_at_fp_per_volume": {str(r): v for r, v in curve["tpr_at"].items()},
             "lesions": curve["lesions"], "volumes": curve["volumes"],
             "found_by_kind_at_0.25": {k: {"found": v["found"], "lesions": v["lesions"]} for k, v in kinds.items()},
-            "protocol": "as froc_heldout, its first volumes, clusters at the card's threshold: what "
-                        "Testing/test_shipped_models.py recomputes"}
+            "protocol": "as froc_heldout, its first volumes, every mass (peaks and method_config as here), clusters "
+                        "at the card's threshold: what Testing/test_shipped_models.py recomputes"}
 
 
 def print_table(metrics: dict) -> None:
@@ -199,20 +211,27 @@ def main(argv=None) -> int:
     parser.add_argument("--masses", default=str(ROOT / "runs" / "dbt-masses-ahnet" / "model" / "dbt-masses-ahnet.json"))
     parser.add_argument("--calcifications",
                         default=str(ROOT / "runs" / "dbt-calcifications" / "model" / "dbt-calcifications.json"))
+    parser.add_argument("--mass-candidates",
+                        default=str(ROOT / "runs" / "dbt-mass-candidates" / "model" / "dbt-mass-candidates.json"),
+                        help="the mass candidates' classifier (recipe mass_candidates), or 'none': the heatmap's peaks")
     parser.add_argument("--fp-budget", type=float, default=0.8,
                         help="false positives per tuning volume allowed at the default thresholds (default 0.8)")
     parser.add_argument("--large", action="store_true", help="also one phantom of each clinical size (minutes each)")
     parser.add_argument("--quick", action="store_true", help="a few volumes: a smoke test, not a result")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "dbt_lesions")
     parser.add_argument("--ship", type=Path, help="write the composed model with its metrics into this folder")
-    parser.add_argument("--version", default="2.0.0", help="the composed model's version (default 2.0.0, the shipped one)")
+    parser.add_argument("--version", default="2.1.0", help="the composed model's version (default 2.1.0, the shipped one)")
     args = parser.parse_args(argv)
     calc = json.loads(Path(args.calcifications).read_text(encoding="utf-8"))
+    components = {"masses": args.masses, "calcifications": args.calcifications}
+    method_config = {"calcifications": calc["calcifications"]["settings"]}
+    if args.mass_candidates != "none":
+        components["mass_candidates"] = args.mass_candidates
+        method_config["masses"] = json.loads(Path(args.mass_candidates).read_text(encoding="utf-8"))["masses"]["settings"]
     work = Path(tempfile.mkdtemp(prefix="dbt-lesions-"))
-    card_path = compose_models({"masses": args.masses, "calcifications": args.calcifications}, work,
-                               name="dbt-lesion-ahnet", method="dbt_lesions", labels_from="masses", version=args.version,
-                               method_config={"calcifications": calc["calcifications"]["settings"]},
-                               description=DESCRIPTION, storage_dtype="float16")
+    card_path = compose_models(components, work, name="dbt-lesion-ahnet", method="dbt_lesions", labels_from="masses",
+                               version=args.version, method_config=method_config, description=DESCRIPTION,
+                               storage_dtype="float16")
     card = json.loads(card_path.read_text(encoding="utf-8"))
     card["labels"] = LABELS  # both kinds: a lesion of the breast (the mass stage's own label is "mass")
     card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -226,7 +245,10 @@ def main(argv=None) -> int:
     thresholds = {"mass": threshold, "calcification_cluster": cluster}
     print(f"mass threshold {threshold:.4f} (cluster threshold {cluster}): {at_thresholds(tuning, thresholds)}")
     card = json.loads(card_path.read_text(encoding="utf-8"))
-    card["peaks"] = dict(card.get("peaks") or {}, threshold=round(threshold, 4))
+    if rescored(model):
+        card["method"]["config"]["masses"]["threshold"] = round(threshold, 4)
+    else:
+        card["peaks"] = dict(card.get("peaks") or {}, threshold=round(threshold, 4))
     card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     model = load_model(card_path)
 
@@ -240,7 +262,7 @@ def main(argv=None) -> int:
         found, seconds = detect(sweeping(model), phantoms(spec, n))
         metrics[key] = dict(froc_by_kind(found, spec, n, seconds), default_threshold=at_thresholds(found, thresholds))
         if key == "froc_heldout":
-            metrics["froc_heldout_check"] = check_entry(found, card)
+            metrics["froc_heldout_check"] = check_entry(found, card, model)
     print_table(metrics)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "dbt_lesions.json", metrics)
@@ -248,7 +270,7 @@ def main(argv=None) -> int:
         card = json.loads(card_path.read_text(encoding="utf-8"))
         card["metrics"] = dict(metrics, calcification_stage=calc.get("metrics", {}))
         card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-        shipped = compose_models({"masses": args.masses, "calcifications": args.calcifications}, args.ship,
+        shipped = compose_models(components, args.ship,
                                  name="dbt-lesion-ahnet", method="dbt_lesions", labels_from="masses",
                                  version=args.version, method_config=card["method"]["config"], description=DESCRIPTION,
                                  storage_dtype="float16")

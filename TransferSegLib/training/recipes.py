@@ -61,6 +61,7 @@ from ..views import directions_of, predict_view
 from ..volume import TransferSegError
 from .config import validate_config
 from .sampling import cached_working_case, cases_from_spec, write_stack
+from .mass_candidates import mass_candidates_recipe, validate_mass_candidates
 from .specks import specks, validate_specks
 from .trainer import train
 
@@ -413,11 +414,12 @@ def transfer(config: dict, output_dir, progress: Optional[ProgressCallback] = No
     return save_model(loaded.network, card, out / "model", storage_dtype="float16")
 
 
-RECIPES = {"multiview": multiview, "cascade": cascade, "transfer": transfer, "specks": specks}
+RECIPES = {"multiview": multiview, "cascade": cascade, "transfer": transfer, "specks": specks,
+           "mass_candidates": mass_candidates_recipe}
 
 
 VALIDATORS = {"multiview": validate_multiview, "cascade": validate_cascade, "transfer": validate_transfer,
-              "specks": validate_specks}
+              "specks": validate_specks, "mass_candidates": validate_mass_candidates}
 
 
 def validate_recipe(config: dict) -> dict:

@@ -49,7 +49,7 @@ from ..phantoms import dbt_phantom
 from ..progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from ..volume import TransferSegError
 
-__all__ = ["SPECKS_KEYS", "choose_threshold", "fit_classifier", "label_candidates", "specks", "validate_specks"]
+__all__ = ["SPECKS_KEYS", "check_phantom_set", "choose_threshold", "fit_classifier", "label_candidates", "specks", "validate_specks"]
 
 SPECKS_KEYS = ("recipe", "name", "version", "task", "description", "seed", "labels", "threads", "data", "validation",
                "test", "classifier", "detector", "match_mm", "target_fp_per_volume", "expected_spacing_mm")
@@ -62,7 +62,9 @@ def _fail(key: str, message: str):
     raise TransferSegError(f"recipe config: {key}: {message}")
 
 
-def _check_phantoms(spec, key: str, held_out_ok: bool) -> None:
+def check_phantom_set(spec, key: str, held_out_ok: bool, lesions: str = "calcification_clusters") -> None:
+    """Checks a phantom set {"count", "seed", "vary", "options", "name"}: training and validation seeds
+    below the held-out ones, and phantoms that may hold the ``lesions`` a stage learns."""
     if not isinstance(spec, dict) or set(spec) - {"count", "seed", "vary", "options", "name"}:
         _fail(key, 'must be {"count": N, "seed": S, "vary": {...}, "options": {...}}')
     for part in ("count", "seed"):
@@ -72,8 +74,8 @@ def _check_phantoms(spec, key: str, held_out_ok: bool) -> None:
     if not held_out_ok and spec["seed"] + spec["count"] > HELD_OUT_SEED:
         _fail(key, f"seeds {spec['seed']}…{spec['seed'] + spec['count'] - 1} reach the held-out seeds "
                    f"({HELD_OUT_SEED} and up): train and validate below {HELD_OUT_SEED}")
-    if spec.get("options", {}).get("calcification_clusters") == 0:
-        _fail(f"{key}.options", "phantoms without calcification clusters teach no speck")
+    if spec.get("options", {}).get(lesions) == 0:
+        _fail(f"{key}.options", f"phantoms without {lesions.replace('_', ' ')} teach the classifier nothing")
     phantom_cases("dbt", 1, spec["seed"], vary=spec.get("vary"), **spec.get("options", {}))  # checks vary
 
 
@@ -89,13 +91,13 @@ def validate_specks(config: dict) -> dict:
     data = c["data"]
     if not isinstance(data, dict) or data.get("phantom") != "dbt":
         _fail("data", 'the speck classifier trains on DBT phantoms: {"phantom": "dbt", "count": N, "seed": S, …}')
-    _check_phantoms({k: v for k, v in data.items() if k not in ("phantom", "workers")}, "data", False)
-    _check_phantoms(c["validation"], "validation", False)
+    check_phantom_set({k: v for k, v in data.items() if k not in ("phantom", "workers")}, "data", False)
+    check_phantom_set(c["validation"], "validation", False)
     c.setdefault("test", [])
     if not isinstance(c["test"], list):
         _fail("test", "must be a list of phantom sets")
     for n, spec in enumerate(c["test"]):
-        _check_phantoms(spec, f"test[{n}]", True)
+        check_phantom_set(spec, f"test[{n}]", True)
     classifier = dict(CLASSIFIER, **c.get("classifier", {}))
     if set(classifier) != set(CLASSIFIER):
         _fail("classifier", f"the classifier's settings are {', '.join(CLASSIFIER)}")
@@ -220,11 +222,11 @@ def _score(detections: list, cases: list, threshold: float) -> dict:
             "candidate_seconds_per_volume": round(float(np.mean([c["seconds"][0] for c in cases])), 3)}
 
 
-def choose_threshold(detections: list, cases: list, target_fp: float, floor: float = 0.5) -> float:
-    """The cluster threshold: ``floor`` (a cluster more likely than not), raised to the lowest
+def choose_threshold(detections: list, cases: list, target_fp: float, floor: float = 0.5, key: str = "clusters") -> float:
+    """The detection threshold: ``floor`` (a cluster more likely than not), raised to the lowest
     confidence that keeps the false positives per volume at most ``target_fp`` where the
-    validation clusters need it."""
-    boxes = [[list(map(int, b)) for b in case["clusters"]] for case in cases]
+    validation cases need it (their lesion boxes under ``key``)."""
+    boxes = [[list(b) for b in case[key]] for case in cases]
     curve = froc(detections, boxes, rates=(target_fp,))
     over = [t for f, t in zip(curve["fp_per_volume"], curve["thresholds"]) if f > target_fp + 1e-12]
     if not over or max(over) < floor:
