@@ -27,6 +27,7 @@ stage looks again, on the same working grid, in three steps:
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -111,23 +112,37 @@ class MassCandidates:
         return len(self.kji)
 
 
-def _blob_responses(image: np.ndarray, spacing) -> np.ndarray:
-    """(scales, *shape) float32: −σ² ∇²(G_σ * image) in-plane per slice (σ and ∇² in pixels), after a
-    light blur across slices; positive on bright blobs, in the image's units.  The Laplacian is the
+def _blob_responses(image: np.ndarray, spacing, scale: float = 1.0) -> np.ndarray:
+    """(scales, *shape) float32: −σ² ∇²(G_σ * image · ``scale``) in-plane per slice (σ and ∇² in
+    pixels), after a light blur across slices; positive on bright blobs.  The Laplacian is the
     second difference of the smoothed slice (σ is at least 2 pixels of the 0.5 mm grid, where it
     matches the Gaussian's own derivative to a few per cent, at half the cost)."""
     sk, sj, si = (float(v) for v in spacing)
     out = np.empty((len(SCALES_MM),) + image.shape, np.float32)
     across = ndimage.gaussian_filter1d(image, sigma=max(0.5, 1.0 / sk), axis=0, mode="nearest")
-    smooth = np.empty_like(across)
-    second = np.array([1.0, -2.0, 1.0], np.float32)
-    for n, sigma in enumerate(SCALES_MM):
-        pj, pi = sigma / sj, sigma / si
-        ndimage.gaussian_filter(across, sigma=(0.0, pj, pi), output=smooth, mode="nearest")
-        ndimage.correlate1d(smooth, second, axis=1, output=out[n], mode="nearest")
-        out[n] *= -(pj ** 2)
-        out[n] -= (pi ** 2) * ndimage.correlate1d(smooth, second, axis=2, mode="nearest")
+    across *= np.float32(scale)
+    second = np.array([-1.0, 2.0, -1.0], np.float32)
+
+    def one_scale(n):
+        pj, pi = SCALES_MM[n] / sj, SCALES_MM[n] / si
+        smooth = ndimage.gaussian_filter(across, sigma=(0.0, pj, pi), mode="nearest")
+        ndimage.correlate1d(smooth, second * np.float32(pj ** 2), axis=1, output=out[n], mode="nearest")
+        out[n] += ndimage.correlate1d(smooth, second * np.float32(pi ** 2), axis=2, mode="nearest")
+
+    _each_scale(one_scale)
     return out
+
+
+def _each_scale(work) -> None:
+    """``work(n)`` for every scale, on as many threads as torch may use (the filters release the GIL;
+    each scale writes only its own slot, so the result does not depend on the threads)."""
+    workers = max(1, min(len(SCALES_MM), torch.get_num_threads()))
+    if workers == 1:
+        for n in range(len(SCALES_MM)):
+            work(n)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(work, range(len(SCALES_MM))))
 
 
 def _breast_distance(image: np.ndarray, spacing, reference: float) -> np.ndarray:
@@ -154,20 +169,22 @@ def mass_candidates(volume: Volume, heatmap: np.ndarray, settings: Optional[dict
                                f"{image.shape} and {heatmap.shape}")
     spacing = tuple(float(v) for v in volume.spacing)
     reference = _reference(image)
-    blobs = _blob_responses(image, spacing) / reference
+    blobs = _blob_responses(image, spacing, 1.0 / reference)
     edge = _breast_distance(image, spacing, reference)
     inside = edge >= s["margin_mm"]
     # peaks per scale (a small mass beside a large dense patch is a peak of its own scale only)
-    found, response, scales = [], [], []
-    for n, sigma in enumerate(SCALES_MM):
-        reach_mm = max(s["nms_mm"], sigma)
+    found, response, scales = [None] * len(SCALES_MM), [None] * len(SCALES_MM), [None] * len(SCALES_MM)
+
+    def peaks_of(n):
+        reach_mm = max(s["nms_mm"], SCALES_MM[n])
         reach = (2, max(1, round(reach_mm / spacing[1])), max(1, round(reach_mm / spacing[2])))
         peak = blobs[n] >= ndimage.maximum_filter(blobs[n], size=tuple(2 * r + 1 for r in reach), mode="nearest")
         peak &= (blobs[n] >= s["min_blob"]) & inside
-        where = np.argwhere(peak)
-        found.append(where)
-        response.append(blobs[n][peak])
-        scales.append(np.full(len(where), n))
+        found[n] = np.argwhere(peak)
+        response[n] = blobs[n][peak]
+        scales[n] = np.full(len(found[n]), n)
+
+    _each_scale(peaks_of)
     blob_kji, response, blob_scale = np.concatenate(found), np.concatenate(response), np.concatenate(scales)
     order = np.sort(np.argsort(-response, kind="stable")[: int(s["max_candidates"])])
     blob_kji, blob_scale = blob_kji[order], blob_scale[order]
