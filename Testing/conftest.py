@@ -110,6 +110,23 @@ def tiny_heatmap_model(tmp_path_factory):
     return save_model(build_network("unet3d", config), card, tmp_path_factory.mktemp("heatmap_models"))
 
 
+def save_tiny_mass_ahnet(folder):
+    """A small untrained 3D AH-Net saved as a DBT mass heatmap model (a ``masses`` component) on the
+    1 × 0.5 × 0.5 mm working grid; returns its card path."""
+    from TransferSegLib.models import save_model
+    from TransferSegLib.nets import build_network
+
+    torch.manual_seed(0)
+    ahnet = {"in_channels": 1, "out_channels": 1, "backbone": "resnet18", "stem_slices": 3, "growth_rate": 4,
+             "dense_layers": 1, "bottleneck_factor": 2, "psp_sizes": [4, 2]}
+    return save_model(build_network("ahnet", ahnet),
+                      {"name": "masses-test", "version": "1.0.0", "task": "heatmap", "labels": [{"name": "mass", "label": 1}],
+                       "architecture": {"name": "ahnet", "config": ahnet}, "preprocessing": {"normalise": "minmax"},
+                       "patch_size": [16, 64, 64], "working_spacing_mm": [1.0, 0.5, 0.5],
+                       "peaks": {"threshold": 0.25, "min_distance": [3, 10, 10], "max_peaks": 20},
+                       "inference": {"activation": "none", "overlap": 0.25}}, folder)
+
+
 def randomize_bn(model, seed=0):
     """Non-trivial BatchNorm statistics and affine parameters, so eval mode is really tested."""
     g = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from TransferSegLib.calcifications import (DEFAULTS, FEATURES, KIND, detect_calcification_clusters, group_specks,
                                            speck_candidates, speck_features)
+from conftest import save_tiny_mass_ahnet
 from TransferSegLib.heatmaps import Detection, box_contains
 from TransferSegLib.models import load_model, save_model
 from TransferSegLib.nets import SpeckClassifier, build_network
@@ -243,15 +244,7 @@ def test_one_card_one_method_detects_masses_and_clusters_each_with_its_kind(tmp_
             "architecture": {"name": "speck_classifier", "config": {"in_features": len(FEATURES), "hidden": [16]}},
             "preprocessing": {}, "patch_size": [1, 1, 1], "working_spacing_mm": None}
     specks = save_model(classifier, card, tmp_path / "specks")
-    torch.manual_seed(0)
-    ahnet = {"in_channels": 1, "out_channels": 1, "backbone": "resnet18", "stem_slices": 3, "growth_rate": 4,
-             "dense_layers": 1, "bottleneck_factor": 2, "psp_sizes": [4, 2]}
-    masses = save_model(build_network("ahnet", ahnet),
-                        {"name": "masses-test", "version": "1.0.0", "task": "heatmap", "labels": [{"name": "mass", "label": 1}],
-                         "architecture": {"name": "ahnet", "config": ahnet}, "preprocessing": {"normalise": "minmax"},
-                         "patch_size": [16, 64, 64], "working_spacing_mm": [1.0, 0.5, 0.5],
-                         "peaks": {"threshold": 0.25, "min_distance": [3, 10, 10], "max_peaks": 20},
-                         "inference": {"activation": "none", "overlap": 0.25}}, tmp_path / "masses")
+    masses = save_tiny_mass_ahnet(tmp_path / "masses")
     composed = compose_models({"masses": str(masses), "calcifications": str(specks)}, tmp_path / "composed",
                               name="dbt-two-kinds", method="dbt_lesions", labels_from="masses",
                               method_config={"calcifications": dict(DEFAULTS)})

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_mass_ahnet
 from TransferSegLib.heatmaps import box_contains
 from TransferSegLib.masses import (DEFAULTS, FEATURES, KIND, SCALES_MM, detect_masses, mass_candidates, mass_features,
                                    select_masses)
 from TransferSegLib.models import save_model
-from TransferSegLib.nets import SpeckClassifier, build_network
+from TransferSegLib.nets import SpeckClassifier
 from TransferSegLib.training.mass_candidates import label_mass_candidates, validate_mass_candidates
 from TransferSegLib.volume import TransferSegError, Volume
 
@@ -165,15 +166,7 @@ def test_the_composed_detector_rescores_its_masses_with_a_third_component(tmp_pa
         classifier, name="masses-rescore", architecture={"name": "speck_classifier",
                                                          "config": {"in_features": len(FEATURES), "hidden": []}}),
         tmp_path / "rescore")
-    torch.manual_seed(0)
-    ahnet = {"in_channels": 1, "out_channels": 1, "backbone": "resnet18", "stem_slices": 3, "growth_rate": 4,
-             "dense_layers": 1, "bottleneck_factor": 2, "psp_sizes": [4, 2]}
-    masses = save_model(build_network("ahnet", ahnet),
-                        {"name": "masses-test", "version": "1.0.0", "task": "heatmap", "labels": [{"name": "mass", "label": 1}],
-                         "architecture": {"name": "ahnet", "config": ahnet}, "preprocessing": {"normalise": "minmax"},
-                         "patch_size": [16, 64, 64], "working_spacing_mm": [1.0, 0.5, 0.5],
-                         "peaks": {"threshold": 0.25, "min_distance": [3, 10, 10], "max_peaks": 20},
-                         "inference": {"activation": "none", "overlap": 0.25}}, tmp_path / "masses")
+    masses = save_tiny_mass_ahnet(tmp_path / "masses")
     composed = compose_models({"masses": str(masses), "calcifications": str(specks), "mass_candidates": str(rescorer)},
                               tmp_path / "composed", name="dbt-rescored", method="dbt_lesions", labels_from="masses",
                               method_config={"calcifications": dict(CALCIFICATIONS, threshold=1.0),

@@ -46,7 +46,8 @@ from .heatmaps import Detection
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .volume import TransferSegError, Volume
 
-__all__ = ["CANDIDATE_SETTINGS", "DEFAULTS", "FEATURES", "KIND", "Candidates", "detect_calcification_clusters", "group_specks",
+__all__ = ["CANDIDATE_SETTINGS", "DEFAULTS", "FEATURES", "KIND", "Candidates", "checked_settings", "detect_calcification_clusters",
+           "group_specks", "reference_intensity",
            "speck_candidates", "speck_features", "speck_probabilities"]
 
 KIND = "calcification_cluster"
@@ -89,15 +90,22 @@ _FAR_MM = 20.0   # distances from the air edge are capped here
 _MEDOID_OF = 512   # a cluster's centre is chosen among its most likely specks
 
 
-def _settings(settings: Optional[dict]) -> dict:
-    s = dict(DEFAULTS)
-    unknown = sorted(set(settings or {}) - set(DEFAULTS))
+def checked_settings(settings: Optional[dict], defaults: dict, what: str) -> dict:
+    """``defaults`` updated by ``settings``, every key known and every value a number ≥ 0 (a stage's
+    settings: ``what`` names the stage in the message)."""
+    s = dict(defaults)
+    unknown = sorted(set(settings or {}) - set(defaults))
     if unknown:
-        raise TransferSegError(f"calcification setting {unknown[0]!r} is not one of {', '.join(DEFAULTS)}")
+        raise TransferSegError(f"{what} setting {unknown[0]!r} is not one of {', '.join(defaults)}")
     s.update(settings or {})
     for key, value in s.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise TransferSegError(f"calcification setting {key} must be a number ≥ 0; got {value!r}")
+            raise TransferSegError(f"{what} setting {key} must be a number ≥ 0; got {value!r}")
+    return s
+
+
+def _settings(settings: Optional[dict]) -> dict:
+    s = checked_settings(settings, DEFAULTS, "calcification")
     if s["min_specks"] < 2 or int(s["min_specks"]) != s["min_specks"]:
         raise TransferSegError(f"calcification setting min_specks must be a whole number ≥ 2; got {s['min_specks']!r}")
     return s
@@ -121,7 +129,7 @@ class Candidates:
         return len(self.kji)
 
 
-def _reference_intensity(array: np.ndarray) -> float:
+def reference_intensity(array: np.ndarray) -> float:
     """The 90th percentile of a sparse sample: about the dense tissue's level, whatever the scale."""
     step = max(1, int(round((array.size / 2e5) ** (1 / 3))))
     sample = array[::step, ::step, ::step]
@@ -224,7 +232,7 @@ def speck_candidates(volume: Volume, settings: Optional[dict] = None, progress: 
     if array.ndim != 3:
         raise TransferSegError(f"calcification detection needs a 3D volume; got shape {array.shape}")
     nk = array.shape[0]
-    ref = _reference_intensity(array) if reference is None else float(reference)
+    ref = reference_intensity(array) if reference is None else float(reference)
     filt = _SliceFilter((float(volume.spacing[1]), float(volume.spacing[2])), ref, s)
     radius = (max(1, round(s["nms_mm"] / float(volume.spacing[1]))), max(1, round(s["nms_mm"] / float(volume.spacing[2]))))
     found = {"kji": [], "contrast": [], "noise": [], "cnr": [], "edge_mm": []}

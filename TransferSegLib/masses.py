@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .calcifications import speck_probabilities
+from .calcifications import checked_settings, reference_intensity, speck_probabilities
 from .heatmaps import Detection
 from .volume import TransferSegError, Volume
 
@@ -74,24 +74,11 @@ _FAR_MM = 20.0
 
 
 def _settings(settings: Optional[dict]) -> dict:
-    s = dict(DEFAULTS)
-    unknown = sorted(set(settings or {}) - set(DEFAULTS))
-    if unknown:
-        raise TransferSegError(f"mass setting {unknown[0]!r} is not one of {', '.join(DEFAULTS)}")
-    s.update(settings or {})
-    for key, value in s.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise TransferSegError(f"mass setting {key} must be a number ≥ 0; got {value!r}")
+    s = checked_settings(settings, DEFAULTS, "mass")
     for key in ("max_candidates", "max_detections"):
         if int(s[key]) != s[key] or s[key] < 1:
             raise TransferSegError(f"mass setting {key} must be a whole number ≥ 1; got {s[key]!r}")
     return s
-
-
-def _reference(array: np.ndarray) -> float:
-    step = max(1, int(round((array.size / 2e5) ** (1 / 3))))
-    value = float(np.percentile(array[::step, ::step, ::step], 90)) if array.size else 0.0
-    return value if value > 0 else 1.0
 
 
 # --- 1. candidates ----------------------------------------------------------------------------------
@@ -168,7 +155,7 @@ def mass_candidates(volume: Volume, heatmap: np.ndarray, settings: Optional[dict
         raise TransferSegError(f"mass candidates need a 3D volume and its heatmap of the same shape; got "
                                f"{image.shape} and {heatmap.shape}")
     spacing = tuple(float(v) for v in volume.spacing)
-    reference = _reference(image)
+    reference = reference_intensity(image)
     blobs = _blob_responses(image, spacing, 1.0 / reference)
     edge = _breast_distance(image, spacing, reference)
     inside = edge >= s["margin_mm"]

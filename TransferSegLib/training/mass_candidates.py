@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
-from ..atomic import atomic_output, check_output_folder
+from ..atomic import atomic_output
 from ..calcifications import speck_probabilities
 from ..datasets import phantom_cases
 from ..masses import DEFAULTS, FEATURES, KIND, mass_candidates, mass_features, select_masses
@@ -47,7 +46,7 @@ from ..models import load_model, save_model
 from ..pipeline import run as run_pipeline
 from ..progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from ..volume import TransferSegError, Volume
-from .specks import CLASSIFIER, RATES, check_phantom_set, choose_threshold, fit_classifier
+from .specks import RATES, check_classifier_and_detector, check_phantom_set, choose_threshold, fit_classifier, run_in_folder
 
 __all__ = ["MASS_KEYS", "label_mass_candidates", "mass_candidates_recipe", "validate_mass_candidates"]
 
@@ -89,14 +88,7 @@ def validate_mass_candidates(config: dict) -> dict:
         check_phantom_set(spec, f"test[{n}]", True, "masses")
     if not isinstance(c["heatmap_model"], str) or not c["heatmap_model"]:
         _fail("heatmap_model", "must name a heatmap model's card, e.g. Resources/models/dbt-lesion-ahnet.json")
-    classifier = dict(CLASSIFIER, **c.get("classifier", {}))
-    if set(classifier) != set(CLASSIFIER):
-        _fail("classifier", f"the classifier's settings are {', '.join(CLASSIFIER)}")
-    c["classifier"] = classifier
-    detector = c.setdefault("detector", {})
-    if not isinstance(detector, dict) or set(detector) - (set(DEFAULTS) - {"threshold"}):
-        _fail("detector", f"must hold mass settings but threshold (the recipe picks it): "
-                          f"{', '.join(k for k in DEFAULTS if k != 'threshold')}")
+    check_classifier_and_detector(c, DEFAULTS, "mass")
     for key, default in (("target_fp_per_volume", 0.5), ("seed", 0), ("threads", 1), ("version", "1.0.0"),
                          ("task", "heatmap"), ("expected_spacing_mm", [1.0, 0.1, 0.1])):
         c.setdefault(key, default)
@@ -201,17 +193,7 @@ def mass_candidates_recipe(config: dict, output_dir, progress: Optional[Progress
                            cancel: Optional[CancelToken] = None, max_steps: Optional[int] = None) -> Optional[Path]:
     """Run the mass_candidates recipe into ``output_dir``; returns the model's card path (None when
     ``max_steps`` stopped the classifier early: rerun to finish; the cases are kept)."""
-    c = validate_mass_candidates(config)
-    out = Path(output_dir)
-    check_output_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps(c, indent=2) + "\n", encoding="utf-8")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(c["threads"]))
-    try:
-        return _run(c, out, StageProgress(progress), cancel, max_steps)
-    finally:
-        torch.set_num_threads(previous)
+    return run_in_folder(validate_mass_candidates(config), output_dir, _run, progress, cancel, max_steps)
 
 
 def _run(c: dict, out: Path, report: StageProgress, cancel, max_steps) -> Optional[Path]:

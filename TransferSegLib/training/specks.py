@@ -49,7 +49,8 @@ from ..phantoms import dbt_phantom
 from ..progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from ..volume import TransferSegError
 
-__all__ = ["SPECKS_KEYS", "check_phantom_set", "choose_threshold", "fit_classifier", "label_candidates", "specks", "validate_specks"]
+__all__ = ["SPECKS_KEYS", "check_classifier_and_detector", "check_phantom_set", "choose_threshold", "fit_classifier", "label_candidates", "run_in_folder",
+           "specks", "validate_specks"]
 
 SPECKS_KEYS = ("recipe", "name", "version", "task", "description", "seed", "labels", "threads", "data", "validation",
                "test", "classifier", "detector", "match_mm", "target_fp_per_volume", "expected_spacing_mm")
@@ -98,18 +99,24 @@ def validate_specks(config: dict) -> dict:
         _fail("test", "must be a list of phantom sets")
     for n, spec in enumerate(c["test"]):
         check_phantom_set(spec, f"test[{n}]", True)
+    check_classifier_and_detector(c, DEFAULTS, "calcification")
+    for key, default in (("match_mm", 0.35), ("target_fp_per_volume", 0.25), ("seed", 0), ("threads", 1),
+                         ("version", "1.0.0"), ("task", "heatmap"), ("expected_spacing_mm", [1.0, 0.1, 0.1])):
+        c.setdefault(key, default)
+    return c
+
+
+def check_classifier_and_detector(c: dict, defaults: dict, what: str) -> None:
+    """A classifier recipe's ``classifier`` (filled in from :data:`CLASSIFIER`) and ``detector`` (the
+    stage's settings, ``defaults``, all but the threshold, which the recipe picks), checked in place."""
     classifier = dict(CLASSIFIER, **c.get("classifier", {}))
     if set(classifier) != set(CLASSIFIER):
         _fail("classifier", f"the classifier's settings are {', '.join(CLASSIFIER)}")
     c["classifier"] = classifier
     detector = c.setdefault("detector", {})
-    if not isinstance(detector, dict) or set(detector) - (set(DEFAULTS) - {"threshold"}):
-        _fail("detector", f"must hold calcification settings but threshold (the recipe picks it): "
-                          f"{', '.join(k for k in DEFAULTS if k != 'threshold')}")
-    for key, default in (("match_mm", 0.35), ("target_fp_per_volume", 0.25), ("seed", 0), ("threads", 1),
-                         ("version", "1.0.0"), ("task", "heatmap"), ("expected_spacing_mm", [1.0, 0.1, 0.1])):
-        c.setdefault(key, default)
-    return c
+    if not isinstance(detector, dict) or set(detector) - (set(defaults) - {"threshold"}):
+        _fail("detector", f"must hold {what} settings but threshold (the recipe picks it): "
+                          f"{', '.join(k for k in defaults if k != 'threshold')}")
 
 
 # --- cases: candidates, features and labels --------------------------------------------------------
@@ -241,7 +248,13 @@ def specks(config: dict, output_dir, progress: Optional[ProgressCallback] = None
            cancel: Optional[CancelToken] = None, max_steps: Optional[int] = None) -> Optional[Path]:
     """Run the specks recipe into ``output_dir``; returns the model's card path (None when
     ``max_steps`` stopped the classifier early: rerun to finish; the candidates are kept)."""
-    c = validate_specks(config)
+    return run_in_folder(validate_specks(config), output_dir, _run, progress, cancel, max_steps)
+
+
+def run_in_folder(c: dict, output_dir, run, progress=None, cancel=None, max_steps=None):
+    """A checked classifier recipe ``c`` run by ``run(c, out, report, cancel, max_steps)`` into
+    ``output_dir`` (checked, created, the config written as recipe.json) on ``c["threads"]`` torch
+    threads, restored after."""
     out = Path(output_dir)
     check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,7 +262,7 @@ def specks(config: dict, output_dir, progress: Optional[ProgressCallback] = None
     previous = torch.get_num_threads()
     torch.set_num_threads(int(c["threads"]))
     try:
-        return _run(c, out, StageProgress(progress), cancel, max_steps)
+        return run(c, out, StageProgress(progress), cancel, max_steps)
     finally:
         torch.set_num_threads(previous)
 
