@@ -208,3 +208,13 @@ def test_the_recipe_fits_a_classifier_on_the_shipped_heatmaps_and_reuses_its_cas
     stamps = [p.stat().st_mtime_ns for p in cached]
     mass_candidates_recipe(config, tmp_path / "run")
     assert [p.stat().st_mtime_ns for p in cached] == stamps
+
+
+def test_a_cancelled_mass_stage_stops():
+    from TransferSegLib.progress import CancelToken, Cancelled
+
+    volume = _breast(0.5)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        detect_masses(volume, np.zeros(volume.shape, np.float32), _contrast_classifier(), cancel=token)

@@ -37,6 +37,7 @@ from scipy import ndimage
 
 from .calcifications import checked_settings, reference_intensity, speck_probabilities
 from .heatmaps import Detection
+from .progress import CancelToken, check_cancel
 from .volume import TransferSegError, Volume
 
 __all__ = ["DEFAULTS", "FEATURES", "KIND", "SCALES_MM", "MassCandidates", "detect_masses", "mass_candidates",
@@ -292,10 +293,14 @@ def select_masses(kji: np.ndarray, probabilities: np.ndarray, radius_mm: np.ndar
 
 
 def detect_masses(volume: Volume, heatmap: np.ndarray, classifier: torch.nn.Module,
-                  settings: Optional[dict] = None) -> list:
+                  settings: Optional[dict] = None, cancel: Optional[CancelToken] = None) -> list:
     """Masses in a DBT volume on the working grid, from the mass network's heatmap and the
-    candidate classifier (see the module's docstring); most probable first."""
+    candidate classifier (see the module's docstring); most probable first.  ``cancel`` is
+    checked before each step."""
     s = _settings(settings)
+    check_cancel(cancel)
     candidates = mass_candidates(volume, heatmap, s)
+    check_cancel(cancel)
     probabilities = speck_probabilities(classifier, mass_features(volume, heatmap, candidates))
+    check_cancel(cancel)
     return select_masses(candidates.kji, probabilities, candidates.radius_mm, volume.spacing, s, volume=volume)

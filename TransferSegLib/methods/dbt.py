@@ -38,7 +38,8 @@ def run(context: MethodContext) -> MethodOutput:
     report = StageProgress(context.progress)
     masses = run_component(context, components["masses"], progress=report.sub(0.0, 0.7))
     if "mass_candidates" in components:
-        found = detect_masses(context.volume, masses.heatmap, components["mass_candidates"].network, config.get("masses"))
+        found = detect_masses(context.volume, masses.heatmap, components["mass_candidates"].network, config.get("masses"),
+                              cancel=context.cancel)
     else:
         peaks = dict(config.get("mass_peaks") or context.card.get("peaks") or {})
         found = find_peaks(masses.heatmap, context.volume, **peaks)

@@ -49,8 +49,8 @@ from ..phantoms import dbt_phantom
 from ..progress import CancelToken, ProgressCallback, StageProgress, check_cancel
 from ..volume import TransferSegError
 
-__all__ = ["SPECKS_KEYS", "check_classifier_and_detector", "check_phantom_set", "choose_threshold", "fit_classifier", "label_candidates", "run_in_folder",
-           "specks", "validate_specks"]
+__all__ = ["SPECKS_KEYS", "check_classifier_and_detector", "check_phantom_set", "choose_threshold", "fit_classifier",
+           "label_candidates", "run_in_folder", "specks", "validate_specks"]
 
 SPECKS_KEYS = ("recipe", "name", "version", "task", "description", "seed", "labels", "threads", "data", "validation",
                "test", "classifier", "detector", "match_mm", "target_fp_per_volume", "expected_spacing_mm")
