@@ -29,7 +29,7 @@ from TransferSegLib.nets import register
 from TransferSegLib.progress import CancelToken, Cancelled
 from TransferSegLib.training import (PatchSampler, PlateauTracker, TrainingCase, network_from_config, learning_rate_factor,
                                      load_config, main, rotations90, train, validate_config)
-from TransferSegLib.training.sampling import load_case
+from TransferSegLib.training.sampling import elastic_displacement, load_case
 from TransferSegLib.volume import TransferSegError, Volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,6 +362,48 @@ def test_augmentation_is_seeded_and_keeps_image_and_labels_aligned():
     assert np.corrcoef(img.ravel(), lab.ravel())[0, 1] > 0.6
 
 
+def test_elastic_displacement_is_smooth_bounded_and_per_axis():
+    rng = np.random.default_rng(3)
+    field = elastic_displacement(rng, (12, 40, 40), [0.0, 1.6, 1.6], [6.0, 10.0, 10.0])
+    assert field.shape == (3, 12, 40, 40)
+    assert np.all(field[0] == 0.0)  # no move along an axis with magnitude 0
+    assert 0.3 < field[1].std() < 1.6 and np.abs(field[1:]).max() <= 3 * 1.6  # no overshoot past the clip
+    # smooth: neighbouring voxels move almost together (control points 10 voxels apart)
+    assert np.abs(np.diff(field[1], axis=2)).max() < 1.0
+    # no fold: along each axis the moved coordinate keeps increasing
+    assert np.all(np.diff(np.arange(40)[None, None, :] + field[2], axis=2) > 0)
+    assert np.all(np.diff(np.arange(40)[None, :, None] + field[1], axis=1) > 0)
+
+
+def test_elastic_deformation_keeps_image_and_labels_aligned_and_draws_the_rest_as_before():
+    rng = np.random.default_rng(2)
+    labels = np.zeros((16, 48, 48), np.uint8)
+    labels[4:12, 10:30, 12:36] = 1
+    labels[6:10, 30:40, 20:28] = 2
+    image = labels.astype(np.float32)
+    case = TrainingCase("case", image, labels, 0.0, np.flatnonzero(labels))
+    aug = {"flip_axes": [1, 2], "rotate_deg": 15.0, "scale": [0.9, 1.1], "probability": 1.0, "image_order": 0}
+    cfg = dict(patch_size=[8, 32, 32], augmentation=aug, labels=[{"name": "a", "label": 1}, {"name": "b", "label": 2}])
+    plain = sampler_for([case], **cfg)
+    zero = sampler_for([case], **dict(cfg, augmentation=dict(aug, elastic={"magnitude": [0, 0, 0], "spacing": [4, 8, 8]})))
+    bent = sampler_for([case], **dict(cfg, augmentation=dict(aug, elastic={"magnitude": [0.6, 1.3, 1.3],
+                                                                          "spacing": [4, 8, 8]})))
+    moved = 0
+    for step in range(12):
+        a_img, a_lab = plain.item(step, 0)
+        z_img, z_lab = zero.item(step, 0)
+        # a zero displacement is the affine resampling, voxel for voxel
+        assert np.array_equal(a_img, z_img) and np.array_equal(a_lab, z_lab)
+        b_img, b_lab = bent.item(step, 0)
+        assert np.array_equal(b_img, b_lab.astype(np.float32))  # image and labels moved together
+        moved += int((b_lab != a_lab).sum())
+        assert set(np.unique(b_lab)) <= {0, 1, 2}
+    assert moved > 12 * 50  # the deformation moved the boundaries
+    # the unaugmented sampler is unchanged by the option's existence: it equals a sampler without it
+    again = sampler_for([case], **dict(cfg, augmentation=dict(aug, elastic=None)))
+    assert np.array_equal(again.item(5, 1)[0], plain.item(5, 1)[0])
+
+
 # --- checkpoints: a real kill -------------------------------------------------------------------------
 def resume_config(data_root: Path) -> dict:
     return config(
@@ -543,6 +585,10 @@ def test_heatmap_task_trains_with_l2_then_focal_l2(tmp_path):
     (lambda c: c.update(patch_size=[8, 16]), "patch_size"),
     (lambda c: c.update(augmentation={"rot90_axes": [[0, 1]]}), "augmentation.rot90_axes[0]"),
     (lambda c: c.update(augmentation={"flip_axes": [3]}), "augmentation.flip_axes[0]"),
+    (lambda c: c.update(augmentation={"elastic": {"magnitude": [1, 3, 3]}}), "augmentation.elastic.spacing"),
+    (lambda c: c.update(augmentation={"elastic": {"magnitude": [1, 5, 3], "spacing": [8, 24, 24]}}),
+     "augmentation.elastic.magnitude[1]"),
+    (lambda c: c.update(augmentation={"elastic": [1, 3, 3]}), "augmentation.elastic"),
     (lambda c: c.update(labels=[{"name": "a", "label": 2}]), "labels"),
     (lambda c: c.update(batch_size=0), "batch_size"),
     (lambda c: c.update(positive_fraction=1.5), "positive_fraction"),

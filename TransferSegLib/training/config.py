@@ -426,7 +426,7 @@ def _check_augmentation(c: dict) -> None:
     patch = c["patch_size"]
     aug = c.setdefault("augmentation", {})
     _section(aug, "augmentation", ("flip_axes", "rot90_axes", "rotate_deg", "rotate_axes", "scale", "probability",
-                                   "image_order"))
+                                   "image_order", "elastic"))
     aug["flip_axes"] = _axes_list(aug.get("flip_axes", []), "augmentation.flip_axes")
     aug["rot90_axes"] = _axes_list(aug.get("rot90_axes", []), "augmentation.rot90_axes", pairs=True)
     for n, (a, b) in enumerate(aug["rot90_axes"]):
@@ -440,9 +440,33 @@ def _check_augmentation(c: dict) -> None:
                                   and scale[0] <= scale[1]):
         config_error("augmentation.scale", f"must be null or [low, high] with 0 < low ≤ high; got {scale!r}")
     aug["probability"] = _number(aug.get("probability", 0.5), "augmentation.probability", 0.0, 1.0)
+    aug["elastic"] = _elastic(aug.get("elastic"))
     aug["image_order"] = aug.get("image_order", 1)
     if aug["image_order"] not in (0, 1):
         config_error("augmentation.image_order", f"must be 0 (nearest) or 1 (linear); got {aug['image_order']!r}")
+
+
+def _elastic(elastic):
+    """``null`` or ``{"magnitude": [k, j, i], "spacing": [k, j, i]}`` in voxels of the working grid: the
+    displacements' standard deviation per axis (≥ 0, at most a sixth of the spacing so the patch
+    never folds) and the control points' spacing (≥ 2)."""
+    if elastic is None:
+        return None
+    where = "augmentation.elastic"
+    if not isinstance(elastic, dict):
+        config_error(where, f"must be null or {{\"magnitude\": [k, j, i], \"spacing\": [k, j, i]}} in voxels; got {elastic!r}")
+    _section(elastic, where, ("magnitude", "spacing"))
+    out = {}
+    for key, low in (("magnitude", 0.0), ("spacing", 2.0)):
+        value = elastic.get(key)
+        if not (isinstance(value, list) and len(value) == 3 and all(_is_number(v) and v >= low for v in value)):
+            config_error(f"{where}.{key}", f"must be three numbers ≥ {low:g} (voxels along k, j, i); got {value!r}")
+        out[key] = [float(v) for v in value]
+    for axis, (m, s) in enumerate(zip(out["magnitude"], out["spacing"])):
+        if m > s / 6.0:
+            config_error(f"{where}.magnitude[{axis}]", f"{m:g} voxels is more than a sixth of the control points' "
+                         f"spacing ({s:g}): the patch would fold; lower it or space the points further apart")
+    return out
 
 
 def _check_stages(c: dict) -> None:

@@ -268,6 +268,29 @@ def _rotation_in_plane(a: int, b: int, degrees: float) -> np.ndarray:
     return m
 
 
+def elastic_displacement(rng: np.random.Generator, patch, magnitude, spacing) -> np.ndarray:
+    """A smooth random displacement field (3, k, j, i) over a patch, in voxels: independent normal
+    displacements (standard deviation ``magnitude[a]`` along axis a) at control points ``spacing``
+    voxels apart (clipped at three standard deviations), a control point beyond each end of the patch,
+    blended by the cubic B-spline whose coefficients they are (no overshoot: every displacement lies
+    within its neighbouring control points').  Its slope is at most the largest difference of two
+    neighbouring control points over their spacing, 6 × magnitude / spacing, so with ``magnitude``
+    ≤ ``spacing`` / 6 (what the config allows) the patch never folds."""
+    patch = np.asarray(patch, int)
+    spacing = np.asarray(spacing, float)
+    controls = tuple(int(n) for n in np.ceil((patch - 1) / spacing).astype(int) + 3)  # a point beyond each end
+    field = np.empty((3,) + tuple(int(p) for p in patch), np.float64)
+    for axis in range(3):
+        if magnitude[axis] <= 0:
+            field[axis] = 0.0
+            continue
+        points = np.clip(rng.normal(0.0, magnitude[axis], controls), -3 * magnitude[axis], 3 * magnitude[axis])
+        # voxel v of the patch sits at control coordinate 1 + v / spacing
+        where = np.meshgrid(*[1.0 + np.arange(p) / s for p, s in zip(patch, spacing)], indexing="ij")
+        field[axis] = ndimage.map_coordinates(points, where, order=3, mode="nearest", prefilter=False)
+    return field
+
+
 class PatchSampler:
     """Draws training patches on the fly: item ``index`` of step ``step`` is a pure function of
     (seed, step, index), so any process can draw any share of a global batch.
@@ -279,7 +302,8 @@ class PatchSampler:
     the patch) and clipped to the volume; otherwise it lies uniformly at random in a random
     case.  Then, in this order: a small rotation and isotropic zoom about the patch centre (one
     affine resampling straight from the volume: image with ``image_order``, labels nearest,
-    outside the volume the image's minimum and label 0), a random 90° rotation from
+    outside the volume the image's minimum and label 0; with ``elastic``, a smooth random
+    displacement from :func:`elastic_displacement` joins that same resampling), a random 90° rotation from
     :func:`rotations90`, and flips.
     """
 
@@ -334,23 +358,36 @@ class PatchSampler:
         if self.rot90 and rng.random() < aug["probability"]:
             rotation = self.rot90[rng.integers(len(self.rot90))]
         flips = [axis for axis in aug["flip_axes"] if rng.random() < 0.5]
+        # drawn last, so a config without it draws every other augmentation as before
+        displacement = None
+        if aug["elastic"] and rng.random() < aug["probability"]:
+            displacement = elastic_displacement(rng, self.patch, aug["elastic"]["magnitude"], aug["elastic"]["spacing"])
 
         target_order = 1 if self.heatmap else 0
         channels = case.image.ndim == 4  # (C, k, j, i): every channel moves with the others
-        if matrix is None:
+        planes = case.image if channels else case.image[None]
+        shape = tuple(int(p) for p in self.patch)
+        if matrix is None and displacement is None:
             box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
             image, target = case.image[(Ellipsis,) + box], case.target[box]
-        else:
-            centre_out = (self.patch - 1) / 2.0
-            offset = start + centre_out - matrix @ centre_out
-            shape = tuple(int(p) for p in self.patch)
-            planes = case.image if channels else case.image[None]
+        elif displacement is None:
+            matrix, offset = self._affine(matrix, start)
             image = np.stack([ndimage.affine_transform(plane, matrix, offset, shape, output=np.float32,
                                                        order=aug["image_order"], mode="constant", cval=case.pad_value,
                                                        prefilter=False) for plane in planes])
             image = image if channels else image[0]
             target = ndimage.affine_transform(case.target, matrix, offset, shape, output=case.target.dtype,
                                               order=target_order, mode="constant", cval=0, prefilter=False)
+        else:  # the affine map (or none) and the smooth displacement in one resampling
+            matrix, offset = self._affine(np.eye(3) if matrix is None else matrix, start)
+            grid = np.indices(shape, dtype=np.float64).reshape(3, -1)
+            coords = (matrix @ grid + offset[:, None] + displacement.reshape(3, -1)).reshape((3,) + shape)
+            image = np.stack([ndimage.map_coordinates(plane, coords, output=np.float32, order=aug["image_order"],
+                                                      mode="constant", cval=case.pad_value, prefilter=False)
+                              for plane in planes])
+            image = image if channels else image[0]
+            target = ndimage.map_coordinates(case.target, coords, output=case.target.dtype, order=target_order,
+                                             mode="constant", cval=0, prefilter=False)
         lead = 1 if channels else 0
         if rotation is not None:
             perm, axes = rotation
@@ -361,6 +398,12 @@ class PatchSampler:
         if flips:
             image, target = np.flip(image, tuple(lead + a for a in flips)), np.flip(target, flips)
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(target)
+
+    def _affine(self, matrix: np.ndarray, start: np.ndarray) -> tuple:
+        """``matrix`` (output → input) about the patch centre: (matrix, offset) from the patch's voxels
+        to the case's."""
+        centre_out = (self.patch - 1) / 2.0
+        return matrix, start + centre_out - matrix @ centre_out
 
     def batch(self, step: int, indices) -> tuple:
         """Tensors (n, C, k, j, i) float32 (C = 1 for a plain image) and (n, k, j, i) int64 labels or

@@ -95,7 +95,10 @@ comments)::
                                                  only in-plane [[1, 2]] for anisotropic data)
                       "rotate_deg": 10, "rotate_axes": [[1, 2]],   small rotations in these planes
                       "scale": [0.9, 1.1],        isotropic zoom factor range
-                      "probability": 0.5,         chance of a 90° rotation, and of a rotation/zoom
+                      "probability": 0.5,         chance of a 90° rotation, of a rotation/zoom, of a deformation
+                      "elastic": {"magnitude": [0.5, 3, 3],   smooth random deformation (null: none): the
+                                  "spacing": [8, 24, 24]},    displacement's s.d. at control points this far
+                                                 apart, voxels along k, j, i (magnitude ≤ spacing / 6)
                       "image_order": 1}           interpolation of the image (labels: always 0)
     stages*          [{"name": "decoder", "steps": 100,
                        "frozen": ["encoder"], "freeze_bn": false,   frozen groups get requires_grad
