@@ -449,6 +449,25 @@ def test_dbt_boxes_contain_their_lesion(kind, arguments):
         assert difference[k0:k1, j0:j1, i0:i1].sum() > 0.5 * difference.sum()
 
 
+def test_dbt_mass_diameter_range_draws_small_masses_and_leaves_the_rest_alone():
+    small = [b for seed in range(4) for b in phantoms.dbt_phantom(seed, masses=3, mass_diameter_mm=(5, 7))[1]
+             if b["kind"] == "mass"]
+    assert len(small) == 12 and all(5.0 <= b["size_mm"] <= 7.0 for b in small)
+    default = [b for seed in range(4) for b in phantoms.dbt_phantom(seed, masses=3)[1] if b["kind"] == "mass"]
+    assert max(b["size_mm"] for b in default) > 9.0  # the default range is wider
+    # the default range, spelt out, is the default: every seed draws what it drew before
+    a, boxes_a = phantoms.dbt_phantom(5, masses=2)
+    b, boxes_b = phantoms.dbt_phantom(5, masses=2, mass_diameter_mm=(5.0, 20.0))
+    assert np.array_equal(a.array, b.array) and boxes_a == boxes_b
+    assert [box["size_mm"] for box in boxes_a] == [9.82, 16.7]  # as drawn before the option existed
+    # no masses: nothing else depends on the range
+    assert np.array_equal(phantoms.dbt_phantom(6, masses=0)[0].array,
+                          phantoms.dbt_phantom(6, masses=0, mass_diameter_mm=(5, 6))[0].array)
+    for bad in ((8, 5), (0, 5), "big", (5,)):
+        with pytest.raises(TransferSegError, match="mass_diameter_mm"):
+            phantoms.dbt_phantom(0, mass_diameter_mm=bad)
+
+
 def test_dbt_out_of_plane_blur_smears_along_the_sweep():
     point = np.zeros((21, 41, 41), dtype=np.float32)
     point[10, 20, 20] = 1.0

@@ -68,6 +68,16 @@ def _check_options(pixel_mm, slice_mm, masses, calcification_clusters) -> None:
             raise TransferSegError(f"{name} must be a whole number ≥ 0 or None; got {value!r}")
 
 
+def _diameter_range(value) -> tuple:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TransferSegError(f"mass_diameter_mm must be two numbers (low, high) in mm; got {value!r}") from None
+    if not 0.0 < low <= high:
+        raise TransferSegError(f"mass_diameter_mm must have 0 < low ≤ high; got {value!r}")
+    return low, high
+
+
 @dataclass
 class _Breast:
     """The compressed breast's shape and tissue constants (all drawn from stream 10, in this order)."""
@@ -132,14 +142,15 @@ def _breast_tissue(rng, breast: _Breast, shape, sk, p) -> np.ndarray:
     return vol
 
 
-def _add_lesions(vol, seed, breast: _Breast, spacing, masses, calcification_clusters) -> list:
+def _add_lesions(vol, seed, breast: _Breast, spacing, masses, calcification_clusters, mass_diameter_mm) -> list:
     """Masses blended into ``vol``, then calcification clusters on top; their box dicts."""
     boxes = []
     mrng = stream(seed, 11)
     n_masses = int(stream(seed, 14).choice(3, p=[0.4, 0.4, 0.2])) if masses is None else int(masses)
     interior_kji = np.argwhere(breast.mask(breast.skin + 3.0))
     for _ in range(n_masses):
-        boxes.append(_add_mass(vol, mrng, interior_kji, spacing, breast.mu_gland, breast.depth, breast.thickness))
+        boxes.append(_add_mass(vol, mrng, interior_kji, spacing, breast.mu_gland, breast.depth, breast.thickness,
+                               mass_diameter_mm))
     crng = stream(seed, 12)
     n_clusters = int(stream(seed, 15).choice(3, p=[0.5, 0.35, 0.15])) if calcification_clusters is None \
         else int(calcification_clusters)
@@ -175,7 +186,8 @@ def _placed(vol, seed, spacing, boxes) -> Volume:
 
 
 def dbt_phantom(seed: int, shape=None, *, masses=None, calcification_clusters=None,
-                pixel_mm: float = 0.4, slice_mm: float = 1.0, sweep_deg: float = 7.5, beta: float | None = None):
+                pixel_mm: float = 0.4, slice_mm: float = 1.0, sweep_deg: float = 7.5, beta: float | None = None,
+                mass_diameter_mm=(5.0, 20.0)):
     """A synthetic Digital Breast Tomosynthesis volume (cranio-caudal view) with lesion boxes.
 
     Args:
@@ -184,7 +196,7 @@ def dbt_phantom(seed: int, shape=None, *, masses=None, calcification_clusters=No
         shape: (slices, rows, columns); default :data:`DBT_DEFAULT_SHAPE` (32, 256, 192), about
             0.5 s.  Rows run along the chest wall, columns from the chest wall (column 0)
             towards the nipple, slices from the detector up to the compression paddle.
-        masses: number of masses (round or spiculated, 5–20 mm, 0–0.08 denser than
+        masses: number of masses (round or spiculated, 5–20 mm unless ``mass_diameter_mm`` says, 0–0.08 denser than
             fibroglandular tissue); None draws 0–2.
         calcification_clusters: number of clusters of 5–20 bright specks (0.15–0.6 mm)
             within 2.5–7 mm; None draws 0–2.
@@ -193,6 +205,9 @@ def dbt_phantom(seed: int, shape=None, *, masses=None, calcification_clusters=No
             slice count times ``slice_mm`` less 1–3 slices.
         sweep_deg: half the tube's angular range (±7.5° by default) for the out-of-plane blur.
         beta: exponent of the texture's power spectrum 1/f^β; None draws 2.8–3.2.
+        mass_diameter_mm: (low, high) the masses' diameters are drawn from, uniformly (the high
+            end capped by the breast's depth and thickness as always); e.g. (5, 8) for small
+            masses only.  The default draws every seed's masses as before.
 
     Returns:
         ``(volume, boxes)``.  ``volume`` holds intensities in [0, 1] (air 0, fat ≈ 0.25,
@@ -209,11 +224,12 @@ def dbt_phantom(seed: int, shape=None, *, masses=None, calcification_clusters=No
     seed = check_seed(seed)
     shape = check_shape(shape, DBT_DEFAULT_SHAPE, (4, 32, 32), "DBT phantom")
     _check_options(pixel_mm, slice_mm, masses, calcification_clusters)
+    mass_diameter_mm = _diameter_range(mass_diameter_mm)
     p, sk = float(pixel_mm), float(slice_mm)
     rng = stream(seed, 10)
     breast = _draw_breast(rng, shape, sk, p, beta)
     vol = _breast_tissue(rng, breast, shape, sk, p)
-    boxes = _add_lesions(vol, seed, breast, (sk, p, p), masses, calcification_clusters)
+    boxes = _add_lesions(vol, seed, breast, (sk, p, p), masses, calcification_clusters, mass_diameter_mm)
     vol = _acquire(vol, seed, sk, p, sweep_deg)
     return _placed(vol, seed, (sk, p, p), boxes), boxes
 
@@ -225,11 +241,12 @@ def _box_of(mask, offset) -> list:
     return [int(v) for v in lo] + [int(v) for v in hi]
 
 
-def _add_mass(vol, rng, interior_kji, spacing, mu_gland, depth, thickness) -> dict:
+def _add_mass(vol, rng, interior_kji, spacing, mu_gland, depth, thickness, diameter_mm=(5.0, 20.0)) -> dict:
     """Blend a round or spiculated mass into ``vol``; return its box dict."""
     sk, p, _ = spacing
     spiculated = rng.uniform() < 0.5
-    diameter = rng.uniform(5.0, max(5.0, min(20.0, 0.45 * depth, thickness - 4.0)))
+    low, high = diameter_mm
+    diameter = rng.uniform(low, max(low, min(high, 0.45 * depth, thickness - 4.0)))
     r = diameter / 2.0
     centre_idx = interior_kji[rng.integers(len(interior_kji))].astype(float)
     centre_idx += rng.uniform(-0.5, 0.5, size=3)
