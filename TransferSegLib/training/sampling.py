@@ -371,7 +371,7 @@ class PatchSampler:
             box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
             image, target = case.image[(Ellipsis,) + box], case.target[box]
         elif displacement is None:
-            matrix, offset = self._affine(matrix, start)
+            offset = self._offset(matrix, start)
             image = np.stack([ndimage.affine_transform(plane, matrix, offset, shape, output=np.float32,
                                                        order=aug["image_order"], mode="constant", cval=case.pad_value,
                                                        prefilter=False) for plane in planes])
@@ -379,7 +379,8 @@ class PatchSampler:
             target = ndimage.affine_transform(case.target, matrix, offset, shape, output=case.target.dtype,
                                               order=target_order, mode="constant", cval=0, prefilter=False)
         else:  # the affine map (or none) and the smooth displacement in one resampling
-            matrix, offset = self._affine(np.eye(3) if matrix is None else matrix, start)
+            matrix = np.eye(3) if matrix is None else matrix
+            offset = self._offset(matrix, start)
             grid = np.indices(shape, dtype=np.float64).reshape(3, -1)
             coords = (matrix @ grid + offset[:, None] + displacement.reshape(3, -1)).reshape((3,) + shape)
             image = np.stack([ndimage.map_coordinates(plane, coords, output=np.float32, order=aug["image_order"],
@@ -399,11 +400,11 @@ class PatchSampler:
             image, target = np.flip(image, tuple(lead + a for a in flips)), np.flip(target, flips)
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(target)
 
-    def _affine(self, matrix: np.ndarray, start: np.ndarray) -> tuple:
-        """``matrix`` (output → input) about the patch centre: (matrix, offset) from the patch's voxels
-        to the case's."""
+    def _offset(self, matrix: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """The offset that, with ``matrix`` (patch voxel → case voxel), turns the patch about its
+        centre and places it at ``start``."""
         centre_out = (self.patch - 1) / 2.0
-        return matrix, start + centre_out - matrix @ centre_out
+        return start + centre_out - matrix @ centre_out
 
     def batch(self, step: int, indices) -> tuple:
         """Tensors (n, C, k, j, i) float32 (C = 1 for a plain image) and (n, k, j, i) int64 labels or
