@@ -392,6 +392,28 @@ def test_ct_anatomy_random_reaches_the_left_lobe_further_across_the_body():
         phantoms.ct_phantom(1, shape=(12, 64, 64), anatomy="big")
 
 
+def test_ct_fissures_cut_fat_clefts_into_the_liver_and_change_nothing_else():
+    """fissures=True turns thin liver voxels into visceral fat (never labelled liver), at fat's HU; away from
+    the clefts the case is the same voxel for voxel (no tumors: their placement follows the liver)."""
+    cut_cases = 0
+    for seed in (2003, 2011):
+        plain, plain_labels = phantoms.ct_phantom(seed, shape=(40, 256, 256), tumors=0, phase="portal")
+        cut, labels, tissues = phantoms.ct_phantom(seed, shape=(40, 256, 256), tumors=0, phase="portal",
+                                                   fissures=True, with_tissues=True)
+        removed = (plain_labels > 0) & (labels == 0)
+        assert not ((labels > 0) & (plain_labels == 0)).any(), seed       # only ever less liver
+        near = ndimage.binary_dilation((plain_labels > 0) != (labels > 0), iterations=3)
+        assert np.array_equal(plain.array[~near], cut.array[~near]), seed
+        if removed.any():
+            cut_cases += 1
+            clefts = removed & (tissues == phantom_tissues.FAT_VISC)
+            assert clefts.sum() > 0.5 * removed.sum(), seed
+            # a cleft of fat, 1.5-4 mm wide, in a portal-venous liver of 100-130 HU
+            assert np.median(cut.array[clefts]) < np.median(cut.array[labels == 1]) - 40, seed
+            assert removed.sum() < 0.02 * (plain_labels > 0).sum(), seed   # clefts, not lobes
+    assert cut_cases == 2
+
+
 def test_ct_realistic_options_still_label_every_tumor_inside_the_liver():
     for seed in (7, 8):
         _, labels = phantoms.ct_phantom(seed, shape=(30, 96, 96), tumors=3, **REAL)

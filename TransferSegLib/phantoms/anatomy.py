@@ -14,16 +14,17 @@ from .tissues import (AIR, AORTA, BILE, BLOOD, BONE_CORTEX, BONE_MARROW, BOWEL_W
                       STOOL, TABLE_FOAM, TABLE_SHELL, VEIN)
 
 
-def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm, left_lobe: float = 1.0):
+def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm, left_lobe: float = 1.0, fissures=None):
     """Paint the abdomen into ``grid``, one organ system after another from one random stream (the
     order is the phantoms' seed contract); return per-class HU and texture-amplitude tables.
     ``left_lobe`` scales the liver's left lobe across the body (1: as before; real ones reach from
-    the midline to the spleen)."""
+    the midline to the spleen).  ``fissures``: None (as before) or a random stream of its own that
+    draws the liver's fat-filled fissures (:func:`_paint_liver_fissures`)."""
     body = SimpleNamespace(a=a, b=b, fat=fat, muscle_w=muscle_w, organ=organ, fov=fov, pixel_mm=pixel_mm,
-                           left_lobe=left_lobe)
+                           left_lobe=left_lobe, fissures=fissures)
     for painter in (_paint_body, _paint_table, _paint_chest, _paint_spine, _paint_aorta, _paint_kidneys,
-                    _paint_spleen_and_stomach, _paint_liver, _paint_liver_vessels, _paint_gallbladder, _paint_bowel,
-                    _paint_ribs):
+                    _paint_spleen_and_stomach, _paint_liver, _paint_liver_fissures, _paint_liver_vessels,
+                    _paint_gallbladder, _paint_bowel, _paint_ribs):
         painter(grid, rng, body)
     return _tissue_table(rng)
 
@@ -225,6 +226,45 @@ def _paint_liver(grid, rng, body) -> None:
     lo_all = np.min([lobe.lo for lobe in lobe_shapes], axis=0) - 15.0
     hi_all = np.max([lobe.hi for lobe in lobe_shapes], axis=0) + 15.0
     grid.paint(LIVER, liver_inside, lo_all, hi_all, into=(FAT_VISC,))
+    body.liver_lobes, body.liver_box = lobe_shapes, (lo_all, hi_all)
+
+
+def _paint_liver_fissures(grid, rng, body) -> None:
+    """Fat-filled clefts cut into the liver from its surface, as real livers have and the lobes' smooth
+    union lacks, so that a network does not take every fat line for the liver's end: the umbilical
+    fissure (between the left lateral and the medial segments, in from the anterior surface, four cases
+    in five) and the fissure of the ligamentum venosum (in front of the caudate lobe, three in five),
+    each 1.5–4 mm wide.  Drawn from ``body.fissures``, a stream of its own (None: no fissures)."""
+    draw = body.fissures
+    if draw is None:
+        return
+    _, left, _, caudate = body.liver_lobes
+    lo_all, hi_all = body.liver_box
+    if draw.uniform() < 0.8:  # umbilical fissure: a near-sagittal plane through the left lobe's right part
+        width = draw.uniform(1.5, 4.0)
+        point = left.c + np.array([draw.uniform(0.15, 0.45) * left.semi[0], 0.0, 0.0])
+        normal = rotation_z(draw.uniform(-25.0, 25.0)) @ np.array([1.0, 0.0, draw.uniform(-0.3, 0.3)])
+        normal /= np.linalg.norm(normal)
+        y_from = left.c[1] - draw.uniform(-0.2, 0.7) * left.semi[1]      # how deep it cuts in from the front
+        z_to = left.c[2] + draw.uniform(0.0, 0.8) * left.semi[2]          # up to how high it reaches
+
+        def umbilical(X, Y, Z):
+            along = (X - point[0]) * normal[0] + (Y - point[1]) * normal[1] + (Z - point[2]) * normal[2]
+            return (np.abs(along) < width / 2) & (Y > y_from) & (Z < z_to)
+
+        grid.paint(FAT_VISC, umbilical, lo_all, hi_all, into=(LIVER,))
+    if draw.uniform() < 0.6:  # ligamentum venosum: a near-coronal plane in front of the caudate lobe
+        width = draw.uniform(1.5, 3.0)
+        point = caudate.c + np.array([0.0, draw.uniform(0.5, 0.9) * caudate.semi[1], 0.0])
+        normal = rotation_z(draw.uniform(-30.0, 30.0)) @ np.array([0.0, 1.0, 0.0])
+        x_to = caudate.c[0] + draw.uniform(0.3, 0.9) * caudate.semi[0]   # from the left lobe to past the caudate
+        z_lo, z_hi = caudate.c[2] - 0.8 * caudate.semi[2], caudate.c[2] + 0.8 * caudate.semi[2]
+
+        def venosum(X, Y, Z):
+            along = (X - point[0]) * normal[0] + (Y - point[1]) * normal[1]
+            return (np.abs(along) < width / 2) & (X < x_to) & (Z > z_lo) & (Z < z_hi)
+
+        grid.paint(FAT_VISC, venosum, lo_all, hi_all, into=(LIVER,))
 
 
 def _paint_liver_vessels(grid, rng, body) -> None:

@@ -212,7 +212,8 @@ def _metal_streaks(rng, array: np.ndarray, spacing) -> None:
 
 def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_diameter_mm=(4.0, 40.0),
                with_tissues: bool = False, phase=None, tumor_kinds=None, coverage=None, reconstruction=None,
-               randomise: bool = False, arms: bool = False, metal: bool = False, anatomy=None):
+               randomise: bool = False, arms: bool = False, metal: bool = False, anatomy=None,
+               fissures: bool = False):
     """A synthetic axial abdominal CT (HU) with liver and liver-tumor labels.
 
     Args:
@@ -257,6 +258,10 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
             field of view or cut by its edge, as in trauma and many outpatient scans.
         anatomy: ``"random"`` draws how far the liver's left lobe reaches across the body (0.8–1.7 × the
             older phantoms' lobe, which ends near the midline; real ones often reach the spleen).
+        fissures: cut the liver's fat-filled fissures into it (the umbilical fissure, four cases in five;
+            the ligamentum venosum's in front of the caudate lobe, three in five; 1.5–4 mm wide; the fat
+            is not liver), as real livers have: without them every fat line a network meets is a liver's end;
+            the tumors, placed inside the liver, may then fall elsewhere.
         metal: draw per case (one in four) a metal object — a spinal screw, surgical clips, an
             embolisation coil — with the dark and bright streaks it casts across the slices it is in.
 
@@ -282,7 +287,7 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
     scan = _ct_scan(rng, nk, nj, ni)
     _coverage(seed, coverage, scan, nk)
     grid, factors = _fine_grid(scan, nk, nj, ni)
-    tables = _paint_body(seed, grid, rng, scan, anatomy, arms, phase_name, randomise)
+    tables = _paint_body(seed, grid, rng, scan, anatomy, arms, phase_name, randomise, fissures)
     placed = _add_tumors(seed, grid, factors, scan, tables, tumors, tumor_kinds, diameters, phase_name)
     array = _voxel_intensities(seed, grid, factors, scan, tables, noise_sigma, reconstruction, randomise, metal)
     volume = Volume(array, spacing=scan.spacing, directions=np.diag([-1.0, -1.0, 1.0]), origin=scan.origin)
@@ -324,14 +329,16 @@ def _fine_grid(scan, nk: int, nj: int, ni: int) -> tuple:
     return grid, (ss_k, ss_ip, ss_ip)
 
 
-def _paint_body(seed: int, grid, rng, scan, anatomy, arms: bool, phase_name, randomise: bool) -> tuple:
+def _paint_body(seed: int, grid, rng, scan, anatomy, arms: bool, phase_name, randomise: bool,
+                fissures: bool = False) -> tuple:
     """Paint the organs (and the arms), then set the tissues' HU for the phase; the tissue tables
     ``(hu, tex_fine, tex_coarse)``: HU and fine and coarse texture amplitude, indexed by tissue value."""
     if anatomy not in (None, "random"):
         raise TransferSegError(f"anatomy must be None or 'random'; got {anatomy!r}")
     left_lobe = 1.0 if anatomy is None else float(stream(seed, 12).uniform(0.8, 1.7))
     hu, tex_fine, tex_coarse = paint_anatomy(grid, rng, scan.a, scan.b, scan.fat, scan.muscle_w, scan.organ,
-                                             scan.fov, scan.spacing[2], left_lobe=left_lobe)
+                                             scan.fov, scan.spacing[2], left_lobe=left_lobe,
+                                             fissures=stream(seed, 17) if fissures else None)
     if arms:
         _paint_arms(grid, stream(seed, 10), scan)
     if phase_name is not None:  # after the anatomy's own draws, from a stream of its own: phase=None is unchanged
