@@ -283,3 +283,46 @@ def test_cascade_labels_follow_the_thresholds_on_the_input_grid(cascade_run, mon
     loaded.method["config"] = {"threshold": 0.5}
     with pytest.raises(TransferSegError, match="method.config.threshold is not a cascade setting"):
         pipeline.run(volume, loaded, device="cpu")
+
+
+def test_a_trained_cascade_fine_tunes_from_its_own_tensors_without_a_stage_1(cascade_run):
+    """A cascade config whose parts name init_weights (here the trained model's ``coarse.`` and
+    ``fine.`` tensors, by a path relative to the config file) needs no net2d stage: each part
+    starts from those tensors, and one Adam step moves no weight by more than its rate."""
+    from TransferSegLib.models import load_model
+    from TransferSegLib.training import load_config
+    from TransferSegLib.training.recipes import run_recipe
+
+    tmp_path, card = cascade_run
+    config = tiny_cascade_recipe()
+    del config["net2d"], config["net3d"]
+    relative = Path("run") / "model" / Path(card).name  # the config is written beside run/
+    for part, prefix in (("coarse", "coarse."), ("hybrid", "fine.")):
+        config[part]["init_weights"] = {"path": str(relative), "source_prefix": prefix, "strict": True}
+        config[part]["stages"] = [dict(config[part]["stages"][-1], steps=1, frozen=[], freeze_bn=False,
+                                       optimizer={"name": "adam", "lr": 1e-4})]
+    path = tmp_path / "fine-tune.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    tuned = run_recipe(load_config(path), tmp_path / "tuned")
+    for part in ("coarse", "hybrid"):
+        report = json.loads((tmp_path / "tuned" / part / "init_weights.json").read_text(encoding="utf-8"))
+        assert report["loaded"] == report["network_keys_under_prefix"] > 0, part
+        assert report["source"] == str((tmp_path / relative).resolve())
+    assert not (tmp_path / "tuned" / "net2d").exists()
+    def parameters(model):
+        return {f"{name}.{key}": value for name, component in load_model(model).components.items()
+                for key, value in component.network.named_parameters()}
+
+    before, after = parameters(card), parameters(tuned)
+    assert before.keys() == after.keys()
+    moved = 0
+    for key, value in after.items():
+        # fp16 storage on both sides: one step of at most lr, plus rounding
+        assert torch.allclose(value.float(), before[key].float(), atol=1.05e-4, rtol=2e-3), key
+        moved += not torch.equal(value, before[key])
+    assert moved > len(after) // 2  # it trained
+
+    without = tiny_cascade_recipe()
+    del without["net2d"]
+    with pytest.raises(TransferSegError, match="net2d: required"):
+        run_recipe(without, tmp_path / "no-stage-1")

@@ -543,7 +543,14 @@ def read_config(path) -> dict:
     for key in ("root", "cache", "stacks"):  # folders named in a config are relative to the config file
         if isinstance(data, dict) and isinstance(data.get(key), str):
             data[key] = str((base / Path(data[key]).expanduser()).resolve())
-    init = config.get("init_weights")
+    # the config's own init_weights and a recipe part's (e.g. a cascade part fine-tuned from a shipped model)
+    for holder in [config] + [part for part in config.values() if isinstance(part, dict) and "init_weights" in part]:
+        _resolve_init_weights(holder, base)
+    return config
+
+
+def _resolve_init_weights(holder: dict, base: Path) -> None:
+    init = holder.get("init_weights")
     key = next((k for k in TRANSFER_INITS if isinstance(init, dict) and k in init), "path")
     init_path = init.get(key) if isinstance(init, dict) else init
     if isinstance(init_path, str) and (os.sep in init_path or init_path.endswith((".json", ".safetensors"))):
@@ -551,5 +558,4 @@ def read_config(path) -> dict:
         if isinstance(init, dict):
             init[key] = resolved
         else:
-            config["init_weights"] = resolved
-    return config
+            holder["init_weights"] = resolved

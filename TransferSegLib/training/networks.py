@@ -145,4 +145,10 @@ def _initial_weights(path: str) -> dict:
         if not file.exists():
             config_error("init_weights", f"{file}: no such file")
         return read_state_dict(file)
-    return load_model(path, device="cpu").network.state_dict()
+    loaded = load_model(path, device="cpu")
+    if len(loaded.components) == 1:
+        return loaded.network.state_dict()
+    # a composed model (e.g. a cascade's coarse and fine networks): COMPONENT.key, as its file stores them;
+    # init_weights.source_prefix picks one component
+    return {f"{name}.{key}": value for name, component in loaded.components.items()
+            for key, value in component.network.state_dict().items()}

@@ -280,15 +280,20 @@ CASCADE_KEYS = COMMON + ("recipe", "method") + CASCADE_PARTS
 
 def _cascade_config(config: dict, part: str, out: Path) -> dict:
     sub = _part_config(config, part, out)
-    if part == "hybrid":  # the 2D network of stage 1 goes into the H-DenseUNet's net2d
+    if part == "hybrid" and not config["hybrid"].get("init_weights"):
+        # the 2D network of stage 1 goes into the H-DenseUNet's net2d
         sub["init_weights"] = {"path": str(out / "net2d" / "model" / f"{config['name']}-net2d.json"),
                                "prefix": "net2d.", "source_prefix": "net.", "strict": True}
     return sub
 
 
 def validate_cascade(config: dict) -> dict:
-    """A checked copy of a cascade recipe config; every part is checked by the trainer."""
-    c = _checked_copy(config, "cascade", CASCADE_KEYS, ("name", "labels", "data", "coarse", "net2d", "hybrid"))
+    """A checked copy of a cascade recipe config; every part is checked by the trainer.  A
+    ``hybrid`` with its own ``init_weights`` (fine-tuning a trained cascade, e.g. from the
+    ``fine.`` tensors of a shipped model) needs no ``net2d`` stage."""
+    fine_tune = isinstance(config.get("hybrid"), dict) and bool(config["hybrid"].get("init_weights"))
+    c = _checked_copy(config, "cascade", CASCADE_KEYS,
+                      ("name", "labels", "data", "coarse", "hybrid") + (() if fine_tune else ("net2d",)))
     if not isinstance(c.setdefault("method", {}), dict):
         _fail("method", "must be a JSON object of methods.cascade settings")
     unknown = sorted(set(c["method"]) - set(DEFAULTS))
@@ -298,7 +303,7 @@ def validate_cascade(config: dict) -> dict:
         if c.get(part) is None:
             continue
         sub = _cascade_config(c, part, Path("."))
-        if part == "hybrid":
+        if part == "hybrid" and not fine_tune:
             sub["init_weights"] = None  # the stage-1 model does not exist yet
         _check_part(sub, part, c[part])
     return c
