@@ -219,6 +219,8 @@ REGIONS_WITHOUT_A_LIVER = ("head", "neck", "chest", "pelvis", "legs")
       for region in REGIONS_WITHOUT_A_LIVER],
     # retrained on the phantoms drawn as real scans vary (AH-Net 3.0.0, ACS 2.0.0), without scans lacking a liver
     *[("ct-liver-tumor-ahnet", region) for region in REGIONS_WITHOUT_A_LIVER],
+    # the same, its coarse liver locator also shown scans without a liver (H-DenseUNet 2.0.0)
+    *[("ct-liver-tumor-hdenseunet", region) for region in REGIONS_WITHOUT_A_LIVER],
     *[("ct-liver-tumor-acs", region) if region != "pelvis" else
       pytest.param("ct-liver-tumor-acs", region, marks=pytest.mark.xfail(strict=True, reason=ACS_PELVIS_GAP))
       for region in REGIONS_WITHOUT_A_LIVER],
