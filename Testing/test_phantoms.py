@@ -414,6 +414,31 @@ def test_ct_fissures_cut_fat_clefts_into_the_liver_and_change_nothing_else():
     assert cut_cases == 2
 
 
+def test_ct_diaphragm_lines_the_wall_with_muscle_between_liver_and_ribs_and_changes_nothing_else():
+    """diaphragm=True turns what lies just inside the body wall (visceral fat, and the liver and spleen
+    painted after it) into muscle, at muscle's HU, on the liver's slices; nothing else moves (no tumors)."""
+    for seed in (2003, 2011):
+        plain, plain_labels, plain_tissues = phantoms.ct_phantom(seed, shape=(40, 128, 128), tumors=0,
+                                                                 phase="portal", with_tissues=True)
+        lined, labels, tissues = phantoms.ct_phantom(seed, shape=(40, 128, 128), tumors=0, phase="portal",
+                                                     diaphragm=True, with_tissues=True)
+        assert not ((labels > 0) & (plain_labels == 0)).any(), seed       # only ever less liver
+        changed = tissues != plain_tissues
+        wall = [getattr(phantom_tissues, name) for name in ("AIR", "SKIN", "FAT_SC", "BONE_CORTEX", "BONE_MARROW",
+                                                            "CARTILAGE", "LUNG", "MUSCLE")]
+        assert not np.isin(plain_tissues[changed], wall).any(), seed       # the wall and the chest are kept
+        sheet = changed & (tissues == phantom_tissues.MUSCLE)
+        assert sheet.sum() == changed.sum() and sheet.sum() > 200, seed
+        near = ndimage.binary_dilation(changed | ((plain_labels > 0) != (labels > 0)), iterations=3)
+        assert np.array_equal(plain.array[~near], lined.array[~near]), seed
+        # a portal-venous liver (100-130 HU) against muscle (40-60 HU): the sheet reads as muscle
+        assert np.median(lined.array[sheet]) < np.median(lined.array[labels == 1]) - 30, seed
+        # on the liver's slices, the sheet lies outside the liver, between it and the wall
+        liver_slices = np.nonzero(labels.any(axis=(1, 2)))[0]
+        assert sheet[liver_slices].sum() > 0.5 * sheet.sum(), seed
+        assert (sheet & (labels > 0)).sum() < 0.05 * sheet.sum(), seed   # (labels: half a voxel; tissues: its centre)
+
+
 def test_ct_realistic_options_still_label_every_tumor_inside_the_liver():
     for seed in (7, 8):
         _, labels = phantoms.ct_phantom(seed, shape=(30, 96, 96), tumors=3, **REAL)

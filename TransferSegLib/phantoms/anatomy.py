@@ -14,15 +14,19 @@ from .tissues import (AIR, AORTA, BILE, BLOOD, BONE_CORTEX, BONE_MARROW, BOWEL_W
                       STOOL, TABLE_FOAM, TABLE_SHELL, VEIN)
 
 
-def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm, left_lobe: float = 1.0, fissures=None):
+def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm, left_lobe: float = 1.0, fissures=None,
+                  diaphragm=None):
     """Paint the abdomen into ``grid``, one organ system after another from one random stream (the
     order is the phantoms' seed contract); return per-class HU and texture-amplitude tables.
     ``left_lobe`` scales the liver's left lobe across the body (1: as before; real ones reach from
     the midline to the spleen).  ``fissures``: None (as before) or a random stream of its own that
-    draws the liver's fat-filled fissures (:func:`_paint_liver_fissures`)."""
+    draws the liver's fat-filled fissures (:func:`_paint_liver_fissures`).  ``diaphragm``: None (as
+    before) or a random stream of its own that draws the diaphragm's costal part
+    (:func:`_paint_costal_diaphragm`)."""
     body = SimpleNamespace(a=a, b=b, fat=fat, muscle_w=muscle_w, organ=organ, fov=fov, pixel_mm=pixel_mm,
-                           left_lobe=left_lobe, fissures=fissures)
-    for painter in (_paint_body, _paint_table, _paint_chest, _paint_spine, _paint_aorta, _paint_kidneys,
+                           left_lobe=left_lobe, fissures=fissures, diaphragm=diaphragm)
+    for painter in (_paint_body, _paint_table, _paint_chest, _paint_costal_diaphragm, _paint_spine, _paint_aorta,
+                    _paint_kidneys,
                     _paint_spleen_and_stomach, _paint_liver, _paint_liver_fissures, _paint_liver_vessels,
                     _paint_gallbladder, _paint_bowel, _paint_ribs):
         painter(grid, rng, body)
@@ -110,6 +114,38 @@ def _paint_chest(grid, rng, body) -> None:
     blood_in, lo, hi = ellipsoid(heart.c, heart.semi - 9.0)
     grid.paint(BLOOD, blood_in, lo, hi, into=(MYOCARDIUM,))
     body.__dict__.update(below_dome=below_dome, dome=dome, left_drop=left_drop, y_vb=y_vb)
+
+
+def _paint_costal_diaphragm(grid, rng, body) -> None:
+    """The diaphragm's costal part: a sheet of muscle (2.5–6 mm) lining the body wall on the inside, from
+    the dome down to the costal margin (higher in front than at the back), with 0–4 mm of extraperitoneal
+    fat between it and the wall, as on every real upper-abdominal CT; the liver and the spleen lie inside
+    it, so the tissue between a liver and the ribs is not liver.  Drawn from ``body.diaphragm``, a stream
+    of its own (None: the wall's muscle, with the ribs in it, touches the organs directly, as before).
+    Left out for 0.12 π around the spine (the crura) and in front of the xiphoid."""
+    draw = body.diaphragm
+    if draw is None:
+        return
+    a, b, g, r_mean, rho2, rho_cav, dome = body.a, body.b, body.g, body.r_mean, body.rho2, body.rho_cav, body.dome
+    thick, gap = draw.uniform(2.5, 6.0), draw.uniform(0.0, 4.0)
+    wobble, wobble_phase = draw.uniform(0.0, 0.3), draw.uniform(0.0, 2.0 * np.pi)
+    z_back, z_front = draw.uniform(-190.0, -140.0), draw.uniform(-110.0, -60.0)   # the costal margin
+    front_end = draw.uniform(0.85, 0.95) * np.pi
+    cls = grid.cls
+    jj, ii = np.nonzero((rho_cav - rho2 / g.max()) * r_mean >= -2.0)    # the cavity and a little more
+    depth = (rho_cav - rho2[jj, ii][None, :] / g[:, None]) * r_mean       # mm inside the cavity's edge
+    near = np.nonzero(((depth >= 0.0) & (depth < gap + thick * (1.0 + wobble))).any(axis=0))[0]
+    jj, ii, depth = jj[near], ii[near], depth[:, near]
+    xr, yr = grid.x[ii], grid.y[jj]
+    phi = np.arccos(np.clip(-(yr / b) / np.maximum(np.hypot(xr / a, yr / b), 1e-9), -1.0, 1.0))   # 0 at the spine
+    local = thick * (1.0 + wobble * np.sin(2.0 * phi + wobble_phase))
+    z_margin = z_back + (z_front - z_back) * (phi / np.pi) ** 1.5
+    zz = grid.z[:, None]
+    sheet = (depth >= gap) & (depth < gap + local[None, :]) & (zz < dome(xr, yr)[None, :]) \
+        & (zz > z_margin[None, :]) & ((phi > 0.12 * np.pi) & (phi < front_end))[None, :]
+    ring = cls[:, jj, ii]
+    ring[sheet & (ring == FAT_VISC)] = MUSCLE
+    cls[:, jj, ii] = ring
 
 
 def _paint_spine(grid, rng, body) -> None:

@@ -213,7 +213,7 @@ def _metal_streaks(rng, array: np.ndarray, spacing) -> None:
 def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_diameter_mm=(4.0, 40.0),
                with_tissues: bool = False, phase=None, tumor_kinds=None, coverage=None, reconstruction=None,
                randomise: bool = False, arms: bool = False, metal: bool = False, anatomy=None,
-               fissures: bool = False):
+               fissures: bool = False, diaphragm: bool = False):
     """A synthetic axial abdominal CT (HU) with liver and liver-tumor labels.
 
     Args:
@@ -262,6 +262,10 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
             the ligamentum venosum's in front of the caudate lobe, three in five; 1.5–4 mm wide; the fat
             is not liver), as real livers have: without them every fat line a network meets is a liver's end;
             the tumors, placed inside the liver, may then fall elsewhere.
+        diaphragm: line the body wall with the diaphragm's costal part (muscle 2.5–6 mm thick, 0–4 mm of
+            fat outside it, from the dome down to the costal margin), as real scans show it between the
+            liver and the ribs: without it the liver touches the wall's muscle and ribs, and a network
+            learns to take the muscle there for liver.  The liver and its tumors then sit a little inward.
         metal: draw per case (one in four) a metal object — a spinal screw, surgical clips, an
             embolisation coil — with the dark and bright streaks it casts across the slices it is in.
 
@@ -287,7 +291,7 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
     scan = _ct_scan(rng, nk, nj, ni)
     _coverage(seed, coverage, scan, nk)
     grid, factors = _fine_grid(scan, nk, nj, ni)
-    tables = _paint_body(seed, grid, rng, scan, anatomy, arms, phase_name, randomise, fissures)
+    tables = _paint_body(seed, grid, rng, scan, anatomy, arms, phase_name, randomise, fissures, diaphragm)
     placed = _add_tumors(seed, grid, factors, scan, tables, tumors, tumor_kinds, diameters, phase_name)
     array = _voxel_intensities(seed, grid, factors, scan, tables, noise_sigma, reconstruction, randomise, metal)
     volume = Volume(array, spacing=scan.spacing, directions=np.diag([-1.0, -1.0, 1.0]), origin=scan.origin)
@@ -330,7 +334,7 @@ def _fine_grid(scan, nk: int, nj: int, ni: int) -> tuple:
 
 
 def _paint_body(seed: int, grid, rng, scan, anatomy, arms: bool, phase_name, randomise: bool,
-                fissures: bool = False) -> tuple:
+                fissures: bool = False, diaphragm: bool = False) -> tuple:
     """Paint the organs (and the arms), then set the tissues' HU for the phase; the tissue tables
     ``(hu, tex_fine, tex_coarse)``: HU and fine and coarse texture amplitude, indexed by tissue value."""
     if anatomy not in (None, "random"):
@@ -338,7 +342,8 @@ def _paint_body(seed: int, grid, rng, scan, anatomy, arms: bool, phase_name, ran
     left_lobe = 1.0 if anatomy is None else float(stream(seed, 12).uniform(0.8, 1.7))
     hu, tex_fine, tex_coarse = paint_anatomy(grid, rng, scan.a, scan.b, scan.fat, scan.muscle_w, scan.organ,
                                              scan.fov, scan.spacing[2], left_lobe=left_lobe,
-                                             fissures=stream(seed, 17) if fissures else None)
+                                             fissures=stream(seed, 17) if fissures else None,
+                                             diaphragm=stream(seed, 18) if diaphragm else None)
     if arms:
         _paint_arms(grid, stream(seed, 10), scan)
     if phase_name is not None:  # after the anatomy's own draws, from a stream of its own: phase=None is unchanged
