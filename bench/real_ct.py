@@ -19,6 +19,16 @@ model is trained or tuned on them.
 * ``chest-above-liver``: the slices of ``chest-ct`` more than 2 cm above the top of its liver
   reference: a real chest CT without a liver.
 * ``mr``: ``example_mr_sm.nii.gz``, a real MR: a CT model must refuse it.
+* ``liver-tumors``: ``liver-ct-segmentation-package==1.6.0`` (wheel),
+  ``liver_ct_segmentation_package/data/img_117.mrc`` with ``lab_117.mrc``: a portal-venous CT of a
+  liver with many real hypodense metastases (case 117 of the LiTS challenge, going by its name),
+  cropped to the liver's box and resampled to 128³, with its liver (1) and tumor (2) reference.  The
+  file carries no voxel size; the bench gives it 1.5 × 1.2 × 1.2 mm, measured on its anatomy (a
+  vertebra and its disc repeat every 21 slices, about 31 mm at T12–L1; a vertebral body is 34
+  pixels, about 41 mm, wide), so its mL are estimates (± 15 %), its Dice scores are not.  The only
+  real tumors here: the tumor Dice and the share of its tumors found are reported for it.  As the
+  crop holds nothing around the liver, the checks that measure the body around a liver (its area,
+  the liver's side) are not applied to it.
 
 Per scan and model it runs what ``transferseg segment`` runs (``load_volume``, then
 ``pipeline.run``) and reports the liver Dice (labels 1 ∪ 2 against the reference), the mL of
@@ -32,6 +42,7 @@ the run gave, and the seconds; it writes ``overview-SCAN-MODEL.png`` into ``--fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -58,10 +69,16 @@ PACKAGES = {
         f"tests/reference_files/{name}": name for name in (
             "example_ct_dicom/", "example_seg_dicom.nii.gz", "example_ct.nii.gz", "example_ct_sm.nii.gz",
             "example_seg.nii.gz", "example_mr_sm.nii.gz")}),
+    "liver_ct_segmentation_package": (["liver-ct-segmentation-package==1.6.0"], {
+        f"liver_ct_segmentation_package/data/{name}": name for name in ("img_117.mrc", "lab_117.mrc")}),
 }
+#: the voxel size given to the ``liver-tumors`` crop (its file has none), (k, j, i) mm: see the docstring
+LITS_SPACING = (1.5, 1.2, 1.2)
+#: scans cropped to the liver's box: the checks that measure the body around the liver do not apply
+CROPPED = ("liver-tumors",)
 #: the sha256 of every scan file the table in docs/reproduction.md was measured on
 PINNED = Path(__file__).with_name("real_ct_sha256.json")
-SCANS = ("chest-ct", "dicom-series", "abdomen-ct", "chest-above-liver", "pelvis-ct", "mr")
+SCANS = ("chest-ct", "dicom-series", "abdomen-ct", "chest-above-liver", "pelvis-ct", "mr", "liver-tumors")
 
 
 def default_cache() -> Path:
@@ -97,12 +114,14 @@ def _copy_members(members: dict, wanted: dict, target: Path) -> None:
 
 
 def verified(cache: Path) -> bool:
-    """Whether ``cache`` holds every scan its manifest lists, each with the sha256 recorded there."""
+    """Whether ``cache`` holds every scan its manifest lists, each with the sha256 recorded there, and
+    the manifest lists every pinned scan (a cache fetched before a scan was added is not enough)."""
     try:
         manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return bool(manifest) and all((cache / name).is_file() and sha256_file(cache / name) == digest
+    pinned = json.loads(PINNED.read_text(encoding="utf-8"))
+    return bool(manifest) and all(name in manifest for name in pinned) and all((cache / name).is_file() and sha256_file(cache / name) == digest
                                   for name, digest in manifest.items())
 
 
@@ -156,8 +175,33 @@ def _above(volume, mask: np.ndarray, margin_mm: float) -> slice:
     return slice(ks.max() + margin + 1, None) if upwards else slice(0, max(ks.min() - margin, 0))
 
 
+def _read_mrc(path: Path) -> np.ndarray:
+    """The voxels of an MRC file (the 1,024-byte header, any extended header, then the array), as
+    stored: (sections, rows, columns); float32 (mode 2) or uint16 (mode 6) only."""
+    raw = path.read_bytes()
+    nx, ny, nz, mode = np.frombuffer(raw[:16], dtype="<i4")
+    extended = int(np.frombuffer(raw[92:96], dtype="<i4")[0])
+    dtype = {2: "<f4", 6: "<u2"}.get(int(mode))
+    if dtype is None:
+        raise SystemExit(f"{path}: MRC mode {mode} is not float32 or uint16")
+    return np.frombuffer(raw, dtype=dtype, count=int(nx) * int(ny) * int(nz), offset=1024 + extended).reshape(nz, ny, nx)
+
+
+def _lits_crop(folder: Path) -> tuple:
+    """The LiTS crop as a Volume and its label map.  Its axes, read off its anatomy: the first runs
+    from the patient's right to the left (the liver at its start, the aorta left of the spine), the
+    second from front to back (the spine at its end), the third from the feet up (the lung bases at
+    its end); in (k, j, i) order that is LPS, RAS directions diag(−1, −1, 1), as the phantoms."""
+    image = _read_mrc(folder / "img_117.mrc").transpose(2, 1, 0)
+    labels = _read_mrc(folder / "lab_117.mrc").transpose(2, 1, 0).astype(np.uint8)
+    volume = Volume(np.ascontiguousarray(image, dtype=np.float32), LITS_SPACING, np.diag([-1.0, -1.0, 1.0]),
+                    np.zeros(3))
+    return volume, np.ascontiguousarray(labels)
+
+
 def load_scans(cache: Path, names=SCANS) -> dict:
-    """name -> (Volume or the error reading it gave, liver reference mask or None, what it is)."""
+    """name -> (Volume or the error reading it gave, reference or None, what it is).  The reference is
+    a boolean liver mask, or, where the scan has tumors (``liver-tumors``), a label map (1 liver, 2 tumor)."""
     if not (cache / "manifest.json").is_file():
         raise SystemExit(f"no real scans in {cache}; run `make real-data` (or this script with --fetch) first")
     ts = cache / "totalsegmentator"
@@ -182,7 +226,40 @@ def load_scans(cache: Path, names=SCANS) -> dict:
         scans["pelvis-ct"] = (_slab(body, lowest), None, "the pelvis of an abdomen-pelvis CT")
     if "mr" in names:
         scans["mr"] = (load_volume(ts / "example_mr_sm.nii.gz"), None, "an MR")
+    if "liver-tumors" in names:
+        scans["liver-tumors"] = (*_lits_crop(cache / "liver_ct_segmentation_package"),
+                                 "a liver with real metastases (LiTS 117), cropped to its box, 128³")
     return scans
+
+
+def _scope_for(loaded, scan: str):
+    """``loaded`` as is, or for a crop of the liver's box a copy whose card does not measure the body
+    around the liver (there is none in the crop); the liver's volume and the tumor's share still count."""
+    if scan not in CROPPED:
+        return loaded
+    card = json.loads(json.dumps(loaded.card))
+    organ = card.get("expects", {}).get("organ", {})
+    for key in ("min_body_cm2", "side", "min_offset_mm"):
+        organ.pop(key, None)
+    return dataclasses.replace(loaded, card=card)
+
+
+def _tumor_scores(labels: np.ndarray, reference: np.ndarray, spacing) -> dict:
+    """Tumor Dice; the reference's tumors (connected, 26-neighbour) touched by a tumor label, all and those
+    of 10 mm or more (the diameter of a ball of the same volume); tumor labels that touch none."""
+    from scipy import ndimage
+
+    tumor, truth = labels == 2, reference == 2
+    components, count = ndimage.label(truth, structure=np.ones((3, 3, 3)))
+    touched = np.unique(components[tumor & truth])
+    volumes = ndimage.sum(truth, components, range(1, count + 1)) * float(np.prod(spacing))
+    large = np.flatnonzero((6.0 * volumes / np.pi) ** (1.0 / 3.0) >= 10.0) + 1
+    called, called_count = ndimage.label(tumor, structure=np.ones((3, 3, 3)))
+    overlap = float(np.logical_and(tumor, truth).sum())
+    return {"tumor_dice": round(2 * overlap / max(float(tumor.sum() + truth.sum()), 1.0), 3),
+            "tumors": int(count), "tumors_found": int(len(touched)),
+            "tumors_10mm": int(len(large)), "tumors_10mm_found": int(np.isin(large, touched).sum()),
+            "tumor_calls_outside": int(called_count - len(np.unique(called[tumor & truth])))}
 
 
 def evaluate(scans: dict, models, figures: Path | None, threads: int) -> list:
@@ -198,7 +275,7 @@ def evaluate(scans: dict, models, figures: Path | None, threads: int) -> list:
         for scan, (volume, liver, what) in scans.items():
             start = time.perf_counter()
             try:
-                result = run(volume, model=loaded, device="cpu")
+                result = run(volume, model=_scope_for(loaded, scan), device="cpu")
             except TransferSegError as e:  # refused, as a CT model must refuse an MR
                 rows.append({"scan": scan, "model": loaded.card["name"], "refused": str(e)})
                 print(f"{scan:<18} {loaded.card['name']:<26} refused: {str(e)[:110]}", flush=True)
@@ -209,6 +286,10 @@ def evaluate(scans: dict, models, figures: Path | None, threads: int) -> list:
             row = {"scan": scan, "model": loaded.card["name"], "seconds": round(seconds, 1),
                    "warnings": result.warnings, "labels_ml": round(float(organ.sum()) * voxel_ml, 1),
                    "tumor_ml": round(float(tumor.sum()) * voxel_ml, 1)}
+            if liver is not None and liver.dtype != bool:  # a label map: the liver and its real tumors
+                row.update(_tumor_scores(result.labels, liver, volume.spacing))
+                row["reference_tumor_ml"] = round(float((liver == 2).sum()) * voxel_ml, 1)
+                liver = liver > 0
             if liver is not None:
                 overlap = float(np.logical_and(organ, liver).sum())
                 row["liver_dice"] = round(2 * overlap / max(float(organ.sum() + liver.sum()), 1.0), 3)
@@ -226,8 +307,11 @@ def evaluate(scans: dict, models, figures: Path | None, threads: int) -> list:
 def _format(row: dict) -> str:
     dice = f"{row['liver_dice']:.3f}" if "liver_dice" in row else "  —  "
     warned = "; ".join(row["warnings"])[:70] or "—"
+    tumors = (f"  tumor Dice {row['tumor_dice']:.3f}, {row['tumors_found']} of {row['tumors']} tumors found "
+              f"({row['tumors_10mm_found']} of {row['tumors_10mm']} ≥ 10 mm), {row['tumor_calls_outside']} calls "
+              "elsewhere" if "tumor_dice" in row else "")
     return (f"{row['scan']:<18} {row['model']:<26} liver Dice {dice}  tumor {row['tumor_ml']:7.1f} mL  "
-            f"labels {row['labels_ml']:7.1f} mL  {row['seconds']:5.1f} s  warnings: {warned}")
+            f"labels {row['labels_ml']:7.1f} mL  {row['seconds']:5.1f} s{tumors}  warnings: {warned}")
 
 
 def main(argv=None) -> int:
