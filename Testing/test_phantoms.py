@@ -439,6 +439,41 @@ def test_ct_diaphragm_lines_the_wall_with_muscle_between_liver_and_ribs_and_chan
         assert (sheet & (labels > 0)).sum() < 0.05 * sheet.sum(), seed   # (labels: half a voxel; tissues: its centre)
 
 
+def test_ct_tumor_margins_fade_metastases_into_the_liver_and_keep_the_liver():
+    """tumor_margins=True (with the mixed kinds): a metastasis gets two shells between its core and the
+    liver, in that order of HU; cysts and rimmed tumors are kept; the liver's outline (labels 1 ∪ 2) does
+    not move; one liver in five holds many more tumors."""
+    from TransferSegLib.phantoms import ct as ct_module
+
+    rng = np.random.default_rng(0)
+    softened = 0
+    for _ in range(40):
+        tumor = ct_module._draw_tumor(rng, "portal", 110.0, "metastasis")
+        before = dict(tumor)
+        ct_module._soften(rng, tumor, "portal", 110.0)
+        if before["rim"] is not None:
+            assert "halo" not in tumor
+        elif "halo" in tumor:
+            softened += 1
+            (outer_hu, outer), (inner_hu, inner) = tumor["halo"]
+            assert tumor["hu"] < inner_hu < outer_hu < 110.0 and 0.25 <= outer + inner <= 0.6
+    assert 10 <= softened <= 35
+    cyst = ct_module._draw_tumor(rng, "portal", 110.0, "cyst")
+    ct_module._soften(rng, cyst, "portal", 110.0)
+    assert "halo" not in cyst
+    with pytest.raises(TransferSegError, match="tumor_kinds"):
+        phantoms.ct_phantom(0, tumor_margins=True)
+    more = 0
+    for seed in range(3000, 3012):
+        _, plain = phantoms.ct_phantom(seed, shape=(24, 64, 64), tumor_kinds="mixed", phase="portal")
+        _, soft = phantoms.ct_phantom(seed, shape=(24, 64, 64), tumor_kinds="mixed", phase="portal",
+                                      tumor_margins=True)
+        assert np.array_equal(plain > 0, soft > 0), seed
+        count = [ndimage.label(labels == 2)[1] for labels in (plain, soft)]
+        more += count[1] >= count[0] + 4
+    assert more >= 1
+
+
 def test_ct_realistic_options_still_label_every_tumor_inside_the_liver():
     for seed in (7, 8):
         _, labels = phantoms.ct_phantom(seed, shape=(30, 96, 96), tumors=3, **REAL)

@@ -15,9 +15,9 @@ from ..volume import TransferSegError, Volume
 from .anatomy import paint_anatomy
 from .common import block_mean, check_seed, check_shape, random_rotation, stream, unit_noise
 from .geometry import FineGrid, Waves, capsule, ellipsoid
-from .tissues import (AIR, AORTA, BLOOD, BONE_CORTEX, BONE_MARROW, FAT_SC, GAS, KIDNEY_CORTEX, LIVER, LIVER_HEPATIC,
-                      LIVER_PORTAL, LIVER_TISSUE, LUNG, MUSCLE, PORTAL, RIM0, SKIN, SPLEEN, TABLE_FOAM, TABLE_SHELL,
-                      TUMOR0, VEIN)
+from .tissues import (AIR, AORTA, BLOOD, BONE_CORTEX, BONE_MARROW, FAT_SC, GAS, HALO0, KIDNEY_CORTEX, LIVER,
+                      LIVER_HEPATIC, LIVER_PORTAL, LIVER_TISSUE, LUNG, MUSCLE, PORTAL, RIM0, SKIN, SPLEEN, TABLE_FOAM,
+                      TABLE_SHELL, TUMOR0, VEIN)
 
 CT_DEFAULT_SHAPE = (40, 96, 96)
 
@@ -97,11 +97,13 @@ CT_COVERAGE = {
 }
 
 
-def _draw_tumor(rng, phase: str, liver_hu: float) -> dict:
-    """One tumor of a random kind (:data:`TUMOR_KINDS`): its core HU and, for some, a rim's HU and width."""
-    names = list(TUMOR_KINDS)
-    weights = np.array([TUMOR_KINDS[n][0] for n in names])
-    kind = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+def _draw_tumor(rng, phase: str, liver_hu: float, kind=None) -> dict:
+    """One tumor of a random kind (:data:`TUMOR_KINDS`), or of ``kind``: its core HU and, for some, a
+    rim's HU and width."""
+    if kind is None:
+        names = list(TUMOR_KINDS)
+        weights = np.array([TUMOR_KINDS[n][0] for n in names])
+        kind = names[int(rng.choice(len(names), p=weights / weights.sum()))]
     out = {"kind": kind, "rim": None, "texture": (5.0, 3.0), "waves": 0.06, "elongation": 0.1}
     if kind == "cyst":
         out.update(hu=rng.uniform(0.0, 20.0), texture=(1.5, 0.0), waves=0.02, elongation=0.05)
@@ -115,6 +117,24 @@ def _draw_tumor(rng, phase: str, liver_hu: float) -> dict:
     elif kind == "hyperenhancing" and phase in ("portal", "delayed") and rng.uniform() < 0.5:   # capsule
         out["rim"] = (liver_hu + rng.uniform(10.0, 25.0), rng.uniform(0.06, 0.12))
     return out
+
+
+def _soften(rng, tumor: dict, phase: str, liver_hu: float) -> None:
+    """Give a metastasis, a subtle tumor or a washed-out one (in place, seven in ten) the look of real
+    metastases: a margin that fades into the liver over 25–60 % of its radius (two shells, at 25–45 % and
+    55–80 % of the core's contrast; labelled tumor, as annotators draw them), an uneven inside (coarse
+    texture 6–14 HU) and a lobulated outline.  Tumors with a rim or a capsule and cysts are kept."""
+    washed_out = tumor["kind"] == "hyperenhancing" and phase in ("portal", "delayed")
+    if tumor["rim"] is not None or not (tumor["kind"] in ("metastasis", "subtle") or washed_out):
+        return
+    if rng.uniform() >= 0.7:
+        return
+    contrast = tumor["hu"] - liver_hu
+    outer, inner = rng.uniform(0.15, 0.35), rng.uniform(0.1, 0.25)
+    tumor["halo"] = ((liver_hu + rng.uniform(0.25, 0.45) * contrast, outer),
+                     (liver_hu + rng.uniform(0.55, 0.8) * contrast, inner))
+    tumor["texture"] = (tumor["texture"][0], rng.uniform(6.0, 14.0))
+    tumor["waves"] = rng.uniform(0.08, 0.18)
 
 
 def _coverage(seed: int, coverage, scan, nk: int) -> None:
@@ -213,7 +233,7 @@ def _metal_streaks(rng, array: np.ndarray, spacing) -> None:
 def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_diameter_mm=(4.0, 40.0),
                with_tissues: bool = False, phase=None, tumor_kinds=None, coverage=None, reconstruction=None,
                randomise: bool = False, arms: bool = False, metal: bool = False, anatomy=None,
-               fissures: bool = False, diaphragm: bool = False):
+               fissures: bool = False, diaphragm: bool = False, tumor_margins: bool = False):
     """A synthetic axial abdominal CT (HU) with liver and liver-tumor labels.
 
     Args:
@@ -245,6 +265,11 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
             metastases, some with an enhancing rim; arterially hyperenhancing tumors that wash out,
             some with a capsule; cysts at 0–20 HU; subtle ones), one case in five with 4–10 small
             ones, each kept off the large vessels; None keeps the older hypo/hyper-dense tumors.
+        tumor_margins: with ``tumor_kinds="mixed"``, give seven in ten metastases, subtle and washed-out
+            tumors the look of real metastases: a margin fading into the liver over 25–60 % of the radius
+            (labelled tumor, as annotators draw it), an uneven inside and a lobulated outline; and one liver
+            in five 6–15 metastases more (as livers full of them are).  Without it every tumor is sharp-edged
+            and even inside, and networks trained so call only the dark, sharp cores of real metastases.
         coverage: ``"random"`` draws how far the scan reaches (:data:`CT_COVERAGE`: the dome to
             the kidneys, the whole abdomen, the chest to the abdomen), or name one; None: the first.
             ``"chest"`` (never drawn by ``"random"``) is the lower chest, 90–150 mm down to 15–40 mm
@@ -286,13 +311,16 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
     seed = check_seed(seed)
     nk, nj, ni = check_shape(shape, CT_DEFAULT_SHAPE, (1, 32, 32), "CT phantom")
     diameters = _check_options(tumors, tumor_diameter_mm, tumor_kinds, reconstruction)
+    if tumor_margins and tumor_kinds != "mixed":
+        raise TransferSegError("tumor_margins=True changes the tumors that tumor_kinds='mixed' draws; give both")
     phase_name = None if phase is None else _phase_of(seed, phase)
     rng = stream(seed, 0)
     scan = _ct_scan(rng, nk, nj, ni)
     _coverage(seed, coverage, scan, nk)
     grid, factors = _fine_grid(scan, nk, nj, ni)
     tables = _paint_body(seed, grid, rng, scan, anatomy, arms, phase_name, randomise, fissures, diaphragm)
-    placed = _add_tumors(seed, grid, factors, scan, tables, tumors, tumor_kinds, diameters, phase_name)
+    placed = _add_tumors(seed, grid, factors, scan, tables, tumors, tumor_kinds, diameters, phase_name,
+                         tumor_margins)
     array = _voxel_intensities(seed, grid, factors, scan, tables, noise_sigma, reconstruction, randomise, metal)
     volume = Volume(array, spacing=scan.spacing, directions=np.diag([-1.0, -1.0, 1.0]), origin=scan.origin)
     labels = _labels(grid.cls, factors, placed)
@@ -360,7 +388,8 @@ def _liver_table() -> np.ndarray:
     return is_liver
 
 
-def _add_tumors(seed: int, grid, factors, scan, tables, tumors, tumor_kinds, diameters, phase_name) -> int:
+def _add_tumors(seed: int, grid, factors, scan, tables, tumors, tumor_kinds, diameters, phase_name,
+                margins: bool = False) -> int:
     """Draw how many tumors and of which kinds, and paint them (into ``grid`` and the tissue ``tables``),
     centred in the liver as the output grid sees it; how many fit."""
     hu, tex_fine, tex_coarse = tables
@@ -375,6 +404,15 @@ def _add_tumors(seed: int, grid, factors, scan, tables, tumors, tumor_kinds, dia
             n_tumors = int(krng.integers(4, 11))
             d_hi = min(d_hi, max(d_lo, 15.0))
         kinds = [_draw_tumor(krng, phase_name or "non-contrast", float(hu[LIVER])) for _ in range(n_tumors)]
+        if margins:  # from a stream of its own: without it the tumors are drawn as before
+            mrng = stream(seed, 19)
+            if tumors is None and mrng.uniform() < 0.2:       # a liver full of metastases
+                extra = int(mrng.integers(6, 16))
+                kinds += [_draw_tumor(mrng, phase_name or "non-contrast", float(hu[LIVER]), "metastasis")
+                          for _ in range(extra)]
+                n_tumors += extra
+            for kind in kinds:
+                _soften(mrng, kind, phase_name or "non-contrast", float(hu[LIVER]))
     liver_frac = block_mean(_liver_table()[grid.cls], factors)
     d_lo = max(d_lo, 1.5 * max(s_k, s_ip))
     d_hi = max(d_hi, d_lo)
@@ -413,7 +451,7 @@ def _labels(cls: np.ndarray, factors, placed: int) -> np.ndarray:
     (its tumors included), else 0."""
     is_liver = _liver_table()
     is_tumor = np.zeros(256, dtype=np.float32)
-    for first in (TUMOR0, RIM0):
+    for first in (TUMOR0, RIM0, HALO0):
         is_tumor[first:first + placed] = 1.0
         is_liver[first:first + placed] = 1.0
     tumor_frac = block_mean(is_tumor[cls], factors)
@@ -486,6 +524,16 @@ def _place_tumors(grid, factors, rng, count, liver_mask, spacing, diameter_range
                         grid.paint(cls, *ellipsoid(centre, r * axes * (1.0 - width), rot, waves), into=(RIM0 + placed,))
                         hu[RIM0 + placed] = rim_hu
                         tex_f[RIM0 + placed], tex_c[RIM0 + placed] = 5.0, 2.0
+                    elif kind.get("halo"):            # outer shell, inner shell, core: a margin fading outwards
+                        (outer_hu, outer), (inner_hu, inner) = kind["halo"]
+                        grid.paint(HALO0 + placed, *shape, into=(cls,))
+                        grid.paint(RIM0 + placed, *ellipsoid(centre, r * axes * (1.0 - outer), rot, waves),
+                                   into=(HALO0 + placed,))
+                        grid.paint(cls, *ellipsoid(centre, r * axes * (1.0 - outer - inner), rot, waves),
+                                   into=(RIM0 + placed,))
+                        hu[HALO0 + placed], hu[RIM0 + placed] = outer_hu, inner_hu
+                        tex_f[HALO0 + placed], tex_c[HALO0 + placed] = kind["texture"]
+                        tex_f[RIM0 + placed], tex_c[RIM0 + placed] = kind["texture"]
                 centres.append((centre, r))
                 placed += 1
                 break

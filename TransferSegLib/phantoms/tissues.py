@@ -7,6 +7,7 @@
  TABLE_SHELL, TABLE_FOAM, GREY_MATTER, WHITE_MATTER, THYROID, TRACHEA, URINE) = range(36)
 TUMOR0 = 64  # tumor n is class TUMOR0 + n
 RIM0 = 128   # the enhancing rim or capsule of tumor n is class RIM0 + n (labelled tumor too)
+HALO0 = 192  # the fading outer margin of tumor n is class HALO0 + n (labelled tumor too)
 LIVER_TISSUE = (LIVER, LIVER_PORTAL, LIVER_HEPATIC)
 #: Names of the values in the tissue map that ``ct_phantom(..., with_tissues=True)`` returns.
 CT_TISSUE_NAMES = {
