@@ -121,8 +121,8 @@ def verified(cache: Path) -> bool:
     except (OSError, ValueError):
         return False
     pinned = json.loads(PINNED.read_text(encoding="utf-8"))
-    return bool(manifest) and all(name in manifest for name in pinned) and all((cache / name).is_file() and sha256_file(cache / name) == digest
-                                  for name, digest in manifest.items())
+    return bool(manifest) and all(name in manifest for name in pinned) and all(
+        (cache / name).is_file() and sha256_file(cache / name) == digest for name, digest in manifest.items())
 
 
 def fetch(cache: Path) -> dict:
