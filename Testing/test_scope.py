@@ -203,20 +203,14 @@ def test_segment_refuses_an_mr_before_loading_the_network(tmp_path, capfd, monke
     assert not (tmp_path / "out").exists()
 
 
-PELVIS_GAP = ("the shipped default (3.0.0) reads 200-520 mL of the pelvis phantoms' gluteal and iliacus muscle as liver "
-              "with no warning; a model trained with data.negatives labels none of them but loses liver Dice on the real "
-              "scans, so it is not shipped (docs/reproduction.md, Real CT scans). strict: the day it passes, this must go")
-
-
 ACS_PELVIS_GAP = ("ct-liver-tumor-acs 2.0.0 reads 1,210 mL of this pelvis phantom (seed 11) as liver, no tumor, with no "
                   "warning (2 of 5 seeds; 1.0.0: 5 of 5); strict: the day it passes, this must go")
 REGIONS_WITHOUT_A_LIVER = ("head", "neck", "chest", "pelvis", "legs")
 
 
 @pytest.mark.parametrize("model, region", [
-    *[(DEFAULT_SEGMENTATION_MODEL, region) if region != "pelvis" else
-      pytest.param(DEFAULT_SEGMENTATION_MODEL, region, marks=pytest.mark.xfail(strict=True, reason=PELVIS_GAP))
-      for region in REGIONS_WITHOUT_A_LIVER],
+    # the default (3.1.0) trained with data.negatives: 3.0.0 read 200-520 mL of the pelvis phantoms as liver
+    *[(DEFAULT_SEGMENTATION_MODEL, region) for region in REGIONS_WITHOUT_A_LIVER],
     # retrained on the phantoms drawn as real scans vary (AH-Net 3.0.0, ACS 2.0.0), without scans lacking a liver
     *[("ct-liver-tumor-ahnet", region) for region in REGIONS_WITHOUT_A_LIVER],
     # the same, its coarse liver locator also shown scans without a liver (H-DenseUNet 2.0.0)
