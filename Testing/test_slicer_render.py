@@ -356,7 +356,9 @@ def test_slice_views_show_segmentation_heatmap_and_detections(tmp_path):
     through = shots["ct-3d-see-through"][1].astype(int)
     assert ((through[..., 0] - through[..., 2] > 40) & (through[..., 0] > 80)).sum() > 500, "no see-through liver"
     greenish = (through[..., 1] - through[..., 0] > 10) & (through[..., 1] > 60)
-    assert greenish.sum() > 50 and not ((surface[..., 1] - surface[..., 0] > 10) & (surface[..., 1] > 60)).any()
+    # the opaque liver hides its tumors: at most the tip of one that reaches its surface shows
+    hidden = (surface[..., 1] - surface[..., 0] > 10) & (surface[..., 1] > 60)
+    assert greenish.sum() > 50 and hidden.sum() < 0.05 * greenish.sum(), (greenish.sum(), hidden.sum())
     # the module's screenshot composes: views and both findings tables, small enough for the README
     from PIL import Image  # Pillow comes with matplotlib, which the screenshot needs
 
