@@ -184,7 +184,8 @@ def _read_mrc(path: Path) -> np.ndarray:
     dtype = {2: "<f4", 6: "<u2"}.get(int(mode))
     if dtype is None:
         raise SystemExit(f"{path}: MRC mode {mode} is not float32 or uint16")
-    return np.frombuffer(raw, dtype=dtype, count=int(nx) * int(ny) * int(nz), offset=1024 + extended).reshape(nz, ny, nx)
+    count = int(nx) * int(ny) * int(nz)
+    return np.frombuffer(raw, dtype=dtype, count=count, offset=1024 + extended).reshape(nz, ny, nx)
 
 
 def _lits_crop(folder: Path) -> tuple:

@@ -116,6 +116,12 @@ def _paint_chest(grid, rng, body) -> None:
     body.__dict__.update(below_dome=below_dome, dome=dome, left_drop=left_drop, y_vb=y_vb)
 
 
+def _angle_from_spine(body, x, y):
+    """The angle (radians) around the body's axis of the points (x, y) mm: 0 at the spine, π at the front,
+    on the body's own ellipse (so the same on either side)."""
+    return np.arccos(np.clip(-(y / body.b) / np.maximum(np.hypot(x / body.a, y / body.b), 1e-9), -1.0, 1.0))
+
+
 def _paint_costal_diaphragm(grid, rng, body) -> None:
     """The diaphragm's costal part: a sheet of muscle (2.5–6 mm) lining the body wall on the inside, from
     the dome down to the costal margin (higher in front than at the back), with 0–4 mm of extraperitoneal
@@ -126,7 +132,7 @@ def _paint_costal_diaphragm(grid, rng, body) -> None:
     draw = body.diaphragm
     if draw is None:
         return
-    a, b, g, r_mean, rho2, rho_cav, dome = body.a, body.b, body.g, body.r_mean, body.rho2, body.rho_cav, body.dome
+    g, r_mean, rho2, rho_cav, dome = body.g, body.r_mean, body.rho2, body.rho_cav, body.dome
     thick, gap = draw.uniform(2.5, 6.0), draw.uniform(0.0, 4.0)
     wobble, wobble_phase = draw.uniform(0.0, 0.3), draw.uniform(0.0, 2.0 * np.pi)
     z_back, z_front = draw.uniform(-190.0, -140.0), draw.uniform(-110.0, -60.0)   # the costal margin
@@ -137,7 +143,7 @@ def _paint_costal_diaphragm(grid, rng, body) -> None:
     near = np.nonzero(((depth >= 0.0) & (depth < gap + thick * (1.0 + wobble))).any(axis=0))[0]
     jj, ii, depth = jj[near], ii[near], depth[:, near]
     xr, yr = grid.x[ii], grid.y[jj]
-    phi = np.arccos(np.clip(-(yr / b) / np.maximum(np.hypot(xr / a, yr / b), 1e-9), -1.0, 1.0))   # 0 at the spine
+    phi = _angle_from_spine(body, xr, yr)
     local = thick * (1.0 + wobble * np.sin(2.0 * phi + wobble_phase))
     z_margin = z_back + (z_front - z_back) * (phi / np.pi) ** 1.5
     zz = grid.z[:, None]
@@ -362,7 +368,7 @@ def _paint_bowel(grid, rng, body) -> None:
 
 def _paint_ribs(grid, rng, body) -> None:
     """Ribs: bands that descend from the spine towards the front."""
-    a, b, g, r_mean, rho2 = body.a, body.b, body.g, body.r_mean, body.rho2
+    g, r_mean, rho2 = body.g, body.r_mean, body.rho2
     rho_cav, rho_fat = body.rho_cav, body.rho_fat
     cls = grid.cls
     # Evaluated only on the pixels of a ring around the body, for every slice at once.
@@ -376,7 +382,7 @@ def _paint_ribs(grid, rng, body) -> None:
     jj, ii = np.nonzero(np.abs(rho2 - rho_rib) * r_mean <= rib_t + 10.0)
     radial = np.abs(rho2[jj, ii][None, :] / g[:, None] - rho_rib) * r_mean        # (slices, ring pixels)
     xr, yr = grid.x[ii], grid.y[jj]
-    phi = np.arccos(np.clip(-(yr / b) / np.maximum(np.hypot(xr / a, yr / b), 1e-9), -1.0, 1.0))[None, :]  # 0 at the spine
+    phi = _angle_from_spine(body, xr, yr)[None, :]
     zz = grid.z[:, None]
     cortex = np.zeros(radial.shape, dtype=bool)
     marrow = np.zeros(radial.shape, dtype=bool)

@@ -518,22 +518,24 @@ def _place_tumors(grid, factors, rng, count, liver_mask, spacing, diameter_range
                 else:
                     hu[cls] = kind["hu"]
                     tex_f[cls], tex_c[cls] = kind["texture"]
-                    if kind["rim"] is not None:       # the whole tumor is rim first, then its core inside
+                    if kind["rim"] is not None:       # an enhancing rim around the core
                         rim_hu, width = kind["rim"]
-                        grid.paint(RIM0 + placed, *shape, into=(cls,))
-                        grid.paint(cls, *ellipsoid(centre, r * axes * (1.0 - width), rot, waves), into=(RIM0 + placed,))
-                        hu[RIM0 + placed] = rim_hu
-                        tex_f[RIM0 + placed], tex_c[RIM0 + placed] = 5.0, 2.0
+                        shells = [(RIM0 + placed, rim_hu, width, (5.0, 2.0))]
                     elif kind.get("halo"):            # outer shell, inner shell, core: a margin fading outwards
                         (outer_hu, outer), (inner_hu, inner) = kind["halo"]
-                        grid.paint(HALO0 + placed, *shape, into=(cls,))
-                        grid.paint(RIM0 + placed, *ellipsoid(centre, r * axes * (1.0 - outer), rot, waves),
-                                   into=(HALO0 + placed,))
-                        grid.paint(cls, *ellipsoid(centre, r * axes * (1.0 - outer - inner), rot, waves),
-                                   into=(RIM0 + placed,))
-                        hu[HALO0 + placed], hu[RIM0 + placed] = outer_hu, inner_hu
-                        tex_f[HALO0 + placed], tex_c[HALO0 + placed] = kind["texture"]
-                        tex_f[RIM0 + placed], tex_c[RIM0 + placed] = kind["texture"]
+                        shells = [(HALO0 + placed, outer_hu, outer, kind["texture"]),
+                                  (RIM0 + placed, inner_hu, inner, kind["texture"])]
+                    else:
+                        shells = []
+                    # The whole tumor is the outermost shell first, then each shell and the core inside the last.
+                    outside, scale = cls, 1.0
+                    for shell, shell_hu, width, texture in shells:
+                        grid.paint(shell, *ellipsoid(centre, r * axes * scale, rot, waves), into=(outside,))
+                        hu[shell] = shell_hu
+                        tex_f[shell], tex_c[shell] = texture
+                        outside, scale = shell, scale - width
+                    if shells:
+                        grid.paint(cls, *ellipsoid(centre, r * axes * scale, rot, waves), into=(outside,))
                 centres.append((centre, r))
                 placed += 1
                 break
