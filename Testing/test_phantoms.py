@@ -727,3 +727,32 @@ def test_the_pelvis_has_bone_a_bladder_near_water_and_bowel_gas(seed):
     assert sizes.max() >= 20.0 and abs(np.median(x_mm) - float(np.median(
         volume.ijk_to_ras_points(np.argwhere(body))[:, 0]))) < 30.0, (seed, sizes.max())
     assert -5 <= np.median(array[bladder]) <= 25, seed
+
+
+def test_ct_stomach_varies_the_stomach_and_gives_its_room_to_the_left_lobe():
+    """stomach=True draws the stomach smaller (0.45-1 times), further back when small, half of them
+    collapsed (wall only, no gas); the liver's left lobe grows into the room, on the patient's left; the
+    right of the body holds the same tissues voxel for voxel."""
+    T = phantom_tissues
+    stomach_classes = (T.BOWEL_WALL, T.FLUID, T.GAS)
+    collapsed = smaller = 0
+    for seed in (2003, 2011, 2017, 2029):
+        plain, plain_labels, plain_tissues = phantoms.ct_phantom(seed, shape=(40, 128, 128), tumors=0,
+                                                                 phase="portal", with_tissues=True)
+        varied, labels, tissues = phantoms.ct_phantom(seed, shape=(40, 128, 128), tumors=0, phase="portal",
+                                                      stomach=True, with_tissues=True)
+        # the stomach is the large component of its classes on the patient's left (high i: LPS columns)
+        left = np.zeros(tissues.shape, bool)
+        left[:, :, 64:] = True
+        before = np.isin(plain_tissues, stomach_classes) & left
+        after = np.isin(tissues, stomach_classes) & left
+        smaller += after.sum() < 0.9 * before.sum()
+        gas_before, gas_after = (plain_tissues == T.GAS) & left, (tissues == T.GAS) & left
+        collapsed += gas_before.sum() > 50 and gas_after.sum() < 0.1 * gas_before.sum()
+        # more liver, all of it on the patient's left of the right lobe (where the moved stomach sits the
+        # liver may lose a little)
+        gained, lost = (labels > 0) & (plain_labels == 0), (plain_labels > 0) & (labels == 0)
+        assert gained.sum() > 300 and lost.sum() < 0.15 * gained.sum(), seed
+        assert not gained[:, :, :48].any(), seed
+        assert np.array_equal(plain_tissues[:, :, :40], tissues[:, :, :40]), seed
+    assert smaller >= 3 and collapsed >= 1

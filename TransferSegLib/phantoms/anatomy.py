@@ -15,16 +15,18 @@ from .tissues import (AIR, AORTA, BILE, BLOOD, BONE_CORTEX, BONE_MARROW, BOWEL_W
 
 
 def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm, left_lobe: float = 1.0, fissures=None,
-                  diaphragm=None):
+                  diaphragm=None, stomach=None):
     """Paint the abdomen into ``grid``, one organ system after another from one random stream (the
     order is the phantoms' seed contract); return per-class HU and texture-amplitude tables.
     ``left_lobe`` scales the liver's left lobe across the body (1: as before; real ones reach from
     the midline to the spleen).  ``fissures``: None (as before) or a random stream of its own that
     draws the liver's fat-filled fissures (:func:`_paint_liver_fissures`).  ``diaphragm``: None (as
     before) or a random stream of its own that draws the diaphragm's costal part
-    (:func:`_paint_costal_diaphragm`)."""
+    (:func:`_paint_costal_diaphragm`).  ``stomach``: None (as before) or a random stream of its own that
+    varies the stomach's size, place and contents (:func:`_paint_spleen_and_stomach`)."""
     body = SimpleNamespace(a=a, b=b, fat=fat, muscle_w=muscle_w, organ=organ, fov=fov, pixel_mm=pixel_mm,
-                           left_lobe=left_lobe, fissures=fissures, diaphragm=diaphragm)
+                           left_lobe=left_lobe, fissures=fissures, diaphragm=diaphragm, stomach=stomach,
+                           stomach_room=0.0)
     for painter in (_paint_body, _paint_table, _paint_chest, _paint_costal_diaphragm, _paint_spine, _paint_aorta,
                     _paint_kidneys,
                     _paint_spleen_and_stomach, _paint_liver, _paint_liver_fissures, _paint_liver_vessels,
@@ -220,7 +222,12 @@ def _paint_kidneys(grid, rng, body) -> None:
 
 
 def _paint_spleen_and_stomach(grid, rng, body) -> None:
-    """Spleen (crescent) and stomach (gas over fluid), under the left dome."""
+    """Spleen (crescent) and stomach (gas over fluid), under the left dome.
+
+    With ``body.stomach`` (a stream of its own) the stomach is drawn as real ones vary: 0.45–1 times as
+    large, a smaller one lying further back (towards the spleen and the crura), and half of them collapsed
+    (all wall: soft tissue close to an unenhanced liver's HU, no gas); ``body.stomach_room`` (0–0.55) then
+    tells the liver how much of the front of the left upper abdomen is free for its left lobe."""
     ac, bc, below_dome, left_drop, organ = body.ac, body.bc, body.below_dome, body.left_drop, body.organ
     spleen_c = np.array([-0.7 * ac, -0.3 * bc, -45.0 - left_drop - rng.uniform(0.0, 15.0)])
     spleen_rot = rotation_z(45.0 + rng.uniform(-10.0, 10.0))   # long axis along the ribs
@@ -232,20 +239,31 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
     st_c = np.array([-0.38 * ac, 0.12 * bc, -40.0 - left_drop])
     st_rot = rotation_z(rng.uniform(15.0, 40.0))
     st_semi = np.array([40.0, 33.0, 55.0]) * organ * rng.uniform(0.8, 1.2, size=3)
+    fill = rng.uniform(-0.2, 0.7)                               # the gas-fluid level, as a fraction of the semi-axis
+    collapsed = False
+    if body.stomach is not None:
+        size = body.stomach.uniform(0.45, 1.0)
+        st_semi = st_semi * size
+        st_c = st_c - np.array([0.0, (1.0 - size) * body.stomach.uniform(0.4, 0.8) * bc, 0.0])
+        collapsed = bool(body.stomach.uniform() < 0.5)
+        body.stomach_room = 1.0 - size
     wall_in, lo, hi = ellipsoid(st_c, st_semi, st_rot)
     grid.paint(BOWEL_WALL, lambda X, Y, Z: wall_in(X, Y, Z) & below_dome(4.0)(X, Y, Z), lo, hi, into=(FAT_VISC,))
+    if collapsed:
+        return
     lumen_in, lo, hi = ellipsoid(st_c, st_semi - 4.0, st_rot)
-    level = st_c[1] + rng.uniform(-0.2, 0.7) * st_semi[1]
+    level = st_c[1] + fill * st_semi[1]
     grid.paint(FLUID, lumen_in, lo, hi, into=(BOWEL_WALL,))
     grid.paint(GAS, lambda X, Y, Z: lumen_in(X, Y, Z) & (Y > level), lo, hi, into=(FLUID,))
 
 
 def _paint_liver(grid, rng, body) -> None:
     """The liver: a smooth union of lobes, lobulated by a smooth field."""
-    ac, bc, dome, organ, left = body.ac, body.bc, body.dome, body.organ, body.left_lobe
+    ac, bc, dome, organ, left, room = body.ac, body.bc, body.dome, body.organ, body.left_lobe, body.stomach_room
     lobes = [  # (centre as fractions of the cavity / mm in z, semi-axes mm)
         ((0.42, 0.0, -62.0), (0.5 * ac, 0.78 * bc, 68.0)),          # right lobe
-        ((-0.18 - 0.25 * (left - 1.0), 0.42, -38.0), (0.45 * ac * left, 0.38 * bc, 34.0)),   # left lobe
+        ((-0.18 - 0.25 * (left - 1.0), 0.42 - 0.3 * room, -38.0),   # left lobe: deeper where the stomach is small
+         (0.45 * ac * left, (0.38 + 0.3 * room) * bc, 34.0)),
         ((0.58, 0.05, -118.0), (0.27 * ac, 0.5 * bc, 40.0)),        # inferior tip of the right lobe
         ((0.07, -0.3, -52.0), (0.15 * ac, 0.26 * bc, 34.0)),        # caudate lobe
     ]
