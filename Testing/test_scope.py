@@ -209,7 +209,7 @@ REGIONS_WITHOUT_A_LIVER = ("head", "neck", "chest", "pelvis", "legs")
 
 
 @pytest.mark.parametrize("model, region", [
-    # the default (3.1.0) trained with data.negatives: 3.0.0 read 200-520 mL of the pelvis phantoms as liver
+    # the default (3.1.0 on) trained with data.negatives: 3.0.0 read 200-520 mL of the pelvis phantoms as liver
     *[(DEFAULT_SEGMENTATION_MODEL, region) for region in REGIONS_WITHOUT_A_LIVER],
     # retrained on the phantoms drawn as real scans vary (AH-Net 3.0.0, ACS 2.0.0), without scans lacking a liver
     *[("ct-liver-tumor-ahnet", region) for region in REGIONS_WITHOUT_A_LIVER],

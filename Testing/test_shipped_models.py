@@ -84,7 +84,7 @@ def test_default_segmentation_model_card_carries_its_clinical_grid_numbers():
     assert {"liver_dice_mean", "liver_dice_worst", "tumor_dice_global"} <= set(clinical)
     assert clinical["liver_dice_worst"]["dice"] > 0.85
     native = card["metrics"]["heldout_native"]
-    assert native["liver_incl_tumor"]["dice_per_case"] >= 0.939  # no worse than the model it replaced
+    assert native["liver_incl_tumor"]["dice_per_case"] >= 0.945  # no worse than the model it replaced (3.1.0)
 
 
 def test_default_detection_model_card_carries_its_heldout_froc_per_kind():

@@ -356,9 +356,11 @@ def test_slice_views_show_segmentation_heatmap_and_detections(tmp_path):
     through = shots["ct-3d-see-through"][1].astype(int)
     assert ((through[..., 0] - through[..., 2] > 40) & (through[..., 0] > 80)).sum() > 500, "no see-through liver"
     greenish = (through[..., 1] - through[..., 0] > 10) & (through[..., 1] > 60)
-    # the opaque liver hides its tumors: at most the tip of one that reaches its surface shows
+    # the opaque liver hides its tumors: only the tips of those that reach its surface show (looked at: the
+    # default 3.2.0's labels on this phantom show 40 such pixels against 642 seen through; an opacity that did
+    # not apply would show about as many as the see-through view)
     hidden = (surface[..., 1] - surface[..., 0] > 10) & (surface[..., 1] > 60)
-    assert greenish.sum() > 50 and hidden.sum() < 0.05 * greenish.sum(), (greenish.sum(), hidden.sum())
+    assert greenish.sum() > 50 and hidden.sum() < 0.15 * greenish.sum(), (greenish.sum(), hidden.sum())
     # the module's screenshot composes: views and both findings tables, small enough for the README
     from PIL import Image  # Pillow comes with matplotlib, which the screenshot needs
 
