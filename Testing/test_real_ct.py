@@ -79,8 +79,8 @@ def test_a_real_mr_is_refused_before_the_network_runs(results):
 def test_the_default_model_on_a_liver_with_real_metastases(results):
     """The only real tumors (LiTS 117, 70 metastases, 17 of 10 mm or more): the default 3.2.0 finds 10 of the 17
     (tumor Dice 0.437, liver 0.867; 3.1.0: 9, 0.321; 3.0.0, trained on sharp-edged tumors only: 2 of 17, 0.023);
-    these floors catch a regression, the numbers are in docs/reproduction.md.  The crop holds nothing around the liver, so nothing is
-    withheld for scope."""
+    these floors catch a regression, the numbers are in docs/reproduction.md.  The crop holds nothing around the
+    liver, so nothing is withheld for scope."""
     row = results["liver-tumors"]
     assert row["warnings"] == [], row
     assert row["liver_dice"] >= 0.85, row
