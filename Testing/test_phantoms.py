@@ -756,3 +756,30 @@ def test_ct_stomach_varies_the_stomach_and_gives_its_room_to_the_left_lobe():
         assert not gained[:, :, :48].any(), seed
         assert np.array_equal(plain_tissues[:, :, :40], tissues[:, :, :40]), seed
     assert smaller >= 3 and collapsed >= 1
+
+
+def test_ct_beaver_tail_wraps_the_left_lobe_back_towards_the_spleen():
+    """beaver_tail=True gives six livers in ten a fifth lobe from the left lobe's end back along the left
+    ribs, with their stomach smaller and lower; the other livers are the same phantom voxel for voxel, and
+    the right of the body holds the same tissues."""
+    T = phantom_tissues
+    stomach_classes = (T.BOWEL_WALL, T.FLUID, T.GAS)
+    tails = plain_cases = 0
+    for seed in (1011, 1012, 1015, 1016):
+        options = dict(shape=(48, 128, 128), tumors=0, phase="arterial", anatomy="random", stomach=True,
+                       with_tissues=True)
+        _, plain_labels, plain_tissues = phantoms.ct_phantom(seed, **options)
+        _, labels, tissues = phantoms.ct_phantom(seed, beaver_tail=True, **options)
+        if np.array_equal(plain_tissues, tissues):
+            plain_cases += 1
+            assert np.array_equal(plain_labels, labels), seed
+            continue
+        tails += 1
+        gained, lost = (labels > 0) & (plain_labels == 0), (plain_labels > 0) & (labels == 0)
+        assert gained.sum() > 500 and lost.sum() < 0.15 * gained.sum(), seed
+        # all of it on the patient's left (high i), some of it in the back half (high j: LPS rows)
+        assert not gained[:, :, :64].any(), seed
+        assert gained[:, 64:, :].sum() > 50, seed
+        assert np.array_equal(plain_tissues[:, :, :40], tissues[:, :, :40]), seed
+        assert np.isin(tissues, stomach_classes).sum() < np.isin(plain_tissues, stomach_classes).sum(), seed
+    assert tails >= 2 and plain_cases >= 1

@@ -15,7 +15,7 @@ from .tissues import (AIR, AORTA, BILE, BLOOD, BONE_CORTEX, BONE_MARROW, BOWEL_W
 
 
 def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm, left_lobe: float = 1.0, fissures=None,
-                  diaphragm=None, stomach=None):
+                  diaphragm=None, stomach=None, beaver_tail=None):
     """Paint the abdomen into ``grid``, one organ system after another from one random stream (the
     order is the phantoms' seed contract); return per-class HU and texture-amplitude tables.
     ``left_lobe`` scales the liver's left lobe across the body (1: as before; real ones reach from
@@ -23,10 +23,12 @@ def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm, left_lob
     draws the liver's fat-filled fissures (:func:`_paint_liver_fissures`).  ``diaphragm``: None (as
     before) or a random stream of its own that draws the diaphragm's costal part
     (:func:`_paint_costal_diaphragm`).  ``stomach``: None (as before) or a random stream of its own that
-    varies the stomach's size, place and contents (:func:`_paint_spleen_and_stomach`)."""
+    varies the stomach's size, place and contents (:func:`_paint_spleen_and_stomach`).  ``beaver_tail``: None
+    (as before) or a random stream of its own that gives some livers a left lobe's tail wrapping back
+    towards the spleen (:func:`_paint_liver`)."""
     body = SimpleNamespace(a=a, b=b, fat=fat, muscle_w=muscle_w, organ=organ, fov=fov, pixel_mm=pixel_mm,
                            left_lobe=left_lobe, fissures=fissures, diaphragm=diaphragm, stomach=stomach,
-                           stomach_room=0.0)
+                           stomach_room=0.0, beaver_tail=beaver_tail, tail=False)
     for painter in (_paint_body, _paint_table, _paint_chest, _paint_costal_diaphragm, _paint_spine, _paint_aorta,
                     _paint_kidneys,
                     _paint_spleen_and_stomach, _paint_liver, _paint_liver_fissures, _paint_liver_vessels,
@@ -227,7 +229,9 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
     With ``body.stomach`` (a stream of its own) the stomach is drawn as real ones vary: 0.45–1 times as
     large, a smaller one lying further back (towards the spleen and the crura), and half of them collapsed
     (all wall: soft tissue close to an unenhanced liver's HU, no gas); ``body.stomach_room`` (0–0.55) then
-    tells the liver how much of the front of the left upper abdomen is free for its left lobe."""
+    tells the liver how much of the front of the left upper abdomen is free for its left lobe.  With
+    ``body.beaver_tail`` (a stream of its own) six livers in ten get the left lobe's tail (``body.tail``), and
+    their stomach is drawn 0.6–0.85 times as large, lower and nearer the midline, below the tail."""
     ac, bc, below_dome, left_drop, organ = body.ac, body.bc, body.below_dome, body.left_drop, body.organ
     spleen_c = np.array([-0.7 * ac, -0.3 * bc, -45.0 - left_drop - rng.uniform(0.0, 15.0)])
     spleen_rot = rotation_z(45.0 + rng.uniform(-10.0, 10.0))   # long axis along the ribs
@@ -247,6 +251,12 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
         st_c = st_c - np.array([0.0, (1.0 - size) * body.stomach.uniform(0.4, 0.8) * bc, 0.0])
         collapsed = bool(body.stomach.uniform() < 0.5)
         body.stomach_room = 1.0 - size
+    tail = body.beaver_tail
+    body.tail = tail is not None and tail.uniform() < 0.6
+    if body.tail:   # a liver with a tail pushes the stomach down and in, below the tail
+        shrink = tail.uniform(0.6, 0.85)
+        st_c = st_c + np.array([(1.0 - shrink) * st_semi[0], 0.0, -(1.0 - shrink) * st_semi[2]])
+        st_semi = st_semi * shrink
     wall_in, lo, hi = ellipsoid(st_c, st_semi, st_rot)
     grid.paint(BOWEL_WALL, lambda X, Y, Z: wall_in(X, Y, Z) & below_dome(4.0)(X, Y, Z), lo, hi, into=(FAT_VISC,))
     if collapsed:
@@ -258,7 +268,12 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
 
 
 def _paint_liver(grid, rng, body) -> None:
-    """The liver: a smooth union of lobes, lobulated by a smooth field."""
+    """The liver: a smooth union of lobes, lobulated by a smooth field.
+
+    Where :func:`_paint_spleen_and_stomach` drew a tail (``body.tail``), the liver gets a fifth lobe: the left lobe's
+    tail, a flattened lobe from the left lobe's end back along the left ribs towards the spleen, in the
+    upper abdomen (the "beaver tail" liver, a common normal variant); the liver fills only the fat there,
+    so it wraps around the stomach and the spleen."""
     ac, bc, dome, organ, left, room = body.ac, body.bc, body.dome, body.organ, body.left_lobe, body.stomach_room
     lobes = [  # (centre as fractions of the cavity / mm in z, semi-axes mm)
         ((0.42, 0.0, -62.0), (0.5 * ac, 0.78 * bc, 68.0)),          # right lobe
@@ -274,6 +289,13 @@ def _paint_liver(grid, rng, body) -> None:
         for (fx, fy, z), semi in lobes
     ]
     waves = Waves(rng, 8, (50.0, 120.0), 0.12)
+    tail = body.beaver_tail
+    if body.tail:
+        end = lobe_shapes[1].c[0] - 0.6 * lobe_shapes[1].semi[0]        # towards the left lobe's end
+        centre = np.array([end - tail.uniform(0.05, 0.2) * ac, tail.uniform(-0.2, 0.2) * bc,
+                           lobe_shapes[1].c[2] + tail.uniform(-6.0, 10.0)])
+        semi = np.array([tail.uniform(0.25, 0.4) * ac, tail.uniform(0.18, 0.3) * bc, tail.uniform(18.0, 28.0)])
+        lobe_shapes.append(Ellipsoid(centre, semi * liver_scale, rotation_z(tail.uniform(30.0, 60.0))))
     sharpness = 8.0
 
     def liver_inside(X, Y, Z):

@@ -233,7 +233,8 @@ def _metal_streaks(rng, array: np.ndarray, spacing) -> None:
 def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_diameter_mm=(4.0, 40.0),
                with_tissues: bool = False, phase=None, tumor_kinds=None, coverage=None, reconstruction=None,
                randomise: bool = False, arms: bool = False, metal: bool = False, anatomy=None,
-               fissures: bool = False, diaphragm: bool = False, tumor_margins: bool = False, stomach: bool = False):
+               fissures: bool = False, diaphragm: bool = False, tumor_margins: bool = False, stomach: bool = False,
+               beaver_tail: bool = False):
     """A synthetic axial abdominal CT (HU) with liver and liver-tumor labels.
 
     Args:
@@ -296,6 +297,10 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
             of them collapsed: all wall, soft tissue, no gas), as on real scans where the left lobe lies
             against a small stomach of nearly its own HU: without it the stomach always fills the front
             left with gas over fluid, and a network learns that the liver ends before it.
+        beaver_tail: give six livers in ten the left lobe's tail: a flattened lobe from the left lobe's end
+            back along the left ribs towards the spleen, in the upper abdomen (the "beaver tail" liver, a
+            common normal variant), wrapping around the stomach and the spleen, as the real chest CT's
+            liver does: without it no phantom liver reaches the back of the left upper abdomen.
         metal: draw per case (one in four) a metal object — a spinal screw, surgical clips, an
             embolisation coil — with the dark and bright streaks it casts across the slices it is in.
 
@@ -323,7 +328,8 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
     scan = _ct_scan(rng, nk, nj, ni)
     _coverage(seed, coverage, scan, nk)
     grid, factors = _fine_grid(scan, nk, nj, ni)
-    tables = _paint_body(seed, grid, rng, scan, anatomy, arms, phase_name, randomise, fissures, diaphragm, stomach)
+    tables = _paint_body(seed, grid, rng, scan, anatomy, arms, phase_name, randomise, fissures, diaphragm, stomach,
+                        beaver_tail)
     placed = _add_tumors(seed, grid, factors, scan, tables, tumors, tumor_kinds, diameters, phase_name,
                          tumor_margins)
     array = _voxel_intensities(seed, grid, factors, scan, tables, noise_sigma, reconstruction, randomise, metal)
@@ -367,7 +373,8 @@ def _fine_grid(scan, nk: int, nj: int, ni: int) -> tuple:
 
 
 def _paint_body(seed: int, grid, rng, scan, anatomy, arms: bool, phase_name, randomise: bool,
-                fissures: bool = False, diaphragm: bool = False, stomach: bool = False) -> tuple:
+                fissures: bool = False, diaphragm: bool = False, stomach: bool = False,
+                beaver_tail: bool = False) -> tuple:
     """Paint the organs (and the arms), then set the tissues' HU for the phase; the tissue tables
     ``(hu, tex_fine, tex_coarse)``: HU and fine and coarse texture amplitude, indexed by tissue value."""
     if anatomy not in (None, "random"):
@@ -377,7 +384,8 @@ def _paint_body(seed: int, grid, rng, scan, anatomy, arms: bool, phase_name, ran
                                              scan.fov, scan.spacing[2], left_lobe=left_lobe,
                                              fissures=stream(seed, 17) if fissures else None,
                                              diaphragm=stream(seed, 18) if diaphragm else None,
-                                             stomach=stream(seed, 20) if stomach else None)
+                                             stomach=stream(seed, 20) if stomach else None,
+                                             beaver_tail=stream(seed, 21) if beaver_tail else None)
     if arms:
         _paint_arms(grid, stream(seed, 10), scan)
     if phase_name is not None:  # after the anatomy's own draws, from a stream of its own: phase=None is unchanged
