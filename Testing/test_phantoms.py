@@ -767,7 +767,7 @@ def test_ct_beaver_tail_wraps_the_left_lobe_back_towards_the_spleen():
     tails = plain_cases = 0
     for seed in (1011, 1012, 1015, 1016):
         options = dict(shape=(48, 128, 128), tumors=0, phase="arterial", anatomy="random", stomach=True,
-                       with_tissues=True)
+                       fissures=True, diaphragm=True, with_tissues=True)
         _, plain_labels, plain_tissues = phantoms.ct_phantom(seed, **options)
         _, labels, tissues = phantoms.ct_phantom(seed, beaver_tail=True, **options)
         if np.array_equal(plain_tissues, tissues):

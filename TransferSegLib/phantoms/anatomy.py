@@ -320,7 +320,7 @@ def _paint_liver_fissures(grid, rng, body) -> None:
     draw = body.fissures
     if draw is None:
         return
-    _, left, _, caudate = body.liver_lobes
+    _, left, _, caudate = body.liver_lobes[:4]   # a tail, if any, is the fifth
     lo_all, hi_all = body.liver_box
     if draw.uniform() < 0.8:  # umbilical fissure: a near-sagittal plane through the left lobe's right part
         width = draw.uniform(1.5, 4.0)
