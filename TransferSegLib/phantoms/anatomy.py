@@ -24,11 +24,11 @@ def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm, left_lob
     before) or a random stream of its own that draws the diaphragm's costal part
     (:func:`_paint_costal_diaphragm`).  ``stomach``: None (as before) or a random stream of its own that
     varies the stomach's size, place and contents (:func:`_paint_spleen_and_stomach`).  ``beaver_tail``: None
-    (as before) or a random stream of its own that gives some livers a left lobe's tail wrapping back
-    towards the spleen (:func:`_paint_liver`)."""
+    (as before) or a random stream of its own that gives some livers a thin plate atop the left lobe and a
+    tail from it back towards the spleen (:func:`_paint_liver`), over a lower stomach."""
     body = SimpleNamespace(a=a, b=b, fat=fat, muscle_w=muscle_w, organ=organ, fov=fov, pixel_mm=pixel_mm,
                            left_lobe=left_lobe, fissures=fissures, diaphragm=diaphragm, stomach=stomach,
-                           stomach_room=0.0, beaver_tail=beaver_tail, tail=False)
+                           stomach_room=0.0, beaver_tail=beaver_tail, plate=False)
     for painter in (_paint_body, _paint_table, _paint_chest, _paint_costal_diaphragm, _paint_spine, _paint_aorta,
                     _paint_kidneys,
                     _paint_spleen_and_stomach, _paint_liver, _paint_liver_fissures, _paint_liver_vessels,
@@ -230,8 +230,8 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
     large, a smaller one lying further back (towards the spleen and the crura), and half of them collapsed
     (all wall: soft tissue close to an unenhanced liver's HU, no gas); ``body.stomach_room`` (0–0.55) then
     tells the liver how much of the front of the left upper abdomen is free for its left lobe.  With
-    ``body.beaver_tail`` (a stream of its own) six livers in ten get the left lobe's tail (``body.tail``), and
-    their stomach is drawn 0.6–0.85 times as large, lower and nearer the midline, below the tail."""
+    ``body.beaver_tail`` (a stream of its own), six in ten stomachs lie 16–42 mm lower, under the plate of
+    the liver's left lobe that :func:`_paint_liver` then draws (``body.plate``)."""
     ac, bc, below_dome, left_drop, organ = body.ac, body.bc, body.below_dome, body.left_drop, body.organ
     spleen_c = np.array([-0.7 * ac, -0.3 * bc, -45.0 - left_drop - rng.uniform(0.0, 15.0)])
     spleen_rot = rotation_z(45.0 + rng.uniform(-10.0, 10.0))   # long axis along the ribs
@@ -252,11 +252,10 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
         collapsed = bool(body.stomach.uniform() < 0.5)
         body.stomach_room = 1.0 - size
     tail = body.beaver_tail
-    body.tail = tail is not None and tail.uniform() < 0.6
-    if body.tail:   # a liver with a tail pushes the stomach down and in, below the tail
-        shrink = tail.uniform(0.6, 0.85)
-        st_c = st_c + np.array([(1.0 - shrink) * st_semi[0], 0.0, -(1.0 - shrink) * st_semi[2]])
-        st_semi = st_semi * shrink
+    body.plate = tail is not None and tail.uniform() < 0.6
+    if body.plate:   # the left lobe's plate lies over the stomach: the stomach sits lower
+        body.plate_height = tail.uniform(8.0, 16.0)
+        st_c = st_c - np.array([0.0, 0.0, 2.0 * body.plate_height + tail.uniform(0.0, 10.0)])
     wall_in, lo, hi = ellipsoid(st_c, st_semi, st_rot)
     grid.paint(BOWEL_WALL, lambda X, Y, Z: wall_in(X, Y, Z) & below_dome(4.0)(X, Y, Z), lo, hi, into=(FAT_VISC,))
     if collapsed:
@@ -270,10 +269,11 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
 def _paint_liver(grid, rng, body) -> None:
     """The liver: a smooth union of lobes, lobulated by a smooth field.
 
-    Where :func:`_paint_spleen_and_stomach` drew a tail (``body.tail``), the liver gets a fifth lobe: the left lobe's
-    tail, a flattened lobe from the left lobe's end back along the left ribs towards the spleen, in the
-    upper abdomen (the "beaver tail" liver, a common normal variant); the liver fills only the fat there,
-    so it wraps around the stomach and the spleen."""
+    With ``body.beaver_tail`` (a stream of its own) six livers in ten get the left lobe of many real
+    upper-abdominal CTs: a thin plate (16–32 mm high) at the left lobe's top, under the heart, reaching
+    further across, and from its end a lobe as thin back along the left ribs towards the spleen (the
+    "beaver tail" liver, a common normal variant); the liver fills only the fat there, so it drapes over
+    the stomach and wraps around it and the spleen."""
     ac, bc, dome, organ, left, room = body.ac, body.bc, body.dome, body.organ, body.left_lobe, body.stomach_room
     lobes = [  # (centre as fractions of the cavity / mm in z, semi-axes mm)
         ((0.42, 0.0, -62.0), (0.5 * ac, 0.78 * bc, 68.0)),          # right lobe
@@ -290,12 +290,18 @@ def _paint_liver(grid, rng, body) -> None:
     ]
     waves = Waves(rng, 8, (50.0, 120.0), 0.12)
     tail = body.beaver_tail
-    if body.tail:
-        end = lobe_shapes[1].c[0] - 0.6 * lobe_shapes[1].semi[0]        # towards the left lobe's end
+    if body.plate:
+        lobe = lobe_shapes[1]
+        height = body.plate_height
+        semi = np.array([tail.uniform(0.3, 0.45) * ac, lobe.semi[1], height])
+        centre = lobe.c + [-tail.uniform(0.2, 0.4) * ac, 0.0, lobe.semi[2] - height]
+        plate = Ellipsoid(centre, semi, lobe.rot)
+        lobe_shapes.append(plate)
+        end = plate.c[0] - 0.6 * plate.semi[0]                              # towards the plate's end
         centre = np.array([end - tail.uniform(0.05, 0.2) * ac, tail.uniform(-0.2, 0.2) * bc,
-                           lobe_shapes[1].c[2] + tail.uniform(-6.0, 10.0)])
-        semi = np.array([tail.uniform(0.25, 0.4) * ac, tail.uniform(0.18, 0.3) * bc, tail.uniform(18.0, 28.0)])
-        lobe_shapes.append(Ellipsoid(centre, semi * liver_scale, rotation_z(tail.uniform(30.0, 60.0))))
+                           plate.c[2] + tail.uniform(-6.0, 4.0)])
+        semi = np.array([tail.uniform(0.25, 0.4) * ac, tail.uniform(0.18, 0.3) * bc, plate.semi[2]])
+        lobe_shapes.append(Ellipsoid(centre, semi, rotation_z(tail.uniform(30.0, 60.0))))
     sharpness = 8.0
 
     def liver_inside(X, Y, Z):
@@ -320,7 +326,7 @@ def _paint_liver_fissures(grid, rng, body) -> None:
     draw = body.fissures
     if draw is None:
         return
-    _, left, _, caudate = body.liver_lobes[:4]   # a tail, if any, is the fifth
+    _, left, _, caudate = body.liver_lobes[:4]   # a plate and a tail, if any, come after
     lo_all, hi_all = body.liver_box
     if draw.uniform() < 0.8:  # umbilical fissure: a near-sagittal plane through the left lobe's right part
         width = draw.uniform(1.5, 4.0)

@@ -297,10 +297,11 @@ def ct_phantom(seed: int, shape=None, tumors=None, *, noise_sigma=None, tumor_di
             of them collapsed: all wall, soft tissue, no gas), as on real scans where the left lobe lies
             against a small stomach of nearly its own HU: without it the stomach always fills the front
             left with gas over fluid, and a network learns that the liver ends before it.
-        beaver_tail: give six livers in ten the left lobe's tail: a flattened lobe from the left lobe's end
-            back along the left ribs towards the spleen, in the upper abdomen (the "beaver tail" liver, a
-            common normal variant), wrapping around the stomach and the spleen, as the real chest CT's
-            liver does: without it no phantom liver reaches the back of the left upper abdomen.
+        beaver_tail: give six livers in ten the left lobe of many real upper-abdominal CTs: a thin plate
+            (16–32 mm high) at the left lobe's top, under the heart, reaching further across, and from its end
+            a lobe as thin back along the left ribs towards the spleen (the "beaver tail" liver, a common
+            normal variant), draped over a stomach that lies 16–42 mm lower; without it every left lobe is a
+            thick ellipsoid, and networks leave out the far part of a real one.
         metal: draw per case (one in four) a metal object — a spinal screw, surgical clips, an
             embolisation coil — with the dark and bright streaks it casts across the slices it is in.
 
