@@ -28,7 +28,7 @@ def paint_anatomy(grid, rng, a, b, fat, muscle_w, organ, fov, pixel_mm, left_lob
     tail from it back towards the spleen (:func:`_paint_liver`), over a lower stomach."""
     body = SimpleNamespace(a=a, b=b, fat=fat, muscle_w=muscle_w, organ=organ, fov=fov, pixel_mm=pixel_mm,
                            left_lobe=left_lobe, fissures=fissures, diaphragm=diaphragm, stomach=stomach,
-                           stomach_room=0.0, beaver_tail=beaver_tail, plate=False)
+                           stomach_room=0.0, beaver_tail=beaver_tail, plate_height=None)
     for painter in (_paint_body, _paint_table, _paint_chest, _paint_costal_diaphragm, _paint_spine, _paint_aorta,
                     _paint_kidneys,
                     _paint_spleen_and_stomach, _paint_liver, _paint_liver_fissures, _paint_liver_vessels,
@@ -231,7 +231,7 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
     (all wall: soft tissue close to an unenhanced liver's HU, no gas); ``body.stomach_room`` (0–0.55) then
     tells the liver how much of the front of the left upper abdomen is free for its left lobe.  With
     ``body.beaver_tail`` (a stream of its own), six in ten stomachs lie 16–42 mm lower, under the plate of
-    the liver's left lobe that :func:`_paint_liver` then draws (``body.plate``)."""
+    the liver's left lobe that :func:`_paint_liver` then draws (``body.plate_height``, else None)."""
     ac, bc, below_dome, left_drop, organ = body.ac, body.bc, body.below_dome, body.left_drop, body.organ
     spleen_c = np.array([-0.7 * ac, -0.3 * bc, -45.0 - left_drop - rng.uniform(0.0, 15.0)])
     spleen_rot = rotation_z(45.0 + rng.uniform(-10.0, 10.0))   # long axis along the ribs
@@ -252,8 +252,7 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
         collapsed = bool(body.stomach.uniform() < 0.5)
         body.stomach_room = 1.0 - size
     tail = body.beaver_tail
-    body.plate = tail is not None and tail.uniform() < 0.6
-    if body.plate:   # the left lobe's plate lies over the stomach: the stomach sits lower
+    if tail is not None and tail.uniform() < 0.6:   # the left lobe's plate lies over the stomach: it sits lower
         body.plate_height = tail.uniform(8.0, 16.0)
         st_c = st_c - np.array([0.0, 0.0, 2.0 * body.plate_height + tail.uniform(0.0, 10.0)])
     wall_in, lo, hi = ellipsoid(st_c, st_semi, st_rot)
@@ -269,7 +268,8 @@ def _paint_spleen_and_stomach(grid, rng, body) -> None:
 def _paint_liver(grid, rng, body) -> None:
     """The liver: a smooth union of lobes, lobulated by a smooth field.
 
-    With ``body.beaver_tail`` (a stream of its own) six livers in ten get the left lobe of many real
+    Where :func:`_paint_spleen_and_stomach` drew a plate (``body.plate_height``; six livers in ten with
+    ``body.beaver_tail``, a stream of its own), the liver gets the left lobe of many real
     upper-abdominal CTs: a thin plate (16–32 mm high) at the left lobe's top, under the heart, reaching
     further across, and from its end a lobe as thin back along the left ribs towards the spleen (the
     "beaver tail" liver, a common normal variant); the liver fills only the fat there, so it drapes over
@@ -289,10 +289,9 @@ def _paint_liver(grid, rng, body) -> None:
         for (fx, fy, z), semi in lobes
     ]
     waves = Waves(rng, 8, (50.0, 120.0), 0.12)
-    tail = body.beaver_tail
-    if body.plate:
+    tail, height = body.beaver_tail, body.plate_height
+    if height is not None:
         lobe = lobe_shapes[1]
-        height = body.plate_height
         semi = np.array([tail.uniform(0.3, 0.45) * ac, lobe.semi[1], height])
         centre = lobe.c + [-tail.uniform(0.2, 0.4) * ac, 0.0, lobe.semi[2] - height]
         plate = Ellipsoid(centre, semi, lobe.rot)
