@@ -264,6 +264,30 @@ def test_rerunning_the_recipe_redoes_nothing(recipe_model):
     assert [p.stat().st_mtime_ns for p in watched] == before
 
 
+def test_fine_tuning_starts_each_view_and_the_fusion_from_its_own_tensors(recipe_model, tmp_path):
+    from TransferSegLib.models import load_model
+    from TransferSegLib.training import load_config
+    from TransferSegLib.training.recipes import run_recipe
+
+    _, source = recipe_model
+    frozen = [{"steps": 1, "optimizer": {"name": "adam", "lr": 0.0}, "loss": "ce"}]   # the weights stay as loaded
+    config = tiny_multiview_recipe(ablation_no_image=False)
+    config["views"].update(stages=frozen, init_weights={"path": str(source), "source_prefix": "{view}.", "strict": True})
+    config["fusion"].update(stages=frozen, init_weights={"path": str(source), "source_prefix": "fusion.", "strict": True})
+    path = tmp_path / "fine.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    tuned = load_model(run_recipe(load_config(path), tmp_path / "out"))
+    before = load_model(source)
+    for name in VIEWS + ("fusion",):
+        new = dict(tuned.components[name].network.named_parameters())
+        old = dict(before.components[name].network.named_parameters())
+        assert new.keys() == old.keys()
+        for key in new:   # float16 storage on both sides: equal to the bit
+            assert torch.equal(new[key], old[key]), (name, key)
+    axial, coronal = (dict(tuned.components[v].network.named_parameters()) for v in ("axial", "coronal"))
+    assert any(not torch.equal(axial[k], coronal[k]) for k in axial)   # not one view's tensors for all three
+
+
 def test_cross_cross_augmentation_trains_a_view_set_per_fold(tmp_path):
     from TransferSegLib.training import load_config
     from TransferSegLib.training.recipes import _split, validate_recipe

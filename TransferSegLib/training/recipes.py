@@ -20,7 +20,9 @@ with K folds: for each fold k the three 2D networks are trained on the other fol
 fold k, so every case trains the VFN and the final 2D networks train on every case — K extra
 sets of view networks (over a K-fold cross-validation that is the paper's K(K − 1)/2 extra
 models per view).  ``ablation_no_image`` also trains a VFN without the image channel (the
-paper's ablation); it ships as the component ``fusion_noimage``.
+paper's ablation); it ships as the component ``fusion_noimage``.  To fine-tune a trained
+multiview model, give ``views`` an ``init_weights`` whose ``source_prefix`` is ``"{view}."`` (each
+view network starts from its own view's tensors) and ``fusion`` one with ``"fusion."``.
 
 What a run writes into OUT: ``cases/`` (the working-grid cache every run shares),
 ``views/<view>/`` and with ``cross`` ``views-fold<k>/<view>/`` (trainer runs), ``stacks/``
@@ -110,8 +112,13 @@ def _part_config(config: dict, part: str, out: Path, data: dict = None, **change
 
 
 def _view_config(config: dict, view: str, names: list, out: Path, suffix: str = "") -> dict:
-    return _part_config(config, "views", out, data=dict(config["data"], select=list(names)),
-                        name=f"{config['name']}-{view}{suffix}", view=view)
+    sub = _part_config(config, "views", out, data=dict(config["data"], select=list(names)),
+                       name=f"{config['name']}-{view}{suffix}", view=view)
+    init = sub.get("init_weights")
+    if isinstance(init, dict) and "{view}" in str(init.get("source_prefix", "")):
+        # fine-tuning a composed multiview model: each view network starts from its own view's tensors
+        sub["init_weights"] = dict(init, source_prefix=init["source_prefix"].replace("{view}", view))
+    return sub
 
 
 def _fusion_config(config: dict, out: Path, num_classes: int, image: bool) -> dict:
