@@ -271,14 +271,14 @@ def test_fine_tuning_starts_each_view_and_the_fusion_from_its_own_tensors(recipe
 
     _, source = recipe_model
     frozen = [{"steps": 1, "optimizer": {"name": "adam", "lr": 0.0}, "loss": "ce"}]   # the weights stay as loaded
-    config = tiny_multiview_recipe(ablation_no_image=False)
+    config = tiny_multiview_recipe()
     config["views"].update(stages=frozen, init_weights={"path": str(source), "source_prefix": "{view}.", "strict": True})
-    config["fusion"].update(stages=frozen, init_weights={"path": str(source), "source_prefix": "fusion.", "strict": True})
+    config["fusion"].update(stages=frozen, init_weights={"path": str(source), "source_prefix": "{fusion}.", "strict": True})
     path = tmp_path / "fine.json"
     path.write_text(json.dumps(config), encoding="utf-8")
     tuned = load_model(run_recipe(load_config(path), tmp_path / "out"))
     before = load_model(source)
-    for name in VIEWS + ("fusion",):
+    for name in VIEWS + ("fusion", "fusion_noimage"):
         new = dict(tuned.components[name].network.named_parameters())
         old = dict(before.components[name].network.named_parameters())
         assert new.keys() == old.keys()

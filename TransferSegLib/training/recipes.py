@@ -22,7 +22,8 @@ sets of view networks (over a K-fold cross-validation that is the paper's K(K âˆ
 models per view).  ``ablation_no_image`` also trains a VFN without the image channel (the
 paper's ablation); it ships as the component ``fusion_noimage``.  To fine-tune a trained
 multiview model, give ``views`` an ``init_weights`` whose ``source_prefix`` is ``"{view}."`` (each
-view network starts from its own view's tensors) and ``fusion`` one with ``"fusion."``.
+view network starts from its own view's tensors) and ``fusion`` one with ``"{fusion}."`` (the VFN
+from ``fusion.``, the VFN without the image from ``fusion_noimage.``).
 
 What a run writes into OUT: ``cases/`` (the working-grid cache every run shares),
 ``views/<view>/`` and with ``cross`` ``views-fold<k>/<view>/`` (trainer runs), ``stacks/``
@@ -130,6 +131,11 @@ def _fusion_config(config: dict, out: Path, num_classes: int, image: bool) -> di
     data = {"stacks": str(out / "stacks"), "crop_to_foreground": config["fusion_data"].get("roi_margin", 32)}
     if not image:
         data["channels"] = list(range(1, channels))
+    init = fusion.get("init_weights")
+    if isinstance(init, dict) and "{fusion}" in str(init.get("source_prefix", "")):
+        # fine-tuning a composed multiview model: each VFN from its own component's tensors
+        fusion["init_weights"] = dict(init, source_prefix=init["source_prefix"].replace(
+            "{fusion}", "fusion" if image else "fusion_noimage"))
     return _sub_config(config, fusion, name=f"{config['name']}-fusion" + ("" if image else "-noimage"),
                        data=data, preprocessing={})
 
