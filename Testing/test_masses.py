@@ -85,6 +85,56 @@ def test_the_features_are_measured_in_mm():
     assert rows[0.5]["ring_0.5"] > 0.8 and rows[0.5]["ring_2"] < 0.2
 
 
+def test_a_ball_denser_than_the_densest_tissue_tops_the_density_features():
+    """Two balls as bright as each other against their surround: one in fat (0.3 → 0.6), one in
+    dense tissue at 0.6 that reaches 0.68 (a mass a little denser than glandular tissue). Only the
+    second is denser than the breast's dense level, and it tops the breast's candidates."""
+    rng = np.random.default_rng(3)
+    shape, p = (24, 100, 120), 0.5
+    k, j, i = np.meshgrid(np.arange(shape[0]) * 1.0, np.arange(shape[1]) * p, np.arange(shape[2]) * p, indexing="ij")
+    array = np.full(shape, 0.3, np.float32)
+    array[:, :, 60:] = 0.6                                                      # dense tissue on the right half
+
+    def ball(cj, ci):
+        r = np.sqrt(((k - 12.0) * 1.5) ** 2 + (j - cj) ** 2 + (i - ci) ** 2)
+        return np.clip((4.0 - r) / p + 0.5, 0.0, 1.0)
+
+    fat_ball, dense_ball = ball(25.0, 15.0), ball(25.0, 45.0)
+    array = array * (1 - fat_ball) + 0.6 * fat_ball
+    array = array * (1 - dense_ball) + 0.68 * dense_ball
+    volume = Volume((array + rng.normal(0.0, 0.005, shape)).astype(np.float32), spacing=(1.0, p, p))
+    candidates = mass_candidates(volume, np.zeros(shape, np.float32))
+    features = mass_features(volume, np.zeros(shape, np.float32), candidates)
+    column = {name: features[:, n] for n, name in enumerate(FEATURES)}
+    distance = {name: np.linalg.norm((candidates.kji - np.array([12, 50, c])) * np.asarray(volume.spacing), axis=1)
+                for name, c in (("fat", 30), ("dense", 90))}
+    at = {name: int(np.argmin(d)) for name, d in distance.items()}
+    assert all(distance[name][at[name]] <= 1.0 for name in at), distance
+    dense, fat = at["dense"], at["fat"]
+    assert column["peak_vs_dense99"][dense] > 0 > column["peak_vs_dense99"][fat] - 0.02
+    assert column["centre_vs_dense95"][dense] > column["centre_vs_dense95"][fat] + 0.05
+    assert column["peak_vs_top"][dense] == 0.0 and column["log_peak_rank"][dense] == 0.0
+    assert column["inner_above_dense95"][dense] == 1.0
+    # the breast's levels are the same for every candidate
+    assert np.ptp(column["dense95"]) == 0 and np.ptp(column["dense50"]) == 0
+
+
+def test_a_classifier_fitted_on_fewer_features_reads_the_first_ones():
+    """Features are only ever appended: the 2.1.0 classifier (75 features) runs on this version;
+    one reading more features than this version computes is a clear error."""
+    volume = _breast(0.5, 4.0)
+    heatmap = np.zeros(volume.shape, np.float32)
+    full, first = _contrast_classifier(), SpeckClassifier(75, ())
+    with torch.no_grad():
+        first.layers[0].weight.copy_(full.layers[0].weight[:, :75])
+        first.layers[0].bias.copy_(full.layers[0].bias)
+    assert FEATURES.index("log_contrast") < 75
+    same = [d.to_dict() for d in detect_masses(volume, heatmap, full, {"threshold": 0.5})]
+    assert same and [d.to_dict() for d in detect_masses(volume, heatmap, first, {"threshold": 0.5})] == same
+    with pytest.raises(TransferSegError, match=f"reads {len(FEATURES) + 1} features"):
+        detect_masses(volume, heatmap, SpeckClassifier(len(FEATURES) + 1, ()), {"threshold": 0.5})
+
+
 def test_the_most_probable_of_neighbours_stands_for_them():
     kji = np.array([[5, 20, 20], [5, 24, 20], [5, 60, 60], [12, 20, 20], [5, 90, 90]])
     probabilities = np.array([0.9, 0.95, 0.6, 0.7, 0.2])

@@ -14,8 +14,12 @@ stage looks again, on the same working grid, in three steps:
    there, the blob responses at every scale, the radial intensity profile at fractions of the
    blob's own radius (a mass has a plateau and an edge; tissue fades), how round it is, how
    sharp its edge is, how it fades across slices, how busy the tissue around it is and how far
-   it lies from the skin line.  Intensities are relative to the breast's own reference (its
-   90th percentile), so the scale of the input does not matter.
+   it lies from the skin line, and how dense it is against the breast's own dense levels (its
+   95th and 99th percentiles: a mass is denser than glandular tissue, while a small glandular
+   island does not reach the dense level) and against the densest candidates of the same breast.
+   Intensities are relative to the breast's own reference (its 90th percentile), so the scale of
+   the input does not matter.  Features are only ever appended: a classifier fitted on fewer
+   reads the first ones.
 3. **Classifier**: a small MLP (:class:`TransferSegLib.nets.SpeckClassifier`, the same network
    the calcification stage uses, fitted by the ``mass_candidates`` recipe) gives each
    candidate the probability that it is a mass; the most probable candidate within
@@ -66,6 +70,12 @@ FEATURES = (
     + ("round_1", "round_1.6", "spikes_1.25", "edge_sharpness", "slice_2", "slice_4", "busy", "edge_mm",
        "from_heatmap")
     + tuple(f"grid_{a}_{b}" for a in range(7) for b in range(7))
+    # how dense it is against the breast's own densest tissue, and against the other candidates of
+    # the same breast (a mass is denser than glandular tissue; a small glandular island does not
+    # reach the dense level); appended, so a classifier fitted on the first 75 still reads them
+    + ("peak", "centre_vs_dense95", "centre_vs_dense99", "peak_vs_dense99", "inner_vs_dense75", "dense95", "dense99",
+       "dense50", "inner_median_vs_dense95", "inner_above_dense95", "peak_vs_top", "inner_median_vs_top",
+       "centre_vs_top", "log_peak_rank")
 )
 #: the grid of in-plane samples (fractions of the blob's radius) the last features read: the
 #: candidate's picture, scaled to its own size, for shapes the profile does not describe
@@ -258,7 +268,37 @@ def mass_features(volume: Volume, heatmap: np.ndarray, candidates: MassCandidate
     grid = _sample(image, k[:, None], j[:, None] + radius[:, None] * gj.ravel() / sj,
                    i[:, None] + radius[:, None] * gi.ravel() / si)
     columns += list(((grid - background[:, None]) / contrast[:, None]).T)
+    columns += _density_columns(image, (sk, sj, si), k, j, i, np.concatenate([ring(k, f) for f in (0.2, 0.4, 0.6)], axis=1))
     return np.clip(np.stack(columns, axis=1), -20.0, 20.0).astype(np.float32)
+
+
+def _dense_levels(image: np.ndarray) -> np.ndarray:
+    """The breast's 50th, 75th, 95th and 99th percentiles (tissue: above 0.3 × the reference),
+    from a sparse sample of at most about 2 million voxels."""
+    step = max(1, int(round((image.size / 2e6) ** (1 / 3))))
+    sample = image[::step, ::step, ::step]
+    tissue = sample[sample > 0.3]
+    return np.percentile(tissue, [50, 75, 95, 99]) if tissue.size else np.ones(4)
+
+
+def _density_columns(image: np.ndarray, spacing, k, j, i, inner: np.ndarray) -> list:
+    """The last 14 :data:`FEATURES`: the candidate's density (``image`` in units of the breast's
+    reference) against the breast's dense levels and against the densest of its candidates.
+    ``inner``: (n, samples) on circles inside the blob (0.2–0.6 × its radius)."""
+    sk, sj, si = spacing
+    d50, d75, d95, d99 = _dense_levels(image)
+    mean_size = (1, max(1, round(1.5 / sj)) | 1, max(1, round(1.5 / si)) | 1)                # about 1.5 mm, odd
+    reach = (3, 2 * max(1, round(1.0 / sj)) + 1, 2 * max(1, round(1.0 / si)) + 1)            # ±1 slice, ±1 mm
+    peak = ndimage.maximum_filter(ndimage.uniform_filter(image, size=mean_size, mode="nearest"), size=reach,
+                                  mode="nearest")[k, j, i]
+    centre = image[k, j, i]
+    inner_mean, inner_median = inner.mean(axis=1), np.median(inner, axis=1)
+    n = len(k)
+    top = peak - d99
+    rank = n - np.searchsorted(np.sort(top), top, side="right")      # candidates denser than this one
+    return [peak, centre - d95, centre - d99, top, inner_mean - d75, np.full(n, d95), np.full(n, d99), np.full(n, d50),
+            inner_median - d95, (inner >= d95).mean(axis=1), top - top.max(), (inner_median - d95) - (inner_median - d95).max(),
+            (centre - d95) - (centre - d95).max(), np.log1p(rank)]
 
 
 # --- 3. the classifier and the detections -----------------------------------------------------------
@@ -301,6 +341,11 @@ def detect_masses(volume: Volume, heatmap: np.ndarray, classifier: torch.nn.Modu
     check_cancel(cancel)
     candidates = mass_candidates(volume, heatmap, s)
     check_cancel(cancel)
-    probabilities = speck_probabilities(classifier, mass_features(volume, heatmap, candidates))
+    features = mass_features(volume, heatmap, candidates)
+    reads = int(getattr(classifier, "in_features", len(FEATURES)))
+    if reads > len(FEATURES):
+        raise TransferSegError(f"the mass classifier reads {reads} features; this version computes {len(FEATURES)}: "
+                               "update TransferSeg to use this model")
+    probabilities = speck_probabilities(classifier, features[:, :reads])   # features are only ever appended
     check_cancel(cancel)
     return select_masses(candidates.kji, probabilities, candidates.radius_mm, volume.spacing, s, volume=volume)
