@@ -281,6 +281,23 @@ def _dense_levels(image: np.ndarray) -> np.ndarray:
     return np.percentile(tissue, [50, 75, 95, 99]) if tissue.size else np.ones(4)
 
 
+def _local_peak(image: np.ndarray, k, j, i, mean_size, reach) -> np.ndarray:
+    """At each candidate: the largest mean over ``mean_size`` voxels within ``reach`` of it (both
+    odd, (slices, rows, columns); indices beyond the volume read its edge): what a uniform then a
+    maximum filter over the whole volume (mode "nearest") give there, reading only a few voxels."""
+    within, means = [], []
+    for c, m, r, n in zip((k, j, i), mean_size, reach, image.shape):
+        q = np.clip(np.asarray(c)[:, None] + np.arange(-(r // 2), r // 2 + 1)[None], 0, n - 1)       # (n, r)
+        within.append(q)
+        means.append(np.clip(q[:, :, None] + np.arange(-(m // 2), m // 2 + 1)[None, None], 0, n - 1))  # (n, r, m)
+    if len(within[0]) == 0:
+        return np.zeros(0, np.float32)
+    mk, mj, mi = means
+    values = image[mk[:, :, None, None, :, None, None], mj[:, None, :, None, None, :, None],
+                   mi[:, None, None, :, None, None, :]]                # (n, rk, rj, ri, mk, mj, mi)
+    return values.mean(axis=(4, 5, 6), dtype=np.float64).reshape(len(values), -1).max(axis=1).astype(np.float32)
+
+
 def _density_columns(image: np.ndarray, spacing, k, j, i, inner: np.ndarray) -> list:
     """The last 14 :data:`FEATURES`: the candidate's density (``image`` in units of the breast's
     reference) against the breast's dense levels and against the densest of its candidates.
@@ -289,8 +306,7 @@ def _density_columns(image: np.ndarray, spacing, k, j, i, inner: np.ndarray) -> 
     d50, d75, d95, d99 = _dense_levels(image)
     mean_size = (1, max(1, round(1.5 / sj)) | 1, max(1, round(1.5 / si)) | 1)                # about 1.5 mm, odd
     reach = (3, 2 * max(1, round(1.0 / sj)) + 1, 2 * max(1, round(1.0 / si)) + 1)            # ±1 slice, ±1 mm
-    peak = ndimage.maximum_filter(ndimage.uniform_filter(image, size=mean_size, mode="nearest"), size=reach,
-                                  mode="nearest")[k, j, i]
+    peak = _local_peak(image, k, j, i, mean_size, reach)
     centre = image[k, j, i]
     inner_mean, inner_median = inner.mean(axis=1), np.median(inner, axis=1)
     n = len(k)
