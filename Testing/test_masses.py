@@ -119,6 +119,22 @@ def test_a_ball_denser_than_the_densest_tissue_tops_the_density_features():
     assert np.ptp(column["dense95"]) == 0 and np.ptp(column["dense50"]) == 0
 
 
+def test_the_local_peak_equals_a_uniform_then_a_maximum_filter_over_the_whole_volume():
+    """The density features read each candidate's block only; the edges are the volume's own
+    (mode "nearest"), corners and faces included."""
+    from scipy import ndimage
+
+    from TransferSegLib.masses import _local_peak
+
+    image = np.random.default_rng(4).random((12, 40, 30)).astype(np.float32)
+    k, j, i = np.array([0, 5, 11, 6, 11]), np.array([0, 20, 39, 1, 38]), np.array([0, 15, 29, 28, 1])
+    for mean_size, reach in (((1, 3, 3), (3, 5, 5)), ((1, 5, 3), (3, 3, 7))):
+        whole = ndimage.maximum_filter(ndimage.uniform_filter(image, size=mean_size, mode="nearest"), size=reach,
+                                       mode="nearest")
+        np.testing.assert_allclose(_local_peak(image, k, j, i, mean_size, reach), whole[k, j, i], atol=1e-6)
+    assert _local_peak(image, k[:0], j[:0], i[:0], (1, 3, 3), (3, 5, 5)).shape == (0,)
+
+
 def test_a_classifier_fitted_on_fewer_features_reads_the_first_ones():
     """Features are only ever appended: the 2.1.0 classifier (75 features) runs on this version;
     one reading more features than this version computes is a clear error."""

@@ -285,13 +285,12 @@ def _local_peak(image: np.ndarray, k, j, i, mean_size, reach) -> np.ndarray:
     """At each candidate: the largest mean over ``mean_size`` voxels within ``reach`` of it (both
     odd, (slices, rows, columns); indices beyond the volume read its edge): what a uniform then a
     maximum filter over the whole volume (mode "nearest") give there, reading only a few voxels."""
-    within, means = [], []
+    if len(k) == 0:
+        return np.zeros(0, np.float32)
+    means = []
     for c, m, r, n in zip((k, j, i), mean_size, reach, image.shape):
         q = np.clip(np.asarray(c)[:, None] + np.arange(-(r // 2), r // 2 + 1)[None], 0, n - 1)       # (n, r)
-        within.append(q)
         means.append(np.clip(q[:, :, None] + np.arange(-(m // 2), m // 2 + 1)[None, None], 0, n - 1))  # (n, r, m)
-    if len(within[0]) == 0:
-        return np.zeros(0, np.float32)
     mk, mj, mi = means
     values = image[mk[:, :, None, None, :, None, None], mj[:, None, :, None, None, :, None],
                    mi[:, None, None, :, None, None, :]]                # (n, rk, rj, ri, mk, mj, mi)
