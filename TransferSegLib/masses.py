@@ -307,13 +307,12 @@ def _density_columns(image: np.ndarray, spacing, k, j, i, inner: np.ndarray) -> 
     reach = (3, 2 * max(1, round(1.0 / sj)) + 1, 2 * max(1, round(1.0 / si)) + 1)            # ±1 slice, ±1 mm
     peak = _local_peak(image, k, j, i, mean_size, reach)
     centre = image[k, j, i]
-    inner_mean, inner_median = inner.mean(axis=1), np.median(inner, axis=1)
     n = len(k)
-    top = peak - d99
+    top, median, at_centre = peak - d99, np.median(inner, axis=1) - d95, centre - d95
     rank = n - np.searchsorted(np.sort(top), top, side="right")      # candidates denser than this one
-    return [peak, centre - d95, centre - d99, top, inner_mean - d75, np.full(n, d95), np.full(n, d99), np.full(n, d50),
-            inner_median - d95, (inner >= d95).mean(axis=1), top - top.max(), (inner_median - d95) - (inner_median - d95).max(),
-            (centre - d95) - (centre - d95).max(), np.log1p(rank)]
+    return [peak, at_centre, centre - d99, top, inner.mean(axis=1) - d75, np.full(n, d95), np.full(n, d99), np.full(n, d50),
+            median, (inner >= d95).mean(axis=1), top - top.max(), median - median.max(), at_centre - at_centre.max(),
+            np.log1p(rank)]
 
 
 # --- 3. the classifier and the detections -----------------------------------------------------------
